@@ -1,0 +1,39 @@
+# make test / make demo set everything up on a fresh machine: a .venv, the CPU torch wheel
+# that lies on these machines (torch==2.13.0), triton, test deps, and the package (editable,
+# extension built in place and rebuilt incrementally with ninja when csrc/ changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sparsecore-installed
+TORCH_SPEC ?= torch==2.13.0
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+PYTEST_ARGS ?=
+
+.PHONY: install ext test lint demo bench clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q triton numpy scipy tqdm matplotlib scikit-learn \
+		pytest pytest-xdist ruff ninja setuptools wheel
+	SPARSECORE_BUILD_EXT=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP) ext
+
+# Incremental in-place build of sparsecore._C (ninja); the lock keeps parallel builds apart.
+ext: $(STAMP)
+	flock /tmp/sparsecore-build.lock $(PY) setup.py -q build_ext --inplace -j 2
+
+test: install
+	$(PY) -m ruff check sparsecore kernels bench tests setup.py
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m sparsecore study --preset default --out runs/demo
+
+bench: install
+	$(PY) -m bench layers
+
+clean:
+	rm -rf build sparsecore/_C*.so *.egg-info

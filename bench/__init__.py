@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench <family>` from the repository root (not installed)."""

@@ -1,0 +1,128 @@
+"""Shared bench machinery: timing, the result table, JSON + PNG output under bench/results/.
+
+CPU times: median of repeated runs after warm-up (wall clock, torch's own threads).
+GPU times: triton.testing.do_bench (median), which flushes L2 between runs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: str = "cpu",
+    *,
+    warmup: int = 3,
+    reps: int = 10,
+    min_time: float = 0.2,
+) -> float:
+    """Median wall time of `fn()` in seconds.
+
+    CPU: `warmup` untimed calls, then at least `reps` timed calls and at least `min_time`
+    seconds in total. CUDA: triton.testing.do_bench (ms -> s).
+    """
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def machine_info() -> dict[str, Any]:
+    """What ran the bench: CPU model, cores, torch version, GPU name if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A fixed-width text table of `rows` restricted to `columns` (missing cells blank)."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    table = [list(columns)] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    out = []
+    for k, line in enumerate(table):
+        out.append("  ".join(s.rjust(w) for s, w in zip(line, widths)))
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (temp file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_results(family: str, rows: Sequence[dict[str, Any]], extra: dict | None = None,
+                 tag: str | None = None) -> str:
+    """Write rows + machine info to bench/results/<family>[-<tag>]-<device>.json; returns path."""
+    device = "gpu" if any(str(r.get("device", "")).startswith("cuda") for r in rows) else "cpu"
+    name = f"{family}{'-' + tag if tag else ''}-{device}.json"
+    path = os.path.join(RESULTS_DIR, name)
+    payload = {"family": family, "machine": machine_info(), "rows": list(rows), **(extra or {})}
+    atomic_write_text(path, json.dumps(payload, indent=1, default=str))
+    return path
+
+
+def speedup(dense: float | None, other: float | None) -> float | None:
+    """dense_time / other_time, or None when either is missing."""
+    if dense is None or other is None or other <= 0:
+        return None
+    return dense / other

@@ -1,0 +1,14 @@
+"""sparsecore: pruned networks that are really faster than their dense twins, and the
+science of pruning (magnitude / re-init / random sparse init; SVCCA, PWCCA, CKA).
+
+Importing sparsecore never initialises CUDA; a missing C++ extension gives one warning and
+the ops fall back to their pure-PyTorch references.
+"""
+
+from sparsecore import _ext
+from sparsecore._dispatch import NotSupportedError, use_backend
+from sparsecore._ext import has_cpu_ext, has_cuda_ext
+
+__version__ = "0.1.0"
+
+__all__ = ["NotSupportedError", "use_backend", "has_cpu_ext", "has_cuda_ext", "_ext", "__version__"]

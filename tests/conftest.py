@@ -1,0 +1,31 @@
+"""Shared test set-up: Triton runs under its interpreter when there is no GPU (set before
+anything imports triton); `gpu` tests skip cleanly without CUDA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed() -> int:
+    """Every test draws fresh random data: torch's global RNG gets a new seed per test,
+    printed so that a failure can be replayed with SPARSECORE_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("SPARSECORE_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(seed)
+    print(f"torch seed: {seed} (replay with SPARSECORE_TEST_SEED={seed})")
+    return seed
