@@ -24,6 +24,8 @@ def _load_cpu() -> None:
         _cpu_error = "disabled by SPARSECORE_DISABLE_EXT=1"
         return
     try:
+        import torch  # noqa: F401  (loads libtorch, which _C links against)
+
         importlib.import_module("sparsecore._C")
         _cpu_loaded = True
     except Exception as exc:  # ImportError, or an undefined symbol from a stale build
