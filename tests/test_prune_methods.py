@@ -1,0 +1,282 @@
+"""Pruning methods against direct computations: SNIP by finite differences, GraSP by an
+explicit Hessian, SynFlow's conservation law, the SynFlow layer-collapse result, ERK's
+allocation, IMP's rewinding and the study's presets."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsecore import prune
+from sparsecore.prune.masks import get_tensor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP stalls on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def smooth_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+
+
+def _batch(n: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 4, (n,))
+
+
+def test_snip_matches_finite_differences() -> None:
+    """SNIP's score |dL/dc_j| (c the mask multiplier at c=1), by central differences."""
+    model = smooth_mlp()
+    x, y = _batch()
+    scores = prune.get("snip").scores(model, data=(x, y))
+    eps = 1e-6
+    for name in prune.prunable(model):
+        w = model.get_parameter(name)
+        fd = torch.empty_like(w)
+        with torch.no_grad():
+            for i in range(w.numel()):
+                orig = w.view(-1)[i].item()
+                w.view(-1)[i] = orig * (1 + eps)
+                up = F.cross_entropy(model(x), y)
+                w.view(-1)[i] = orig * (1 - eps)
+                down = F.cross_entropy(model(x), y)
+                w.view(-1)[i] = orig
+                fd.view(-1)[i] = (up - down) / (2 * eps)
+        torch.testing.assert_close(scores[name], fd.abs(), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 200.0])
+def test_grasp_matches_explicit_hessian(temperature: float) -> None:
+    """GraSP's theta * (H g) against the full Hessian of the loss in the prunable weights."""
+    model = smooth_mlp()
+    x, y = _batch()
+    names = prune.prunable(model)
+    scores = prune.get("grasp", temperature=temperature).scores(model, data=(x, y))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    flat = torch.cat([params[n].flatten() for n in names])
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        p = dict(params)
+        for n, chunk, shape in zip(names, v.split(sizes), shapes):
+            p[n] = chunk.view(shape)
+        return F.cross_entropy(torch.func.functional_call(model, p, (x,)) / temperature, y)
+
+    hess = torch.autograd.functional.hessian(loss, flat)
+    grad = torch.func.grad(loss)(flat)
+    expected = (flat * (hess @ grad)).split(sizes)
+    for n, e, shape in zip(names, expected, shapes):
+        torch.testing.assert_close(scores[n], e.view(shape), rtol=1e-6, atol=1e-12 * e.abs().max())
+
+
+def relu_convnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.ReLU(),
+        nn.Conv2d(8, 8, 1, bias=False), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 9, bias=False), nn.ReLU(), nn.Linear(9, 4, bias=False))
+
+
+def test_synflow_conservation_law() -> None:
+    """With ReLU and no biases, every layer's synaptic-flow scores sum to the same R."""
+    model = relu_convnet()
+    for density in (None, 0.3):
+        if density is not None:
+            prune.prune(model, "synflow", density=density, input_shape=(3, 8, 8), steps=10)
+        scores = prune.get("synflow", input_shape=(3, 8, 8)).scores(model)
+        sums = torch.stack([s.sum() for s in scores.values()])
+        assert sums.min() > 0
+        torch.testing.assert_close(sums, sums[0].expand_as(sums), rtol=1e-10, atol=0)
+
+
+def vgg_style() -> nn.Module:
+    """Narrow early layers, wide late ones: Kaiming-uniform init gives the wide layers the
+    smallest weights, which is what global magnitude at init prunes away first."""
+    layers: list[nn.Module] = []
+    c = 3
+    for i, w in enumerate((16, 32, 128, 128, 128)):
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+        if i in (1, 3):
+            layers.append(nn.MaxPool2d(2))
+        c = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+def test_synflow_avoids_layer_collapse_where_magnitude_does_not() -> None:
+    """SynFlow (Tanaka et al. 2020, fig. 1/3): at compression 10^3 global magnitude at
+    initialisation prunes whole layers away; iterative SynFlow keeps every layer alive."""
+    dense = vgg_style()
+    model, twin, floor = (copy.deepcopy(dense) for _ in range(3))
+    prune.prune(model, "magnitude", compression=3)
+    report = prune.collapse_report(model, (3, 4, 4))
+    assert not report.connected and report.collapsed, str(report)
+
+    prune.prune(twin, "synflow", compression=3, input_shape=(3, 4, 4))  # 100 steps
+    report = prune.collapse_report(twin, (3, 4, 4))
+    assert report.ok, str(report)
+    assert prune.summary(twin).masked_density == pytest.approx(1e-3, abs=1e-5)
+
+    prune.prune(floor, "magnitude", compression=3, min_density=2e-4)
+    assert not prune.collapse_report(floor, (3, 4, 4)).collapsed
+
+
+def test_collapse_report_sees_dead_residual_branch() -> None:
+    class Res(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Linear(6, 8)
+            self.branch1 = nn.Linear(8, 8)
+            self.branch2 = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.stem(x))
+            return self.head(h + self.branch2(torch.relu(self.branch1(h))))
+
+    model = Res()
+    ms = {n: torch.ones_like(model.get_parameter(n), dtype=torch.bool)
+          for n in prune.prunable(model)}
+    ms["branch2.weight"][:] = False
+    prune.apply(model, ms)
+    report = prune.collapse_report(model, (6,))
+    assert report.connected
+    assert report.collapsed == ["branch2.weight"]
+    assert report.dead_branches == ["branch1.weight", "branch2.weight"]  # branch1 now useless
+    assert "dead branches" in str(report)
+
+
+def test_erk_allocation() -> None:
+    shapes = {"a": (4, 3, 3, 3), "b": (64, 4, 3, 3), "c": (64, 64, 3, 3), "d": (10, 64)}
+    dens = prune.erk_densities(shapes, 0.1)
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    assert sum(dens[n] * numel[n] for n in shapes) == pytest.approx(0.1 * sum(numel.values()))
+    assert dens["a"] == 1.0  # would exceed 1: made dense, the rest rescaled
+    raw = {n: sum(s) / numel[n] for n, s in shapes.items()}
+    sparse = [n for n in shapes if dens[n] < 1.0]
+    eps = dens[sparse[0]] / raw[sparse[0]]
+    assert len(sparse) >= 2
+    assert [dens[n] / raw[n] for n in sparse] == pytest.approx([eps] * len(sparse))
+    assert all(eps * raw[n] >= 1.0 for n in shapes if n not in sparse)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 64, 3), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(1, 3, 9, 9))
+    ms = prune.prune(model, "erk", density=0.1, seed=0)
+    total = sum(m.numel() for m in ms.values())
+    assert sum(int(m.sum()) for m in ms.values()) == round(0.1 * total)
+    want = prune.erk_densities({n: tuple(m.shape) for n, m in ms.items()}, 0.1)
+    for n, m in ms.items():
+        assert abs(int(m.sum()) - want[n] * m.numel()) < 1.0
+
+
+def _names(model: nn.Module) -> list[str]:
+    return prune.prunable(model)
+
+
+@pytest.mark.parametrize("rewind", ["init", "step", "lr"])
+def test_imp_rewinding(rewind: str) -> None:
+    """A deterministic stand-in for training (adds 0.01 * steps to every weight) shows what
+    each round starts from."""
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    names = _names(model)
+    init = {n: model.get_parameter(n).detach().clone() for n in names}
+    starts: list[dict[str, torch.Tensor]] = []
+
+    def train_fn(m: nn.Module, steps: int) -> None:
+        starts.append({n: get_tensor(m, n).detach().clone() for n in names})
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * steps)
+
+    result = prune.imp(model, train_fn, rounds=3, steps=5, fraction=0.2, rewind=rewind,
+                       rewind_steps=2)
+    assert result.densities == pytest.approx([0.8, 0.64, 0.512])
+    total = sum(init[n].numel() for n in names)
+    for d, ms in zip(result.densities, result.masks):
+        assert sum(int(m.sum()) for m in ms.values()) == round(d * total)
+    for prev, cur in zip(result.masks, result.masks[1:]):
+        assert all(not (cur[n] & ~prev[n]).any() for n in names)  # nested
+
+    rounds = starts[1:] if rewind != "step" else starts[2:]
+    assert len(rounds) == 3
+    step_anchor = {n: init[n] + 0.02 for n in names}
+    for r, (start, ms) in enumerate(zip(rounds, result.masks)):
+        for n in names:
+            m = ms[n]
+            if rewind == "init":
+                expected = init[n] * m
+            elif rewind == "step":
+                expected = step_anchor[n] * m
+            else:  # lr rewinding keeps the weights trained in the previous round
+                trained = init[n] + 0.05 * (r + 1)
+                expected = trained * m
+            torch.testing.assert_close(start[n], expected, rtol=0, atol=1e-6)
+    assert all(torch.equal(prune.masks(model)[n], result.masks[-1][n]) for n in names)
+
+
+def test_imp_with_real_training_keeps_masks() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    x = torch.randn(64, 4)
+    y = x.sum(dim=1, keepdim=True)
+
+    def train_fn(m: nn.Module, steps: int) -> None:
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        for _ in range(steps):
+            loss = F.mse_loss(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    losses = []
+    result = prune.imp(model, train_fn, rounds=2, steps=30, fraction=0.5,
+                       callback=lambda r, m: losses.append(F.mse_loss(m(x), y).item()))
+    assert len(losses) == 3 and losses[-1] < F.mse_loss(torch.zeros_like(y), y).item()
+    final = result.masks[-1]
+    for n, m in final.items():
+        assert torch.all(model.get_submodule(n[:-7]).weight[~m] == 0)
+
+
+def test_presets() -> None:
+    torch.manual_seed(0)
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 20), nn.ReLU(), nn.Linear(20, 6))
+
+    trained = net()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))
+    calls = []
+    ms = prune.presets.magnitude(trained, sparsity=0.75, train_fn=lambda m, s: calls.append(s),
+                                 steps=3)
+    assert calls == [3]
+
+    for scale in (False, True):
+        model = copy.deepcopy(trained)
+        out = prune.presets.reinit(model, ms, seed=11, scale=scale)
+        torch.manual_seed(11)
+        fresh = net()
+        for n, m in ms.items():
+            assert torch.equal(out[n], m)
+            d = m.float().mean().item()
+            expected = fresh.get_parameter(n).detach() * m * (d ** -0.5 if scale else 1.0)
+            torch.testing.assert_close(get_tensor(model, n), expected)
+        torch.testing.assert_close(model[0].bias, fresh[0].bias)  # biases re-initialised too
+
+    a = prune.presets.random_sparse(copy.deepcopy(trained), ms, seed=5)
+    b = prune.presets.random_sparse(copy.deepcopy(trained), ms, seed=5)
+    for n in ms:
+        assert int(a[n].sum()) == int(ms[n].sum())
+        assert torch.equal(a[n], b[n])
+        assert not torch.equal(a[n], ms[n])
