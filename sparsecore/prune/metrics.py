@@ -5,10 +5,10 @@ Marculescu, Wang; ICLR 2023).
 A layer's mask is a bipartite graph: input nodes c_in*kh*kw (left), output nodes c_out
 (right), an edge per kept weight. Its adjacency [[0, M^T], [M, 0]] (M the c_out x
 c_in*kh*kw mask) has eigenvalues +-sigma_i(M), so the largest |eigenvalue| is sigma_1 and
-the third, mu_hat (the largest non-trivial one), is sigma_2. They come from the Gram matrix
-of the smaller side (dense eigvalsh) when that side has at most DENSE_LIMIT nodes, else from
-ARPACK (scipy.sparse.linalg.eigsh) on the sparse adjacency. Isolated nodes are dropped
-first, and a graph with mean left or right degree below 3 gets NaN, as in the authors' code.
+the third, mu_hat (the largest non-trivial one), is sigma_2; both come from ARPACK
+(scipy.sparse.linalg.eigsh) on the Gram matrix of the smaller side. Isolated nodes are
+dropped first, and a graph with mean left or right degree below 3 gets NaN, as in the
+authors' code.
 
 - regular gap: 2 sqrt(lambda_1 - 1) - mu_hat (lambda_1 stands in for the degree d);
 - irregular gap: sqrt(d_L - 1) + sqrt(d_R - 1) - mu_hat (mean degrees; Hoory's bound);
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import eigsh
+from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
 
 from sparsecore.prune.masks import masks as get_masks
@@ -75,18 +75,23 @@ def layer_graph(mask: Tensor) -> sp.csr_matrix:
 
 def top_singular(m: sp.spmatrix, dense_limit: int = DENSE_LIMIT) -> tuple[float, float]:
     """(sigma_1, sigma_2) of a sparse matrix = (largest, third largest) |eigenvalue| of its
-    bipartite adjacency."""
-    r, c = m.shape
-    if m.nnz == 0:
+    bipartite adjacency, from the two largest eigenvalues of the Gram matrix of the smaller
+    side: ARPACK on the sparse Gram up to `dense_limit` nodes, on the operator
+    x -> M (M^T x) beyond. (ARPACK's matrix-vector products stay fast on a busy machine,
+    where a multi-threaded dense eigvalsh can stall for seconds.)"""
+    small = m if m.shape[0] <= m.shape[1] else m.T
+    n = small.shape[0]
+    if small.nnz == 0:
         return 0.0, 0.0
-    if min(r, c) <= dense_limit:
-        gram = (m @ m.T if r <= c else m.T @ m).toarray()
-        w = np.linalg.eigvalsh(gram)
-        s = np.sqrt(np.clip(w[::-1][:2], 0.0, None))
-        return float(s[0]), float(s[1]) if s.size > 1 else 0.0
-    adj = sp.bmat([[None, m.T], [m, None]], format="csr")
-    vals = np.sort(np.abs(eigsh(adj, k=3, which="LM", return_eigenvectors=False)))[::-1]
-    return float(vals[0]), float(vals[2])
+    if n <= 2:
+        w = np.linalg.eigvalsh((small @ small.T).toarray())
+    else:
+        small = small.tocsr()
+        gram = (small @ small.T if n <= dense_limit else
+                LinearOperator((n, n), matvec=lambda x: small @ (small.T @ x), dtype=np.float64))
+        w = eigsh(gram, k=2, which="LA", v0=np.ones(n), return_eigenvectors=False)
+    s = np.sqrt(np.clip(np.sort(w)[::-1], 0.0, None))
+    return float(s[0]), float(s[1]) if s.size > 1 else 0.0
 
 
 @dataclass
