@@ -1,0 +1,7 @@
+"""`python -m sparsecore`: see sparsecore.cli."""
+
+import sys
+
+from sparsecore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,417 @@
+"""Training and evaluation: SGD/Adam, cosine/step schedules, label smoothing, tqdm progress,
+metrics as JSON lines, atomic per-epoch checkpoints with resume, and DDP through torchrun.
+
+A run directory holds `checkpoint.pt` (written atomically after every epoch: model,
+optimizer, schedule, RNG state and the metrics so far) and `metrics.jsonl` (one line per
+epoch). Restarting a killed run with the same directory continues after the last finished
+epoch; a finished run returns at once. Under `torchrun`, each process trains on its shard
+of every batch (the batch size is the global one), rank 0 writes the files, and the pruning
+masks (buffers) are broadcast from rank 0 so they stay identical on all ranks.
+
+Hyperparameters are dataclasses whose fields carry their help text; `add_arguments` turns
+one into command-line flags and `from_args` reads it back (as OpenLTH does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sparsecore import data as data_lib
+from sparsecore import models, prune
+
+
+def hfield(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its command-line help text (and allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class DataHparams:
+    dataset: str = hfield("digits", "dataset", data_lib.DATASETS)
+    data: str | None = hfield(None, "directory of a local dataset (cifar10: the extracted "
+                                "cifar-10-batches-py folder)")
+    image_size: int | None = hfield(None, "resize images to this side (digits: 8, 16 or 32)")
+    channels: int | None = hfield(None, "replicate grayscale images to this many channels (1 or 3)")
+    data_seed: int = hfield(0, "seed of the train/test split (kept fixed across model seeds)")
+    limit_train: int | None = hfield(None, "use only the first N training examples")
+    block_size: int = hfield(64, "context length in characters (text)")
+
+    def load(self) -> data_lib.Splits:
+        return data_lib.load(self.dataset, root=self.data, seed=self.data_seed,
+                             image_size=self.image_size, channels=self.channels,
+                             limit_train=self.limit_train, block_size=self.block_size)
+
+
+@dataclass
+class ModelHparams:
+    model: str = hfield("conv4", "model name (see sparsecore.models.names())")
+    width: float = hfield(1.0, "width multiplier on every hidden layer")
+
+    def build(self, splits: data_lib.Splits, seed: int) -> nn.Module:
+        """The model for `splits`, initialised from `seed`."""
+        torch.manual_seed(seed)
+        return models.create(self.model, width=self.width, **splits.model_kwargs())
+
+
+@dataclass
+class TrainHparams:
+    epochs: int = hfield(10, "training epochs")
+    batch_size: int = hfield(64, "global batch size (split over DDP processes)")
+    optimizer: str = hfield("sgd", "optimizer", ("sgd", "adam"))
+    lr: float = hfield(0.05, "peak learning rate")
+    momentum: float = hfield(0.9, "SGD momentum (Nesterov off)")
+    weight_decay: float = hfield(5e-4, "L2 weight decay")
+    schedule: str = hfield("cosine", "learning-rate schedule", ("cosine", "step", "constant"))
+    milestones: str = hfield("", "step schedule: comma-separated epochs where the LR drops")
+    gamma: float = hfield(0.1, "step schedule: LR factor at each milestone")
+    warmup_epochs: float = hfield(0.0, "linear LR warm-up, in epochs")
+    label_smoothing: float = hfield(0.0, "label smoothing of the cross-entropy")
+    seed: int = hfield(0, "seed of the model init, data order and augmentation")
+    kernels: str = hfield("dense", "run layers on dense torch kernels or, after sparsify(), on "
+                               "sparsecore's sparse kernels", ("dense", "sparse"))
+    eval_batch_size: int = hfield(500, "batch size for evaluation")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
+                  defaults: Any | None = None) -> None:
+    """Add one `--flag` per field of dataclass `cls` (help text from the field)."""
+    group = parser.add_argument_group(cls.__name__.replace("Hparams", " hyperparameters"))
+    base = defaults if defaults is not None else cls()
+    for f in dataclasses.fields(cls):
+        default = getattr(base, f.name)
+        flag = "--" + prefix + f.name.replace("_", "-")
+        kind = str(f.type)
+        conv: Any = float if "float" in kind else int if "int" in kind else str
+        choices = f.metadata.get("choices")
+        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=conv,
+                           default=default, choices=choices, help=help_text)
+
+
+def from_args(cls: type, args: argparse.Namespace, prefix: str = "") -> Any:
+    """Read dataclass `cls` back from parsed arguments (see add_arguments)."""
+    p = prefix.replace("-", "_")
+    return cls(**{f.name: getattr(args, p + f.name) for f in dataclasses.fields(cls)})
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a kill leaves
+    either the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write text atomically (temporary file, fsync, rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the process group that torchrun set up (WORLD_SIZE > 1): NCCL for CUDA devices,
+    gloo for the CPU. A single process gets DistInfo() and no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def resolve_device(device: str, info: DistInfo | None = None) -> str:
+    """'auto' -> cuda when available, else cpu; under DDP, cuda -> cuda:<local rank>."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and info is not None and info.world > 1:
+        device = f"cuda:{info.local_rank}"
+    return device
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------- loops
+
+
+def make_optimizer(model: nn.Module, hp: TrainHparams) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum,
+                               weight_decay=hp.weight_decay)
+    if hp.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    raise ValueError(f"unknown optimizer {hp.optimizer!r}; use sgd or adam")
+
+
+def lr_factor(hp: TrainHparams, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of hp.lr at optimizer step `step` (warm-up, then the schedule)."""
+    total = max(1, hp.epochs * steps_per_epoch)
+    warm = hp.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if hp.schedule == "cosine":
+        t = (step - warm) / max(1.0, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    if hp.schedule == "step":
+        epoch = step / steps_per_epoch
+        drops = sum(epoch >= int(m) for m in hp.milestones.split(",") if m.strip())
+        return hp.gamma**drops
+    if hp.schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {hp.schedule!r}; use cosine, step or constant")
+
+
+def _loss_and_correct(out: torch.Tensor, y: torch.Tensor,
+                      loss_fn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean loss, number correct and number of targets; LM logits (B, T, V) are flattened."""
+    out = out.reshape(-1, out.shape[-1])
+    y = y.reshape(-1)
+    return loss_fn(out, y), (out.argmax(-1) == y).sum(), y.numel()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: data_lib.Loader,
+             info: DistInfo | None = None) -> dict[str, float]:
+    """{"loss", "acc"} over the loader (summed over ranks under DDP)."""
+    was_training = model.training
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    device = loader.device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y in loader:
+        loss, correct, n = _loss_and_correct(model(x), y, loss_fn)
+        totals += torch.stack([loss.double(), correct.double(),
+                               torch.tensor(n, dtype=torch.float64, device=device)])
+    if info is not None and info.world > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    loss, correct, n = totals.tolist()
+    return {"loss": loss / max(n, 1), "acc": correct / max(n, 1)}
+
+
+def sparsify_model(model: nn.Module) -> nn.Module:
+    """Swap masked Linear/Conv2d layers for sparsecore's kernel-backed ones."""
+    import sparsecore.nn as snn
+
+    if not hasattr(snn, "sparsify"):
+        raise RuntimeError("kernels='sparse' needs sparsecore.nn.sparsify, which this build "
+                           "lacks; use kernels='dense'")
+    out = snn.sparsify(model)
+    # sparsify swaps in place and may return a report alongside the model
+    return out if isinstance(out, nn.Module) else model
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    metrics: list[dict[str, Any]]
+    final: dict[str, float]
+    resumed_from: int = 0  # epochs that were already done when this call started
+    seconds: float = 0.0
+
+
+def train(
+    model: nn.Module,
+    splits: data_lib.Splits,
+    hp: TrainHparams,
+    *,
+    out_dir: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "train",
+    info: DistInfo | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Train `model` on `splits.train`, evaluating on the held-out split after each epoch.
+
+    out_dir: where checkpoint.pt and metrics.jsonl go; with `resume`, a checkpoint there is
+    continued (or returned at once when finished). info: the DDP process group facts
+    (`init_distributed`); None means one process. Returns the trained (unwrapped) model.
+    """
+    info = info or DistInfo()
+    model = model.to(device)
+    if hp.kernels == "sparse":
+        model = sparsify_model(model)
+    elif hp.kernels != "dense":
+        raise ValueError(f"kernels must be 'dense' or 'sparse', got {hp.kernels!r}")
+    loader = data_lib.Loader.for_split(splits, "train", hp.batch_size, train=True, seed=hp.seed,
+                                       device=device, rank=info.rank, world=info.world)
+    eval_loader = data_lib.Loader.for_split(splits, "heldout", hp.eval_batch_size,
+                                            device=device, rank=info.rank, world=info.world)
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
+    state = None
+    if resume and ckpt_path and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # masks first: they change the parameter order the optimizer state refers to
+        prune.load(model, state["model"])
+    opt = make_optimizer(model, hp)
+    steps = len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(hp, s, steps))
+    metrics: list[dict[str, Any]] = []
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        metrics, start = state["metrics"], state["epoch"]
+    net: nn.Module = model
+    if info.world > 1:
+        # Parameters and buffers (the pruning masks among them) are broadcast from rank 0
+        # here, and buffers again before every forward: masks stay identical on all ranks.
+        net = DistributedDataParallel(model, device_ids=[info.local_rank]
+                                      if device.startswith("cuda") else None)
+    if start == 0:
+        torch.manual_seed(hp.seed + 1 + info.rank)  # dropout etc.; init was drawn already
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    t_start = time.perf_counter()
+    for epoch in range(start, hp.epochs):
+        net.train()
+        loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        sums = torch.zeros(3, dtype=torch.float64)
+        bar = _progress(loader, progress and info.is_main, f"{desc} {epoch + 1}/{hp.epochs}")
+        for i, (x, y) in enumerate(bar):
+            loss, correct, n = _loss_and_correct(net(x), y, loss_fn)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            sums += torch.tensor([loss.item() * n, correct.item(), n], dtype=torch.float64)
+            if hasattr(bar, "set_postfix") and (i % 10 == 0 or i == steps - 1):
+                bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}")
+        if info.world > 1:
+            dist.all_reduce(sums)
+        ev = evaluate(model, eval_loader, info)
+        metrics.append({
+            "epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
+            "train_acc": sums[1].item() / sums[2].item(), "test_loss": ev["loss"],
+            "test_acc": ev["acc"], "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        })
+        if ckpt_path and info.is_main:
+            atomic_save({"epoch": epoch + 1, "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "rng": torch.get_rng_state(), "metrics": metrics,
+                         "hparams": dataclasses.asdict(hp)}, ckpt_path)
+            atomic_write_text(os.path.join(out_dir, "metrics.jsonl"),
+                              "".join(json.dumps(m) + "\n" for m in metrics))
+        _barrier(info)
+    final = ({"loss": metrics[-1]["test_loss"], "acc": metrics[-1]["test_acc"]} if metrics
+             else evaluate(model, eval_loader, info))
+    final["mask_digest"] = mask_digest(model)
+    if info.world > 1:
+        digests: list[str] = [""] * info.world
+        dist.all_gather_object(digests, final["mask_digest"])
+        final["rank_mask_digests"] = digests
+    return TrainResult(model, metrics, final, start, time.perf_counter() - t_start)
+
+
+def mask_digest(model: nn.Module) -> str:
+    """SHA-1 of every pruning mask of `model` (names and bits); "" when it has none."""
+    ms = prune.masks(model)
+    if not ms:
+        return ""
+    h = hashlib.sha1()
+    for name in sorted(ms):
+        h.update(name.encode())
+        h.update(ms[name].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- model files
+
+
+def save_model(path: str, model: nn.Module, data_hp: DataHparams, model_hp: ModelHparams,
+               **extra: Any) -> None:
+    """Write a self-describing model file: what to build (model, width, data shape) and
+    the state_dict (masks included), atomically."""
+    atomic_save({"model_hparams": dataclasses.asdict(model_hp),
+                 "data_hparams": dataclasses.asdict(data_hp),
+                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                 **extra}, path)
+
+
+def load_model(path: str, splits: data_lib.Splits | None = None
+               ) -> tuple[nn.Module, DataHparams, ModelHparams, dict[str, Any]]:
+    """Rebuild the model saved by `save_model` (masks re-created) -> (model, data hparams,
+    model hparams, the whole file). `splits`: the loaded data, when the caller has it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such model file (write one with "
+                                "`python -m sparsecore train --out DIR`: DIR/model.pt)")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or "state_dict" not in blob or "model_hparams" not in blob:
+        raise ValueError(f"{path} is not a sparsecore model file (expected the output of "
+                         "`python -m sparsecore train` or `prune`)")
+    data_hp = DataHparams(**blob["data_hparams"])
+    model_hp = ModelHparams(**blob["model_hparams"])
+    splits = splits or data_hp.load()
+    model = model_hp.build(splits, seed=0)
+    prune.load(model, blob["state_dict"])
+    return model, data_hp, model_hp, blob
+
+
+def _progress(loader: data_lib.Loader, enabled: bool, desc: str):
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)

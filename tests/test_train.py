@@ -1,0 +1,116 @@
+"""Training: loss goes down, resume after a kill redoes no finished epoch and ends where an
+uninterrupted run ends, and 2-process DDP (torchrun, gloo) keeps masks identical on both
+ranks and matches one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparsecore import prune
+from sparsecore import train as T
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread per pytest worker: on a shared 2-core machine, OpenMP threads that
+    wait for each other make small ops up to 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+DATA = T.DataHparams(dataset="synthetic", image_size=8, limit_train=400)
+HP = T.TrainHparams(epochs=3, batch_size=50, optimizer="adam", lr=3e-3, weight_decay=0.0)
+
+
+def _model(splits):
+    return T.ModelHparams("conv2", 0.25).build(splits, seed=0)
+
+
+def test_loss_goes_down_and_metrics_are_written(tmp_path) -> None:
+    splits = DATA.load()
+    r = T.train(_model(splits), splits, HP, out_dir=str(tmp_path), progress=False)
+    losses = [m["train_loss"] for m in r.metrics]
+    assert losses[-1] < 0.7 * losses[0]
+    assert r.final["acc"] > 0.3  # 10 classes
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]
+
+
+def test_resume_after_kill_redoes_no_epoch(tmp_path, monkeypatch) -> None:
+    splits = DATA.load()
+    model = _model(splits)
+    prune.prune(model, "magnitude", sparsity=0.5)  # masks must survive the restart too
+    ref_model = _model(splits)
+    prune.prune(ref_model, "magnitude", sparsity=0.5)
+    ref = T.train(ref_model, splits, HP, progress=False)
+
+    calls = {"n": 0}
+    real_evaluate = T.evaluate
+
+    def dying_evaluate(*a, **k):  # killed at the end of epoch 2, before its checkpoint
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(T, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(model, splits, HP, out_dir=str(tmp_path), progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+    calls["n"] = 10
+    fresh = _model(splits)  # a new process: fresh model, masks come from the checkpoint
+    r = T.train(fresh, splits, HP, out_dir=str(tmp_path), progress=False)
+    assert r.resumed_from == 1 and calls["n"] == 12  # epochs 2 and 3 only
+    assert [m["epoch"] for m in r.metrics] == [1, 2, 3]
+    assert r.final["acc"] == pytest.approx(ref.final["acc"])
+    assert T.mask_digest(r.model) == T.mask_digest(ref.model) != ""
+    for (k, a), b in zip(r.model.state_dict().items(), ref.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+    again = T.train(_model(splits), splits, HP, out_dir=str(tmp_path), progress=False)
+    assert again.resumed_from == 3 and calls["n"] == 12  # finished: nothing redone
+
+
+def test_lr_schedules() -> None:
+    hp = T.TrainHparams(epochs=4, schedule="step", milestones="2,3", gamma=0.1, warmup_epochs=1)
+    f = [T.lr_factor(hp, s, 10) for s in range(40)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[15] == 1.0 and f[25] == pytest.approx(0.1) and f[35] == pytest.approx(0.01)
+    cos = T.TrainHparams(epochs=2, schedule="cosine")
+    assert T.lr_factor(cos, 0, 10) == 1.0 and T.lr_factor(cos, 19, 10) < 0.01
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_same_masks_and_accuracy(tmp_path) -> None:
+    args = ["train", "--dataset", "synthetic", "--image-size", "8", "--limit-train", "400",
+            "--model", "conv2", "--width", "0.25", "--optimizer", "adam", "--lr", "3e-3",
+            "--weight-decay", "0", "--epochs", "2", "--batch-size", "50",
+            "--prune-method", "magnitude", "--sparsity", "0.7", "--no-progress",
+            "--threads", "1", "--device", "cpu", "--out", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sparsecore", *args]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "final.json").read_text())
+
+    # the same run in one process (what `python -m sparsecore train` does without torchrun)
+    splits = DATA.load()
+    model = _model(splits)
+    prune.prune(model, "magnitude", sparsity=0.7)
+    one = T.train(model, splits, T.TrainHparams(epochs=2, batch_size=50, optimizer="adam",
+                                                lr=3e-3, weight_decay=0.0), progress=False)
+    assert ddp["world_size"] == 2
+    assert ddp["rank_mask_digests"][0] == ddp["rank_mask_digests"][1]
+    assert ddp["mask_digest"] == one.final["mask_digest"]
+    assert ddp["density"] == pytest.approx(0.3, abs=1e-3)
+    assert abs(ddp["acc"] - one.final["acc"]) <= 0.03  # same global batches; float order
