@@ -135,20 +135,28 @@ def schedule(kind: str, density: float, steps: int) -> list[float]:
 
 
 def _exact_top(flat: Tensor, k: int) -> Tensor:
-    """Boolean mask of the k largest entries of a 1-D tensor; ties at the threshold are
+    """Boolean mask of the k largest entries of a 1-D CPU tensor; ties at the threshold are
     broken by position, so the count is exact and the result deterministic."""
     n = flat.numel()
     if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+        return torch.zeros(n, dtype=torch.bool)
     if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=flat.device)
-    # kthvalue is O(n) and has no CUDA half kernel gaps in the dtypes used here (float64).
-    thr = torch.kthvalue(flat.double().cpu(), n - k + 1).values.to(flat.device, flat.dtype)
+        return torch.ones(n, dtype=torch.bool)
+    thr = torch.kthvalue(flat, n - k + 1).values  # O(n), unlike a sort
     keep = flat > thr
     need = k - int(keep.sum())
     if need > 0:
-        ties = torch.nonzero(flat == thr).flatten()[:need]
-        keep[ties] = True
+        keep[torch.nonzero(flat == thr).flatten()[:need]] = True
+    return keep
+
+
+def _top_within(flat: Tensor, alive: Tensor | None, k: int) -> Tensor:
+    """`_exact_top` among the entries where `alive` is True (all when None)."""
+    if alive is None:
+        return _exact_top(flat, k)
+    idx = torch.nonzero(alive).flatten()
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[idx[_exact_top(flat[idx], k)]] = True
     return keep
 
 
@@ -185,31 +193,31 @@ def select(
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
-    for n, s in scores.items():
-        if torch.isnan(s).any():
-            raise ValueError(f"scores of {n} contain NaN")
-    scores = {n: s.detach().double() for n, s in scores.items()}
-    numels = {n: s.numel() for n, s in scores.items()}
-    n_alive = {n: numels[n] if alive is None or n not in alive else int(alive[n].sum())
-               for n in scores}
-    floor = {n: min(n_alive[n], math.ceil(min_density * numels[n])) for n in scores}
-    if alive is not None:
-        scores = {n: s.masked_fill(~alive[n].bool(), -math.inf) if n in alive else s
-                  for n, s in scores.items()}
+    names = list(scores)
+    flat = {n: scores[n].detach().reshape(-1).double().cpu() for n in names}
+    live = {n: alive[n].reshape(-1).bool().cpu() if alive is not None and n in alive else None
+            for n in names}
+    numels = {n: flat[n].numel() for n in names}
+    n_alive = {n: numels[n] if live[n] is None else int(live[n].sum()) for n in names}
+    floor = {n: min(n_alive[n], math.ceil(min_density * numels[n])) for n in names}
+
+    def out(keep: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {n: keep[n].view(scores[n].shape).to(scores[n].device) for n in names}
 
     if isinstance(density, dict) or scope == "layerwise":
-        dens = density if isinstance(density, dict) else {n: density for n in scores}
-        counts = {n: max(round(dens[n] * numels[n]), floor[n]) for n in scores}
-        for n in scores:
+        dens = density if isinstance(density, dict) else {n: density for n in names}
+        counts = {n: max(round(dens[n] * numels[n]), floor[n]) for n in names}
+        for n in names:
             if counts[n] > n_alive[n]:
                 raise DensityMismatchError(
                     f"{n}: target keeps {counts[n]} weights but only {n_alive[n]} are left; "
                     "pruning never regrows weights"
                 )
-        return {n: _exact_top(s.flatten(), counts[n]).view_as(s) for n, s in scores.items()}
+            if torch.isnan(flat[n]).any():
+                raise ValueError(f"scores of {n} contain NaN")
+        return out({n: _top_within(flat[n], live[n], counts[n]) for n in names})
 
-    total = sum(numels.values())
-    k = round(density * total)
+    k = round(density * sum(numels.values()))
     if k > sum(n_alive.values()):
         raise DensityMismatchError(
             f"target keeps {k} weights but only {sum(n_alive.values())} are left; "
@@ -221,23 +229,19 @@ def select(
             f"min_density={min_density} needs {reserved} weights, more than the {k} the "
             f"target density {density:.3g} keeps"
         )
-    names = list(scores)
-    flat = torch.cat([scores[n].flatten().cpu() for n in names])
     if reserved:
         # Reserve each layer's best `floor` weights by lifting them above every other score.
-        lifted = []
-        for n in names:
-            s = scores[n].flatten().cpu()
-            top = _exact_top(s, floor[n])
-            lifted.append(top)
-        flat = torch.where(torch.cat(lifted), torch.full_like(flat, math.inf), flat)
-    keep = _exact_top(flat, k)
-    out: dict[str, Tensor] = {}
-    start = 0
-    for n in names:
-        out[n] = keep[start:start + numels[n]].view(scores[n].shape).to(scores[n].device)
-        start += numels[n]
-    return out
+        flat = {n: flat[n].masked_fill(_top_within(flat[n], live[n], floor[n]), math.inf)
+                for n in names}
+    all_scores = torch.cat([flat[n] for n in names])
+    if torch.isnan(all_scores).any():
+        bad = [n for n in names if torch.isnan(flat[n]).any()]
+        raise ValueError(f"scores of {bad} contain NaN")
+    all_live = (None if all(v is None for v in live.values()) else
+                torch.cat([torch.ones(numels[n], dtype=torch.bool) if live[n] is None else live[n]
+                           for n in names]))
+    keep = _top_within(all_scores, all_live, k).split([numels[n] for n in names])
+    return out(dict(zip(names, keep)))
 
 
 def shuffle(masks: dict[str, Tensor], generator: torch.Generator | None = None
