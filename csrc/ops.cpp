@@ -14,6 +14,14 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(sparsecore, m) {
   // --- csr (unstructured sparse Linear / Conv2d) ---
   // --- bsr (block-sparse Linear / Conv2d) ---
+  // Y = X W^T for a BSR W (n_out x K): block row r keeps blocks p in [row_ptr[r], row_ptr[r+1])
+  // at block column col_idx[p]; W_p = blocks[block_idx[p] or p], transposed when trans_blocks
+  // (so dX = dY W runs on the transposed structure without copying a block).
+  m.def("bsr_dsd_cpu(Tensor x, Tensor blocks, Tensor col_idx, Tensor row_ptr, Tensor? block_idx, "
+        "bool trans_blocks, int n_out) -> Tensor");
+  // dW_p = dY[:, rows of block p]^T X[:, columns of block p] -> (nnzb, bs_r, bs_c).
+  m.def("bsr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, int bs_c) "
+        "-> Tensor");
   // --- linalg (batched SVD / eigh) ---
   // --- similarity (centered Gram / cross-covariance accumulation) ---
 }
