@@ -1,0 +1,50 @@
+"""Representation similarity: does the pruned network compute what the original did?
+
+Metrics on activations X (..., n, p) and Y (..., n, q) (n data points, p and q channels):
+
+- `cca` (all canonical correlations), `svcca` (Raghu et al. 2017), `pwcca` (Morcos et al.
+  2018): exact, through QR/SVD of the centered data.
+- `linear_cka`, `rbf_cka` (Kornblith et al. 2019), biased or debiased.
+- `procrustes`: the orthogonal Procrustes distance.
+- `dft_cca`: per-frequency CCA of conv layers (the DFT route of Raghu et al.).
+
+Layer by layer: `capture` collects activations of named modules, `compare` computes a
+metric for every requested pair of layers (each layer factored once, every pair a GEMM
+plus a batched small SVD), `StreamingCompare` does the same from moments accumulated over
+chunks when the activations do not fit in memory.
+
+Defaults and conventions: float64 on CPU; float32 on GPU (QR route: canonical
+correlations within ~1e-5 of float64 even for ill-conditioned layers, see
+tests/test_similarity.py), `dtype=torch.float64` for reference numbers. Channels are
+centered; dead (constant) channels are dropped and reported; n <= p + q warns (the
+correlations become trivially 1); NaN/Inf inputs raise ValueError. Bounded metrics are
+clamped to their range: CCA-family and biased CKA to [0, 1], debiased CKA to [-1, 1],
+Procrustes to [0, 2].
+"""
+
+from sparsecore.similarity._allpairs import SimilarityMatrix
+from sparsecore.similarity.capture import capture
+from sparsecore.similarity.cca import CCAResult, cca, pwcca, svcca
+from sparsecore.similarity.cka import linear_cka, rbf_cka
+from sparsecore.similarity.compare import METRICS, compare
+from sparsecore.similarity.conv import to_points
+from sparsecore.similarity.dft import dft_cca
+from sparsecore.similarity.procrustes import procrustes
+from sparsecore.similarity.streaming import StreamingCompare
+
+__all__ = [
+    "CCAResult",
+    "METRICS",
+    "SimilarityMatrix",
+    "StreamingCompare",
+    "capture",
+    "cca",
+    "compare",
+    "dft_cca",
+    "linear_cka",
+    "pwcca",
+    "procrustes",
+    "rbf_cka",
+    "svcca",
+    "to_points",
+]
