@@ -13,6 +13,7 @@ FAMILIES = {
     "models": "bench.models",
     "similarity": "bench.similarity",
     "linalg": "bench.linalg",
+    "prune": "bench.prune",
 }
 
 

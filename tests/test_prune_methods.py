@@ -103,17 +103,18 @@ def test_synflow_avoids_layer_collapse_where_magnitude_does_not() -> None:
     """SynFlow (Tanaka et al. 2020, fig. 1 and 3) on our VGG-16: at compression 10^3, global
     magnitude at initialisation prunes the wide late layers (the smallest Kaiming weights)
     away entirely, which disconnects the net; iterative SynFlow keeps every layer alive.
-    (Width 1/4 and 4x4 inputs keep the 100 float64 SynFlow steps fast on a CPU.)"""
-    dense = models.create("vgg16", num_classes=10, in_channels=3, input_size=4, width=0.25)
+    (Width 1/8 and 4x4 inputs keep the 100 float64 SynFlow steps fast on a CPU.)"""
+    dense = models.create("vgg16", num_classes=10, in_channels=3, input_size=4, width=0.125)
     model, twin, floor = (copy.deepcopy(dense) for _ in range(3))
     prune.prune(model, "magnitude", compression=3)
     report = prune.collapse_report(model, (3, 4, 4))
-    assert not report.connected and "features.conv13.weight" in report.collapsed, str(report)
+    assert not report.connected and len(report.collapsed) >= 3, str(report)
 
     prune.prune(twin, "synflow", compression=3, input_shape=(3, 4, 4))  # 100 steps
     report = prune.collapse_report(twin, (3, 4, 4))
     assert report.ok, str(report)
-    assert prune.summary(twin).masked_density == pytest.approx(1e-3, abs=1e-6)
+    rows = prune.summary(twin).rows
+    assert sum(r.kept for r in rows) == round(1e-3 * sum(r.numel for r in rows))
 
     # A per-layer floor stops layers being pruned to zero; it does not make the kept weights
     # line up into paths, which is what the report's effective density shows.

@@ -5,8 +5,8 @@ Marculescu, Wang; ICLR 2023).
 A layer's mask is a bipartite graph: input nodes c_in*kh*kw (left), output nodes c_out
 (right), an edge per kept weight. Its adjacency [[0, M^T], [M, 0]] (M the c_out x
 c_in*kh*kw mask) has eigenvalues +-sigma_i(M), so the largest |eigenvalue| is sigma_1 and
-the third, mu_hat (the largest non-trivial one), is sigma_2; both come from ARPACK
-(scipy.sparse.linalg.eigsh) on the Gram matrix of the smaller side. Isolated nodes are
+the third, mu_hat (the largest non-trivial one), is sigma_2; both come from the Gram matrix
+of the smaller side (LAPACK up to DENSE_LIMIT nodes, ARPACK's eigsh beyond). Isolated nodes are
 dropped first, and a graph with mean left or right degree below 3 gets NaN, as in the
 authors' code.
 
@@ -22,12 +22,14 @@ authors' code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg import eigh
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
 
@@ -73,23 +75,31 @@ def layer_graph(mask: Tensor) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=m.shape)
 
 
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    """Single-threaded BLAS for the many small eigenproblems: on a busy machine OpenBLAS's
+    threads stall a 300x300 eigh for a second; one thread takes milliseconds."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # threadpoolctl comes with scikit-learn; without it, just run
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def top_singular(m: sp.spmatrix, dense_limit: int = DENSE_LIMIT) -> tuple[float, float]:
     """(sigma_1, sigma_2) of a sparse matrix = (largest, third largest) |eigenvalue| of its
     bipartite adjacency, from the two largest eigenvalues of the Gram matrix of the smaller
-    side: ARPACK on the sparse Gram up to `dense_limit` nodes, on the operator
-    x -> M (M^T x) beyond. (ARPACK's matrix-vector products stay fast on a busy machine,
-    where a multi-threaded dense eigvalsh can stall for seconds.)"""
-    small = m if m.shape[0] <= m.shape[1] else m.T
+    side: LAPACK (eigh, top two only) when that side has at most `dense_limit` nodes, ARPACK
+    (eigsh) on the operator x -> M (M^T x) beyond."""
+    small = (m if m.shape[0] <= m.shape[1] else m.T).tocsr()
     n = small.shape[0]
     if small.nnz == 0:
         return 0.0, 0.0
-    if n <= 2:
-        w = np.linalg.eigvalsh((small @ small.T).toarray())
+    if n <= max(dense_limit, 2):
+        gram = (small @ small.T).toarray()
+        w = eigh(gram, eigvals_only=True, subset_by_index=[max(n - 2, 0), n - 1])
     else:
-        small = small.tocsr()
-        gram = (small @ small.T if n <= dense_limit else
-                LinearOperator((n, n), matvec=lambda x: small @ (small.T @ x), dtype=np.float64))
-        w = eigsh(gram, k=2, which="LA", v0=np.ones(n), return_eigenvectors=False)
+        op = LinearOperator((n, n), matvec=lambda x: small @ (small.T @ x), dtype=np.float64)
+        w = eigsh(op, k=2, which="LA", v0=np.ones(n), return_eigenvectors=False)
     s = np.sqrt(np.clip(np.sort(w)[::-1], 0.0, None))
     return float(s[0]), float(s[1]) if s.size > 1 else 0.0
 
@@ -131,6 +141,11 @@ def _irregular(m: sp.csr_matrix, dense_limit: int) -> tuple[float, float, float]
 
 def ramanujan(mask: Tensor, dense_limit: int = DENSE_LIMIT) -> RamanujanStats:
     """The Ramanujan-graph metrics of one layer's mask (shape (c_out, ...))."""
+    with _one_blas_thread():
+        return _ramanujan(mask, dense_limit)
+
+
+def _ramanujan(mask: Tensor, dense_limit: int) -> RamanujanStats:
     full = layer_graph(mask)
     n_out, n_in = full.shape
     nan = float("nan")

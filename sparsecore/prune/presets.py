@@ -29,10 +29,12 @@ from sparsecore.prune.methods import Magnitude
 def reinitialize(model: nn.Module, seed: int | None = None,
                  init_fn: Callable[[nn.Module], None] | None = None) -> None:
     """Fresh initialisation of every module in place: `init_fn(module)` if given, else each
-    module's own `reset_parameters()`. Masks are removed first (an in-place init of a
-    parametrized weight would write into a temporary)."""
+    module's own `reset_parameters()`, under `seed` without disturbing the global RNG. Masks
+    are removed first (an in-place init of a parametrized weight would write into a
+    temporary)."""
     remove_masks(model)
-    with torch.random.fork_rng(devices=[]):
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
         if seed is not None:
             torch.manual_seed(seed)
         for m in model.modules():

@@ -121,7 +121,8 @@ def collapse_report(model: nn.Module, example: Any, names: list[str] | None = No
     """Which prunable tensors still lie on an input->output path.
 
     example: the input shape without the batch dimension, an example batch or (x, y).
-    names: tensors to report (default: the prunable ones of the default selection).
+    names: tensors to report (default: the prunable ones of the default selection and
+    every masked one).
     Flow is measured on a linearised float64 copy (|weights|, zero biases, BatchNorm in
     eval mode) fed all ones: exact for ReLU/max-pool/average-pool nets; LayerNorm or
     nonlinearities that are not positively homogeneous make it approximate.
@@ -129,8 +130,8 @@ def collapse_report(model: nn.Module, example: Any, names: list[str] | None = No
     from sparsecore.prune.base import prunable
 
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    names = names or prunable(model)
     current = get_masks(model)
+    names = names or prunable(model) + [n for n in current if n not in prunable(model)]
     lin = _flow.linearized_copy(model, zero_bias=True)
     with torch.no_grad():
         # Scale each weight to unit mean row sum so that deep nets do not overflow float64;
