@@ -330,11 +330,11 @@ def broadcast_state(model: nn.Module, src: int = 0) -> None:
 
 def _broadcast_masks(masks: dict[str, Tensor], src: int = 0) -> dict[str, Tensor]:
     out = {}
-    for n in sorted(masks):
-        buf = masks[n].to(torch.uint8).contiguous()
+    for n, m in masks.items():  # the same order on every rank: prunable() order
+        buf = m.to(torch.uint8).contiguous()
         torch.distributed.broadcast(buf, src)
         out[n] = buf.bool()
-    return {n: out[n] for n in masks}
+    return out
 
 
 class Pruner:
