@@ -65,9 +65,10 @@ class SimilarityMatrix:
                 for v in vals[i]
             ]
             lines.append(r.ljust(head) + " " + " ".join(cells))
-        dead = {k: v for k, v in {**self.dead_rows, **self.dead_cols}.items() if v}
-        if dead:
-            lines.append(f"dead channels dropped: {dead}")
+        for side, dead in (("first", self.dead_rows), ("second", self.dead_cols)):
+            dropped = {k: v for k, v in dead.items() if v}
+            if dropped:
+                lines.append(f"dead channels dropped ({side} set): {dropped}")
         return "\n".join(lines)
 
 

@@ -92,16 +92,16 @@ def center(x: Tensor) -> Tensor:
     return x - x.mean(dim=-2, keepdim=True)
 
 
-def dead_channels(x: Tensor, xc: Tensor) -> Tensor:
-    """Channels (..., p) whose centered column `xc` is zero up to the rounding of centering.
+def dead_channels(col_norm: Tensor, col_absmax: Tensor, n: int) -> Tensor:
+    """Channels (..., p) whose centered column is zero up to the rounding of centering.
 
-    A channel counts as dead when ||xc_j|| <= 4 sqrt(n) eps max_i |x_ij|: constant (pruned or
+    col_norm: ||x_c,j|| of the centered columns; col_absmax: max_i |x_ij| before centering.
+    A channel counts as dead when col_norm <= 4 sqrt(n) eps col_absmax: constant (pruned or
     never-firing) channels, measured against their own magnitude, so a live channel of tiny
-    scale is kept. Without centering (xc is x) this is exactly the all-zero columns.
+    scale is kept. Without centering this is exactly the all-zero columns.
     """
-    n = x.shape[-2]
-    eps = torch.finfo(xc.real.dtype if xc.is_complex() else xc.dtype).eps
-    return torch.linalg.vector_norm(xc, dim=-2) <= 4 * math.sqrt(n) * eps * x.abs().amax(dim=-2)
+    eps = torch.finfo(col_norm.dtype).eps
+    return col_norm <= 4 * math.sqrt(n) * eps * col_absmax
 
 
 def warn_few_points(n: int, kx: int, ky: int, what: str) -> None:

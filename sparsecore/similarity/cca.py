@@ -126,15 +126,15 @@ def _prefix_mask(count: Tensor, r: int) -> Tensor:
     return torch.arange(r, device=count.device) < count.unsqueeze(-1)
 
 
-def _scale_and_mask(xc: Tensor, dead: Tensor, equilibrate: bool) -> tuple[Tensor, Tensor]:
+def _scale_and_mask(
+    xc: Tensor, norm: Tensor, dead: Tensor, equilibrate: bool
+) -> tuple[Tensor, Tensor]:
     """Zero dead channels and (for plain CCA) scale the others to unit norm; returns the
     scaled data and the per-channel scale (..., p) that undoes it."""
-    real = xc.real.dtype if xc.is_complex() else xc.dtype
     if equilibrate:
-        scale = torch.linalg.vector_norm(xc, dim=-2).to(real)
-        scale = torch.where(dead, torch.ones_like(scale), scale)
+        scale = torch.where(dead, torch.ones_like(norm), norm)
     else:
-        scale = torch.ones(xc.shape[:-2] + xc.shape[-1:], dtype=real, device=xc.device)
+        scale = torch.ones_like(norm)
     xs = torch.where(dead.unsqueeze(-2), torch.zeros_like(xc), xc / scale.unsqueeze(-2))
     return xs, scale
 
@@ -146,9 +146,10 @@ def factor(x: Tensor, *, center_data: bool = True, keep: Keep = None) -> Factor:
     otherwise SVCCA's reduction on the unscaled data (see `_kept_count`).
     """
     xc = center(x) if center_data else x
-    dead = dead_channels(x, xc)
-    xs, scale = _scale_and_mask(xc, dead, equilibrate=keep is None)
-    n, p = xs.shape[-2:]
+    n, p = xc.shape[-2:]
+    norm = torch.linalg.vector_norm(xc, dim=-2)
+    dead = dead_channels(norm, x.abs().amax(dim=-2), n)
+    xs, scale = _scale_and_mask(xc, norm, dead, equilibrate=keep is None)
     if n >= p:
         q, rf = _linalg.qr(xs)
         ur, s, vh = _linalg.svd(rf)
@@ -160,7 +161,8 @@ def factor(x: Tensor, *, center_data: bool = True, keep: Keep = None) -> Factor:
     mask = _prefix_mask(count, r)
     # Forming only the r kept columns of U: SVCCA's reduction also cuts this GEMM.
     u = q @ ur[..., :r] if q is not None else u_full[..., :r]
-    u = u * mask.unsqueeze(-2)
+    if count.numel() > 1:  # batched: zero the directions past each element's count
+        u = u * mask.unsqueeze(-2)
     s = s[..., :r] * mask
     coords = s.unsqueeze(-1) * vh[..., :r, :] * scale.unsqueeze(-2)
     return Factor(s=s, coords=coords, count=count, dead=dead, n=n, u=u)

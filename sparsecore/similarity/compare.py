@@ -179,7 +179,8 @@ def _compare_rbf(
 
     def gram(acts: Mapping[str, Tensor], name: str, dead: dict[str, int]) -> Tensor:
         x = _points(acts, name, conv, dtype)
-        dead[name] = int(dead_channels(x, center(x)).sum())
+        norm = torch.linalg.vector_norm(center(x), dim=-2)
+        dead[name] = int(dead_channels(norm, x.abs().amax(dim=-2), x.shape[-2]).sum())
         return rbf_gram(x, threshold)
 
     grams_b = {j: gram(acts_b, names_b[j], dead_b) for j in sorted({j for _, j in pairs})}

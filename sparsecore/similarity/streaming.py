@@ -23,7 +23,6 @@ milliseconds and loses 2-5x where the time goes, so plain torch is kept.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -43,7 +42,7 @@ from sparsecore.similarity._allpairs import (
     resolve_pairs,
     to_matrix,
 )
-from sparsecore.similarity._common import as_activations
+from sparsecore.similarity._common import as_activations, dead_channels
 from sparsecore.similarity.cca import check_keep, factor_from_gram
 from sparsecore.similarity.cka import cka_from_moments
 from sparsecore.similarity.conv import ConvMode, to_points
@@ -74,10 +73,8 @@ class _Layer:
         return self.gram - torch.outer(self.s, self.s) / self.n
 
     def dead(self, gc: Tensor) -> Tensor:
-        """Channels constant up to rounding (as `_common.dead_channels`, from moments)."""
-        eps = torch.finfo(gc.dtype).eps
-        norm = torch.diagonal(gc).clamp_min(0).sqrt()
-        return norm <= 4 * math.sqrt(self.n) * eps * self.absmax
+        """Dead channels (see `_common.dead_channels`), from the moments."""
+        return dead_channels(torch.diagonal(gc).clamp_min(0).sqrt(), self.absmax, self.n)
 
 
 @dataclass
