@@ -59,6 +59,12 @@ def test_block_masks_global_exact_count() -> None:
     assert kept == round(0.25 * nblocks)
     prune.apply(model, ms)
     assert prune.summary(model).masked_density == pytest.approx(0.25, abs=0.01)
+    # ranked by a method's per-weight scores summed per block
+    scores = {n: torch.rand(m.shape) for n, m in ms.items()}
+    by_score = structured.block_masks(model, (4, 4), density=0.25, scores=scores)
+    sums = {n: _loop_block_norms(scores[n].sqrt(), (4, 4)) ** 2 for n in scores}
+    kept = {n: _loop_block_norms(m.double(), (4, 4)) > 0 for n, m in by_score.items()}
+    assert min(sums[n][kept[n]].min() for n in sums) >= max(sums[n][~kept[n]].max() for n in sums)
 
 
 def test_nm_mask_two_four() -> None:

@@ -3,8 +3,9 @@
 Every weight is viewed as a matrix (out, in * kernel...) -- the layout the BSR layers use.
 Blocks that do not divide the matrix are padded with zeros at the right/bottom edge.
 
-- `block_mask(s)`: keep whole (br, bc) blocks ranked by their L2 norm (for BSR layers), by
-  density (exact block count, global or per layer) or by a norm threshold;
+- `block_mask(s)`: keep whole (br, bc) blocks ranked by their L2 norm or by the summed
+  scores of any pruning method (for the BSR layers), by density (exact block count, global
+  or per layer) or by a threshold;
 - `nm_mask(s)`: N:M semi-structured sparsity (2:4 by default) along the input dimension;
 - `channel_mask(s)`: keep whole output channels ranked by their L1 norm;
 - `block_group_lasso`, `structured_hoyer_square`, `regularization`: differentiable loss
@@ -33,15 +34,20 @@ def _matrix(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def block_norms(weight: Tensor, block: Block) -> Tensor:
-    """L2 norm of each (br, bc) block of the matrix view: (ceil(rows/br), ceil(cols/bc));
+def block_sums(x: Tensor, block: Block) -> Tensor:
+    """Sum of each (br, bc) block of the matrix view of x: (ceil(rows/br), ceil(cols/bc));
     differentiable."""
     br, bc = block
-    w = _matrix(weight)
+    w = _matrix(x)
     r, c = w.shape
     w = F.pad(w, (0, -c % bc, 0, -r % br))
     nbr, nbc = w.shape[0] // br, w.shape[1] // bc
-    return w.reshape(nbr, br, nbc, bc).pow(2).sum(dim=(1, 3)).sqrt()
+    return w.reshape(nbr, br, nbc, bc).sum(dim=(1, 3))
+
+
+def block_norms(weight: Tensor, block: Block) -> Tensor:
+    """L2 norm of each (br, bc) block of the matrix view; differentiable."""
+    return block_sums(weight.pow(2), block).sqrt()
 
 
 def expand_blocks(blocks: Tensor, block: Block, shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -69,15 +75,24 @@ def block_mask(weight: Tensor, block: Block, *, density: float | None = None,
 
 def block_masks(model: nn.Module, block: Block, *, density: float | None = None,
                 threshold: float | None = None, scope: str = "global",
-                selection: Selection | None = None) -> dict[str, Tensor]:
+                selection: Selection | None = None,
+                scores: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Block masks for every prunable matrix of `model`: by density (global: one ranking of
-    all blocks of all layers, exact block count; layerwise: per layer) or by threshold."""
+    all blocks of all layers, exact block count; layerwise: per layer) or by threshold.
+
+    Blocks are ranked by their L2 norm, or, given per-weight `scores` (name -> tensor of the
+    weight's shape, e.g. `prune.get("snip").scores(model, data)`), by the sum of the scores
+    in each block.
+    """
     names = [n for n in prunable(model, selection) if effective(model, n).dim() >= 2]
-    norms = {n: block_norms(effective(model, n).detach(), block) for n in names}
+    if scores is None:
+        ranks = {n: block_norms(effective(model, n).detach(), block) for n in names}
+    else:
+        ranks = {n: block_sums(scores[n].detach().double(), block) for n in names}
     if (density is None) == (threshold is None):
         raise ValueError("give exactly one of density=, threshold=")
-    keep = ({n: v > threshold for n, v in norms.items()} if threshold is not None
-            else select(norms, density, scope=scope))
+    keep = ({n: v > threshold for n, v in ranks.items()} if threshold is not None
+            else select(ranks, density, scope=scope))
     return {n: expand_blocks(keep[n], block, effective(model, n).shape) for n in names}
 
 
