@@ -23,5 +23,9 @@ TORCH_LIBRARY(sparsecore, m) {
   m.def("bsr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, int bs_c) "
         "-> Tensor");
   // --- linalg (batched SVD / eigh) ---
+  // Many small matrices (batch, m, n), float32/float64, preconditioned one-sided Jacobi
+  // (csrc/cpu/linalg.cpp). U, Vh are empty when compute_uv is false.
+  m.def("svd_jacobi_cpu(Tensor A, bool compute_uv) -> (Tensor, Tensor, Tensor)");
+  m.def("eigh_jacobi_cpu(Tensor A, bool lower) -> (Tensor, Tensor)");
   // --- similarity (centered Gram / cross-covariance accumulation) ---
 }

@@ -1,0 +1,271 @@
+"""sparsecore.linalg (batched svd / svdvals / eigh) against float64 LAPACK (torch.linalg)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsecore
+from sparsecore import linalg
+from sparsecore._dispatch import NotSupportedError, use_backend
+
+BACKENDS = ["cpp", "reference"]
+DTYPES = [torch.float32, torch.float64]
+# Accuracy levels relative to ||A|| (largest singular value / eigenvalue magnitude).
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _tol(dtype: torch.dtype, n: int) -> float:
+    # Orthogonality and reconstruction grow like eps * n; values stay within TOL.
+    return TOL[dtype] * max(1.0, n / 64)
+
+
+def _backend(name: str):
+    if name == "cpp" and not sparsecore.has_cpu_ext():
+        pytest.skip("C++ extension not built")
+    return use_backend(name)
+
+
+def _orth_err(V: torch.Tensor) -> float:
+    """max |V^T V - I| over the batch, V (..., n, k)."""
+    V = V.double()
+    eye = torch.eye(V.shape[-1], dtype=torch.float64)
+    return (V.mT @ V - eye).abs().max().item() if V.numel() else 0.0
+
+
+def _check_svd(A: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
+    m, n = A.shape[-2:]
+    k = min(m, n)
+    assert U.shape == (*A.shape[:-2], m, k) and S.shape == (*A.shape[:-2], k)
+    assert Vh.shape == (*A.shape[:-2], k, n)
+    assert U.dtype == S.dtype == Vh.dtype == A.dtype
+    A64 = A.double()
+    S64 = torch.linalg.svdvals(A64)
+    scale = S64[..., :1].clamp_min(1e-300) if k else S64
+    tol = _tol(A.dtype, max(m, n))
+    assert ((S.double() - S64).abs() / scale).max().item() <= tol
+    assert (S[..., :-1] >= S[..., 1:]).all(), "singular values not descending"
+    rec = (U.double() * S.double().unsqueeze(-2)) @ Vh.double()
+    nrm = A64.flatten(-2).norm(dim=-1).clamp_min(1e-300)
+    assert ((rec - A64).flatten(-2).norm(dim=-1) / nrm).max().item() <= tol
+    assert _orth_err(U) <= tol
+    assert _orth_err(Vh.mT) <= tol
+    if U.numel():  # sign convention: largest-|.| entry of each column of U positive
+        top = U.gather(-2, U.abs().argmax(-2, keepdim=True))
+        assert (top >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (16, 16), (20, 7), (7, 20), (45, 45)])
+def test_svd_random(backend: str, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    A = torch.randn(2, 3, *shape, dtype=dtype)
+    with _backend(backend):
+        U, S, Vh = linalg.svd(A)
+        S2 = linalg.svdvals(A)
+    _check_svd(A, U, S, Vh)
+    torch.testing.assert_close(S2, S, rtol=0, atol=10 * TOL[dtype] * S.max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_matches_reference_vectors(dtype: torch.dtype) -> None:
+    """Same sign convention on both backends: vectors agree where values are well separated."""
+    torch.manual_seed(0)
+    A = torch.randn(4, 12, 9, dtype=dtype)
+    with _backend("cpp"):
+        U, S, Vh = linalg.svd(A)
+        L, Q = linalg.eigh(A.mT @ A)
+    with _backend("reference"):
+        Ur, Sr, Vhr = linalg.svd(A)
+        Lr, Qr = linalg.eigh(A.mT @ A)
+    atol = 1e3 * TOL[dtype]
+    torch.testing.assert_close(U, Ur, rtol=0, atol=atol)
+    torch.testing.assert_close(Vh, Vhr, rtol=0, atol=atol)
+    torch.testing.assert_close(Q, Qr, rtol=0, atol=atol)
+
+
+def _with_singular_values(s: torch.Tensor, m: int, n: int, batch: int = 3) -> torch.Tensor:
+    P, _ = torch.linalg.qr(torch.randn(batch, m, len(s), dtype=torch.float64))
+    Q, _ = torch.linalg.qr(torch.randn(batch, n, len(s), dtype=torch.float64))
+    return (P * s) @ Q.mT
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "dtype,cond", [(torch.float64, 1e6), (torch.float32, 1e3), (torch.float32, 1e4)]
+)
+def test_svd_ill_conditioned(backend: str, dtype: torch.dtype, cond: float) -> None:
+    s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), 24, dtype=torch.float64)
+    A = _with_singular_values(s, 30, 24).to(dtype)
+    with _backend(backend):
+        _check_svd(A, *linalg.svd(A))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_svd_rank_deficient_repeated_zero(backend: str, dtype: torch.dtype) -> None:
+    f64 = torch.float64
+    low_rank = torch.randn(3, 30, 5, dtype=f64) @ torch.randn(3, 5, 20, dtype=f64)
+    repeated = _with_singular_values(torch.tensor([3.0] * 5 + [1.0] * 10 + [0.5] * 5), 20, 20)
+    zeros = torch.zeros(2, 6, 4, dtype=dtype)
+    with _backend(backend):
+        for A in (low_rank.to(dtype), repeated.to(dtype), zeros):
+            U, S, Vh = linalg.svd(A)
+            _check_svd(A, U, S, Vh)
+        assert (linalg.svdvals(zeros) == 0).all()
+        S = linalg.svdvals(low_rank.to(dtype))
+        assert (S[..., 5:] <= TOL[dtype] * S[..., :1]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_by_one_and_empty(backend: str) -> None:
+    A = torch.tensor([[[-2.5]], [[0.0]], [[4.0]]], dtype=torch.float64)
+    with _backend(backend):
+        U, S, Vh = linalg.svd(A)
+        torch.testing.assert_close(S, torch.tensor([[2.5], [0.0], [4.0]], dtype=torch.float64))
+        assert (U == 1).all()
+        torch.testing.assert_close((U * S.unsqueeze(-2)) @ Vh, A)
+        for shape in [(0, 4, 3), (2, 0, 3), (2, 3, 0)]:
+            E = torch.randn(shape)
+            U, S, Vh = linalg.svd(E)
+            k = min(shape[1:])
+            assert U.shape == (shape[0], shape[1], k) and S.shape == (shape[0], k)
+            assert Vh.shape == (shape[0], k, shape[2])
+        L, Q = linalg.eigh(torch.randn(0, 5, 5))
+        assert L.shape == (0, 5) and Q.shape == (0, 5, 5)
+
+
+@pytest.mark.parametrize("fn", ["svd", "svdvals", "eigh"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_raises(fn: str, bad: float) -> None:
+    A = torch.randn(3, 5, 5)
+    A[1, 2, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        getattr(linalg, fn)(A)
+
+
+def test_cpp_kernel_rejects_non_finite_itself() -> None:
+    if not sparsecore.has_cpu_ext():
+        pytest.skip("C++ extension not built")
+    A = torch.randn(3, 4, 4)
+    A[2, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="matrix 2 .* NaN or Inf"):
+        torch.ops.sparsecore.svd_jacobi_cpu(A, False)
+
+
+def test_dispatch_refusals() -> None:
+    big = torch.randn(1, 513, 2)
+    reasons = linalg._svd_dispatch.reasons(big)
+    assert any("above 512" in r for r in reasons["cpp"]) and reasons["reference"] == []
+    with use_backend("cpp"), pytest.raises(NotSupportedError, match="above 512"):
+        linalg.svdvals(big)
+    S = linalg.svdvals(big)  # falls back to torch.linalg
+    torch.testing.assert_close(S, torch.linalg.svdvals(big))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        linalg.svd(torch.ones(2, 3, 3, dtype=torch.int64))
+
+
+def _random_symmetric(batch: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    X = torch.randn(batch, n, n, dtype=torch.float64)
+    return ((X + X.mT) / 2).to(dtype)
+
+
+def _check_eigh(A: torch.Tensor, L: torch.Tensor, Q: torch.Tensor, lower: bool = True) -> None:
+    n = A.shape[-1]
+    A64 = A.double()
+    L64 = torch.linalg.eigvalsh(A64, UPLO="L" if lower else "U")
+    scale = L64.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    tol = _tol(A.dtype, n)
+    assert ((L.double() - L64).abs() / scale).max().item() <= tol
+    assert (L[..., :-1] <= L[..., 1:]).all(), "eigenvalues not ascending"
+    sym = A64.tril() + A64.tril(-1).mT if lower else A64.triu() + A64.triu(1).mT
+    res = sym @ Q.double() - Q.double() * L.double().unsqueeze(-2)
+    assert (res.abs().amax((-2, -1)) / scale.squeeze(-1)).max().item() <= 4 * tol
+    assert _orth_err(Q) <= tol
+    top = Q.gather(-2, Q.abs().argmax(-2, keepdim=True))
+    assert (top >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 9, 16, 50])
+def test_eigh_random(backend: str, dtype: torch.dtype, n: int) -> None:
+    S = _random_symmetric(6, n, dtype)
+    X = torch.randn(2, 2 * n, n, dtype=dtype)
+    gram = X.mT @ X + torch.eye(n, dtype=dtype)
+    with _backend(backend):
+        _check_eigh(S, *linalg.eigh(S))
+        _check_eigh(-gram, *linalg.eigh(-gram))
+        junk = S.clone()
+        junk.triu(1).normal_()  # the ignored triangle must not matter
+        _check_eigh(junk, *linalg.eigh(junk, UPLO="L"), lower=True)
+        _check_eigh(junk, *linalg.eigh(junk, UPLO="U"), lower=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eigh_repeated_and_zero(backend: str, dtype: torch.dtype) -> None:
+    Q, _ = torch.linalg.qr(torch.randn(3, 12, 12, dtype=torch.float64))
+    lam = torch.tensor([-2.0] * 4 + [0.0] * 3 + [2.0] * 5, dtype=torch.float64)
+    A = ((Q * lam) @ Q.mT).to(dtype)
+    with _backend(backend):
+        _check_eigh(A, *linalg.eigh(A))
+        L, Q0 = linalg.eigh(torch.zeros(2, 7, 7, dtype=dtype))
+    assert (L == 0).all() and _orth_err(Q0) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_values(backend: str) -> None:
+    A = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    X = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
+    with _backend(backend):
+        assert torch.autograd.gradcheck(linalg.svdvals, (A,))
+        assert torch.autograd.gradcheck(lambda a: linalg.svd(a)[1], (A,))
+        # eigh reads one triangle; symmetrise so that every entry has a derivative (as torch's
+        # own eigh gradcheck does).
+        assert torch.autograd.gradcheck(lambda x: linalg.eigh(x + x.mT)[0], (X,))
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5)])
+def test_vector_gradients_match_torch(shape: tuple[int, int]) -> None:
+    """Gauge-invariant losses through U, Vh and Q: same gradient as torch.linalg."""
+    A = torch.randn(2, *shape, dtype=torch.float64, requires_grad=True)
+    k = min(shape)
+    w = torch.randn(k, dtype=torch.float64)
+
+    def loss_svd(f):
+        U, S, Vh = f(A)
+        return ((U * w) @ Vh).pow(2).sum() + (U[..., :1, :] * Vh[..., :, :1].mT).sum() + S.sum()
+
+    g = torch.autograd.grad(loss_svd(linalg.svd), A)[0]
+    g_ref = torch.autograd.grad(loss_svd(lambda a: torch.linalg.svd(a, full_matrices=False)), A)[0]
+    torch.testing.assert_close(g, g_ref)
+
+    n = shape[0]
+    B = torch.randn(2, n, n, dtype=torch.float64)
+    B = (B + B.mT).requires_grad_()
+    wn = torch.randn(n, dtype=torch.float64)
+
+    def loss_eigh(f):
+        L, Q = f(B)
+        return ((Q * wn) @ Q.mT).pow(2).sum() + (L * wn).sum()
+
+    g = torch.autograd.grad(loss_eigh(linalg.eigh), B)[0]
+    g_ref = torch.autograd.grad(loss_eigh(torch.linalg.eigh), B)[0]
+    torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype: torch.dtype) -> None:
+    A = torch.randn(3, 5, 4, dtype=dtype)
+    S = torch.randn(3, 4, 4, dtype=dtype)
+    S = S + S.mT
+    torch.library.opcheck(linalg._svd_op, (A,))
+    torch.library.opcheck(linalg._svdvals_op, (A,))
+    torch.library.opcheck(linalg._eigh_op, (S, True))
+    if dtype == torch.float64:
+        Ag = A.clone().requires_grad_()
+        Sg = S.clone().requires_grad_()
+        torch.library.opcheck(linalg._svd_op, (Ag,))
+        torch.library.opcheck(linalg._svdvals_op, (Ag,))
+        torch.library.opcheck(linalg._eigh_op, (Sg, False))
