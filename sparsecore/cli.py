@@ -33,7 +33,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N or auto (cuda when available) (default: auto)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+                   help="torch CPU threads (default: torch's choice; study: also the threads "
+                        "of its inference timing, 1 when not given)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -201,7 +202,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from sparsecore import study
 
     cfg = study.config_from_args(args)
-    study.run(cfg, out=args.out, resume=args.resume, progress=not args.no_progress)
+    study.run(cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
+              timing_threads=args.threads or 1)
     return 0
 
 

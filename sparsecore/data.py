@@ -67,6 +67,8 @@ class Splits:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     augment: bool = False
+    crop_pad: int = 4  # augmentation: random crop after zero padding by this many pixels
+    flip: bool = True  # augmentation: random horizontal flips
     vocab: str | None = None  # characters, for "lm"
 
     def model_kwargs(self) -> dict[str, int]:
@@ -264,10 +266,12 @@ class Loader:
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  augment: bool = False, mean: tuple[float, ...] | None = None,
                  std: tuple[float, ...] | None = None, device: str | torch.device = "cpu",
-                 rank: int = 0, world: int = 1, pad: bool = True) -> None:
+                 rank: int = 0, world: int = 1, pad: bool = True, crop_pad: int = 4,
+                 flip: bool = True) -> None:
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
         self.split, self.shuffle, self.seed, self.augment = split, shuffle, seed, augment
+        self.crop_pad, self.flip = crop_pad, flip
         self.batch_size, self.rank, self.world, self.pad = batch_size // world, rank, world, pad
         self.device = torch.device(device)
         self.mean = None if mean is None else torch.tensor(mean).view(1, -1, 1, 1)
@@ -283,7 +287,8 @@ class Loader:
         if split is None:
             raise ValueError(f"dataset {splits.name} has no {which} split")
         return cls(split, batch_size, shuffle=train, augment=train and splits.augment,
-                   mean=splits.mean, std=splits.std, pad=train, **kw)
+                   crop_pad=splits.crop_pad, flip=splits.flip, mean=splits.mean, std=splits.std,
+                   pad=train, **kw)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for `epoch` (same order on every rank, as DistributedSampler)."""
@@ -314,7 +319,7 @@ class Loader:
             b = idx[start : start + self.batch_size]
             x, y = self.split.x[b], self.split.y[b]
             if self.augment:
-                x = _crop_flip(x, gen)
+                x = _crop_flip(x, gen, self.crop_pad, self.flip)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if x.dtype == torch.uint8:
                 x = x.float().div_(255.0)
@@ -323,16 +328,18 @@ class Loader:
             yield x, y
 
 
-def _crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop after zero padding by `pad` and random horizontal flip, per image.
-    (N, C, H, W) -> (N, C, H, W)."""
+def _crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int, flip: bool) -> torch.Tensor:
+    """Random crop after zero padding by `pad` and (if `flip`) random horizontal flip, per
+    image. (N, C, H, W) -> (N, C, H, W)."""
     n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
+    # pad with the darkest value: black for raw CIFAR bytes, the background for digits
+    padded = F.pad(x, (pad, pad, pad, pad), value=x.min().item())
     di = torch.randint(2 * pad + 1, (n,), generator=gen)
     dj = torch.randint(2 * pad + 1, (n,), generator=gen)
     rows = (di[:, None] + torch.arange(h))[:, None, :, None]
     cols = (dj[:, None] + torch.arange(w))[:, None, None, :]
-    flip = torch.rand(n, generator=gen) < 0.5
-    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    if flip:
+        flips = torch.rand(n, generator=gen) < 0.5
+        cols = torch.where(flips[:, None, None, None], cols.flip(-1), cols)
     return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
                   rows, cols]

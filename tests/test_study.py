@@ -1,0 +1,108 @@
+"""The study end to end on the tiny `test` preset: outputs, findings, and a kill followed by
+--resume that redoes nothing finished and ends with the same numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sparsecore import study
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread per pytest worker: on a shared 2-core machine, OpenMP threads that
+    wait for each other make small ops up to 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _numbers(results: dict) -> dict:
+    """Everything in results.json that must not depend on being interrupted."""
+    out = {}
+    for label, m in results["models"].items():
+        for seed, a in m["seeds"].items():
+            out[(label, seed, "acc")] = a["accuracy"]
+            out[(label, seed, "sim")] = a["similarity"]
+            out[(label, seed, "heat")] = a["heatmap"]["matrices"]
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return a == pytest.approx(b, abs=1e-9)
+
+
+def test_study_end_to_end_and_resume_after_kill(tmp_path, monkeypatch) -> None:
+    cfg = study.preset_config("test", device="cpu")
+    full = study.run(cfg, str(tmp_path / "full"), progress=False)
+    stages = [s.key for s in study.plan_stages(cfg)]
+    assert full.executed == stages and not full.skipped
+    for f in ("report.md", "results.json", "study.json", "similarity_layers.png",
+              "accuracy_vs_sparsity.png", "heatmap.png", "speedup.png"):
+        assert (tmp_path / "full" / f).stat().st_size > 0, f
+    report = (tmp_path / "full" / "report.md").read_text()
+    assert report.count("here.*") == 4  # four findings, each with a verdict
+    a = next(iter(full.results["models"].values()))["seeds"]["0"]
+    n_layers = len(a["layers"])
+    for name, sims in a["similarity"].items():
+        for metric in cfg.metrics:
+            assert len(sims[metric]) == n_layers
+            assert all(0.0 <= v <= 1.0 + 1e-9 for v in sims[metric] if not math.isnan(v)), name
+    assert set(a["heatmap"]["matrices"]) == {"dense2", "magnitude-80", "reinit-80", "random-80"}
+
+    # kill the run in its 5th stage, then resume it
+    real = study.run_stage
+    calls = {"n": 0}
+
+    def dying(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(study, "run_stage", dying)
+    run_dir = str(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        study.run(cfg, run_dir, progress=False)
+    monkeypatch.setattr(study, "run_stage", real)
+    resumed = study.run(cfg, run_dir, resume=True, progress=False)
+    assert resumed.skipped == stages[:4] and resumed.executed == stages[4:]
+    assert _same(_numbers(resumed.results), _numbers(full.results))
+
+    again = study.run(cfg, run_dir, resume=True, progress=False)
+    assert again.executed == [] and again.skipped == stages
+    assert _same(_numbers(again.results), _numbers(full.results))
+    with open(tmp_path / "killed" / "results.json") as f:
+        assert json.load(f)["config"]["preset"] == "test"
+
+
+def test_resume_refuses_other_settings(tmp_path) -> None:
+    cfg = study.preset_config("test", device="cpu")
+    study._prepare(cfg, str(tmp_path), resume=False)
+    other = study.preset_config("test", device="cpu", sparsities=[0.3])
+    with pytest.raises(ValueError, match="sparsities"):
+        study._prepare(other, str(tmp_path), resume=True)
+
+
+def test_presets_and_overrides() -> None:
+    cfg = study.preset_config("default")
+    assert [m.model for m in cfg.models] == ["conv4", "vgg11", "resnet20"]
+    assert cfg.sparsities == [0.5, 0.75, 0.9] and cfg.data.dataset == "digits"
+    w = study.preset_config("wacv2020", models=["resnet20:0.5"], epochs=3, seeds=[1, 2])
+    assert w.models[0].width == 0.5 and w.models[0].train.epochs == 3 and w.seeds == [1, 2]
+    assert study.StudyConfig.from_dict(w.to_dict()) == w
+    with pytest.raises(ValueError, match="unknown model"):
+        study.preset_config("default", models=["lenet"])
+    with pytest.raises(ValueError, match="sparsities"):
+        study.preset_config("default", sparsities=[1.0])
