@@ -50,6 +50,16 @@ def gen(_fresh_seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(_fresh_seed)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These matrices are tiny: on a loaded 2-core machine, OpenMP's second thread made
+    this file ~10x slower (32 s vs 3 s measured), so run it on one and restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(("metric", "opts"), CASES)
 def test_all_pairs_equals_pair_loop(metric: str, opts: dict, gen: torch.Generator) -> None:
     a, b = _layer_sets(gen)

@@ -103,6 +103,8 @@ def capture(
                     m(x)
                     acts = {}
                     for nm in per_model[k]:
+                        if nm not in outputs[k]:
+                            raise RuntimeError(f"module {nm!r} of model {k} did not run in forward")
                         pts = _as_points(outputs[k][nm], conv, spatial_samples, seed, b)
                         if max_points is not None:
                             pts = pts[: max(0, max_points - counts[k][nm])]

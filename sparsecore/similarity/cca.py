@@ -2,10 +2,17 @@
 
 Numerics. Each side is factored once from its centered data: a thin Householder QR, then
 the SVD of the small R factor, X_c = U S V^T. The canonical correlations are the singular
-values of U_x^T U_y. Nothing forms an inverse square root of a covariance, which would
-square the condition number (in float32 that fails beyond cond ~1e4). Before the QR, plain
-CCA scales every channel to unit norm (CCA is invariant to it), so badly scaled channels
-cost no accuracy; SVCCA does not, because its variance criterion depends on the scale.
+values of U_x^T U_y. Plain CCA and PWCCA never form an inverse square root of a
+covariance, which squares the condition number (in float32 that fails beyond cond ~1e4).
+Before the QR, they scale every channel to unit norm (CCA is invariant to it), so badly
+scaled channels cost no accuracy; SVCCA does not, because its variance criterion depends
+on the scale.
+
+One exception, for speed: SVCCA in float64 keeps only the leading directions, and takes
+them from the eigendecomposition of the Gram matrix (U_k = X_c V_k / S_k: one GEMM-speed
+pass instead of a Householder QR) when the bound on what that loses,
+sqrt(n) eps (s_max / s_k)^2 on U_k's orthonormality, is at most 1e-10; otherwise, and
+always in float32, the QR route.
 
 Directions kept per side: the numerical rank (singular values above 4 sqrt(p) eps s_max of
 the channel-scaled data; the rounding noise of this factorization, measured on exactly
@@ -29,6 +36,9 @@ from sparsecore.similarity._common import center, dead_channels, prepare_pair, w
 
 Keep = int | float | None
 
+_EPS64 = torch.finfo(torch.float64).eps
+_GRAM_LOSS = 1e-10  # largest orthonormality loss SVCCA's Gram route may cost (see above)
+
 
 @dataclass
 class Factor:
@@ -47,10 +57,6 @@ class Factor:
         None  # (..., n, r) orthonormal basis, from the data (zero columns past count)
     )
     whiten: Tensor | None = None  # (..., p, r) W with U = X_c W, from a covariance (streaming)
-
-    @property
-    def r(self) -> int:
-        return self.s.shape[-1]
 
 
 @dataclass
@@ -126,17 +132,23 @@ def _prefix_mask(count: Tensor, r: int) -> Tensor:
     return torch.arange(r, device=count.device) < count.unsqueeze(-1)
 
 
+def _kept(s: Tensor, keep: Keep, tol: float) -> tuple[Tensor, Tensor]:
+    """(count (...,), mask (..., r)) of the kept directions, r = the largest count."""
+    count = _kept_count(s, keep, tol)
+    return count, _prefix_mask(count, int(count.max()) if count.numel() else 0)
+
+
 def _scale_and_mask(
-    xc: Tensor, norm: Tensor, dead: Tensor, equilibrate: bool
+    xc: Tensor, norm: Tensor, dead: Tensor, equilibrate: bool, owned: bool
 ) -> tuple[Tensor, Tensor]:
     """Zero dead channels and (for plain CCA) scale the others to unit norm; returns the
-    scaled data and the per-channel scale (..., p) that undoes it."""
-    if equilibrate:
-        scale = torch.where(dead, torch.ones_like(norm), norm)
-    else:
-        scale = torch.ones_like(norm)
-    xs = torch.where(dead.unsqueeze(-2), torch.zeros_like(xc), xc / scale.unsqueeze(-2))
-    return xs, scale
+    scaled data and the per-channel scale (..., p) that undoes it. `owned`: xc is a fresh
+    tensor this module made, so it may be scaled in place (one pass, no copy)."""
+    scale = torch.where(dead, torch.ones_like(norm), norm) if equilibrate else torch.ones_like(norm)
+    if not (equilibrate or bool(dead.any())):
+        return xc, scale
+    mult = torch.where(dead, torch.zeros_like(scale), 1 / scale).unsqueeze(-2).to(xc.dtype)
+    return (xc.mul_(mult) if owned else xc * mult), scale
 
 
 def factor(x: Tensor, *, center_data: bool = True, keep: Keep = None) -> Factor:
@@ -149,16 +161,23 @@ def factor(x: Tensor, *, center_data: bool = True, keep: Keep = None) -> Factor:
     n, p = xc.shape[-2:]
     norm = torch.linalg.vector_norm(xc, dim=-2)
     dead = dead_channels(norm, x.abs().amax(dim=-2), n)
-    xs, scale = _scale_and_mask(xc, norm, dead, equilibrate=keep is None)
+    xs, scale = _scale_and_mask(xc, norm, dead, keep is None, owned=center_data)
+    if keep is not None and xs.dtype == torch.float64 and n >= p:
+        f = factor_from_gram(xs.mT @ xs, n, dead, keep=keep)
+        if f.s.shape[-1]:
+            s_k = f.s.gather(-1, (f.count - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            loss = math.sqrt(n) * _EPS64 * (f.s[..., 0] / s_k).square()
+            if bool((loss <= _GRAM_LOSS).all()):
+                f.u = xs @ f.whiten
+                return f
     if n >= p:
         q, rf = _linalg.qr(xs)
         ur, s, vh = _linalg.svd(rf)
     else:
         q, ur = None, None
         u_full, s, vh = _linalg.svd(xs)
-    count = _kept_count(s, keep, rank_tol(p, s.dtype))
-    r = int(count.max()) if count.numel() else 0
-    mask = _prefix_mask(count, r)
+    count, mask = _kept(s, keep, rank_tol(p, s.dtype))
+    r = mask.shape[-1]
     # Forming only the r kept columns of U: SVCCA's reduction also cuts this GEMM.
     u = q @ ur[..., :r] if q is not None else u_full[..., :r]
     if count.numel() > 1:  # batched: zero the directions past each element's count
@@ -189,9 +208,8 @@ def factor_from_gram(gram: Tensor, n: int, dead: Tensor, *, keep: Keep = None) -
     evals, v = _linalg.eigh(gs)
     evals, v = evals.flip(-1), v.flip(-1)
     s = evals.clamp_min(0).sqrt()
-    count = _kept_count(s, keep, math.sqrt(rank_tol(p, real)))
-    r = int(count.max()) if count.numel() else 0
-    mask = _prefix_mask(count, r)
+    count, mask = _kept(s, keep, math.sqrt(rank_tol(p, real)))
+    r = mask.shape[-1]
     s = s[..., :r] * mask
     v = v[..., :r]
     inv_s = torch.where(mask, 1 / torch.where(mask, s, torch.ones_like(s)), torch.zeros_like(s))
