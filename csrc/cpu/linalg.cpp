@@ -642,6 +642,68 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
   }
   return status;
 }
+
+// Symmetric eigh of `count` <= W small matrices: the SVD of B = S + c I (Gershgorin c, as in
+// eigh_one) on the SIMD-across-batch path, then Rayleigh quotients of the left vectors.
+template <typename T>
+int eigh_small_group(const T* A, int64_t n, int64_t count, bool lower, T* L, T* Qo,
+                     SmallWork<T>& w, std::vector<T>& buf) {
+  constexpr int W = Simd<T>::W;
+  const int64_t nn = n * n;
+  T* B = buf.data();
+  T* Sym = B + W * nn;
+  T* U = Sym + W * nn;
+  T* Vh = U + W * nn;
+  T* S = Vh + W * nn;
+  for (int64_t l = 0; l < count; ++l) {
+    const T* a = A + l * nn;
+    T* sy = Sym + l * nn;
+    T amax = 0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        const T v = (lower ? (i >= j) : (i <= j)) ? a[i * n + j] : a[j * n + i];
+        if (!std::isfinite(v)) {
+          w.bad_lane = l;
+          return kNonFinite;
+        }
+        sy[i * n + j] = v;
+        amax = std::max(amax, std::abs(v));
+      }
+    T shift = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      T off = 0;
+      for (int64_t j = 0; j < n; ++j)
+        if (j != i) off += std::abs(sy[i * n + j]);
+      shift = std::max(shift, off - sy[i * n + i]);
+    }
+    std::copy_n(sy, nn, B + l * nn);
+    for (int64_t i = 0; i < n; ++i) B[l * nn + i * n + i] += shift;
+  }
+  const int status = svd_small_group(B, n, n, count, U, S, Vh, w);
+  if (status == kNonFinite) return status;
+  T* lam = w.d.data();
+  std::vector<int>& o = w.ord;
+  for (int64_t l = 0; l < count; ++l) {
+    const T* u = U + l * nn;  // row-major n x n, eigenvector i = column i
+    const T* sy = Sym + l * nn;
+    for (int64_t i = 0; i < n; ++i) {
+      T acc = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        T sj = 0;
+        for (int64_t e = 0; e < n; ++e) sj += sy[j * n + e] * u[e * n + i];
+        acc += u[j * n + i] * sj;
+      }
+      lam[i] = acc;
+    }
+    std::iota(o.begin(), o.end(), 0);
+    std::stable_sort(o.begin(), o.end(), [&](int x, int y) { return lam[x] < lam[y]; });
+    for (int64_t i = 0; i < n; ++i) {
+      L[l * n + i] = lam[o[i]];
+      for (int64_t j = 0; j < n; ++j) Qo[l * nn + j * n + i] = u[j * n + o[i]];
+    }
+  }
+  return status;
+}
 #endif
 
 void raise_status(const char* op, std::atomic<int64_t>& bad_conv, std::atomic<int64_t>& bad_val,
@@ -707,6 +769,25 @@ void eigh_batch(const at::Tensor& A, at::Tensor& L, at::Tensor& Q, bool lower,
   const T* a = A.data_ptr<T>();
   T* l = L.data_ptr<T>();
   T* q = Q.data_ptr<T>();
+#ifdef SC_LINALG_AVX2
+  if (n <= kSmallMax) {
+    constexpr int W = Simd<T>::W;
+    const int64_t groups = (batch + W - 1) / W;
+#pragma omp parallel num_threads(num_threads_for(groups))
+    {
+      SmallWork<T> w(n, n, true);
+      std::vector<T> buf(4 * W * n * n + W * n);
+#pragma omp for schedule(dynamic, 2)
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b = g * W, count = std::min<int64_t>(W, batch - b);
+        const int st = eigh_small_group(a + b * n * n, n, count, lower, l + b * n, q + b * n * n,
+                                        w, buf);
+        if (st != kOk) note(st, b + w.bad_lane, bad_conv, bad_val);
+      }
+    }
+    return;
+  }
+#endif
 #pragma omp parallel num_threads(num_threads_for(batch))
   {
     Work<T> w(n, n, true);
