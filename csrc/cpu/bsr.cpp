@@ -158,6 +158,11 @@ struct Tiles {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// Threads only pay off above ~a million multiply-adds (or copied elements): waking the
+// OpenMP team costs tens of microseconds, and far more on a loaded machine, where a tiny
+// op (gradcheck, a small layer) would otherwise wait on descheduled workers.
+int threads_for(int64_t work) { return work >= (int64_t(1) << 20) ? at::get_num_threads() : 1; }
+
 // Xp[c][b][t] = x[b, c * w + t] for t < w, zero up to wpad: column-block panels, so that
 // the rows a micro-tile reads from one block are contiguous (and prefetchable).
 // (A plain x.view(B, C, w).transpose(0, 1).contiguous() was 5x slower than this copy.)
@@ -168,7 +173,7 @@ at::Tensor block_panels(const at::Tensor& x_in, int64_t w, int64_t wpad) {
   at::Tensor out = at::empty({C, B, wpad}, x.options());
   const T* src = x.const_data_ptr<T>();
   T* dst = out.data_ptr<T>();
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * K))
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t b = 0; b < B; ++b) {
       T* d = dst + (c * B + b) * wpad;
@@ -198,7 +203,7 @@ void dsd_impl(const at::Tensor& xp, int64_t B, const at::Tensor& blocks, bool tr
   T* Y = y.data_ptr<T>();
   const Tiles bt(B, MRMAX);
 
-#pragma omp parallel num_threads(at::get_num_threads())
+#pragma omp parallel num_threads(threads_for(B * blocks.numel()))
   {
     std::vector<T> wp;
     std::vector<int64_t> xoff;
@@ -249,7 +254,7 @@ void sddmm_impl(const at::Tensor& dyp, const at::Tensor& xp, int64_t B, const in
   T* O = out.data_ptr<T>();
   const Tiles it(bs_r, MRMAX);
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(B * out.numel()))
   for (int64_t r = 0; r < n_brows; ++r) {
     const T* dyr = DY + r * B * bs_r;
     for (int64_t p = row_ptr[r]; p < row_ptr[r + 1]; ++p) {
