@@ -108,8 +108,14 @@ def test_svd_rank_deficient_repeated_zero(backend: str, dtype: torch.dtype) -> N
     low_rank = torch.randn(3, 30, 5, dtype=f64) @ torch.randn(3, 5, 20, dtype=f64)
     repeated = _with_singular_values(torch.tensor([3.0] * 5 + [1.0] * 10 + [0.5] * 5), 20, 20)
     zeros = torch.zeros(2, 6, 4, dtype=dtype)
+    # Exactly rank-deficient by a zero row: a roundoff-level column used to keep Jacobi
+    # rotating forever (found through sparsecore.similarity); both the SIMD (n <= 32) and
+    # the per-matrix paths.
+    zero_rows = [torch.randn(4, 6, 6, dtype=dtype), torch.randn(2, 40, 40, dtype=dtype)]
+    zero_rows[0][:, -1] = 0
+    zero_rows[1][:, 3:6] = 0
     with _backend(backend):
-        for A in (low_rank.to(dtype), repeated.to(dtype), zeros):
+        for A in (low_rank.to(dtype), repeated.to(dtype), zeros, *zero_rows):
             U, S, Vh = linalg.svd(A)
             _check_svd(A, U, S, Vh)
         assert (linalg.svdvals(zeros) == 0).all()

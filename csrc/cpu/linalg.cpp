@@ -64,6 +64,8 @@ struct Simd<float> {
   static R gt(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static R blend(R a, R b, R mask) { return _mm256_blendv_ps(a, b, mask); }
   static R bor(R a, R b) { return _mm256_or_ps(a, b); }
+  static R band(R a, R b) { return _mm256_and_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
   static R copysign(R mag, R sgn) {
     const R sm = _mm256_set1_ps(-0.0f);
     return _mm256_or_ps(_mm256_and_ps(sm, sgn), _mm256_andnot_ps(sm, mag));
@@ -96,6 +98,8 @@ struct Simd<double> {
   static R gt(R a, R b) { return _mm256_cmp_pd(a, b, _CMP_GT_OQ); }
   static R blend(R a, R b, R mask) { return _mm256_blendv_pd(a, b, mask); }
   static R bor(R a, R b) { return _mm256_or_pd(a, b); }
+  static R band(R a, R b) { return _mm256_and_pd(a, b); }
+  static R max(R a, R b) { return _mm256_max_pd(a, b); }
   static R copysign(R mag, R sgn) {
     const R sm = _mm256_set1_pd(-0.0);
     return _mm256_or_pd(_mm256_and_pd(sm, sgn), _mm256_andnot_pd(sm, mag));
@@ -121,6 +125,12 @@ template <typename T>
 int64_t padded(int64_t n) {
   constexpr int64_t p = pad_to<T>();
   return (n + p - 1) / p * p;
+}
+
+// Columns below tiny_ratio * (largest column) count as zero in the Jacobi sweeps (see jacobi()).
+template <typename T>
+T tiny_ratio(int64_t n) {
+  return 2 * std::numeric_limits<T>::epsilon() * std::sqrt(T(std::max<int64_t>(n, 1)));
 }
 
 // x . y over n entries; four independent accumulators hide the FMA latency.
@@ -235,7 +245,10 @@ void qrcp(Work<T>& w) {
 
 // One-sided Jacobi on the n columns of X (each `len` long, stride ldx), rotations also
 // applied to W's columns when W is given. Returns true when converged: a sweep with every
-// pair orthogonal to `tol` relative (|x_p . x_q| <= tol ||x_p|| ||x_q||).
+// pair orthogonal to `tol` relative (|x_p . x_q| <= tol ||x_p|| ||x_q||). Columns below
+// tiny_ratio(n) * max ||x_j|| are roundoff of a (numerically) zero singular value: rotating
+// them only makes new roundoff, so they are left out here and re-orthogonalised afterwards
+// (fix_columns); without this a rank-deficient matrix never converges.
 template <typename T>
 bool jacobi(T* X, int64_t ldx, int64_t len, int64_t n, T* W, int64_t ldw, T tol, int max_sweeps,
             T* d, int* ord) {
@@ -243,7 +256,13 @@ bool jacobi(T* X, int64_t ldx, int64_t len, int64_t n, T* W, int64_t ldw, T tol,
   std::iota(ord, ord + n, 0);
   T maxoff = 0;
   for (int sweep = 0; sweep < max_sweeps; ++sweep) {
-    for (int64_t j = 0; j < n; ++j) d[j] = dot(X + j * ldx, X + j * ldx, len);
+    T dmax = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      d[j] = dot(X + j * ldx, X + j * ldx, len);
+      dmax = std::max(dmax, d[j]);
+    }
+    const T tiny = tiny_ratio<T>(n);
+    const T floor2 = tiny * tiny * dmax;
     bool rotated = false;
     maxoff = 0;
     for (int64_t p = 0; p + 1 < n; ++p) {
@@ -253,12 +272,12 @@ bool jacobi(T* X, int64_t ldx, int64_t len, int64_t n, T* W, int64_t ldw, T tol,
         if (d[ord[j]] > d[ord[jm]]) jm = j;
       std::swap(ord[p], ord[jm]);
       const int op = ord[p];
-      if (d[op] == 0) break;  // every remaining column is zero
+      if (d[op] <= floor2) break;  // every remaining column is (numerically) zero
       T* xp = X + op * ldx;
       for (int64_t q = p + 1; q < n; ++q) {
         const int oq = ord[q];
         const T ap = d[op], aq = d[oq];
-        if (aq == 0) continue;
+        if (aq <= floor2) continue;
         T* xq = X + oq * ldx;
         const T g = dot(xp, xq, len);
         const T rel = std::abs(g) / (std::sqrt(ap) * std::sqrt(aq));
@@ -348,7 +367,7 @@ int svd_core(Work<T>& w, bool vectors, bool right) {
       T* z = zc.data() + i * ldc;
       for (int64_t j = 0; j < c; ++j) z[j] = xs[j] * inv;
     }
-    const T small = c > 0 ? w.sig[0] * eps * T(c) : T(0);
+    const T small = c > 0 ? w.sig[0] * 2 * tiny_ratio<T>(c) : T(0);
     fix_columns(zc.data(), ldc, c, c, w.sig.data(), small);
     for (int64_t i = 0; i < c; ++i) {
       T* z = w.Z.data() + i * ldc;
@@ -546,8 +565,13 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
     Vt::store(d + j * W, acc);
   }
   bool converged = false;
+  const T tiny = tiny_ratio<T>(c);
+  const R tiny2 = Vt::set1(tiny * tiny);
   for (int sweep = 0; sweep < 30 && !converged; ++sweep) {
     R rotated = zero;
+    R dmax = zero;
+    for (int64_t j = 0; j < c; ++j) dmax = Vt::max(dmax, Vt::load(d + j * W));
+    const R floor2 = Vt::mul(tiny2, dmax);  // see jacobi(): tiny columns are left out
     for (int64_t p = 0; p + 1 < c; ++p) {
       T* xp = X + p * r * W;
       for (int64_t q = p + 1; q < c; ++q) {
@@ -555,7 +579,8 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
         R g = zero;
         for (int64_t i = 0; i < r; ++i) g = Vt::fma(Vt::load(xp + i * W), Vt::load(xq + i * W), g);
         const R ap = Vt::load(d + p * W), aq = Vt::load(d + q * W);
-        const R mask = Vt::gt(Vt::mul(g, g), Vt::mul(tol2, Vt::mul(ap, aq)));
+        const R mask = Vt::band(Vt::gt(Vt::mul(g, g), Vt::mul(tol2, Vt::mul(ap, aq))),
+                                Vt::band(Vt::gt(ap, floor2), Vt::gt(aq, floor2)));
         if (!Vt::any(mask)) continue;
         rotated = Vt::bor(rotated, mask);
         const R zeta = Vt::div(Vt::sub(aq, ap), Vt::mul(two, g));
@@ -591,13 +616,15 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
   int status = kOk;
   if (!converged) {  // accept a sweep cap reached within 64 tol of orthogonality
     for (int l = 0; l < count; ++l) {
-      T worst = 0;
+      T worst = 0, dm = 0;
+      for (int64_t j = 0; j < c; ++j) dm = std::max(dm, d[j * W + l]);
       for (int64_t p = 0; p < c; ++p)
         for (int64_t q = p + 1; q < c; ++q) {
           T g = 0;
           for (int64_t i = 0; i < r; ++i) g += X[(p * r + i) * W + l] * X[(q * r + i) * W + l];
           const T den = std::sqrt(d[p * W + l]) * std::sqrt(d[q * W + l]);
-          if (den > 0) worst = std::max(worst, std::abs(g) / den);
+          if (std::min(d[p * W + l], d[q * W + l]) > tiny * tiny * dm)
+            worst = std::max(worst, std::abs(g) / den);
         }
       if (worst > 64 * tol) {
         w.bad_lane = l;
@@ -624,7 +651,7 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
       for (int64_t e = 0; e < r; ++e) w.Z[i * r + e] = X[(j * r + e) * W + l] * inv;
       for (int64_t e = 0; e < c; ++e) w.Vc[i * c + e] = V[(j * c + e) * W + l];
     }
-    const T small = Sl[0] / (amax[l] > 0 ? amax[l] : T(1)) * eps * T(r);
+    const T small = w.sig[ord[0]] * 2 * tiny;
     for (int64_t i = 0; i < c; ++i) w.d[i] = w.sig[ord[i]];  // d is free after the sweeps
     fix_columns(w.Z.data(), r, r, c, w.d.data(), small);
     const T* Lm = trans ? w.Vc.data() : w.Z.data();
