@@ -246,7 +246,7 @@ def _synthetic(seed: int, n: int, image_size: int, channels: int, classes: int =
     gen = torch.Generator().manual_seed(10_000 + seed)
     protos = torch.randn(classes, 1, 8, 8, generator=gen)
     y = torch.randint(classes, (n,), generator=gen)
-    x = protos[y] + 1.5 * torch.randn(n, 1, 8, 8, generator=gen)
+    x = protos[y] + 0.8 * torch.randn(n, 1, 8, 8, generator=gen)
     x = _images(x, image_size, channels)
     k = n // 5
     return Splits("synthetic", Split(x[k:], y[k:]), Split(x[:k], y[:k]), None, classes,

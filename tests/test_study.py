@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -52,7 +53,8 @@ def test_study_end_to_end_and_resume_after_kill(tmp_path, monkeypatch) -> None:
               "accuracy_vs_sparsity.png", "heatmap.png", "speedup.png"):
         assert (tmp_path / "full" / f).stat().st_size > 0, f
     report = (tmp_path / "full" / "report.md").read_text()
-    assert report.count("here.*") == 4  # four findings, each with a verdict
+    verdicts = re.findall(r"\? (YES|NO|PARTLY)\.\*\*", report)
+    assert len(verdicts) == 5  # the three findings' five checks, each with a verdict
     a = next(iter(full.results["models"].values()))["seeds"]["0"]
     n_layers = len(a["layers"])
     for name, sims in a["similarity"].items():
@@ -97,7 +99,7 @@ def test_resume_refuses_other_settings(tmp_path) -> None:
 
 def test_presets_and_overrides() -> None:
     cfg = study.preset_config("default")
-    assert [m.model for m in cfg.models] == ["conv4", "vgg11", "resnet20"]
+    assert [m.model for m in cfg.models] == ["conv2", "vgg11", "resnet20"]
     assert cfg.sparsities == [0.5, 0.75, 0.9] and cfg.data.dataset == "digits"
     w = study.preset_config("wacv2020", models=["resnet20:0.5"], epochs=3, seeds=[1, 2])
     assert w.models[0].width == 0.5 and w.models[0].train.epochs == 3 and w.seeds == [1, 2]
