@@ -94,8 +94,11 @@ def run_case(
     def ours() -> similarity.SimilarityMatrix:
         return similarity.compare(a, b, metric, pairs="all")
 
-    reps = args.reps if n <= 10_000 else 1
-    t_ours = time_fn(ours, args.device, warmup=1 if reps > 1 else 0, reps=reps, min_time=0)
+    # Each run takes seconds: one warm-up and `reps` timed runs up to n = 10,000, one run above.
+    small = n <= 10_000
+    t_ours = time_fn(
+        ours, args.device, warmup=int(small), reps=args.reps if small else 1, min_time=0
+    )
     sim = similarity.compare(a, b, metric, pairs="all", timings=timings)
 
     count = (

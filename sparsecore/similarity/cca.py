@@ -159,17 +159,14 @@ def factor(x: Tensor, *, center_data: bool = True, keep: Keep = None) -> Factor:
     """
     xc = center(x) if center_data else x
     n, p = xc.shape[-2:]
+    absmax = x.abs().amax(dim=-2)
+    if keep is not None and xc.dtype == torch.float64 and n >= p:
+        f = _gram_factor(xc, absmax, keep)
+        if f is not None:
+            return f
     norm = torch.linalg.vector_norm(xc, dim=-2)
-    dead = dead_channels(norm, x.abs().amax(dim=-2), n)
+    dead = dead_channels(norm, absmax, n)
     xs, scale = _scale_and_mask(xc, norm, dead, keep is None, owned=center_data)
-    if keep is not None and xs.dtype == torch.float64 and n >= p:
-        f = factor_from_gram(xs.mT @ xs, n, dead, keep=keep)
-        if f.s.shape[-1]:
-            s_k = f.s.gather(-1, (f.count - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            loss = math.sqrt(n) * _EPS64 * (f.s[..., 0] / s_k).square()
-            if bool((loss <= _GRAM_LOSS).all()):
-                f.u = xs @ f.whiten
-                return f
     if n >= p:
         q, rf = _linalg.qr(xs)
         ur, s, vh = _linalg.svd(rf)
@@ -185,6 +182,23 @@ def factor(x: Tensor, *, center_data: bool = True, keep: Keep = None) -> Factor:
     s = s[..., :r] * mask
     coords = s.unsqueeze(-1) * vh[..., :r, :] * scale.unsqueeze(-2)
     return Factor(s=s, coords=coords, count=count, dead=dead, n=n, u=u)
+
+
+def _gram_factor(xc: Tensor, absmax: Tensor, keep: Keep) -> Factor | None:
+    """SVCCA's leading directions of float64 data xc from its Gram matrix, U_k = X_c V_k / S_k,
+    when the bound on the orthonormality this loses is at most _GRAM_LOSS; else None."""
+    n = xc.shape[-2]
+    gram = xc.mT @ xc
+    dead = dead_channels(torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt(), absmax, n)
+    f = factor_from_gram(gram, n, dead, keep=keep)
+    if not f.s.shape[-1]:
+        return None
+    s_k = f.s.gather(-1, (f.count - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    loss = math.sqrt(n) * _EPS64 * (f.s[..., 0] / s_k).square()
+    if not bool((loss <= _GRAM_LOSS).all()):
+        return None
+    f.u = xc @ f.whiten  # whiten's rows of dead channels are zero
+    return f
 
 
 def factor_from_gram(gram: Tensor, n: int, dead: Tensor, *, keep: Keep = None) -> Factor:
@@ -213,7 +227,7 @@ def factor_from_gram(gram: Tensor, n: int, dead: Tensor, *, keep: Keep = None) -
     s = s[..., :r] * mask
     v = v[..., :r]
     inv_s = torch.where(mask, 1 / torch.where(mask, s, torch.ones_like(s)), torch.zeros_like(s))
-    whiten = v * inv_s.unsqueeze(-2) / scale.unsqueeze(-1)
+    whiten = v * inv_s.unsqueeze(-2) * (live / scale).unsqueeze(-1)
     coords = s.unsqueeze(-1) * v.mH * scale.unsqueeze(-2)
     return Factor(s=s, coords=coords, count=count, dead=dead, n=n, whiten=whiten)
 

@@ -187,16 +187,22 @@ class StreamingCompare:
             self.names = names
         check_points(*self.names, [x.shape[0] for x in xa], [x.shape[0] for x in xb], self.pairs)
         blocks = cross_blocks(xa, xb, self.pairs)
+        v = _weighted_sums(xb, ra, [(j, i) for i, j in self.pairs])
+        w = _weighted_sums(xa, rb, self.pairs)
         for i, j in self.pairs:
-            new = _Pair(blocks[(i, j)], ra[i] @ rb[j], xb[j].mT @ ra[i], xa[i].mT @ rb[j])
-            old = self.cross.get((i, j))
-            if old is None:
-                self.cross[(i, j)] = _Pair(new.cross.clone(), new.c, new.v, new.w)
-            else:
-                old.cross += new.cross
-                old.c += new.c
-                old.v += new.v
-                old.w += new.w
+            pm = self.cross.get((i, j))
+            if pm is None:
+                q, p = xb[j].shape[-1], xa[i].shape[-1]
+                pm = self.cross[(i, j)] = _Pair(
+                    xa[i].new_zeros(p, q),
+                    xa[i].new_zeros(()),
+                    xa[i].new_zeros(q),
+                    xa[i].new_zeros(p),
+                )
+            pm.cross += blocks[(i, j)]
+            pm.c += ra[i] @ rb[j]
+            pm.v += v[(j, i)]
+            pm.w += w[(i, j)]
 
     def result(self, metric: str = "linear_cka", **options: bool | int | float) -> SimilarityMatrix:
         """The metric for every pair from the moments so far. Options: debiased (linear_cka),
@@ -258,6 +264,22 @@ class StreamingCompare:
                 c.square().sum(), xx[i], yy[j], debiased=debiased, n=la[i].n, row_terms=terms
             )
         return out
+
+
+def _weighted_sums(
+    xs: list[Tensor], weights: list[Tensor], pairs: list[Pair]
+) -> dict[Pair, Tensor]:
+    """xs[i]^T weights[j] for every (i, j): one GEMM per i against all its partners'
+    weight vectors (stacked), so each layer's chunk is read once rather than per pair."""
+    partners: dict[int, list[int]] = {}
+    for i, j in pairs:
+        partners.setdefault(i, []).append(j)
+    out = {}
+    for i, js in partners.items():
+        prod = xs[i].mT @ torch.stack([weights[j] for j in js], -1)
+        for k, j in enumerate(js):
+            out[(i, j)] = prod[:, k]
+    return out
 
 
 def _self_row_dot(st: _Layer) -> Tensor:
