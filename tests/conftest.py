@@ -29,3 +29,14 @@ def _fresh_seed() -> int:
     torch.manual_seed(seed)
     print(f"torch seed: {seed} (replay with SPARSECORE_TEST_SEED={seed})")
     return seed
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (use with `pytestmark =
+    pytest.mark.usefixtures("one_thread")`): under `pytest -n 2` on a shared 2-core machine,
+    OpenMP threads that wait on each other make small ops up to 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

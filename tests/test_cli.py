@@ -7,19 +7,10 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from sparsecore import cli
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread per pytest worker: on a shared 2-core machine, OpenMP threads that
-    wait for each other make small ops up to 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_flag_has_help() -> None:

@@ -8,15 +8,7 @@ import torch
 
 from sparsecore import models
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread per pytest worker: on a shared 2-core machine, OpenMP threads that
-    wait for each other make small ops up to 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Published counts (CIFAR-10 shapes): He et al. 2016 Table 6 (ResNet-20/32/56: 0.27M,
 # 0.46M, 0.85M); Frankle & Carbin 2019 Fig. 2 (Conv-2 4.3M, Conv-4 2.4M, VGG-19 20.0M);

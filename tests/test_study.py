@@ -8,19 +8,10 @@ import math
 import re
 
 import pytest
-import torch
 
 from sparsecore import study
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread per pytest worker: on a shared 2-core machine, OpenMP threads that
-    wait for each other make small ops up to 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _numbers(results: dict) -> dict:
