@@ -84,8 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.prune_method:
         if args.sparsity is None:
             raise CLIError("--prune-method needs --sparsity (e.g. --sparsity 0.9)")
-        x, y = next(iter(T.data_lib.Loader.for_split(splits, "train", 256, train=True)))
-        prune.prune(model, args.prune_method, sparsity=args.sparsity, data=(x, y), seed=hp.seed)
+        _prune(model, splits, args.prune_method, args.sparsity, hp.seed)
     if args.fresh and info.is_main:
         for f in ("checkpoint.pt", "metrics.jsonl"):
             if os.path.exists(os.path.join(args.out, f)):
@@ -123,12 +122,17 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_prune)
 
 
+def _prune(model: torch.nn.Module, splits, method: str, sparsity: float, seed: int,
+           **options) -> None:
+    """Prune in place; the methods that score with data (SNIP, GraSP) see one training
+    batch, SynFlow takes the input shape from it."""
+    batch = next(iter(T.data_lib.Loader.for_split(splits, "train", 256, train=True, seed=seed)))
+    prune.prune(model, method, sparsity=sparsity, seed=seed, data=batch, **options)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
-    model, data_hp, model_hp, blob = T.load_model(args.model)
-    splits = data_hp.load()
-    x, y = next(iter(T.data_lib.Loader.for_split(splits, "train", 256, train=True)))
-    prune.prune(model, args.method, sparsity=args.sparsity, scope=args.scope, seed=args.seed,
-                data=(x, y))
+    model, data_hp, model_hp, _ = T.load_model(args.model)
+    _prune(model, data_hp.load(), args.method, args.sparsity, args.seed, scope=args.scope)
     print(prune.summary(model))
     T.save_model(args.out, model, data_hp, model_hp,
                  pruned={"method": args.method, "sparsity": args.sparsity, "scope": args.scope,

@@ -111,15 +111,15 @@ def from_args(cls: type, args: argparse.Namespace, prefix: str = "") -> Any:
 # ---------------------------------------------------------------------------- files
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a kill leaves
-    either the old file or the new one, never half of one."""
+def _atomic_write(path: str, mode: str, write: Any) -> None:
+    """write(f) into a temporary file in the same folder, fsync, then rename over `path`:
+    a kill leaves either the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -127,23 +127,16 @@ def atomic_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save, atomically."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write text atomically (temporary file, fsync, rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write text, atomically."""
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 # ---------------------------------------------------------------------------- distributed
