@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--run", default=None,
                    help="time the magnitude-pruned nets of this study run directory instead")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
     p.add_argument("--tag", default=None, help="suffix of the results file name")
 
 
@@ -59,6 +61,8 @@ COLUMNS = ["model", "sparsity", "batch", "device", "dense_ms", "sparse_ms", "spe
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for name, sp, model, x in _pruned(args):
         t = study.inference_times(model, x, args.device, timer=time_fn)
