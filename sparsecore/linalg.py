@@ -28,7 +28,9 @@ vector terms are gauge-dependent where values repeat, as in torch).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -254,17 +256,34 @@ _eigh_op.register_autograd(_eigh_backward, setup_context=_eigh_setup)
 # --- public API ------------------------------------------------------------------------
 
 
-def _flatten(A: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _flatten(
+    A: torch.Tensor, name: str, dispatcher: Dispatcher | None, *extra: object
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(b, m, n) view of A and its leading dims; rejects NaN / Inf here unless the C++
+    kernel will run (it checks while loading each matrix, saving a pass over the batch)."""
     if A.dim() < 2:
         raise ValueError(
             f"sparsecore.linalg.{name}: expected (..., m, n), got shape {tuple(A.shape)}"
         )
     if A.dtype not in _DTYPES:
         raise TypeError(f"sparsecore.linalg.{name}: expected float32 or float64, got {A.dtype}")
-    if not bool(torch.isfinite(A).all()):
-        raise ValueError(f"sparsecore.linalg.{name}: input contains NaN or Inf")
     lead = tuple(A.shape[:-2])
-    return A.reshape(math.prod(lead), *A.shape[-2:]), lead
+    A3 = A.reshape(math.prod(lead), *A.shape[-2:])
+    kernel_checks = dispatcher is not None and dispatcher.select(A3, *extra).name == "cpp"
+    if not kernel_checks and not bool(torch.isfinite(A).all()):
+        raise ValueError(f"sparsecore.linalg.{name}: input contains NaN or Inf")
+    return A3, lead
+
+
+@contextlib.contextmanager
+def _nonfinite_as_value_error(name: str) -> Iterator[None]:
+    """The C++ kernel's NaN / Inf report (a RuntimeError) as the ValueError raised here."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "NaN or Inf" in str(exc):
+            raise ValueError(f"sparsecore.linalg.{name}: input contains NaN or Inf") from exc
+        raise
 
 
 def svd(
@@ -274,7 +293,7 @@ def svd(
 
     `full_matrices=True` (U (..., m, m), Vh (..., n, n)) is computed by torch.linalg.svd.
     """
-    A3, lead = _flatten(A, "svd")
+    A3, lead = _flatten(A, "svd", None if full_matrices else _svd_dispatch)
     if full_matrices:
         U, S, Vh = torch.linalg.svd(A, full_matrices=True)
         k = S.shape[-1]
@@ -283,7 +302,8 @@ def svd(
         ones_v = sg.new_ones(sg.shape[:-1] + (Vh.shape[-2] - k,))
         return (U * torch.cat([sg, ones_u], -1).unsqueeze(-2), S,
                 Vh * torch.cat([sg, ones_v], -1).unsqueeze(-1))
-    U, S, Vh = _svd_op(A3)
+    with _nonfinite_as_value_error("svd"):
+        U, S, Vh = _svd_op(A3)
     m, n = A.shape[-2:]
     k = min(m, n)
     return U.reshape(*lead, m, k), S.reshape(*lead, k), Vh.reshape(*lead, k, n)
@@ -291,8 +311,10 @@ def svd(
 
 def svdvals(A: torch.Tensor) -> torch.Tensor:
     """Singular values (..., min(m, n)) of A (..., m, n), descending."""
-    A3, lead = _flatten(A, "svdvals")
-    return _svdvals_op(A3).reshape(*lead, min(A.shape[-2:]))
+    A3, lead = _flatten(A, "svdvals", _svdvals_dispatch)
+    with _nonfinite_as_value_error("svdvals"):
+        S = _svdvals_op(A3)
+    return S.reshape(*lead, min(A.shape[-2:]))
 
 
 def eigh(A: torch.Tensor, UPLO: str = "L") -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,7 +324,8 @@ def eigh(A: torch.Tensor, UPLO: str = "L") -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"sparsecore.linalg.eigh: UPLO must be 'L' or 'U', got {UPLO!r}")
     if A.dim() >= 2 and A.shape[-1] != A.shape[-2]:
         raise ValueError(f"sparsecore.linalg.eigh: expected square matrices, got {tuple(A.shape)}")
-    A3, lead = _flatten(A, "eigh")
-    L, Q = _eigh_op(A3, UPLO == "L")
+    A3, lead = _flatten(A, "eigh", _eigh_dispatch, UPLO == "L")
+    with _nonfinite_as_value_error("eigh"):
+        L, Q = _eigh_op(A3, UPLO == "L")
     n = A.shape[-1]
     return L.reshape(*lead, n), Q.reshape(*lead, n, n)
