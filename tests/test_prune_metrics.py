@@ -13,6 +13,8 @@ from torch import nn
 from sparsecore import prune
 from sparsecore.prune import metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _random_mask(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -12,14 +12,7 @@ from torch import nn
 from sparsecore import prune
 from sparsecore.prune import structured
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP stalls on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loop_block_norms(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
