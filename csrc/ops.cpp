@@ -22,6 +22,15 @@ TORCH_LIBRARY(sparsecore, m) {
   // dW_p = dY[:, rows of block p]^T X[:, columns of block p] -> (nnzb, bs_r, bs_c).
   m.def("bsr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, int bs_c) "
         "-> Tensor");
+  // Conv2d with the BSR matrix view (n_out, C*kh*kw) of its weight, reading x (B, C, H, W) in
+  // place (no im2col matrix) -> (B*Ho*Wo, n_out), rows in (b, oy, ox) order.
+  m.def("bsr_conv2d_cpu(Tensor x, Tensor blocks, Tensor col_idx, Tensor row_ptr, int[2] kernel, "
+        "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // im2col rows (B*Ho*Wo, C*kh*kw) and their adjoint, for the conv's backward pass.
+  m.def("bsr_im2col_cpu(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation) "
+        "-> Tensor");
+  m.def("bsr_col2im_cpu(Tensor dcols, int[4] x_shape, int[2] kernel, int[2] stride, "
+        "int[2] padding, int[2] dilation) -> Tensor");
   // --- linalg (batched SVD / eigh) ---
   // Many small matrices (batch, m, n), float32/float64, preconditioned one-sided Jacobi
   // (csrc/cpu/linalg.cpp). U, Vh are empty when compute_uv is false.

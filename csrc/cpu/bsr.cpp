@@ -78,16 +78,50 @@ constexpr int kMaxMR2 = 6;   // NV = 2: 12 accumulators
 constexpr int kMaxMR1 = 12;  // NV = 1: 12 accumulators
 
 // ---- the micro-kernel -------------------------------------------------------------------
+// A operands (the broadcast side): element (m, t) of segment s, after a.begin<MR>(s).
+// Strided: base + off[s] + m * rs + t * ts (packed X panels; dY columns in the sddmm).
+template <typename T>
+struct StridedA {
+  const T* base;
+  const int64_t* off;  // per-segment offset, or nullptr (one segment)
+  int64_t rs, ts, ns, depth;
+  const T* seg = nullptr;
+  template <int MR>
+  void begin(int64_t s) {
+    seg = base + (off ? off[s] : 0);
+    if (off && s + 1 < ns) {  // the next block's inputs: its panel rows sit elsewhere
+      const char* an = reinterpret_cast<const char*>(base + off[s + 1]);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m)
+        for (int64_t o = 0; o < depth * int64_t(sizeof(T)); o += 64)
+          __builtin_prefetch(an + (m * rs) * int64_t(sizeof(T)) + o);
+    }
+  }
+  const T* at(int m, int64_t t) const { return seg + m * rs + t * ts; }
+};
+
+// Indirect (convolution without an im2col matrix, as in Dukhan's indirect convolution):
+// rows[m] is output pixel m's receptive-field origin in the zero-padded input, and
+// koff[segoff[s] + t] the offset of im2col column (channel, tap) from it.
+template <typename T>
+struct IndirectA {
+  const T* const* rows;
+  const int64_t* koff;
+  const int64_t* segoff;
+  const int64_t* ko = nullptr;
+  template <int MR>
+  void begin(int64_t s) { ko = koff + segoff[s]; }
+  const T* at(int m, int64_t t) const { return rows[m] + ko[t]; }
+};
+
 // acc[m][v] = sum_s sum_t a[s](m, t) * b[s](t, v*L .. v*L+L) over `ns` segments s, where
-//   a[s](m, t) = a_base + a_off[s] + m * a_rs + t * a_ts   (broadcast scalars, t < depth)
-//   b[s](t, .) = b_base + s * b_seg + t * b_ts              (NV contiguous vectors)
+//   b[s](t, .) = b_base + s * b_seg + t * b_ts   (NV contiguous vectors), t < depth,
 // then out[m * out_rs + 0 .. n_valid) = acc[m] (n_valid <= NV * L).
 // dsd: segments = kept blocks of a block row, t = j, m = batch row, vectors = outputs i.
 // sddmm: one segment, t = batch row b, m = output i, vectors = inputs j.
-template <typename T, int MR, int NV>
-inline void micro(int64_t ns, int64_t depth, const T* a_base, const int64_t* a_off, int64_t a_rs,
-                  int64_t a_ts, const T* b_base, int64_t b_seg, int64_t b_ts, T* out,
-                  int64_t out_rs, int64_t n_valid) {
+template <typename T, int MR, int NV, typename A>
+inline void micro(A a, int64_t ns, int64_t depth, const T* b_base, int64_t b_seg, int64_t b_ts,
+                  T* out, int64_t out_rs, int64_t n_valid) {
   using S = Simd<T>;
   constexpr int L = S::L;
   typename S::reg acc[MR][NV];
@@ -96,22 +130,15 @@ inline void micro(int64_t ns, int64_t depth, const T* a_base, const int64_t* a_o
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[m][v] = S::zero();
   for (int64_t s = 0; s < ns; ++s) {
-    const T* a = a_base + (a_off ? a_off[s] : 0);
+    a.template begin<MR>(s);
     const T* b = b_base + s * b_seg;
-    if (a_off && s + 1 < ns) {  // the next block's inputs: its panel rows sit elsewhere
-      const char* an = reinterpret_cast<const char*>(a_base + a_off[s + 1]);
-#pragma GCC unroll 16
-      for (int m = 0; m < MR; ++m)
-        for (int64_t o = 0; o < depth * int64_t(sizeof(T)); o += 64)
-          __builtin_prefetch(an + m * a_rs * sizeof(T) + o);
-    }
     for (int64_t t = 0; t < depth; ++t) {
       typename S::reg bv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) bv[v] = S::load(b + t * b_ts + v * L);
 #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
-        const typename S::reg am = S::bcast(a + m * a_rs + t * a_ts);
+        const typename S::reg am = S::bcast(a.at(m, t));
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[m][v] = S::fma(am, bv[v], acc[m][v]);
       }
@@ -135,12 +162,12 @@ inline void micro(int64_t ns, int64_t depth, const T* a_base, const int64_t* a_o
 }
 
 // Runs micro<T, mr, NV> for a runtime mr in [1, MR].
-template <typename T, int NV, int MR, typename... Args>
-inline void micro_mr(int mr, Args... args) {
+template <typename T, int NV, int MR, typename A, typename... Args>
+inline void micro_mr(int mr, const A& a, Args... args) {
   if constexpr (MR > 1) {
-    if (mr < MR) return micro_mr<T, NV, MR - 1>(mr, args...);
+    if (mr < MR) return micro_mr<T, NV, MR - 1>(mr, a, args...);
   }
-  micro<T, MR, NV>(args...);
+  micro<T, MR, NV>(a, args...);
 }
 
 // Splits n rows into ceil(n / max_mr) tiles of near-equal size (e.g. 32 -> 6,6,5,5,5,5
@@ -184,11 +211,41 @@ at::Tensor block_panels(const at::Tensor& x_in, int64_t w, int64_t wpad) {
   return out;
 }
 
+// The kept blocks as the kernels read them: W_p[i, j] = W[q * s0 + i * si + j * sj] with
+// q = idx[p] (or p); swapping si and sj reads every block transposed.
+template <typename T>
+struct BlockView {
+  const T* W;
+  int64_t s0, si, sj;
+  const int32_t* idx;
+
+  BlockView(const at::Tensor& blocks, bool trans, const int32_t* block_idx)
+      : W(blocks.const_data_ptr<T>()),
+        s0(blocks.stride(0)),
+        si(trans ? blocks.stride(2) : blocks.stride(1)),
+        sj(trans ? blocks.stride(1) : blocks.stride(2)),
+        idx(block_idx) {}
+
+  // dst[c][p][j][ii] = W_{p0+p}[c*CW + ii, j] for the nb blocks of one block row, zero past
+  // bs_r: each chunk's panel is contiguous, and a step in j is one vector load per NV.
+  void pack_row(int64_t p0, int64_t nb, int64_t bs_r, int64_t bs_c, int64_t CW, T* dst) const {
+    const int64_t nchunks = (bs_r + CW - 1) / CW;
+    std::fill(dst, dst + nchunks * nb * bs_c * CW, T(0));
+    for (int64_t p = 0; p < nb; ++p) {
+      const T* wq = W + (idx ? idx[p0 + p] : p0 + p) * s0;
+      for (int64_t i = 0; i < bs_r; ++i) {
+        T* d = dst + (((i / CW) * nb + p) * bs_c) * CW + i % CW;
+        for (int64_t j = 0; j < bs_c; ++j) d[j * CW] = wq[i * si + j * sj];
+      }
+    }
+  }
+};
+
 // ---- dsd ------------------------------------------------------------------------------
 template <typename T, int NV>
-void dsd_impl(const at::Tensor& xp, int64_t B, const at::Tensor& blocks, bool trans,
-              const int32_t* col_idx, const int32_t* row_ptr, const int32_t* block_idx,
-              int64_t n_brows, int64_t bs_r, int64_t bs_c, at::Tensor& y) {
+void dsd_impl(const at::Tensor& xp, int64_t B, const BlockView<T>& w, const int32_t* col_idx,
+              const int32_t* row_ptr, int64_t n_brows, int64_t bs_r, int64_t bs_c,
+              at::Tensor& y) {
   constexpr int L = Simd<T>::L;
   constexpr int MRMAX = NV == 2 ? kMaxMR2 : kMaxMR1;
   constexpr int64_t CW = NV * L;  // outputs per accumulator row
@@ -196,14 +253,10 @@ void dsd_impl(const at::Tensor& xp, int64_t B, const at::Tensor& blocks, bool tr
   const int64_t nchunks = (bs_r + CW - 1) / CW;
   const T* X = xp.const_data_ptr<T>();
   const int64_t x_rs = bs_c, x_blk = B * bs_c;  // Xp row and panel strides
-  const T* W = blocks.const_data_ptr<T>();
-  const int64_t s0 = blocks.stride(0);
-  const int64_t si = trans ? blocks.stride(2) : blocks.stride(1);
-  const int64_t sj = trans ? blocks.stride(1) : blocks.stride(2);
   T* Y = y.data_ptr<T>();
   const Tiles bt(B, MRMAX);
 
-#pragma omp parallel num_threads(threads_for(B * blocks.numel()))
+#pragma omp parallel num_threads(threads_for(B * row_ptr[n_brows] * bs_r * bs_c))
   {
     std::vector<T> wp;
     std::vector<int64_t> xoff;
@@ -215,27 +268,118 @@ void dsd_impl(const at::Tensor& xp, int64_t B, const at::Tensor& blocks, bool tr
         for (int64_t b = 0; b < B; ++b) std::fill(yr + b * N, yr + b * N + bs_r, T(0));
         continue;
       }
-      // Pack: wp[c][p][j][ii] = W_p[c*CW + ii, j], zero past bs_r.
-      wp.assign(nchunks * nb * bs_c * CW, T(0));
+      wp.resize(nchunks * nb * bs_c * CW);
+      w.pack_row(p0, nb, bs_r, bs_c, CW, wp.data());
       xoff.resize(nb);
-      for (int64_t p = 0; p < nb; ++p) {
-        const int64_t q = block_idx ? block_idx[p0 + p] : p0 + p;
-        const T* wq = W + q * s0;
-        for (int64_t i = 0; i < bs_r; ++i) {
-          T* dst = wp.data() + (((i / CW) * nb + p) * bs_c) * CW + i % CW;
-          for (int64_t j = 0; j < bs_c; ++j) dst[j * CW] = wq[i * si + j * sj];
-        }
-        xoff[p] = col_idx[p0 + p] * x_blk;
-      }
+      for (int64_t p = 0; p < nb; ++p) xoff[p] = col_idx[p0 + p] * x_blk;
       for (int64_t t = 0; t < bt.count; ++t) {
         const int64_t b0 = bt.start(t);
         for (int64_t c = 0; c < nchunks; ++c) {
           const T* wc = wp.data() + c * nb * bs_c * CW;
           const int64_t nvalid = std::min(CW, bs_r - c * CW);
-          micro_mr<T, NV, MRMAX>(bt.size(t), nb, bs_c, X + b0 * x_rs, xoff.data(), x_rs,
-                                 int64_t(1), wc, bs_c * CW, CW, yr + b0 * N + c * CW, N, nvalid);
+          const StridedA<T> a{X + b0 * x_rs, xoff.data(), x_rs, 1, nb, bs_c};
+          micro_mr<T, NV, MRMAX>(bt.size(t), a, nb, bs_c, wc, bs_c * CW, CW,
+                                 yr + b0 * N + c * CW, N, nvalid);
         }
       }
+    }
+  }
+}
+
+// ---- conv2d (forward, no im2col matrix) -----------------------------------------------
+// Geometry of a conv over the zero-padded input xpad (B, C, Hp, Wp): output pixel
+// q = (b, oy, ox) reads im2col column k = (c, i, jj) at origin(q) + koff[k].
+struct ConvGeom {
+  int64_t B, C, Hp, Wp, Ho, Wo, kh, kw, sh, sw, dh, dw;
+  int64_t origin(int64_t q) const {
+    const int64_t b = q / (Ho * Wo), oy = (q / Wo) % Ho, ox = q % Wo;
+    return b * C * Hp * Wp + oy * sh * Wp + ox * sw;
+  }
+  std::vector<int64_t> koff() const {
+    std::vector<int64_t> k(C * kh * kw);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t j = 0; j < kw; ++j)
+          k[(c * kh + i) * kw + j] = c * Hp * Wp + i * dh * Wp + j * dw;
+    return k;
+  }
+};
+
+// Y (B*Ho*Wo, N) = im2col(x) W^T, reading the input in place through IndirectA. Work items
+// are (pixel chunk, block row), block row fastest, so a thread's consecutive items share
+// the chunk's input in cache; the weights are packed once, up front.
+template <typename T, int NV>
+void conv_impl(const T* xpad, const ConvGeom& g, const BlockView<T>& w, const int32_t* col_idx,
+               const int32_t* row_ptr, int64_t n_brows, int64_t bs_r, int64_t bs_c, T* Y,
+               int64_t N) {
+  constexpr int L = Simd<T>::L;
+  constexpr int MRMAX = NV == 2 ? kMaxMR2 : kMaxMR1;
+  constexpr int64_t CW = NV * L;
+  constexpr int64_t PC = 8 * MRMAX;  // pixels per work item
+  const int64_t nchunks = (bs_r + CW - 1) / CW;
+  const int64_t nnzb = row_ptr[n_brows], P = g.B * g.Ho * g.Wo;
+  const int64_t panel = nchunks * bs_c * CW;  // packed floats per block
+  const int nthreads = threads_for(P * nnzb * bs_r * bs_c);
+  std::vector<T> wp(nnzb * panel);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t r = 0; r < n_brows; ++r)
+    w.pack_row(row_ptr[r], row_ptr[r + 1] - row_ptr[r], bs_r, bs_c, CW,
+               wp.data() + row_ptr[r] * panel);
+  const std::vector<int64_t> koff = g.koff();
+  std::vector<int64_t> segoff(nnzb);
+  for (int64_t p = 0; p < nnzb; ++p) segoff[p] = int64_t(col_idx[p]) * bs_c;
+  const int64_t nitems = (P + PC - 1) / PC * n_brows;
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t item = 0; item < nitems; ++item) {
+    const int64_t r = item % n_brows, q0 = item / n_brows * PC, nq = std::min(PC, P - q0);
+    const int64_t p0 = row_ptr[r], nb = row_ptr[r + 1] - p0;
+    if (nb == 0) {
+      for (int64_t q = q0; q < q0 + nq; ++q)
+        std::fill(Y + q * N + r * bs_r, Y + q * N + (r + 1) * bs_r, T(0));
+      continue;
+    }
+    const Tiles qt(nq, MRMAX);
+    const T* rows[MRMAX];
+    for (int64_t t = 0; t < qt.count; ++t) {
+      const int64_t qs = q0 + qt.start(t);
+      const int mr = qt.size(t);
+      for (int m = 0; m < mr; ++m) rows[m] = xpad + g.origin(qs + m);
+      const IndirectA<T> a{rows, koff.data(), segoff.data() + p0};
+      for (int64_t c = 0; c < nchunks; ++c) {
+        micro_mr<T, NV, MRMAX>(mr, a, nb, bs_c, wp.data() + p0 * panel + c * nb * bs_c * CW,
+                               bs_c * CW, CW, Y + qs * N + r * bs_r + c * CW, N,
+                               std::min(CW, bs_r - c * CW));
+      }
+    }
+  }
+}
+
+// cols (B*Ho*Wo, C*kh*kw) = im2col(x), rows in (b, oy, ox) order (for the block gradient).
+template <typename T>
+void im2col_impl(const T* xpad, const ConvGeom& g, T* cols) {
+  const std::vector<int64_t> koff = g.koff();
+  const int64_t P = g.B * g.Ho * g.Wo, K = int64_t(koff.size());
+#pragma omp parallel for schedule(static) num_threads(threads_for(P * K))
+  for (int64_t q = 0; q < P; ++q) {
+    const T* o = xpad + g.origin(q);
+    T* d = cols + q * K;
+    for (int64_t k = 0; k < K; ++k) d[k] = o[koff[k]];
+  }
+}
+
+// dxpad (B, C, Hp, Wp) += col2im(dcols): one image per thread at a time (images are
+// disjoint, the receptive fields inside one overlap).
+template <typename T>
+void col2im_impl(const T* dcols, const ConvGeom& g, T* dxpad) {
+  const std::vector<int64_t> koff = g.koff();
+  const int64_t L = g.Ho * g.Wo, K = int64_t(koff.size());
+#pragma omp parallel for schedule(static) num_threads(threads_for(g.B * L * K))
+  for (int64_t b = 0; b < g.B; ++b) {
+    for (int64_t q = b * L; q < (b + 1) * L; ++q) {
+      T* o = dxpad + g.origin(q);
+      const T* s = dcols + q * K;
+      for (int64_t k = 0; k < K; ++k) o[koff[k]] += s[k];
     }
   }
 }
@@ -264,10 +408,9 @@ void sddmm_impl(const at::Tensor& dyp, const at::Tensor& xp, int64_t B, const in
         for (int64_t t = 0; t < it.count; ++t) {
           const int64_t i0 = it.start(t);
           // a(m, b) = dyr[b * bs_r + i0 + m]; b(b, .) = xc[b * cpad + j0 ..]
-          micro_mr<T, NV, MRMAX>(it.size(t), int64_t(1), B, dyr + i0,
-                                 static_cast<const int64_t*>(nullptr), int64_t(1), bs_r,
-                                 xc + j0, int64_t(0), cpad, op + i0 * bs_c + j0, bs_c,
-                                 std::min(CW, bs_c - j0));
+          const StridedA<T> a{dyr + i0, nullptr, 1, bs_r, 1, B};
+          micro_mr<T, NV, MRMAX>(it.size(t), a, int64_t(1), B, xc + j0, int64_t(0), cpad,
+                                 op + i0 * bs_c + j0, bs_c, std::min(CW, bs_c - j0));
         }
       }
     }
@@ -347,11 +490,12 @@ at::Tensor bsr_dsd_cpu(const at::Tensor& x, const at::Tensor& blocks, const at::
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_dsd_cpu", [&] {
     constexpr int L = Simd<scalar_t>::L;
     const at::Tensor xp = block_panels<scalar_t>(x, bs_c, bs_c);
+    const BlockView<scalar_t> w(blocks, trans_blocks,
+                                bi.defined() ? bi.const_data_ptr<int32_t>() : nullptr);
     auto run = [&](auto nv) {
-      dsd_impl<scalar_t, decltype(nv)::value>(
-          xp, B, blocks, trans_blocks, ci.const_data_ptr<int32_t>(),
-          rp.const_data_ptr<int32_t>(), bi.defined() ? bi.const_data_ptr<int32_t>() : nullptr,
-          n_brows, bs_r, bs_c, y);
+      dsd_impl<scalar_t, decltype(nv)::value>(xp, B, w, ci.const_data_ptr<int32_t>(),
+                                              rp.const_data_ptr<int32_t>(), n_brows, bs_r,
+                                              bs_c, y);
     };
     if (bs_r > L) run(std::integral_constant<int, 2>{});
     else run(std::integral_constant<int, 1>{});
@@ -397,7 +541,117 @@ at::Tensor bsr_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Te
   return out;
 }
 
+namespace {
+ConvGeom conv_geom(at::IntArrayRef x_shape, at::IntArrayRef kernel, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x_shape.size() == 4, "sparsecore.bsr_conv2d: input must be 4-D (B, C, H, W), got ",
+              x_shape);
+  for (auto [name, v] : {std::pair{"kernel_size", kernel}, std::pair{"stride", stride},
+                         std::pair{"padding", padding}, std::pair{"dilation", dilation}})
+    TORCH_CHECK(v.size() == 2, "sparsecore.bsr_conv2d: ", name, " must have 2 entries, got ", v);
+  TORCH_CHECK(kernel[0] > 0 && kernel[1] > 0 && stride[0] > 0 && stride[1] > 0 &&
+                  dilation[0] > 0 && dilation[1] > 0 && padding[0] >= 0 && padding[1] >= 0,
+              "sparsecore.bsr_conv2d: bad geometry kernel ", kernel, " stride ", stride,
+              " padding ", padding, " dilation ", dilation);
+  ConvGeom g{};
+  g.B = x_shape[0], g.C = x_shape[1];
+  g.Hp = x_shape[2] + 2 * padding[0], g.Wp = x_shape[3] + 2 * padding[1];
+  g.kh = kernel[0], g.kw = kernel[1], g.sh = stride[0], g.sw = stride[1];
+  g.dh = dilation[0], g.dw = dilation[1];
+  g.Ho = (g.Hp - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.Wo = (g.Wp - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.Hp >= g.dh * (g.kh - 1) + 1 && g.Wp >= g.dw * (g.kw - 1) + 1,
+              "sparsecore.bsr_conv2d: the (padded) input ", x_shape,
+              " is smaller than the dilated kernel");
+  return g;
+}
+
+at::Tensor pad_input(const at::Tensor& x, at::IntArrayRef padding) {
+  if (padding[0] == 0 && padding[1] == 0) return x.contiguous();
+  return at::constant_pad_nd(x, {padding[1], padding[1], padding[0], padding[0]}).contiguous();
+}
+}  // namespace
+
+// y (B*Ho*Wo, n_out), rows in (b, oy, ox) order = conv2d(x, W) for the BSR W of the conv
+// weight's matrix view (n_out, C*kh*kw); x: (B, C, H, W).
+at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& col_idx,
+                          const at::Tensor& row_ptr, at::IntArrayRef kernel,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation) {
+  check_value(x, "x", 4);
+  check_value(blocks, "blocks", 3);
+  TORCH_CHECK(blocks.scalar_type() == x.scalar_type(), "sparsecore.bsr_conv2d: blocks dtype ",
+              blocks.scalar_type(), " differs from x dtype ", x.scalar_type());
+  const ConvGeom g = conv_geom(x.sizes(), kernel, stride, padding, dilation);
+  const int64_t K = g.C * g.kh * g.kw, bs_r = blocks.size(1), bs_c = blocks.size(2);
+  const int64_t nnzb = col_idx.numel(), n_brows = row_ptr.numel() - 1;
+  TORCH_CHECK(bs_r > 0 && bs_c > 0 && K % bs_c == 0, "sparsecore.bsr_conv2d: the block width ",
+              bs_c, " does not divide C*kh*kw=", K);
+  TORCH_CHECK(blocks.size(0) == nnzb, "sparsecore.bsr_conv2d: blocks hold ", blocks.size(0),
+              " blocks but col_idx has ", nnzb);
+  check_index(col_idx, "col_idx", nnzb);
+  TORCH_CHECK(n_brows >= 0, "sparsecore.bsr_conv2d: row_ptr must not be empty");
+  check_index(row_ptr, "row_ptr", n_brows + 1);
+  const auto ci = col_idx.contiguous(), rp = row_ptr.contiguous();
+  check_structure(rp.const_data_ptr<int32_t>(), n_brows, ci.const_data_ptr<int32_t>(), nnzb,
+                  K / bs_c);
+  const int64_t n_out = n_brows * bs_r;
+  at::Tensor y = at::empty({g.B * g.Ho * g.Wo, n_out}, x.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor xpad = pad_input(x, padding);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_conv2d_cpu", [&] {
+    constexpr int L = Simd<scalar_t>::L;
+    const BlockView<scalar_t> w(blocks, false, nullptr);
+    auto run = [&](auto nv) {
+      conv_impl<scalar_t, decltype(nv)::value>(xpad.const_data_ptr<scalar_t>(), g, w,
+                                               ci.const_data_ptr<int32_t>(),
+                                               rp.const_data_ptr<int32_t>(), n_brows, bs_r,
+                                               bs_c, y.data_ptr<scalar_t>(), n_out);
+    };
+    if (bs_r > L) run(std::integral_constant<int, 2>{});
+    else run(std::integral_constant<int, 1>{});
+  });
+  return y;
+}
+
+// (B*Ho*Wo, C*kh*kw) im2col rows of x (B, C, H, W), in (b, oy, ox) x (c, i, j) order.
+at::Tensor bsr_im2col_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_value(x, "x", 4);
+  const ConvGeom g = conv_geom(x.sizes(), kernel, stride, padding, dilation);
+  at::Tensor cols = at::empty({g.B * g.Ho * g.Wo, g.C * g.kh * g.kw}, x.options());
+  if (cols.numel() == 0) return cols;
+  const at::Tensor xpad = pad_input(x, padding);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_im2col_cpu", [&] {
+    im2col_impl<scalar_t>(xpad.const_data_ptr<scalar_t>(), g, cols.data_ptr<scalar_t>());
+  });
+  return cols;
+}
+
+// The adjoint of bsr_im2col_cpu: dx (B, C, H, W) from dcols (B*Ho*Wo, C*kh*kw).
+at::Tensor bsr_col2im_cpu(const at::Tensor& dcols, at::IntArrayRef x_shape, at::IntArrayRef kernel,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation) {
+  check_value(dcols, "dcols", 2);
+  const ConvGeom g = conv_geom(x_shape, kernel, stride, padding, dilation);
+  TORCH_CHECK(dcols.size(0) == g.B * g.Ho * g.Wo && dcols.size(1) == g.C * g.kh * g.kw,
+              "sparsecore.bsr_col2im: dcols must have shape (", g.B * g.Ho * g.Wo, ", ",
+              g.C * g.kh * g.kw, "), got ", dcols.sizes());
+  at::Tensor dxpad = at::zeros({g.B, g.C, g.Hp, g.Wp}, dcols.options());
+  if (dcols.numel() > 0) {
+    const at::Tensor dc = dcols.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(dcols.scalar_type(), "bsr_col2im_cpu", [&] {
+      col2im_impl<scalar_t>(dc.const_data_ptr<scalar_t>(), g, dxpad.data_ptr<scalar_t>());
+    });
+  }
+  if (padding[0] == 0 && padding[1] == 0) return dxpad;
+  return dxpad.narrow(2, padding[0], x_shape[2]).narrow(3, padding[1], x_shape[3]).contiguous();
+}
+
 TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
+  m.impl("bsr_conv2d_cpu", &bsr_conv2d_cpu);
+  m.impl("bsr_im2col_cpu", &bsr_im2col_cpu);
+  m.impl("bsr_col2im_cpu", &bsr_col2im_cpu);
   m.impl("bsr_dsd_cpu", &bsr_dsd_cpu);
   m.impl("bsr_sddmm_cpu", &bsr_sddmm_cpu);
 }
