@@ -11,7 +11,8 @@ such entry on ties); the matching row of Vh is flipped with its column of U.
 Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "reference")`):
 
 - "cpp": csrc/cpu/linalg.cpp, one-sided Jacobi preconditioned by a pivoted QR (the
-  Drmac-Veselic scheme), OpenMP across the batch; CPU, float32 / float64, m, n <= 512.
+  Drmac-Veselic scheme), OpenMP across the batch, SIMD across the batch for n <= 32; CPU,
+  float32 / float64, m, n <= 512; chosen automatically up to 128 (CPP_AUTO_MAX_SIZE).
   Singular values come out accurate relative to ||A|| (to ~ eps * sqrt(n) * ||A||; Jacobi
   usually does better, relative to each value); eigenvalues to ~ eps * ||S|| (the symmetric
   matrix is shifted to a semi-definite one by its Gershgorin bound, then decomposed the same
@@ -35,12 +36,21 @@ from collections.abc import Iterator
 import torch
 
 from sparsecore import _ext
-from sparsecore._dispatch import Backend, Dispatcher
+from sparsecore._dispatch import Backend, Dispatcher, forced_backend
 
-__all__ = ["svd", "svdvals", "eigh", "CPP_MAX_SIZE"]
+__all__ = ["svd", "svdvals", "eigh", "CPP_MAX_SIZE", "CPP_AUTO_MAX_SIZE"]
 
 # Largest m, n the C++ kernel takes (the range); larger matrices go to torch.linalg.
 CPP_MAX_SIZE = 512
+# Largest m, n it is chosen for automatically, from two measurements on the 2-core machine:
+# - wall clock, default threads (what a user gets): torch.linalg runs a batch one matrix at a
+#   time with threads inside each small LAPACK call, the kernel here one matrix per thread;
+#   it was 3-7x faster at 64 x 64 and 5-15x at 100 x 100 (bench/linalg.py, a loaded machine).
+# - single-thread CPU time (which load does not distort): the SIMD-across-batch path (n <= 32)
+#   beats MKL (16 x 16 float32: svd 4.1x, svdvals 2.5x, eigh 1.5x); at 64 / 100 MKL needs
+#   1.5-2.5x (svd) to 2.5-5x (svdvals, eigh) less CPU, at 256 / 512 4-10x less.
+# So: Jacobi up to 128, LAPACK above (forcing use_backend("cpp") still works up to 512).
+CPP_AUTO_MAX_SIZE = 128
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -52,9 +62,12 @@ def _cpp_reasons(A: torch.Tensor, *_: object) -> list[str]:
         why.append(f"device {A.device.type} is not cpu")
     if A.dtype not in _DTYPES:
         why.append(f"dtype {str(A.dtype).replace('torch.', '')} not in [float32, float64]")
-    if A.dim() == 3 and max(A.shape[-2:]) > CPP_MAX_SIZE:
-        size = tuple(A.shape[-2:])
+    size = tuple(A.shape[-2:])
+    if A.dim() == 3 and max(size) > CPP_MAX_SIZE:
         why.append(f"matrix size {size} above {CPP_MAX_SIZE} (torch.linalg runs those)")
+    elif A.dim() == 3 and max(size) > CPP_AUTO_MAX_SIZE and forced_backend() != "cpp":
+        why.append(f"matrix size {size} above {CPP_AUTO_MAX_SIZE}: LAPACK needs less CPU there "
+                   "(force with use_backend('cpp'))")
     return why
 
 
