@@ -26,11 +26,13 @@ TORCH_LIBRARY(sparsecore, m) {
   // place (no im2col matrix) -> (B*Ho*Wo, n_out), rows in (b, oy, ox) order.
   m.def("bsr_conv2d_cpu(Tensor x, Tensor blocks, Tensor col_idx, Tensor row_ptr, int[2] kernel, "
         "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
-  // im2col rows (B*Ho*Wo, C*kh*kw) and their adjoint, for the conv's backward pass.
-  m.def("bsr_im2col_cpu(Tensor x, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation) "
-        "-> Tensor");
-  m.def("bsr_col2im_cpu(Tensor dcols, int[4] x_shape, int[2] kernel, int[2] stride, "
-        "int[2] padding, int[2] dilation) -> Tensor");
+  // Its backward, also without an im2col matrix: dx from dy2 (B*Ho*Wo, n_out) through the
+  // transposed structure, and the gradient of the kept blocks (nnzb, bs_r, bs_c).
+  m.def("bsr_conv2d_dx_cpu(Tensor dy2, Tensor blocks, Tensor t_col_idx, Tensor t_row_ptr, "
+        "Tensor t_perm, int[4] x_shape, int[2] kernel, int[2] stride, int[2] padding, "
+        "int[2] dilation) -> Tensor");
+  m.def("bsr_conv2d_dw_cpu(Tensor dy2, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, "
+        "int bs_c, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   // --- linalg (batched SVD / eigh) ---
   // Many small matrices (batch, m, n), float32/float64, preconditioned one-sided Jacobi
   // (csrc/cpu/linalg.cpp). U, Vh are empty when compute_uv is false.

@@ -27,6 +27,8 @@
 #include <cstring>
 #include <vector>
 
+#include <omp.h>
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -114,6 +116,18 @@ struct IndirectA {
   const T* at(int m, int64_t t) const { return rows[m] + ko[t]; }
 };
 
+// Gather (the conv's block gradient): a(m, t) = base + orig[t] + kofs[m], t = output pixel
+// (orig: its receptive-field origin), m = im2col column (kofs: its offset).
+template <typename T>
+struct GatherA {
+  const T* base;
+  const int64_t* orig;
+  const int64_t* kofs;
+  template <int MR>
+  void begin(int64_t) {}
+  const T* at(int m, int64_t t) const { return base + orig[t] + kofs[m]; }
+};
+
 // acc[m][v] = sum_s sum_t a[s](m, t) * b[s](t, v*L .. v*L+L) over `ns` segments s, where
 //   b[s](t, .) = b_base + s * b_seg + t * b_ts   (NV contiguous vectors), t < depth,
 // then out[m * out_rs + 0 .. n_valid) = acc[m] (n_valid <= NV * L).
@@ -121,14 +135,16 @@ struct IndirectA {
 // sddmm: one segment, t = batch row b, m = output i, vectors = inputs j.
 template <typename T, int MR, int NV, typename A>
 inline void micro(A a, int64_t ns, int64_t depth, const T* b_base, int64_t b_seg, int64_t b_ts,
-                  T* out, int64_t out_rs, int64_t n_valid) {
+                  T* out, int64_t out_rs, int64_t n_valid, bool accumulate = false) {
   using S = Simd<T>;
   constexpr int L = S::L;
   typename S::reg acc[MR][NV];
+  // accumulate (out += ...) needs a full chunk: n_valid == NV * L
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[m][v] = S::zero();
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = accumulate ? S::load(out + m * out_rs + v * L) : S::zero();
   for (int64_t s = 0; s < ns; ++s) {
     a.template begin<MR>(s);
     const T* b = b_base + s * b_seg;
@@ -355,33 +371,125 @@ void conv_impl(const T* xpad, const ConvGeom& g, const BlockView<T>& w, const in
   }
 }
 
-// cols (B*Ho*Wo, C*kh*kw) = im2col(x), rows in (b, oy, ox) order (for the block gradient).
-template <typename T>
-void im2col_impl(const T* xpad, const ConvGeom& g, T* cols) {
+// dxpad (B, C, Hp, Wp) = col2im(dY W) without the (B*Ho*Wo, C*kh*kw) matrix: each work
+// item owns whole images (their receptive fields overlap only inside an image), runs the
+// transposed product one (pixel tile, W^T block row) at a time into registers and adds the
+// tile into the padded input gradient. w reads W^T's blocks (W's, transposed, in t order).
+template <typename T, int NV>
+void conv_dx_impl(const T* dy, const ConvGeom& g, const BlockView<T>& w, const int32_t* t_col_idx,
+                  const int32_t* t_row_ptr, int64_t n_trows, int64_t bs_r, int64_t bs_c,
+                  int64_t n_out, T* dxpad) {
+  constexpr int L = Simd<T>::L;
+  constexpr int MRMAX = NV == 2 ? kMaxMR2 : kMaxMR1;
+  constexpr int64_t CW = NV * L;
+  // W^T: block rows of bs_c outputs (im2col columns), depth bs_r (output channels)
+  const int64_t nchunks = (bs_c + CW - 1) / CW, nnzb = t_row_ptr[n_trows];
+  const int64_t panel = nchunks * bs_r * CW;
+  const int64_t L_img = g.Ho * g.Wo;
+  const int64_t imgs = std::max<int64_t>(1, 96 / std::max<int64_t>(L_img, 1));  // >= ~96 px
+  const int64_t nitems = (g.B + imgs - 1) / imgs;
+  const int nthreads = threads_for(g.B * L_img * nnzb * bs_r * bs_c);
+  std::vector<T> wp(nnzb * panel);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t r = 0; r < n_trows; ++r)
+    w.pack_row(t_row_ptr[r], t_row_ptr[r + 1] - t_row_ptr[r], bs_c, bs_r, CW,
+               wp.data() + t_row_ptr[r] * panel);
   const std::vector<int64_t> koff = g.koff();
-  const int64_t P = g.B * g.Ho * g.Wo, K = int64_t(koff.size());
-#pragma omp parallel for schedule(static) num_threads(threads_for(P * K))
-  for (int64_t q = 0; q < P; ++q) {
-    const T* o = xpad + g.origin(q);
-    T* d = cols + q * K;
-    for (int64_t k = 0; k < K; ++k) d[k] = o[koff[k]];
+  std::vector<int64_t> segoff(nnzb);
+  for (int64_t p = 0; p < nnzb; ++p) segoff[p] = int64_t(t_col_idx[p]) * bs_r;
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t item = 0; item < nitems; ++item) {
+    const int64_t q0 = item * imgs * L_img, q1 = std::min(g.B, (item + 1) * imgs) * L_img;
+    const Tiles qt(q1 - q0, MRMAX);
+    T tmp[MRMAX * CW];
+    for (int64_t r = 0; r < n_trows; ++r) {
+      const int64_t p0 = t_row_ptr[r], nb = t_row_ptr[r + 1] - p0;
+      if (nb == 0) continue;
+      for (int64_t t = 0; t < qt.count; ++t) {
+        const int64_t qs = q0 + qt.start(t);
+        const int mr = qt.size(t);
+        const StridedA<T> a{dy + qs * n_out, segoff.data() + p0, n_out, 1, nb, bs_r};
+        for (int64_t c = 0; c < nchunks; ++c) {
+          const int64_t nvalid = std::min(CW, bs_c - c * CW);
+          micro_mr<T, NV, MRMAX>(mr, a, nb, bs_r, wp.data() + p0 * panel + c * nb * bs_r * CW,
+                                 bs_r * CW, CW, tmp, CW, nvalid);
+          const int64_t* ko = koff.data() + r * bs_c + c * CW;
+          for (int m = 0; m < mr; ++m) {
+            T* o = dxpad + g.origin(qs + m);
+            for (int64_t i = 0; i < nvalid; ++i) o[ko[i]] += tmp[m * CW + i];
+          }
+        }
+      }
+    }
   }
 }
 
-// dxpad (B, C, Hp, Wp) += col2im(dcols): one image per thread at a time (images are
-// disjoint, the receptive fields inside one overlap).
-template <typename T>
-void col2im_impl(const T* dcols, const ConvGeom& g, T* dxpad) {
+// dW_p = sum over pixels q of dY[q, rows of p]^T im2col(x)[q, cols of p], gathered from the
+// padded input in place. Work items are pixel chunks; each thread accumulates every block
+// (transposed, [p][j][i padded]) in a private buffer, summed at the end: a block's sum runs
+// over all pixels, so splitting pixels is what gives the threads (and the cache) work.
+template <typename T, int NV>
+void conv_dw_impl(const T* dy, const T* xpad, const ConvGeom& g, const int32_t* col_idx,
+                  const int32_t* row_ptr, int64_t n_brows, int64_t bs_r, int64_t bs_c,
+                  int64_t n_out, T* out) {
+  constexpr int L = Simd<T>::L;
+  constexpr int MRMAX = NV == 2 ? kMaxMR2 : kMaxMR1;
+  constexpr int64_t CW = NV * L;
+  constexpr int64_t PC = 256;  // pixels per work item
+  const int64_t nnzb = row_ptr[n_brows], P = g.B * g.Ho * g.Wo;
+  const int64_t rpad = round_up(bs_r, CW), blk = bs_c * rpad;
+  const int nthreads = threads_for(P * nnzb * bs_r * bs_c);
+  std::vector<T> acc(int64_t(nthreads) * nnzb * blk, T(0));
+  std::vector<int64_t> orig(P);
+  for (int64_t q = 0; q < P; ++q) orig[q] = g.origin(q);
   const std::vector<int64_t> koff = g.koff();
-  const int64_t L = g.Ho * g.Wo, K = int64_t(koff.size());
-#pragma omp parallel for schedule(static) num_threads(threads_for(g.B * L * K))
-  for (int64_t b = 0; b < g.B; ++b) {
-    for (int64_t q = b * L; q < (b + 1) * L; ++q) {
-      T* o = dxpad + g.origin(q);
-      const T* s = dcols + q * K;
-      for (int64_t k = 0; k < K; ++k) o[koff[k]] += s[k];
+  const Tiles jt(bs_c, MRMAX);
+  const int64_t nitems = (P + PC - 1) / PC;
+  // dY is read NV*L outputs at a time; a block row's last chunk may run past n_out
+  std::vector<T> dyp;
+  const T* dyr = dy;
+  int64_t dy_rs = n_out;
+  if (rpad != bs_r || n_out % CW) {
+    dy_rs = n_brows * rpad;
+    dyp.assign(P * dy_rs, T(0));
+    for (int64_t q = 0; q < P; ++q)
+      for (int64_t r = 0; r < n_brows; ++r)
+        std::memcpy(&dyp[q * dy_rs + r * rpad], dy + q * n_out + r * bs_r, sizeof(T) * bs_r);
+    dyr = dyp.data();
+  }
+  const int64_t rs_blk = dy_rs == n_out ? bs_r : rpad;
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    T* mine = acc.data() + int64_t(omp_get_thread_num()) * nnzb * blk;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < nitems; ++item) {
+      const int64_t q0 = item * PC, nq = std::min(PC, P - q0);
+      for (int64_t r = 0; r < n_brows; ++r) {
+        for (int64_t p = row_ptr[r]; p < row_ptr[r + 1]; ++p) {
+          for (int64_t t = 0; t < jt.count; ++t) {
+            const int64_t j0 = jt.start(t);
+            const GatherA<T> a{xpad, orig.data() + q0, koff.data() + col_idx[p] * bs_c + j0};
+            for (int64_t i0 = 0; i0 < bs_r; i0 += CW)
+              micro_mr<T, NV, MRMAX>(jt.size(t), a, int64_t(1), nq,
+                                     dyr + q0 * dy_rs + r * rs_blk + i0, int64_t(0), dy_rs,
+                                     mine + p * blk + j0 * rpad + i0, rpad, CW, true);
+          }
+        }
+      }
     }
   }
+  // out[p][i][j] = sum over threads of acc[thread][p][j][i]
+  at::parallel_for(0, nnzb, 16, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p)
+      for (int64_t j = 0; j < bs_c; ++j)
+        for (int64_t i = 0; i < bs_r; ++i) {
+          T v = 0;
+          for (int th = 0; th < nthreads; ++th) v += acc[(th * nnzb + p) * blk + j * rpad + i];
+          out[(p * bs_r + i) * bs_c + j] = v;
+        }
+  });
 }
 
 // ---- sddmm ----------------------------------------------------------------------------
@@ -614,44 +722,100 @@ at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& blocks, const a
   return y;
 }
 
-// (B*Ho*Wo, C*kh*kw) im2col rows of x (B, C, H, W), in (b, oy, ox) x (c, i, j) order.
-at::Tensor bsr_im2col_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation) {
-  check_value(x, "x", 4);
-  const ConvGeom g = conv_geom(x.sizes(), kernel, stride, padding, dilation);
-  at::Tensor cols = at::empty({g.B * g.Ho * g.Wo, g.C * g.kh * g.kw}, x.options());
-  if (cols.numel() == 0) return cols;
-  const at::Tensor xpad = pad_input(x, padding);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_im2col_cpu", [&] {
-    im2col_impl<scalar_t>(xpad.const_data_ptr<scalar_t>(), g, cols.data_ptr<scalar_t>());
-  });
-  return cols;
-}
-
-// The adjoint of bsr_im2col_cpu: dx (B, C, H, W) from dcols (B*Ho*Wo, C*kh*kw).
-at::Tensor bsr_col2im_cpu(const at::Tensor& dcols, at::IntArrayRef x_shape, at::IntArrayRef kernel,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation) {
-  check_value(dcols, "dcols", 2);
+// dx (B, C, H, W) = the input gradient of bsr_conv2d_cpu, from dy2 (B*Ho*Wo, n_out) and the
+// transposed structure of W (t_col_idx, t_row_ptr, t_perm over W's blocks).
+at::Tensor bsr_conv2d_dx_cpu(const at::Tensor& dy2, const at::Tensor& blocks,
+                             const at::Tensor& t_col_idx, const at::Tensor& t_row_ptr,
+                             const at::Tensor& t_perm, at::IntArrayRef x_shape,
+                             at::IntArrayRef kernel, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_value(dy2, "dy", 2);
+  check_value(blocks, "blocks", 3);
+  TORCH_CHECK(blocks.scalar_type() == dy2.scalar_type(), "sparsecore.bsr_conv2d_dx: blocks dtype ",
+              blocks.scalar_type(), " differs from dy dtype ", dy2.scalar_type());
   const ConvGeom g = conv_geom(x_shape, kernel, stride, padding, dilation);
-  TORCH_CHECK(dcols.size(0) == g.B * g.Ho * g.Wo && dcols.size(1) == g.C * g.kh * g.kw,
-              "sparsecore.bsr_col2im: dcols must have shape (", g.B * g.Ho * g.Wo, ", ",
-              g.C * g.kh * g.kw, "), got ", dcols.sizes());
-  at::Tensor dxpad = at::zeros({g.B, g.C, g.Hp, g.Wp}, dcols.options());
-  if (dcols.numel() > 0) {
-    const at::Tensor dc = dcols.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(dcols.scalar_type(), "bsr_col2im_cpu", [&] {
-      col2im_impl<scalar_t>(dc.const_data_ptr<scalar_t>(), g, dxpad.data_ptr<scalar_t>());
+  const int64_t K = g.C * g.kh * g.kw, bs_r = blocks.size(1), bs_c = blocks.size(2);
+  const int64_t nnzb = blocks.size(0), n_out = dy2.size(1);
+  TORCH_CHECK(bs_r > 0 && bs_c > 0 && K % bs_c == 0 && n_out % bs_r == 0,
+              "sparsecore.bsr_conv2d_dx: block ", bs_r, "x", bs_c, " does not divide (", n_out,
+              ", ", K, ")");
+  TORCH_CHECK(dy2.size(0) == g.B * g.Ho * g.Wo, "sparsecore.bsr_conv2d_dx: dy has ", dy2.size(0),
+              " rows, expected B*Ho*Wo=", g.B * g.Ho * g.Wo);
+  const int64_t n_trows = K / bs_c;
+  check_index(t_col_idx, "t_col_idx", nnzb);
+  check_index(t_perm, "t_perm", nnzb);
+  check_index(t_row_ptr, "t_row_ptr", n_trows + 1);
+  const auto ci = t_col_idx.contiguous(), rp = t_row_ptr.contiguous(), pm = t_perm.contiguous();
+  check_structure(rp.const_data_ptr<int32_t>(), n_trows, ci.const_data_ptr<int32_t>(), nnzb,
+                  n_out / bs_r);
+  const int32_t* perm = pm.const_data_ptr<int32_t>();
+  for (int64_t p = 0; p < nnzb; ++p)
+    TORCH_CHECK(perm[p] >= 0 && perm[p] < nnzb, "sparsecore.bsr_conv2d_dx: t_perm[", p, "]=",
+                perm[p], " is outside [0, ", nnzb, ")");
+  at::Tensor dxpad = at::zeros({g.B, g.C, g.Hp, g.Wp}, dy2.options());
+  if (dy2.numel() > 0 && nnzb > 0) {
+    const at::Tensor dy = dy2.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(dy2.scalar_type(), "bsr_conv2d_dx_cpu", [&] {
+      constexpr int L = Simd<scalar_t>::L;
+      const BlockView<scalar_t> w(blocks, true, perm);
+      auto run = [&](auto nv) {
+        conv_dx_impl<scalar_t, decltype(nv)::value>(
+            dy.const_data_ptr<scalar_t>(), g, w, ci.const_data_ptr<int32_t>(),
+            rp.const_data_ptr<int32_t>(), n_trows, bs_r, bs_c, n_out,
+            dxpad.data_ptr<scalar_t>());
+      };
+      if (bs_c > L) run(std::integral_constant<int, 2>{});
+      else run(std::integral_constant<int, 1>{});
     });
   }
   if (padding[0] == 0 && padding[1] == 0) return dxpad;
   return dxpad.narrow(2, padding[0], x_shape[2]).narrow(3, padding[1], x_shape[3]).contiguous();
 }
 
+// (nnzb, bs_r, bs_c): the gradient of the kept blocks of bsr_conv2d_cpu's W, from
+// dy2 (B*Ho*Wo, n_out) and x (B, C, H, W).
+at::Tensor bsr_conv2d_dw_cpu(const at::Tensor& dy2, const at::Tensor& x, const at::Tensor& row_ptr,
+                             const at::Tensor& col_idx, int64_t bs_r, int64_t bs_c,
+                             at::IntArrayRef kernel, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_value(dy2, "dy", 2);
+  check_value(x, "x", 4);
+  TORCH_CHECK(dy2.scalar_type() == x.scalar_type(), "sparsecore.bsr_conv2d_dw: dy dtype ",
+              dy2.scalar_type(), " differs from x dtype ", x.scalar_type());
+  const ConvGeom g = conv_geom(x.sizes(), kernel, stride, padding, dilation);
+  const int64_t K = g.C * g.kh * g.kw, n_out = dy2.size(1);
+  TORCH_CHECK(bs_r > 0 && bs_c > 0 && K % bs_c == 0 && n_out % bs_r == 0,
+              "sparsecore.bsr_conv2d_dw: block ", bs_r, "x", bs_c, " does not divide (", n_out,
+              ", ", K, ")");
+  TORCH_CHECK(dy2.size(0) == g.B * g.Ho * g.Wo, "sparsecore.bsr_conv2d_dw: dy has ", dy2.size(0),
+              " rows, expected B*Ho*Wo=", g.B * g.Ho * g.Wo);
+  const int64_t nnzb = col_idx.numel(), n_brows = n_out / bs_r;
+  check_index(col_idx, "col_idx", nnzb);
+  check_index(row_ptr, "row_ptr", n_brows + 1);
+  const auto ci = col_idx.contiguous(), rp = row_ptr.contiguous();
+  check_structure(rp.const_data_ptr<int32_t>(), n_brows, ci.const_data_ptr<int32_t>(), nnzb,
+                  K / bs_c);
+  at::Tensor out = at::zeros({nnzb, bs_r, bs_c}, x.options());
+  if (dy2.size(0) == 0 || nnzb == 0) return out;
+  const at::Tensor xpad = pad_input(x, padding), dy = dy2.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_conv2d_dw_cpu", [&] {
+    constexpr int L = Simd<scalar_t>::L;
+    auto run = [&](auto nv) {
+      conv_dw_impl<scalar_t, decltype(nv)::value>(
+          dy.const_data_ptr<scalar_t>(), xpad.const_data_ptr<scalar_t>(), g,
+          ci.const_data_ptr<int32_t>(), rp.const_data_ptr<int32_t>(), n_brows, bs_r, bs_c,
+          n_out, out.data_ptr<scalar_t>());
+    };
+    if (bs_r > L) run(std::integral_constant<int, 2>{});
+    else run(std::integral_constant<int, 1>{});
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
   m.impl("bsr_conv2d_cpu", &bsr_conv2d_cpu);
-  m.impl("bsr_im2col_cpu", &bsr_im2col_cpu);
-  m.impl("bsr_col2im_cpu", &bsr_col2im_cpu);
+  m.impl("bsr_conv2d_dx_cpu", &bsr_conv2d_dx_cpu);
+  m.impl("bsr_conv2d_dw_cpu", &bsr_conv2d_dw_cpu);
   m.impl("bsr_dsd_cpu", &bsr_dsd_cpu);
   m.impl("bsr_sddmm_cpu", &bsr_sddmm_cpu);
 }
