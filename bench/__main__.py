@@ -10,6 +10,7 @@ import sys
 # family name -> module in bench/ that defines add_arguments(parser) and main(args) -> int
 FAMILIES = {
     "layers": "bench.layers",
+    "layers-bsr": "bench.layers_bsr",
     "models": "bench.models",
     "similarity": "bench.similarity",
     "linalg": "bench.linalg",

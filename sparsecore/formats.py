@@ -1,0 +1,272 @@
+"""Validated weight containers for the sparse kernels, one per layout.
+
+Each container checks its fields on construction and raises a ValueError that names the
+field and the expected shape / dtype; `from_dense` builds one from a weight (a Linear weight,
+or a conv weight viewed as (C_out, C_in*kh*kw)) and `to_dense` gives the weight back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------
+# BSR: block-sparse weights
+# ---------------------------------------------------------------------------------------
+# A dimension that the block does not divide is refused (ValueError), not padded: padding
+# would change the layer's shape contract (to_dense() must give the original weight back)
+# and waste a partial block of work on every call; `sparsify()` skips such layers and says
+# why. Conv weights are blocked over their matrix view (C_out, C_in * kh * kw), the layout
+# that sparsecore.prune.structured's block masks use.
+
+BlockSize = tuple[int, int]
+
+
+def _block_size(block_size: int | Sequence[int]) -> BlockSize:
+    """(bs_r, bs_c) from an int (square) or a pair; both positive."""
+    bs = (int(block_size), int(block_size)) if isinstance(block_size, int) else tuple(block_size)
+    if len(bs) != 2 or min(bs) < 1:
+        raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
+    return int(bs[0]), int(bs[1])
+
+
+def _block_grid(shape: Sequence[int], block_size: BlockSize) -> tuple[int, int]:
+    """(R, C) blocks of a (n_out, n_in) matrix; ValueError when the block does not divide it."""
+    (n, k), (br, bc) = shape, block_size
+    if n % br or k % bc:
+        raise ValueError(
+            f"block size {br}x{bc} does not divide the weight matrix {n}x{k} "
+            f"(rows % {br} = {n % br}, cols % {bc} = {k % bc}); sparsecore refuses rather "
+            "than pads: choose a block size that divides both dimensions"
+        )
+    return n // br, k // bc
+
+
+def _matrix_view(weight: Tensor) -> Tensor:
+    """The 2-D view (out, in * kernel...) of a Linear or Conv weight."""
+    if weight.dim() < 2:
+        raise ValueError(
+            f"weight must have 2+ dims (Linear or Conv), got shape {tuple(weight.shape)}"
+        )
+    return weight.reshape(weight.shape[0], -1)
+
+
+def block_scores(weight: Tensor, block_size: int | Sequence[int], p: float = 2.0) -> Tensor:
+    """p-norm of each (bs_r, bs_c) block of the weight's matrix view: (R, C), float."""
+    bs = _block_size(block_size)
+    w = _matrix_view(weight.detach())
+    r, c = _block_grid(w.shape, bs)
+    blocks = w.reshape(r, bs[0], c, bs[1]).transpose(1, 2).float()
+    return torch.linalg.vector_norm(blocks, ord=p, dim=(2, 3))
+
+
+def block_mask_from_scores(scores: Tensor, density: float, *, per_row: bool = False) -> Tensor:
+    """Keep the highest-scoring blocks: a bool (R, C) block mask with exactly
+    round(density * R * C) blocks (per_row=False), or round(density * C) in every block row
+    (per_row=True: equal work per row, which balances the kernels' threads). Ties go to the
+    lower index, so the result is deterministic."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be a 2-D (R, C) block grid, got shape {tuple(scores.shape)}")
+    if not 0.0 <= float(density) <= 1.0:
+        raise ValueError(f"density must lie in [0, 1], got {density}")
+    r, c = scores.shape
+    mask = torch.zeros(r, c, dtype=torch.bool, device=scores.device)
+    flat = scores.detach().float().reshape(r if per_row else 1, -1)
+    keep = round(float(density) * flat.shape[1])
+    if keep:
+        # stable sort of -score: equal scores keep index order
+        idx = torch.sort(-flat, dim=1, stable=True).indices[:, :keep]
+        mask.view(flat.shape).scatter_(1, idx, True)
+    return mask
+
+
+def block_mask_from_mask(mask: Tensor, block_size: int | Sequence[int]) -> Tensor:
+    """The (R, C) block mask of an element mask of the weight's shape (2-D, or a conv
+    weight's 4-D shape); ValueError when the mask is not constant inside every block."""
+    bs = _block_size(block_size)
+    m = _matrix_view(mask) != 0
+    r, c = _block_grid(m.shape, bs)
+    tiles = m.reshape(r, bs[0], c, bs[1])
+    anyb, allb = tiles.any(dim=(1, 3)), tiles.all(dim=(1, 3))
+    if not torch.equal(anyb, allb):
+        bad = (anyb & ~allb).nonzero()[0].tolist()
+        raise ValueError(
+            f"mask is not aligned to {bs[0]}x{bs[1]} blocks: block (row {bad[0]}, col {bad[1]}) "
+            f"is partly kept ({int(anyb.ne(allb).sum())} mixed blocks in all); build it with "
+            "block_mask_from_scores or sparsecore.prune.structured.block_mask"
+        )
+    return anyb
+
+
+def expand_block_mask(block_mask: Tensor, block_size: int | Sequence[int]) -> Tensor:
+    """Element mask (R * bs_r, C * bs_c) of a bool (R, C) block mask."""
+    br, bc = _block_size(block_size)
+    return block_mask.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+
+
+def bsr_structure(block_mask: Tensor) -> dict[str, Tensor]:
+    """Index arrays (int32, on block_mask's device) of the BSR with this (R, C) block mask:
+    col_idx, row_ptr, block_row (blocks in row-major order), and the transpose's t_perm
+    (which stored block sits at each position of W^T's block-row order), t_col_idx (its
+    block column = W's block row) and t_row_ptr."""
+    if block_mask.dim() != 2 or block_mask.dtype != torch.bool:
+        raise ValueError(
+            f"block_mask must be a 2-D bool (R, C) tensor, got {block_mask.dtype} "
+            f"of shape {tuple(block_mask.shape)}"
+        )
+    r, c = block_mask.shape
+    rows, cols = block_mask.nonzero(as_tuple=True)  # row-major
+    t_perm = torch.argsort(cols * r + rows)
+    i32 = torch.int32
+
+    def ptr(counts: Tensor) -> Tensor:
+        return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(i32)
+
+    return {
+        "col_idx": cols.to(i32),
+        "row_ptr": ptr(torch.bincount(rows, minlength=r)),
+        "block_row": rows.to(i32),
+        "t_perm": t_perm.to(i32),
+        "t_col_idx": rows[t_perm].to(i32),
+        "t_row_ptr": ptr(torch.bincount(cols, minlength=c)),
+    }
+
+
+@dataclass
+class BSRWeight:
+    """A (n_out, n_in) weight in block-sparse row format with (bs_r, bs_c) blocks.
+
+    blocks: (nnzb, bs_r, bs_c), the kept blocks in row-major block order; col_idx, block_row:
+    int32 (nnzb,); row_ptr: int32 (R + 1,) with R = n_out / bs_r; the transpose (for the
+    input gradient dX = dY W) without copying blocks: t_perm, t_col_idx: int32 (nnzb,),
+    t_row_ptr: int32 (C + 1,) with C = n_in / bs_c. Square blocks (8..128) and rectangular
+    ones (1x16, 16x1, ...) alike; the block must divide both dimensions.
+    """
+
+    shape: tuple[int, int]
+    block_size: BlockSize
+    blocks: Tensor
+    col_idx: Tensor
+    row_ptr: Tensor
+    block_row: Tensor
+    t_perm: Tensor
+    t_col_idx: Tensor
+    t_row_ptr: Tensor
+
+    def __post_init__(self) -> None:
+        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        self.block_size = _block_size(self.block_size)
+        self.validate()
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: Tensor,
+        block_mask: Tensor | None = None,
+        *,
+        block_size: int | Sequence[int] = 32,
+        density: float | None = None,
+    ) -> BSRWeight:
+        """BSR of a Linear weight (n_out, n_in) or a conv weight (viewed as (C_out, C_in*kh*kw)).
+
+        block_mask: bool (R, C) block mask, or an element mask of the weight's shape that is
+        constant inside every block; or density: keep that fraction of blocks by L2 norm; or
+        neither: keep every block that holds a nonzero.
+        """
+        bs = _block_size(block_size)
+        w = _matrix_view(weight.detach())
+        r, c = _block_grid(w.shape, bs)
+        if block_mask is not None and density is not None:
+            raise ValueError("give block_mask= or density=, not both")
+        if density is not None:
+            bm = block_mask_from_scores(block_scores(w, bs), density)
+        elif block_mask is None:
+            bm = (w.reshape(r, bs[0], c, bs[1]) != 0).any(dim=(1, 3))
+        elif tuple(block_mask.shape) == (r, c):
+            bm = block_mask.to(torch.bool)
+        elif block_mask.numel() == w.numel() and block_mask.shape[0] == w.shape[0]:
+            bm = block_mask_from_mask(block_mask, bs)
+        else:
+            raise ValueError(
+                f"block_mask must be the ({r}, {c}) block grid of the {w.shape[0]}x{w.shape[1]} "
+                f"weight with {bs[0]}x{bs[1]} blocks, or an element mask of shape "
+                f"{tuple(weight.shape)}; got {tuple(block_mask.shape)}"
+            )
+        bm = bm.to(w.device)
+        st = bsr_structure(bm)
+        rows, cols = st["block_row"].long(), st["col_idx"].long()
+        blocks = w.reshape(r, bs[0], c, bs[1]).transpose(1, 2)[rows, cols].contiguous()
+        return cls(tuple(w.shape), bs, blocks, **st)
+
+    @property
+    def nnzb(self) -> int:
+        return int(self.col_idx.numel())
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(R, C): block rows and block columns."""
+        return self.shape[0] // self.block_size[0], self.shape[1] // self.block_size[1]
+
+    @property
+    def density(self) -> float:
+        r, c = self.grid
+        return self.nnzb / (r * c) if r * c else 0.0
+
+    def block_mask(self) -> Tensor:
+        """bool (R, C): which blocks are kept."""
+        m = torch.zeros(self.grid, dtype=torch.bool, device=self.blocks.device)
+        m[self.block_row.long(), self.col_idx.long()] = True
+        return m
+
+    def to_dense(self) -> Tensor:
+        """The (n_out, n_in) dense weight (zeros outside the kept blocks)."""
+        (r, c), (br, bc) = self.grid, self.block_size
+        out = self.blocks.new_zeros(r, c, br, bc)
+        out[self.block_row.long(), self.col_idx.long()] = self.blocks
+        return out.transpose(1, 2).reshape(self.shape)
+
+    def validate(self) -> None:
+        """ValueError naming the field when shapes, dtypes, devices or indices disagree."""
+        r, c = _block_grid(self.shape, self.block_size)
+        br, bc = self.block_size
+        b = self.blocks
+        if b.dim() != 3 or tuple(b.shape[1:]) != (br, bc):
+            raise ValueError(f"blocks must have shape (nnzb, {br}, {bc}), got {tuple(b.shape)}")
+        if not b.is_floating_point():
+            raise ValueError(f"blocks must be floating point, got {b.dtype}")
+        nnzb = b.shape[0]
+        if nnzb > r * c:
+            raise ValueError(f"{nnzb} blocks exceed the {r}x{c} block grid")
+        expect = {
+            "col_idx": nnzb, "row_ptr": r + 1, "block_row": nnzb,
+            "t_perm": nnzb, "t_col_idx": nnzb, "t_row_ptr": c + 1,
+        }  # fmt: skip
+        for name, n in expect.items():
+            t = getattr(self, name)
+            if t.dtype != torch.int32 or t.dim() != 1 or t.numel() != n:
+                raise ValueError(
+                    f"{name} must be int32 of shape ({n},), got {t.dtype} of shape {tuple(t.shape)}"
+                )
+            if t.device != b.device:
+                raise ValueError(f"{name} is on {t.device} but blocks are on {b.device}")
+        for name, ptr in (("row_ptr", self.row_ptr), ("t_row_ptr", self.t_row_ptr)):
+            if int(ptr[0]) != 0 or int(ptr[-1]) != nnzb or bool((ptr[1:] < ptr[:-1]).any()):
+                raise ValueError(f"{name} must rise monotonically from 0 to nnzb={nnzb}")
+        for name, idx, hi in (("col_idx", self.col_idx, c), ("block_row", self.block_row, r),
+                              ("t_perm", self.t_perm, nnzb), ("t_col_idx", self.t_col_idx, r)):
+            if nnzb and (int(idx.min()) < 0 or int(idx.max()) >= hi):
+                raise ValueError(f"{name} has entries outside [0, {hi})")
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(r, device=b.device), counts)
+        if not torch.equal(rows, self.block_row.long()):
+            raise ValueError("block_row does not match row_ptr")
+        key = rows * c + self.col_idx.long()
+        if bool((key[1:] <= key[:-1]).any()):
+            raise ValueError("col_idx must increase strictly inside every block row")
+        st = bsr_structure(self.block_mask())
+        for name in ("t_perm", "t_col_idx", "t_row_ptr"):
+            if not torch.equal(getattr(self, name), st[name]):
+                raise ValueError(f"{name} is not the transpose of (row_ptr, col_idx)")
