@@ -227,7 +227,7 @@ at::Tensor block_panels(const at::Tensor& x_in, int64_t w, int64_t wpad) {
   at::Tensor out = at::empty({C, B, wpad}, x.options());
   const T* src = x.const_data_ptr<T>();
   T* dst = out.data_ptr<T>();
-#pragma omp parallel for schedule(static) num_threads(threads_for(B * K))
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads_for(B * K))
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t b = 0; b < B; ++b) {
       T* d = dst + (c * B + b) * wpad;
