@@ -13,6 +13,30 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(sparsecore, m) {
   // --- csr (unstructured sparse Linear / Conv2d) ---
+  // W (n_rows x n_cols) in CSR: row o keeps col_idx[row_ptr[o]:row_ptr[o+1]] (strictly
+  // increasing) with values; row_order is a permutation (longest rows first), the schedule of
+  // the small-batch kernels.
+  // `tiling` (from csr_tiling_cpu, which depends only on the sparsity pattern) lets a call skip
+  // re-laying the nonzeros out tile-major; without it each call builds one.
+  m.def("csr_tiling_cpu(Tensor col_idx, Tensor row_ptr, int n_cols) -> Tensor");
+  // Y = X W^T for W (n_out x K). The input gradient dX = dY W is the same op on the transposed
+  // CSR.
+  m.def("csr_dsd_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor row_order, "
+        "Tensor? tiling, int n_out) -> Tensor");
+  // dvalues[k] = sum_b dy[b, row(k)] * x[b, col_idx[k]] -> (nnz,).
+  m.def("csr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor row_order, "
+        "Tensor? tiling) -> Tensor");
+  // Conv2d (groups = 1) with W = weight.view(C_out, C_in*kh*kw) in CSR; the input gradient
+  // takes the transposed CSR (C_in*kh*kw x C_out).
+  m.def("csr_conv2d_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, "
+        "Tensor? tiling, int[] weight_shape, int[] stride, int[] padding, int[] dilation) "
+        "-> Tensor");
+  m.def("csr_conv2d_dx_cpu(Tensor dy, Tensor t_values, Tensor t_col_idx, "
+        "Tensor t_row_ptr, Tensor? t_tiling, int[] weight_shape, int[] input_hw, int[] stride, "
+        "int[] padding, int[] dilation) -> Tensor");
+  m.def("csr_conv2d_dw_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, "
+        "Tensor? tiling, int[] weight_shape, int[] stride, int[] padding, int[] dilation) "
+        "-> Tensor");
   // --- bsr (block-sparse Linear / Conv2d) ---
   // Y = X W^T for a BSR W (n_out x K): block row r keeps blocks p in [row_ptr[r], row_ptr[r+1])
   // at block column col_idx[p]; W_p = blocks[block_idx[p] or p], transposed when trans_blocks

@@ -20,10 +20,9 @@ _warned = False
 
 def _load_cpu() -> None:
     global _cpu_loaded, _cpu_error, _warned
-    if os.environ.get("SPARSECORE_DISABLE_EXT", "0") == "1":
-        _cpu_error = "disabled by SPARSECORE_DISABLE_EXT=1"
-        return
     try:
+        if os.environ.get("SPARSECORE_DISABLE_EXT", "0") == "1":
+            raise ImportError("disabled by SPARSECORE_DISABLE_EXT=1")
         import torch  # noqa: F401  (loads libtorch, which _C links against)
 
         importlib.import_module("sparsecore._C")

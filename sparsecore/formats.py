@@ -7,6 +7,7 @@ or a conv weight viewed as (C_out, C_in*kh*kw)) and `to_dense` gives the weight 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -270,3 +271,231 @@ class BSRWeight:
         for name in ("t_perm", "t_col_idx", "t_row_ptr"):
             if not torch.equal(getattr(self, name), st[name]):
                 raise ValueError(f"{name} is not the transpose of (row_ptr, col_idx)")
+
+
+# ---------------------------------------------------------------------------------------
+# CSR: unstructured sparse weights
+# ---------------------------------------------------------------------------------------
+# The weight's matrix view W (n_rows, n_cols) (a Linear weight, or a conv weight viewed as
+# (C_out, C_in*kh*kw)) keeps nonzeros k in [row_ptr[r], row_ptr[r+1]) at col_idx[k],
+# strictly increasing inside a row. Besides values / col_idx / row_ptr it carries what the
+# kernels need, all int32: row_idx (the row of every nonzero, for the SDDMM), row_order (rows
+# by decreasing length: the schedule of the small-batch and GPU kernels), the transpose for
+# the input gradient dX = dY W (values[t_perm] is W^T's values in CSR order, with t_col_idx /
+# t_row_ptr / t_row_order), and, built on first use on the CPU, the C++ kernels' tile-major
+# layouts of W and W^T (see csrc/cpu/csr.cpp), which depend only on the sparsity pattern.
+
+_CSR_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT32_MAX = 2**31 - 1
+# The int32 index arrays derived from (col_idx, row_ptr); a CSRWeight and the layers that
+# store one keep exactly these.
+CSR_INDEX_FIELDS = ("col_idx", "row_ptr", "row_idx", "row_order",
+                    "t_perm", "t_col_idx", "t_row_ptr", "t_row_order")  # fmt: skip
+
+
+def _length_order(ptr: Tensor) -> Tensor:
+    """Rows of a CSR by decreasing length (stable: ties keep index order), int32."""
+    return torch.argsort(ptr[1:] - ptr[:-1], descending=True, stable=True).to(torch.int32)
+
+
+def csr_structure(col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> dict[str, Tensor]:
+    """Every index array of CSR_INDEX_FIELDS (int32) from a valid (col_idx, row_ptr)."""
+    i32 = torch.int32
+    n_rows = row_ptr.numel() - 1
+    lengths = (row_ptr[1:] - row_ptr[:-1]).long()
+    rows = torch.repeat_interleave(
+        torch.arange(n_rows, device=row_ptr.device), lengths, output_size=col_idx.numel()
+    )
+    cols = col_idx.long()
+    # CSC order: by column, then by row (stable, and rows already ascend in CSR order).
+    t_perm = torch.argsort(cols, stable=True)
+    counts = torch.bincount(cols, minlength=n_cols)
+    t_row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(i32)
+    return {
+        "col_idx": col_idx.to(i32),
+        "row_ptr": row_ptr.to(i32),
+        "row_idx": rows.to(i32),
+        "row_order": _length_order(row_ptr),
+        "t_perm": t_perm.to(i32),
+        "t_col_idx": rows[t_perm].to(i32),
+        "t_row_ptr": t_row_ptr,
+        "t_row_order": _length_order(t_row_ptr),
+    }
+
+
+def _check_csr(values: Tensor, col_idx: Tensor, row_ptr: Tensor, shape: tuple[int, ...]) -> None:
+    """ValueError naming the field when values / col_idx / row_ptr do not form a CSR matrix."""
+    for name, t in (("values", values), ("col_idx", col_idx), ("row_ptr", row_ptr)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if values.dtype not in _CSR_VALUE_DTYPES:
+        raise ValueError(f"values must be float16/bfloat16/float32/float64, got {values.dtype}")
+    for name, t in (("col_idx", col_idx), ("row_ptr", row_ptr)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.device != values.device:
+            raise ValueError(f"{name} is on {t.device} but values are on {values.device}")
+    if len(shape) < 2 or min(shape) < 0:
+        raise ValueError(f"shape must have 2+ non-negative dims, got {shape}")
+    n_rows, n_cols, nnz = shape[0], math.prod(shape[1:]), values.numel()
+    if max(nnz, n_cols, n_rows) > _INT32_MAX:
+        raise ValueError(f"nnz, rows and columns must fit int32 (got {nnz}, {n_rows}, {n_cols})")
+    if col_idx.numel() != nnz:
+        raise ValueError(f"col_idx has {col_idx.numel()} entries but values has {nnz}")
+    if row_ptr.numel() != n_rows + 1:
+        raise ValueError(f"row_ptr must have n_rows + 1 = {n_rows + 1} entries, "
+                         f"got {row_ptr.numel()}")
+    ptr = row_ptr.long()
+    if int(ptr[0]) != 0 or int(ptr[-1]) != nnz:
+        raise ValueError(f"row_ptr must start at 0 and end at nnz = {nnz}, "
+                         f"got {int(ptr[0])} .. {int(ptr[-1])}")
+    if bool((ptr[1:] < ptr[:-1]).any()):
+        r = int((ptr[1:] < ptr[:-1]).nonzero()[0])
+        raise ValueError(f"row_ptr must be non-decreasing (row_ptr[{r + 1}] < row_ptr[{r}])")
+    if nnz:
+        cols = col_idx.long()
+        if int(cols.min()) < 0 or int(cols.max()) >= n_cols:
+            raise ValueError(f"col_idx has entries outside [0, {n_cols})")
+        rows = torch.repeat_interleave(torch.arange(n_rows, device=ptr.device), ptr.diff())
+        if bool(((rows[1:] == rows[:-1]) & (cols[1:] <= cols[:-1])).any()):
+            raise ValueError("col_idx must increase strictly inside every row "
+                             "(sorted, no duplicates)")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("values contain NaN or Inf")
+
+
+class CSRWeight:
+    """A weight whose matrix view (n_rows, n_cols) is stored in CSR (see the section notes).
+
+    shape: the weight's own shape, (out, in) for Linear or (C_out, C_in, kh, kw) for a conv
+    (n_rows = shape[0], n_cols = the product of the rest). values: (nnz,) float; col_idx,
+    row_ptr: int32 (int64 accepted and converted); the other index arrays are derived. The
+    constructor validates (ValueError naming the field); `check=False` skips that for arrays
+    already validated (the layers' buffers).
+    """
+
+    def __init__(self, values: Tensor, col_idx: Tensor, row_ptr: Tensor, shape: Sequence[int],
+                 *, check: bool = True, derived: dict[str, Tensor] | None = None,
+                 tilings: tuple[Tensor | None, Tensor | None] = (None, None)) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        if check:
+            _check_csr(values, col_idx, row_ptr, self.shape)
+        self.values = values
+        fields = derived if derived is not None else csr_structure(col_idx, row_ptr, self.n_cols)
+        for name in CSR_INDEX_FIELDS:
+            setattr(self, name, fields[name])
+        self.tiling, self.t_tiling = tilings
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> CSRWeight:
+        """CSR of a Linear weight (out, in) or a conv weight (C_out, C_in, kh, kw).
+
+        mask: bool (or 0/1) of the weight's shape; the kept positions are stored even where
+        the weight is 0 (they keep training). Without a mask the nonzeros are kept. Raises
+        ValueError for a mask of another shape or device, and for NaN/Inf kept weights.
+        """
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            raise ValueError(f"weight must be a floating-point tensor, got {type(weight).__name__}"
+                             + (f" of {weight.dtype}" if isinstance(weight, Tensor) else ""))
+        w = _matrix_view(weight.detach())
+        if mask is None:
+            keep = w != 0
+        else:
+            if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(weight.shape):
+                got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"mask shape {got} does not match weight shape "
+                                 f"{tuple(weight.shape)}")
+            if mask.device != weight.device:
+                raise ValueError(f"mask is on {mask.device} but the weight is on {weight.device}")
+            if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError("mask must be bool or hold only 0 and 1")
+            keep = mask.reshape(w.shape) != 0
+        values = w[keep]
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("weight has NaN or Inf at kept positions")
+        counts = keep.sum(1)
+        row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        col_idx = keep.nonzero()[:, 1].to(torch.int32)  # row-major: columns ascend per row
+        return cls(values.contiguous(), col_idx, row_ptr, weight.shape, check=False)
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_cols(self) -> int:
+        return math.prod(self.shape[1:])
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        total = self.n_rows * self.n_cols
+        return self.nnz / total if total else 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def mask(self) -> Tensor:
+        """bool, the weight's shape: the kept positions."""
+        m = torch.zeros(self.n_rows, self.n_cols, dtype=torch.bool, device=self.device)
+        m[self.row_idx.long(), self.col_idx.long()] = True
+        return m.view(self.shape)
+
+    def to_dense(self, values: Tensor | None = None) -> Tensor:
+        """The dense weight (the original shape, zeros where pruned); differentiable in
+        `values` (this weight's values when not given)."""
+        v = self.values if values is None else values
+        w = v.new_zeros(self.n_rows, self.n_cols)
+        return w.index_put((self.row_idx.long(), self.col_idx.long()), v).view(self.shape)
+
+    def transposed_values(self, values: Tensor | None = None) -> Tensor:
+        """W^T's values in its CSR order: values[t_perm]."""
+        v = self.values if values is None else values
+        return v.index_select(0, self.t_perm)
+
+    def cpu_tilings(self) -> tuple[Tensor | None, Tensor | None]:
+        """The C++ kernels' tile-major layouts of W and W^T, built once (None off the CPU or
+        without the extension)."""
+        if self.tiling is None and self.device.type == "cpu":
+            from sparsecore import _ext
+
+            if _ext.has_cpu_ext():
+                tile = torch.ops.sparsecore.csr_tiling_cpu
+                self.tiling = tile(self.col_idx, self.row_ptr, self.n_cols)
+                self.t_tiling = tile(self.t_col_idx, self.t_row_ptr, self.n_rows)
+        return self.tiling, self.t_tiling
+
+    def with_values(self, values: Tensor) -> CSRWeight:
+        """The same structure with other values (e.g. a layer's Parameter); no copy, no check."""
+        if values.shape != self.values.shape:
+            raise ValueError(f"values must have shape ({self.nnz},), got {tuple(values.shape)}")
+        fields = {n: getattr(self, n) for n in CSR_INDEX_FIELDS}
+        return CSRWeight(values, self.col_idx, self.row_ptr, self.shape, check=False,
+                         derived=fields, tilings=(self.tiling, self.t_tiling))
+
+    def to(self, *args: object, **kwargs: object) -> CSRWeight:
+        """Like Tensor.to: a device moves every array, a dtype converts the values only."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype not in _CSR_VALUE_DTYPES:
+            raise ValueError(f"values must stay floating point, got dtype {dtype}")
+        values = self.values.to(device=device, dtype=dtype, non_blocking=non_blocking)
+        fields = {n: getattr(self, n).to(device=device, non_blocking=non_blocking)
+                  for n in CSR_INDEX_FIELDS}
+        moved = device is not None and torch.device(device) != self.device
+        tilings = (None, None) if moved else (self.tiling, self.t_tiling)
+        return CSRWeight(values, fields["col_idx"], fields["row_ptr"], self.shape, check=False,
+                         derived=fields, tilings=tilings)
+
+    def __repr__(self) -> str:
+        return (f"CSRWeight(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "
+                f"dtype={self.dtype}, device={self.device})")

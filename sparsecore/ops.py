@@ -5,13 +5,20 @@ references, each dispatched among backends by sparsecore._dispatch (forced with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from sparsecore import _ext
-from sparsecore._dispatch import Backend, Dispatcher, tensor_reasons, triton_reasons
+from sparsecore._dispatch import (
+    Backend,
+    Dispatcher,
+    forced_backend,
+    tensor_reasons,
+    triton_reasons,
+)
 
 # ---------------------------------------------------------------------------------------
 # BSR: block-sparse x dense (dsd), block SDDMM, and Conv2d on the BSR matrix view
@@ -58,16 +65,16 @@ def _bsr_logical_blocks(blocks: Tensor, block_idx: Tensor | None, trans_blocks: 
     return w.transpose(1, 2) if trans_blocks else w
 
 
-def _bsr_im2col(x: Tensor, kernel: list[int], stride: list[int], padding: list[int],
+def _im2col_rows(x: Tensor, kernel: list[int], stride: list[int], padding: list[int],
                 dilation: list[int]) -> Tensor:
     """im2col rows (B*Ho*Wo, C*kh*kw) of x (B, C, H, W), (b, oy, ox) x (c, i, j) order."""
     cols = torch.nn.functional.unfold(x, kernel, dilation, padding, stride)  # (B, CK, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _bsr_col2im(dcols: Tensor, x_shape: list[int], kernel: list[int], stride: list[int],
+def _col2im_rows(dcols: Tensor, x_shape: list[int], kernel: list[int], stride: list[int],
                 padding: list[int], dilation: list[int]) -> Tensor:
-    """The adjoint of _bsr_im2col: (B, C, H, W) from (B*Ho*Wo, C*kh*kw)."""
+    """The adjoint of _im2col_rows: (B, C, H, W) from (B*Ho*Wo, C*kh*kw)."""
     d = dcols.view(x_shape[0], -1, dcols.shape[1]).transpose(1, 2)
     return torch.nn.functional.fold(d, x_shape[2:], kernel, dilation, padding, stride)
 
@@ -186,7 +193,7 @@ def _bsr_conv2d_im2col(dsd: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
     def run(x: Tensor, blocks: Tensor, col_idx: Tensor, row_ptr: Tensor, kernel: list[int],
             stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-        cols = _bsr_im2col(x, kernel, stride, padding, dilation)
+        cols = _im2col_rows(x, kernel, stride, padding, dilation)
         n_out = (row_ptr.numel() - 1) * blocks.shape[1]
         return dsd(cols, blocks, col_idx, row_ptr, None, False, n_out)
 
@@ -201,7 +208,7 @@ def _bsr_conv2d_dx_col2im(dsd: Callable[..., Tensor]) -> Callable[..., Tensor]:
             dilation: list[int]) -> Tensor:
         k = x_shape[1] * kernel[0] * kernel[1]
         dcols = dsd(dy2, blocks, t_col_idx, t_row_ptr, t_perm, True, k)
-        return _bsr_col2im(dcols, x_shape, kernel, stride, padding, dilation)
+        return _col2im_rows(dcols, x_shape, kernel, stride, padding, dilation)
 
     return run
 
@@ -212,7 +219,7 @@ def _bsr_conv2d_dw_im2col(sddmm: Callable[..., Tensor]) -> Callable[..., Tensor]
     def run(dy2: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tensor,
             bs_r: int, bs_c: int, kernel: list[int], stride: list[int], padding: list[int],
             dilation: list[int]) -> Tensor:
-        cols = _bsr_im2col(x, kernel, stride, padding, dilation)
+        cols = _im2col_rows(x, kernel, stride, padding, dilation)
         return sddmm(dy2, cols, row_ptr, col_idx, block_row, bs_r, bs_c)
 
     return run
@@ -339,3 +346,429 @@ def _(dy2: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tenso
       bs_c: int, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
       dilation: Sequence[int]) -> Tensor:
     return dy2.new_empty(col_idx.shape[0], bs_r, bs_c)
+
+
+# ---------------------------------------------------------------------------------------
+# CSR: unstructured sparse x dense (dsd), SDDMM, and Conv2d on the CSR matrix view
+# ---------------------------------------------------------------------------------------
+# Backends: "dense" (the reference on the densified weight, chosen on the CPU above the
+# measured crossover density, where MKL's dense product beats the sparse kernel), "cpp"
+# (csrc/cpu/csr.cpp: tile-major CSR walk over feature-major packed operands, OpenMP;
+# conv as im2col + the same walk, sample by sample; CPU float32/float64), "triton"
+# (kernels/csr.py; CUDA float32/float16/bfloat16, or CPU under TRITON_INTERPRET=1 when
+# forced; conv through an im2col matrix), "reference" (dense torch on the densified weight:
+# the fallback and the oracle of every test).
+#
+# `tiling` arguments are the C++ kernels' tile-major layouts (CSRWeight.cpu_tilings());
+# None makes the C++ backend build one per call, and the other backends ignore them.
+_CSR_CPP_DTYPES = (torch.float32, torch.float64)
+_CSR_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Dense crossover on the CPU: the sparse kernels run from this sparsity up (below it the
+# "dense" backend runs the reference, i.e. MKL/oneDNN on the densified weight). Measured
+# with `python -m bench layers` on an AMD EPYC (Zen 3, 2 cores), float32, fwd and fwd+bwd:
+# see the bench's crossover note; the product reaches parity with dense around these
+# sparsities (a batch below 8 runs the gather kernel, which beats dense GEMV from ~30%).
+CSR_DENSE_BELOW = {"linear": 0.6, "linear_small_batch": 0.3, "conv": 0.6}
+
+
+def _csr_cpp_reasons(*tensors: Tensor) -> list[str]:
+    why = [] if _ext.has_cpu_ext() else [f"C++ extension not loaded ({_ext.cpu_ext_error()})"]
+    return why + tensor_reasons(tensors, devices=("cpu",), dtypes=_CSR_CPP_DTYPES)
+
+
+def _csr_dense_reasons(kind: str, tensor: Tensor, nnz: int, n_rows: int, n_cols: int) -> list[str]:
+    """Why the dense fallback is not chosen: off the CPU, or sparse enough for the kernels
+    (it always runs when forced with use_backend("dense"))."""
+    if forced_backend() == "dense":
+        return []
+    if tensor.device.type != "cpu":
+        return ["the dense crossover is measured on the CPU only"]
+    total = n_rows * n_cols
+    sparsity = 1.0 - nnz / total if total else 1.0
+    if sparsity >= CSR_DENSE_BELOW[kind]:
+        return [f"sparsity {sparsity:.2f} is at or above the {kind} crossover "
+                f"{CSR_DENSE_BELOW[kind]:.2f} (the sparse kernels win there)"]
+    return []
+
+
+def _csr_rows(row_ptr: Tensor, nnz: int) -> Tensor:
+    """Row (int64) of every nonzero from row_ptr."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    return torch.repeat_interleave(
+        torch.arange(counts.numel(), device=row_ptr.device), counts, output_size=nnz
+    )
+
+
+def _csr_dense(values: Tensor, col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> Tensor:
+    """The dense (n_rows, n_cols) matrix of a CSR."""
+    rows = _csr_rows(row_ptr, values.numel())
+    out = values.new_zeros(row_ptr.numel() - 1, n_cols)
+    return out.index_put_((rows, col_idx.long()), values)
+
+
+def _check_same(op: str, a: Tensor, b: Tensor, what: str) -> None:
+    if a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"sparsecore.{op}: {what} are {a.dtype} on {a.device} and {b.dtype} on "
+                         f"{b.device}; they must match")
+
+
+# ---- csr_dsd
+def _csr_dsd_reference(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
+                       row_order: Tensor, tiling: Tensor | None, n_out: int) -> Tensor:
+    return x @ _csr_dense(values, col_idx, row_ptr, x.shape[1]).t()
+
+
+def _csr_dsd_triton(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
+                    row_order: Tensor, tiling: Tensor | None, n_out: int) -> Tensor:
+    from sparsecore.kernels.csr import spmm
+
+    return spmm(x, values, col_idx, row_ptr, n_out, row_order)
+
+
+def _csr_dsd_dense_reasons(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
+                           *_: object) -> list[str]:
+    kind = "linear" if x.shape[0] >= 8 else "linear_small_batch"
+    return _csr_dense_reasons(kind, x, values.numel(), row_ptr.numel() - 1, x.shape[1])
+
+
+_csr_dsd_dispatch = Dispatcher(
+    "csr_dsd",
+    [
+        Backend("dense", _csr_dsd_dense_reasons, _csr_dsd_reference),
+        Backend("cpp", lambda x, values, *_: _csr_cpp_reasons(x, values),
+                lambda x, values, *a: torch.ops.sparsecore.csr_dsd_cpu(x, values.contiguous(),
+                                                                       *a)),
+        Backend("triton", lambda x, values, *_: triton_reasons([x, values], _CSR_TRITON_DTYPES),
+                _csr_dsd_triton),
+        Backend("reference", _always, _csr_dsd_reference),
+    ],
+)
+
+
+def _check_dsd(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_order: Tensor,
+               n_out: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"sparsecore.csr_dsd: x must be 2-D (B, K), got shape {tuple(x.shape)}")
+    _check_same("csr_dsd", x, values, "x and values")
+    if col_idx.shape != values.shape or row_ptr.shape != (n_out + 1,) or \
+            row_order.shape != (n_out,):
+        raise ValueError(
+            f"sparsecore.csr_dsd: expected col_idx {tuple(values.shape)}, row_ptr ({n_out + 1},) "
+            f"and row_order ({n_out},); got {tuple(col_idx.shape)}, {tuple(row_ptr.shape)}, "
+            f"{tuple(row_order.shape)}"
+        )
+
+
+@torch.library.custom_op("sparsecore::csr_dsd", mutates_args=())
+def csr_dsd(
+    x: Tensor,
+    values: Tensor,
+    col_idx: Tensor,
+    row_ptr: Tensor,
+    row_order: Tensor,
+    tiling: Tensor | None,
+    n_out: int,
+) -> Tensor:
+    """Y = X W^T, (B, n_out), for x (B, K) (any strides) and W (n_out, K) in CSR (values,
+    col_idx, row_ptr, row_order as in CSRWeight; tiling from CSRWeight.cpu_tilings() or None).
+    With the transpose's arrays (values[t_perm], t_col_idx, t_row_ptr, t_row_order, t_tiling,
+    n_out=K) it is the input gradient dX = dY W."""
+    _check_dsd(x, values, col_idx, row_ptr, row_order, n_out)
+    return _csr_dsd_dispatch(x, values, col_idx, row_ptr, row_order, tiling, n_out)
+
+
+@csr_dsd.register_fake
+def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_order: Tensor,
+      tiling: Tensor | None, n_out: int) -> Tensor:
+    _check_dsd(x, values, col_idx, row_ptr, row_order, n_out)
+    return x.new_empty(x.shape[0], n_out)
+
+
+# ---- csr_sddmm
+def _csr_sddmm_reference(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                         row_idx: Tensor, row_order: Tensor, tiling: Tensor | None) -> Tensor:
+    return (dy.t() @ x)[row_idx.long(), col_idx.long()]
+
+
+def _csr_sddmm_triton(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                      row_idx: Tensor, row_order: Tensor, tiling: Tensor | None) -> Tensor:
+    from sparsecore.kernels.csr import sddmm
+
+    return sddmm(dy, x, row_idx, col_idx)
+
+
+def _csr_sddmm_dense_reasons(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                             *_: object) -> list[str]:
+    kind = "linear" if x.shape[0] >= 8 else "linear_small_batch"
+    return _csr_dense_reasons(kind, x, col_idx.numel(), dy.shape[1], x.shape[1])
+
+
+_csr_sddmm_dispatch = Dispatcher(
+    "csr_sddmm",
+    [
+        Backend("dense", _csr_sddmm_dense_reasons, _csr_sddmm_reference),
+        Backend("cpp", lambda dy, x, *_: _csr_cpp_reasons(dy, x),
+                lambda dy, x, row_ptr, col_idx, row_idx, row_order, tiling:
+                torch.ops.sparsecore.csr_sddmm_cpu(dy, x, row_ptr, col_idx, row_order, tiling)),
+        Backend("triton", lambda dy, x, *_: triton_reasons([dy, x], _CSR_TRITON_DTYPES),
+                _csr_sddmm_triton),
+        Backend("reference", _always, _csr_sddmm_reference),
+    ],
+)
+
+
+def _check_sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
+                 row_order: Tensor) -> None:
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"sparsecore.csr_sddmm: dy (B, N) and x (B, K) must be 2-D with one B, "
+                         f"got {tuple(dy.shape)} and {tuple(x.shape)}")
+    _check_same("csr_sddmm", dy, x, "dy and x")
+    n = dy.shape[1]
+    if row_ptr.shape != (n + 1,) or row_idx.shape != col_idx.shape or row_order.shape != (n,):
+        raise ValueError(
+            f"sparsecore.csr_sddmm: expected row_ptr ({n + 1},), row_idx like col_idx "
+            f"{tuple(col_idx.shape)} and row_order ({n},); got {tuple(row_ptr.shape)}, "
+            f"{tuple(row_idx.shape)}, {tuple(row_order.shape)}"
+        )
+
+
+@torch.library.custom_op("sparsecore::csr_sddmm", mutates_args=())
+def csr_sddmm(
+    dy: Tensor,
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    row_idx: Tensor,
+    row_order: Tensor,
+    tiling: Tensor | None,
+) -> Tensor:
+    """Gradient of W's values, (nnz,): out[k] = sum_b dy[b, row_idx[k]] * x[b, col_idx[k]] for
+    dy (B, N), x (B, K); the CSR arrays as in CSRWeight."""
+    _check_sddmm(dy, x, row_ptr, col_idx, row_idx, row_order)
+    return _csr_sddmm_dispatch(dy, x, row_ptr, col_idx, row_idx, row_order, tiling)
+
+
+@csr_sddmm.register_fake
+def _(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
+      row_order: Tensor, tiling: Tensor | None) -> Tensor:
+    _check_sddmm(dy, x, row_ptr, col_idx, row_idx, row_order)
+    return dy.new_empty(col_idx.shape[0])
+
+
+# ---- csr_conv2d (forward), csr_conv2d_dx, csr_conv2d_dw (its gradients)
+# The C++ backend runs im2col + the CSR walk per sample, with the sample's output pixels as
+# the vector dimension (chosen by measurement against direct convolution: see
+# csrc/cpu/csr.cpp); the others go through an im2col matrix of the whole batch.
+def _conv_geom(weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int]) -> list[list[int]]:
+    return [list(weight_shape[2:]), list(stride), list(padding), list(dilation)]
+
+
+def _conv_hw(hw: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
+             padding: Sequence[int], dilation: Sequence[int]) -> list[int]:
+    return [(hw[i] + 2 * padding[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+
+
+def _csr_conv2d_reference(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
+                          tiling: Tensor | None, weight_shape: list[int], stride: list[int],
+                          padding: list[int], dilation: list[int]) -> Tensor:
+    n_cols = math.prod(weight_shape[1:])
+    w = _csr_dense(values, col_idx, row_ptr, n_cols).view(weight_shape)
+    return torch.nn.functional.conv2d(x, w, None, stride, padding, dilation)
+
+
+def _csr_conv2d_triton(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
+                       tiling: Tensor | None, weight_shape: list[int], stride: list[int],
+                       padding: list[int], dilation: list[int]) -> Tensor:
+    from sparsecore.kernels.csr import spmm
+
+    kernel, *_ = _conv_geom(weight_shape, stride, padding, dilation)
+    cols = _im2col_rows(x, kernel, stride, padding, dilation)
+    ho, wo = _conv_hw(x.shape[2:], weight_shape, stride, padding, dilation)
+    y2 = spmm(cols, values, col_idx, row_ptr, weight_shape[0])
+    return y2.view(x.shape[0], ho, wo, weight_shape[0]).permute(0, 3, 1, 2).contiguous()
+
+
+def _csr_conv2d_dx_reference(dy: Tensor, t_values: Tensor, t_col_idx: Tensor,
+                             t_row_ptr: Tensor, t_tiling: Tensor | None,
+                             weight_shape: list[int], input_hw: list[int], stride: list[int],
+                             padding: list[int], dilation: list[int]) -> Tensor:
+    w = _csr_dense(t_values, t_col_idx, t_row_ptr, weight_shape[0]).t().reshape(weight_shape)
+    x_shape = [dy.shape[0], weight_shape[1], *input_hw]
+    return torch.nn.grad.conv2d_input(x_shape, w, dy, stride, padding, dilation)
+
+
+def _csr_conv2d_dx_triton(dy: Tensor, t_values: Tensor, t_col_idx: Tensor, t_row_ptr: Tensor,
+                          t_tiling: Tensor | None, weight_shape: list[int], input_hw: list[int],
+                          stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    from sparsecore.kernels.csr import spmm
+
+    kernel, *_ = _conv_geom(weight_shape, stride, padding, dilation)
+    dy2 = dy.permute(0, 2, 3, 1).reshape(-1, weight_shape[0])
+    dcols = spmm(dy2, t_values, t_col_idx, t_row_ptr, t_row_ptr.numel() - 1)
+    x_shape = [dy.shape[0], weight_shape[1], *input_hw]
+    return _col2im_rows(dcols, x_shape, kernel, stride, padding, dilation)
+
+
+def _csr_conv2d_dw_reference(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                             row_idx: Tensor, tiling: Tensor | None, weight_shape: list[int],
+                             stride: list[int], padding: list[int],
+                             dilation: list[int]) -> Tensor:
+    dw = torch.nn.grad.conv2d_weight(x, weight_shape, dy, stride, padding, dilation)
+    return dw.reshape(weight_shape[0], -1)[row_idx.long(), col_idx.long()]
+
+
+def _csr_conv2d_dw_triton(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                          row_idx: Tensor, tiling: Tensor | None, weight_shape: list[int],
+                          stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    from sparsecore.kernels.csr import sddmm
+
+    kernel, *_ = _conv_geom(weight_shape, stride, padding, dilation)
+    cols = _im2col_rows(x, kernel, stride, padding, dilation)
+    dy2 = dy.permute(0, 2, 3, 1).reshape(-1, weight_shape[0])
+    return sddmm(dy2, cols, row_idx, col_idx)
+
+
+def _conv_dense_reasons(t: Tensor, nnz: int, weight_shape: Sequence[int]) -> list[str]:
+    return _csr_dense_reasons("conv", t, nnz, weight_shape[0], math.prod(weight_shape[1:]))
+
+
+_csr_conv2d_dispatch = Dispatcher(
+    "csr_conv2d",
+    [
+        Backend("dense", lambda x, values, col_idx, row_ptr, tiling, ws, *_:
+                _conv_dense_reasons(x, values.numel(), ws), _csr_conv2d_reference),
+        Backend("cpp", lambda x, values, *_: _csr_cpp_reasons(x, values),
+                lambda x, values, *a: torch.ops.sparsecore.csr_conv2d_cpu(x, values.contiguous(),
+                                                                          *a)),
+        Backend("triton", lambda x, values, *_: triton_reasons([x, values], _CSR_TRITON_DTYPES),
+                _csr_conv2d_triton),
+        Backend("reference", _always, _csr_conv2d_reference),
+    ],
+)
+_csr_conv2d_dx_dispatch = Dispatcher(
+    "csr_conv2d_dx",
+    [
+        Backend("dense", lambda dy, t_values, t_col_idx, t_row_ptr, t_tiling, ws, *_:
+                _conv_dense_reasons(dy, t_values.numel(), ws), _csr_conv2d_dx_reference),
+        Backend("cpp", lambda dy, t_values, *_: _csr_cpp_reasons(dy, t_values),
+                lambda dy, t_values, *a:
+                torch.ops.sparsecore.csr_conv2d_dx_cpu(dy, t_values.contiguous(), *a)),
+        Backend("triton",
+                lambda dy, t_values, *_: triton_reasons([dy, t_values], _CSR_TRITON_DTYPES),
+                _csr_conv2d_dx_triton),
+        Backend("reference", _always, _csr_conv2d_dx_reference),
+    ],
+)
+_csr_conv2d_dw_dispatch = Dispatcher(
+    "csr_conv2d_dw",
+    [
+        Backend("dense", lambda dy, x, row_ptr, col_idx, row_idx, tiling, ws, *_:
+                _conv_dense_reasons(x, col_idx.numel(), ws), _csr_conv2d_dw_reference),
+        Backend("cpp", lambda dy, x, *_: _csr_cpp_reasons(dy, x),
+                lambda dy, x, row_ptr, col_idx, row_idx, *a:
+                torch.ops.sparsecore.csr_conv2d_dw_cpu(dy, x, row_ptr, col_idx, *a)),
+        Backend("triton", lambda dy, x, *_: triton_reasons([dy, x], _CSR_TRITON_DTYPES),
+                _csr_conv2d_dw_triton),
+        Backend("reference", _always, _csr_conv2d_dw_reference),
+    ],
+)
+
+
+def _check_conv(op: str, t: Tensor, values_or_x: Tensor, weight_shape: Sequence[int],
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"sparsecore.{op}: expected a 4-D (N, C, H, W) tensor, "
+                         f"got shape {tuple(t.shape)}")
+    _check_same(op, t, values_or_x, "the operands")
+    if len(weight_shape) != 4 or not (len(stride) == len(padding) == len(dilation) == 2):
+        raise ValueError(f"sparsecore.{op}: weight_shape must have 4 entries and stride, padding, "
+                         "dilation 2 each")
+
+
+@torch.library.custom_op("sparsecore::csr_conv2d", mutates_args=())
+def csr_conv2d(
+    x: Tensor,
+    values: Tensor,
+    col_idx: Tensor,
+    row_ptr: Tensor,
+    tiling: Tensor | None,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """conv2d(x, W) (groups=1, zero padding) for x (N, C, H, W) and the weight of shape
+    weight_shape (C_out, C, kh, kw) whose matrix view (C_out, C*kh*kw) is in CSR. Returns
+    (N, C_out, Ho, Wo), contiguous."""
+    _check_conv("csr_conv2d", x, values, weight_shape, stride, padding, dilation)
+    return _csr_conv2d_dispatch(x, values, col_idx, row_ptr, tiling, list(weight_shape),
+                                list(stride), list(padding), list(dilation))
+
+
+@csr_conv2d.register_fake
+def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, tiling: Tensor | None,
+      weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+      dilation: Sequence[int]) -> Tensor:
+    _check_conv("csr_conv2d", x, values, weight_shape, stride, padding, dilation)
+    ho, wo = _conv_hw(x.shape[2:], weight_shape, stride, padding, dilation)
+    return x.new_empty(x.shape[0], weight_shape[0], ho, wo)
+
+
+@torch.library.custom_op("sparsecore::csr_conv2d_dx", mutates_args=())
+def csr_conv2d_dx(
+    dy: Tensor,
+    t_values: Tensor,
+    t_col_idx: Tensor,
+    t_row_ptr: Tensor,
+    t_tiling: Tensor | None,
+    weight_shape: Sequence[int],
+    input_hw: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """Input gradient (N, C, H, W) of csr_conv2d from dy (N, C_out, Ho, Wo), through the
+    transposed CSR of the weight's matrix view (t_values = values[t_perm], t_col_idx,
+    t_row_ptr, t_tiling)."""
+    _check_conv("csr_conv2d_dx", dy, t_values, weight_shape, stride, padding, dilation)
+    return _csr_conv2d_dx_dispatch(dy, t_values, t_col_idx, t_row_ptr, t_tiling,
+                                   list(weight_shape), list(input_hw), list(stride),
+                                   list(padding), list(dilation))
+
+
+@csr_conv2d_dx.register_fake
+def _(dy: Tensor, t_values: Tensor, t_col_idx: Tensor, t_row_ptr: Tensor,
+      t_tiling: Tensor | None, weight_shape: Sequence[int], input_hw: Sequence[int],
+      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    _check_conv("csr_conv2d_dx", dy, t_values, weight_shape, stride, padding, dilation)
+    return dy.new_empty(dy.shape[0], weight_shape[1], *input_hw)
+
+
+@torch.library.custom_op("sparsecore::csr_conv2d_dw", mutates_args=())
+def csr_conv2d_dw(
+    dy: Tensor,
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    row_idx: Tensor,
+    tiling: Tensor | None,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """Gradient (nnz,) of the kept weights of csr_conv2d, from dy (N, C_out, Ho, Wo) and x."""
+    _check_conv("csr_conv2d_dw", dy, x, weight_shape, stride, padding, dilation)
+    return _csr_conv2d_dw_dispatch(dy, x, row_ptr, col_idx, row_idx, tiling, list(weight_shape),
+                                   list(stride), list(padding), list(dilation))
+
+
+@csr_conv2d_dw.register_fake
+def _(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
+      tiling: Tensor | None, weight_shape: Sequence[int], stride: Sequence[int],
+      padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    _check_conv("csr_conv2d_dw", dy, x, weight_shape, stride, padding, dilation)
+    return dy.new_empty(col_idx.shape[0])

@@ -1,0 +1,189 @@
+"""CSRWeight: construction, derived arrays, round trips and the errors bad input gets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsecore import has_cpu_ext
+from sparsecore.formats import CSRWeight, csr_structure
+
+CPP = pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
+SHAPES = [(37, 53), (1, 1), (5, 3, 3, 3), (16, 8, 1, 5)]
+SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
+
+
+def masked(shape: tuple[int, ...], sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random weight and a random mask of that sparsity with row 0 pruned entirely."""
+    w = torch.randn(shape, dtype=torch.float64)
+    mask = torch.rand(shape) >= sparsity
+    if sparsity > 0:
+        mask[0] = False
+    return w, mask
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_round_trip_and_derived_arrays(shape: tuple[int, ...], sparsity: float) -> None:
+    w, mask = masked(shape, sparsity)
+    csr = CSRWeight.from_dense(w, mask)
+    assert csr.shape == shape and csr.nnz == int(mask.sum())
+    assert torch.equal(csr.to_dense(), w * mask)
+    assert torch.equal(csr.mask(), mask)
+    assert csr.density == pytest.approx(mask.float().mean().item())
+    n, k = csr.n_rows, csr.n_cols
+    dense = (w * mask).reshape(n, k)
+    m2 = mask.reshape(n, k)
+    for name in ("col_idx", "row_ptr", "row_idx", "row_order", "t_perm", "t_col_idx",
+                 "t_row_ptr", "t_row_order"):
+        assert getattr(csr, name).dtype == torch.int32, name
+    lengths = m2.sum(1)
+    assert torch.equal(csr.row_idx.long(), torch.repeat_interleave(torch.arange(n), lengths))
+    # rows by decreasing length, a permutation
+    assert sorted(csr.row_order.tolist()) == list(range(n))
+    assert (lengths[csr.row_order.long()].diff() <= 0).all()
+    # the transpose is the CSR of W^T
+    t = CSRWeight.from_dense(dense.t().contiguous(), m2.t().contiguous())
+    assert torch.equal(csr.transposed_values(), t.values)
+    assert torch.equal(csr.t_col_idx, t.col_idx) and torch.equal(csr.t_row_ptr, t.row_ptr)
+    assert torch.equal(csr.t_row_order, t.row_order)
+
+
+def test_mask_keeps_zero_weights() -> None:
+    """A kept position whose weight is 0 is stored (it must keep training)."""
+    w = torch.zeros(4, 6)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[1, 2] = mask[3, 5] = True
+    csr = CSRWeight.from_dense(w, mask)
+    assert csr.nnz == 2 and csr.values.abs().sum() == 0
+    assert CSRWeight.from_dense(w).nnz == 0  # without a mask: the nonzeros
+
+
+def test_constructor_accepts_valid_int64_and_validates() -> None:
+    w, mask = masked((7, 9), 0.5)
+    ref = CSRWeight.from_dense(w, mask)
+    csr = CSRWeight(ref.values, ref.col_idx.long(), ref.row_ptr.long(), (7, 9))
+    assert csr.col_idx.dtype == torch.int32 and torch.equal(csr.to_dense(), ref.to_dense())
+
+
+def _bad(**overrides: object) -> dict[str, object]:
+    w = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])
+    ref = CSRWeight.from_dense(w)
+    args = {"values": ref.values, "col_idx": ref.col_idx, "row_ptr": ref.row_ptr,
+            "shape": (2, 3)}
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"values": torch.tensor([1, 2, 3])}, "values must be float"),
+        ({"values": torch.ones(3, 1)}, "values must be 1-D"),
+        ({"values": torch.tensor([1.0, float("nan"), 2.0])}, "NaN or Inf"),
+        ({"col_idx": torch.tensor([0.0, 2.0, 1.0])}, "col_idx must be int32 or int64"),
+        ({"col_idx": torch.tensor([0, 2], dtype=torch.int32)}, "col_idx has 2 entries"),
+        ({"col_idx": torch.tensor([0, 3, 1], dtype=torch.int32)}, r"outside \[0, 3\)"),
+        ({"col_idx": torch.tensor([2, 0, 1], dtype=torch.int32)}, "increase strictly"),
+        ({"row_ptr": torch.tensor([0, 3], dtype=torch.int32)}, "n_rows \\+ 1 = 3"),
+        ({"row_ptr": torch.tensor([1, 2, 3], dtype=torch.int32)}, "start at 0"),
+        ({"row_ptr": torch.tensor([0, 3, 2, 3], dtype=torch.int32), "shape": (3, 3)},
+         "non-decreasing"),
+        ({"shape": (2,)}, "2\\+ non-negative dims"),
+    ],
+)
+def test_constructor_errors(overrides: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CSRWeight(**_bad(**overrides))
+
+
+def test_from_dense_errors() -> None:
+    w = torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"mask shape \(5, 4\) does not match weight shape"):
+        CSRWeight.from_dense(w, torch.ones(5, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        CSRWeight.from_dense(w, torch.full((4, 5), 2.0))
+    with pytest.raises(ValueError, match="floating-point"):
+        CSRWeight.from_dense(torch.ones(4, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="2\\+ dims"):
+        CSRWeight.from_dense(torch.ones(5))
+    bad = w.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        CSRWeight.from_dense(bad)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1, 1] = False
+    assert CSRWeight.from_dense(bad, mask).nnz == 19  # a NaN at a pruned position is dropped
+
+
+def test_to_moves_and_converts() -> None:
+    w, mask = masked((6, 10), 0.7)
+    csr = CSRWeight.from_dense(w, mask)
+    f32 = csr.to(torch.float32)
+    assert f32.dtype == torch.float32 and f32.col_idx.dtype == torch.int32
+    assert torch.equal(f32.col_idx, csr.col_idx)
+    assert torch.allclose(f32.to_dense().double(), csr.to_dense())
+    assert csr.to("cpu").device.type == "cpu"
+    with pytest.raises(ValueError, match="floating point"):
+        csr.to(torch.int32)
+    v = torch.randn(csr.nnz, dtype=torch.float64)
+    assert torch.equal(csr.with_values(v).values, v)
+    with pytest.raises(ValueError, match="values must have shape"):
+        csr.with_values(torch.randn(csr.nnz + 1))
+
+
+def test_to_dense_is_differentiable() -> None:
+    w, mask = masked((5, 7), 0.5)
+    csr = CSRWeight.from_dense(w, mask)
+    v = csr.values.clone().requires_grad_()
+    (csr.to_dense(v) * torch.arange(35.0, dtype=torch.float64).view(5, 7)).sum().backward()
+    assert torch.equal(v.grad, (csr.row_idx * 7 + csr.col_idx).double())
+
+
+def test_structure_of_empty_matrices() -> None:
+    st = csr_structure(torch.zeros(0, dtype=torch.int32), torch.zeros(4, dtype=torch.int32), 5)
+    assert st["t_row_ptr"].tolist() == [0] * 6 and st["row_order"].tolist() == [0, 1, 2]
+
+
+@CPP
+def test_cpu_tilings_are_cached_and_checked() -> None:
+    w, mask = masked((40, 300), 0.9)
+    csr = CSRWeight.from_dense(w, mask)
+    tiling, t_tiling = csr.cpu_tilings()
+    assert tiling is not None and t_tiling is not None
+    assert csr.cpu_tilings()[0] is tiling
+    other = CSRWeight.from_dense(*masked((40, 300), 0.9))
+    x = torch.randn(16, 300, dtype=torch.float64)
+    op = torch.ops.sparsecore.csr_dsd_cpu
+    with pytest.raises(RuntimeError, match="does not belong to this matrix"):
+        op(x, csr.values, csr.col_idx, csr.row_ptr, csr.row_order, other.cpu_tilings()[0], 40)
+    corrupt = tiling.clone()
+    corrupt[-1] = 10**6  # a column index out of range
+    with pytest.raises(RuntimeError, match="corrupt"):
+        op(x, csr.values, csr.col_idx, csr.row_ptr, csr.row_order, corrupt, 40)
+
+
+@CPP
+@pytest.mark.parametrize("batch", [3, 16])
+def test_cpp_op_rejects_bad_indices(batch: int) -> None:
+    """The raw C++ ops check index contents too: an error, never an out-of-bounds read."""
+    w, mask = masked((6, 9), 0.5)
+    csr = CSRWeight.from_dense(w.float(), mask)
+    x = torch.randn(batch, 9)
+    op = torch.ops.sparsecore.csr_dsd_cpu
+    col = csr.col_idx.clone()
+    col[-1] = 9
+    with pytest.raises(RuntimeError, match="invalid CSR structure"):
+        op(x, csr.values, col, csr.row_ptr, csr.row_order, None, 6)
+    ptr = csr.row_ptr.clone()
+    ptr[-1] += 1
+    with pytest.raises(RuntimeError, match="row_ptr"):
+        op(x, csr.values, csr.col_idx, ptr, csr.row_order, None, 6)
+    if batch < 8:  # the small-batch kernel walks rows in row_order
+        order = torch.zeros(6, dtype=torch.int32)
+        with pytest.raises(RuntimeError, match="not a permutation"):
+            op(x, csr.values, csr.col_idx, csr.row_ptr, order, None, 6)
+    with pytest.raises(RuntimeError, match="int32"):
+        op(x, csr.values, csr.col_idx.long(), csr.row_ptr, csr.row_order, None, 6)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        op(x.double(), csr.values, csr.col_idx, csr.row_ptr, csr.row_order, None, 6)

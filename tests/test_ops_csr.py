@@ -1,0 +1,250 @@
+"""The CSR custom ops (csr_dsd, csr_sddmm, csr_conv2d, csr_conv2d_dx, csr_conv2d_dw) on every
+CPU backend against float64 dense references, opcheck, the dispatcher's refusals, and the
+Triton kernels under TRITON_INTERPRET=1 (marker `interpreter`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsecore import NotSupportedError, has_cpu_ext, ops, use_backend
+from sparsecore.formats import CSRWeight
+from sparsecore.testing import assert_error_within
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BACKENDS = ["reference", "dense"] + (["cpp"] if has_cpu_ext() else [])
+SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
+
+
+def random_csr(shape: tuple[int, ...], sparsity: float,
+               dtype: torch.dtype = torch.float32) -> CSRWeight:
+    """A fresh random CSR weight; row 0 is empty whenever sparsity > 0."""
+    mask = torch.rand(shape) >= sparsity
+    if sparsity > 0:
+        mask[0] = False
+    return CSRWeight.from_dense(torch.randn(shape, dtype=torch.float64).to(dtype), mask)
+
+
+def linear_products(w: CSRWeight, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Y = X W^T, dX = dY W, dW at the kept positions, through the ops."""
+    tiling, t_tiling = w.cpu_tilings()
+    return {
+        "y": ops.csr_dsd(x, w.values, w.col_idx, w.row_ptr, w.row_order, tiling, w.n_rows),
+        "dx": ops.csr_dsd(dy, w.transposed_values(), w.t_col_idx, w.t_row_ptr, w.t_row_order,
+                          t_tiling, w.n_cols),
+        "dw": ops.csr_sddmm(dy, x, w.row_ptr, w.col_idx, w.row_idx, w.row_order, tiling),
+    }
+
+
+def dense_linear(w: CSRWeight, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    d = w.to_dense().to(x.dtype)
+    return {"y": x @ d.t(), "dx": dy @ d,
+            "dw": (dy.t() @ x)[w.row_idx.long(), w.col_idx.long()]}
+
+
+def check_all(got: dict, ref64: dict, dense: dict) -> None:
+    for key in got:
+        assert_error_within(got[key], ref64[key], dense[key], what=key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", [(37, 53), (8, 300)])
+@pytest.mark.parametrize("batch", [1, 3, 8, 67])
+def test_linear_ops(backend: str, sparsity: float, shape: tuple[int, int], batch: int) -> None:
+    w = random_csr(shape, sparsity)
+    x = torch.randn(batch, shape[1])
+    dy = torch.randn(batch, shape[0])
+    with use_backend(backend):
+        got = linear_products(w, x, dy)
+    ref64 = dense_linear(w.to(torch.float64), x.double(), dy.double())
+    check_all(got, ref64, dense_linear(w, x, dy))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_ops_float64_and_strides(backend: str) -> None:
+    w = random_csr((29, 70), 0.8, torch.float64)
+    x = torch.randn(70, 40, dtype=torch.float64).t()  # non-contiguous (40, 70)
+    dy = torch.randn(40, 58, dtype=torch.float64)[:, ::2]  # non-contiguous (40, 29)
+    with use_backend(backend):
+        got = linear_products(w, x, dy)
+    ref = dense_linear(w, x.contiguous(), dy.contiguous())
+    for key in got:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpp_without_tiling_and_threads(threads: int) -> None:
+    """The C++ ops build a tiling when given none; row splits across threads agree."""
+    torch.set_num_threads(threads)
+    w = random_csr((70, 530), 0.9)
+    x, dy = torch.randn(130, 530), torch.randn(130, 70)
+    with use_backend("cpp"):
+        got = linear_products(w, x, dy)
+        y = ops.csr_dsd(x, w.values, w.col_idx, w.row_ptr, w.row_order, None, 70)
+        dw = ops.csr_sddmm(dy, x, w.row_ptr, w.col_idx, w.row_idx, w.row_order, None)
+    assert torch.equal(y, got["y"]) and torch.equal(dw, got["dw"])
+    check_all(got, dense_linear(w.to(torch.float64), x.double(), dy.double()),
+              dense_linear(w, x, dy))
+
+
+CONVS = [
+    # (N, C, H, W, C_out, kh, kw, stride, padding, dilation)
+    (2, 3, 7, 9, 5, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (3, 4, 11, 10, 6, 3, 2, (2, 1), (0, 2), (1, 2)),
+    (1, 8, 8, 8, 16, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (4, 3, 5, 5, 7, 1, 1, (1, 1), (0, 0), (1, 1)),
+    (2, 2, 6, 6, 4, 5, 5, (3, 3), (2, 2), (1, 1)),
+    (2, 16, 12, 12, 8, 3, 3, (1, 1), (1, 1), (1, 1)),
+]
+
+
+def conv_products(w: CSRWeight, x: torch.Tensor, dy: torch.Tensor, geom: tuple) -> dict:
+    tiling, t_tiling = w.cpu_tilings()
+    return {
+        "y": ops.csr_conv2d(x, w.values, w.col_idx, w.row_ptr, tiling, w.shape, *geom),
+        "dx": ops.csr_conv2d_dx(dy, w.transposed_values(), w.t_col_idx, w.t_row_ptr, t_tiling,
+                                w.shape, x.shape[2:], *geom),
+        "dw": ops.csr_conv2d_dw(dy, x, w.row_ptr, w.col_idx, w.row_idx, tiling, w.shape, *geom),
+    }
+
+
+def dense_conv(w: CSRWeight, x: torch.Tensor, dy: torch.Tensor, geom: tuple) -> dict:
+    d = w.to_dense().to(x.dtype)
+    dw = torch.nn.grad.conv2d_weight(x, d.shape, dy, *geom)
+    return {"y": F.conv2d(x, d, None, *geom),
+            "dx": torch.nn.grad.conv2d_input(x.shape, d, dy, *geom),
+            "dw": dw.reshape(d.shape[0], -1)[w.row_idx.long(), w.col_idx.long()]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("case", CONVS)
+def test_conv_ops(backend: str, sparsity: float, case: tuple) -> None:
+    n, c, h, wd, c_out, kh, kw, *geom = case
+    w = random_csr((c_out, c, kh, kw), sparsity)
+    x = torch.randn(n, c, h, wd)
+    y_shape = F.conv2d(x, torch.zeros(c_out, c, kh, kw), None, *geom).shape
+    dy = torch.randn(y_shape)
+    with use_backend(backend):
+        got = conv_products(w, x, dy, geom)
+    ref64 = dense_conv(w.to(torch.float64), x.double(), dy.double(), geom)
+    check_all(got, ref64, dense_conv(w, x, dy, geom))
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_conv_cpp_threads(threads: int, batch: int) -> None:
+    """Samples in parallel (batch >= threads) and rows in parallel (batch < threads)."""
+    torch.set_num_threads(threads)
+    w = random_csr((24, 16, 3, 3), 0.8, torch.float64)
+    x = torch.randn(batch, 16, 9, 11, dtype=torch.float64)
+    geom = ((1, 1), (1, 1), (1, 1))
+    dy = torch.randn(batch, 24, 9, 11, dtype=torch.float64)
+    with use_backend("cpp"):
+        got = conv_products(w, x, dy, geom)
+    ref = dense_conv(w, x, dy, geom)
+    for key in got:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10)
+
+
+def _op_samples() -> list[tuple]:
+    w = random_csr((11, 3, 2, 2), 0.6)
+    m = random_csr((11, 12), 0.6)
+    x, dy = torch.randn(9, 12), torch.randn(9, 11)
+    xc, dyc = torch.randn(2, 3, 5, 4), torch.randn(2, 11, 4, 3)
+    geom = ([1, 1], [0, 0], [1, 1])
+    tiling, t_tiling = m.cpu_tilings()
+    ctiling, ct_tiling = w.cpu_tilings()
+    return [
+        (ops.csr_dsd, (x, m.values, m.col_idx, m.row_ptr, m.row_order, tiling, 11)),
+        (ops.csr_dsd, (x[:2], m.values, m.col_idx, m.row_ptr, m.row_order, None, 11)),
+        (ops.csr_sddmm, (dy, x, m.row_ptr, m.col_idx, m.row_idx, m.row_order, tiling)),
+        (ops.csr_conv2d, (xc, w.values, w.col_idx, w.row_ptr, ctiling, list(w.shape), *geom)),
+        (ops.csr_conv2d_dx, (dyc, w.transposed_values(), w.t_col_idx, w.t_row_ptr, ct_tiling,
+                             list(w.shape), [5, 4], *geom)),
+        (ops.csr_conv2d_dw, (dyc, xc, w.row_ptr, w.col_idx, w.row_idx, None, list(w.shape),
+                             *geom)),
+    ]
+
+
+@pytest.mark.parametrize("sample", range(6))
+def test_opcheck(sample: int) -> None:
+    op, args = _op_samples()[sample]
+    torch.library.opcheck(op, args)
+
+
+def test_dispatcher_explains_refusals() -> None:
+    m = random_csr((5, 7), 0.9, torch.float16)
+    x = torch.randn(9, 7, dtype=torch.float16)
+    with use_backend("cpp"), pytest.raises(NotSupportedError) as exc:
+        ops.csr_dsd(x, m.values, m.col_idx, m.row_ptr, m.row_order, None, 5)
+    msg = str(exc.value)
+    assert "csr_dsd" in msg and "cpp" in msg and "float16" in msg
+    # automatic choice: the reference takes float16 on the CPU
+    y = ops.csr_dsd(x, m.values, m.col_idx, m.row_ptr, m.row_order, None, 5)
+    assert y.dtype == torch.float16
+    reasons = ops._csr_dsd_dispatch.reasons(x, m.values, m.col_idx, m.row_ptr, m.row_order,
+                                            None, 5)
+    assert reasons["reference"] == [] and "crossover" in reasons["dense"][0]
+
+
+def test_dense_crossover_choice() -> None:
+    """Below the crossover sparsity the CPU runs the dense product; above it the kernel."""
+    lo, hi = random_csr((16, 32), 0.2), random_csr((16, 32), 0.95)
+    x = torch.randn(32, 32)
+    pick = ops._csr_dsd_dispatch.select
+    assert pick(x, lo.values, lo.col_idx, lo.row_ptr, lo.row_order, None, 16).name == "dense"
+    chosen = pick(x, hi.values, hi.col_idx, hi.row_ptr, hi.row_order, None, 16).name
+    assert chosen == ("cpp" if has_cpu_ext() else "reference")
+
+
+def test_op_argument_errors() -> None:
+    m = random_csr((5, 7), 0.5)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        ops.csr_dsd(torch.randn(7), m.values, m.col_idx, m.row_ptr, m.row_order, None, 5)
+    with pytest.raises(ValueError, match="x and values"):
+        ops.csr_dsd(torch.randn(2, 7, dtype=torch.float64), m.values, m.col_idx, m.row_ptr,
+                    m.row_order, None, 5)
+    with pytest.raises(ValueError, match="expected col_idx"):
+        ops.csr_dsd(torch.randn(2, 7), m.values, m.col_idx, m.row_ptr, m.row_order, None, 6)
+    with pytest.raises(ValueError, match="same B|one B"):
+        ops.csr_sddmm(torch.randn(3, 5), torch.randn(2, 7), m.row_ptr, m.col_idx, m.row_idx,
+                      m.row_order, None)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])
+def test_triton_interpreter(sparsity: float) -> None:
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter test runs where there is no GPU")
+    w = random_csr((13, 21), sparsity)
+    x, dy = torch.randn(5, 21), torch.randn(5, 13)
+    with use_backend("triton"):
+        got = linear_products(w, x, dy)
+    check_all(got, dense_linear(w.to(torch.float64), x.double(), dy.double()),
+              dense_linear(w, x, dy))
+    wc = random_csr((6, 3, 3, 3), sparsity)
+    xc = torch.randn(2, 3, 6, 5)
+    geom = ((1, 1), (1, 1), (1, 1))
+    dyc = torch.randn(2, 6, 6, 5)
+    with use_backend("triton"):
+        got = conv_products(wc, xc, dyc, geom)
+    check_all(got, dense_conv(wc.to(torch.float64), xc.double(), dyc.double(), geom),
+              dense_conv(wc, xc, dyc, geom))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_gpu(dtype: torch.dtype) -> None:
+    w = random_csr((300, 257), 0.9, dtype).to("cuda")
+    x, dy = torch.randn(33, 257, dtype=dtype, device="cuda"), torch.randn(33, 300, dtype=dtype,
+                                                                          device="cuda")
+    got = linear_products(w, x, dy)
+    check_all(got, dense_linear(w.to(torch.float64), x.double(), dy.double()),
+              dense_linear(w, x, dy))
