@@ -1,0 +1,144 @@
+"""Autograd for the unstructured (CSR) sparse layers, one Function per layer kind.
+
+Forward is the sparse product (ops.csr_dsd / ops.csr_conv2d); the input gradient is the same
+product on the transposed CSR (ops.csr_dsd with values[t_perm] / ops.csr_conv2d_dx); the
+gradient of the kept weights is an SDDMM evaluated only at the kept positions
+(ops.csr_sddmm / ops.csr_conv2d_dw). Pruned weights have no storage, so they get no
+gradient and no optimizer (momentum, weight decay, Adam) can revive them: the mask is fixed
+unless a pruner builds a new CSRWeight.
+
+`sparse_linear(x, weight, bias)` and `sparse_conv2d(x, weight, bias, stride, padding,
+dilation)` take a CSRWeight whose `values` may be a Parameter (the layers pass theirs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
+
+from sparsecore import ops
+from sparsecore.formats import CSRWeight
+
+__all__ = ["CSRLinearFunction", "CSRConv2dFunction", "sparse_linear", "sparse_conv2d"]
+
+
+def _check_operands(name: str, x: Tensor, weight: CSRWeight, bias: Tensor | None) -> None:
+    for what, t in (("weight", weight.values), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: input is {x.dtype} on {x.device} but the {what} is "
+                             f"{t.dtype} on {t.device}; convert one with .to()")
+
+
+class CSRLinearFunction(torch.autograd.Function):
+    """y (M, n_out) = x (M, n_in) W^T + bias, W = weight (CSRWeight) with values `values`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None,
+                weight: CSRWeight) -> Tensor:
+        tiling, _ = weight.cpu_tilings()
+        y = ops.csr_dsd(x, values, weight.col_idx, weight.row_ptr, weight.row_order, tiling,
+                        weight.n_rows)
+        if bias is not None:
+            y = y.add_(bias)
+        ctx.save_for_backward(x, values)
+        ctx.weight = weight
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, values = ctx.saved_tensors
+        w: CSRWeight = ctx.weight
+        tiling, t_tiling = w.cpu_tilings()
+        dx = dvalues = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.csr_dsd(dy, w.transposed_values(values), w.t_col_idx, w.t_row_ptr,
+                             w.t_row_order, t_tiling, w.n_cols)
+        if ctx.needs_input_grad[1]:
+            dvalues = ops.csr_sddmm(dy, x, w.row_ptr, w.col_idx, w.row_idx, w.row_order, tiling)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy.sum(0)
+        return dx, dvalues, dbias, None
+
+
+class CSRConv2dFunction(torch.autograd.Function):
+    """y (N, C_out, Ho, Wo) = conv2d(x, W) + bias, W's matrix view (C_out, C_in*kh*kw) in CSR
+    (weight, with values `values`); geom = (stride, padding, dilation) pairs."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, weight: CSRWeight,
+                geom: tuple[list[int], list[int], list[int]]) -> Tensor:
+        tiling, _ = weight.cpu_tilings()
+        y = ops.csr_conv2d(x, values, weight.col_idx, weight.row_ptr, tiling, weight.shape,
+                           *geom)
+        if bias is not None:
+            y = y.add_(bias.view(1, -1, 1, 1))
+        ctx.save_for_backward(x, values)
+        ctx.weight, ctx.geom = weight, geom
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, values = ctx.saved_tensors
+        w: CSRWeight = ctx.weight
+        tiling, t_tiling = w.cpu_tilings()
+        dx = dvalues = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.csr_conv2d_dx(dy, w.transposed_values(values), w.t_col_idx, w.t_row_ptr,
+                                   t_tiling, w.shape, x.shape[2:], *ctx.geom)
+        if ctx.needs_input_grad[1]:
+            dvalues = ops.csr_conv2d_dw(dy, x, w.row_ptr, w.col_idx, w.row_idx, tiling, w.shape,
+                                        *ctx.geom)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy.sum((0, 2, 3))
+        return dx, dvalues, dbias, None, None
+
+
+def sparse_linear(x: Tensor, weight: CSRWeight, bias: Tensor | None = None) -> Tensor:
+    """F.linear with a CSR weight (out, in): x (..., in) -> (..., out), any leading shape and
+    strides."""
+    if len(weight.shape) != 2:
+        raise ValueError(f"sparse_linear: weight must be 2-D (out, in), got shape {weight.shape}")
+    n_out, n_in = weight.shape
+    if x.dim() < 1 or x.shape[-1] != n_in:
+        raise ValueError(f"sparse_linear: expected input (..., {n_in}), got shape "
+                         f"{tuple(x.shape)}")
+    _check_operands("sparse_linear", x, weight, bias)
+    lead = x.shape[:-1]
+    y = CSRLinearFunction.apply(x.reshape(-1, n_in), weight.values, bias, weight)
+    return y.view(*lead, n_out)
+
+
+def sparse_conv2d(x: Tensor, weight: CSRWeight, bias: Tensor | None = None,
+                  stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                  dilation: int | Sequence[int] = 1) -> Tensor:
+    """F.conv2d (groups=1, zero padding) with a CSR weight (C_out, C_in, kh, kw); x (N, C_in,
+    H, W) or unbatched (C_in, H, W)."""
+    if len(weight.shape) != 4:
+        raise ValueError(f"sparse_conv2d: weight must be 4-D (C_out, C_in, kh, kw), "
+                         f"got shape {weight.shape}")
+    if x.dim() not in (3, 4) or x.shape[-3] != weight.shape[1]:
+        raise ValueError(f"sparse_conv2d: expected input (N, {weight.shape[1]}, H, W) or "
+                         f"({weight.shape[1]}, H, W), got shape {tuple(x.shape)}")
+    _check_operands("sparse_conv2d", x, weight, bias)
+    geom = tuple(list(_pair(v)) for v in (stride, padding, dilation))
+    for name, v, lo in zip(("stride", "padding", "dilation"), geom, (1, 0, 1)):
+        if min(v) < lo:
+            raise ValueError(f"sparse_conv2d: {name} must be >= {lo}, got {tuple(v)}")
+    unbatched = x.dim() == 3
+    x4 = x.unsqueeze(0) if unbatched else x
+    for i in range(2):
+        span = geom[2][i] * (weight.shape[2 + i] - 1) + 1
+        if x4.shape[2 + i] + 2 * geom[1][i] < span:
+            raise ValueError(f"sparse_conv2d: input {tuple(x.shape)} (padded by {geom[1]}) is "
+                             f"smaller than the dilated kernel {weight.shape[2:]}")
+    y = CSRConv2dFunction.apply(x4, weight.values, bias, weight, geom)
+    return y.squeeze(0) if unbatched else y

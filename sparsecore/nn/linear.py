@@ -1,0 +1,190 @@
+"""SparseLinear: nn.Linear with an unstructured (CSR) sparse weight, trained with a fixed mask.
+
+Also the state shared with SparseConv2d (`_CSRModule`): the kept weights are one Parameter
+`values` (nnz,); `col_idx` / `row_ptr` are saved buffers; the derived index arrays (row_idx,
+row_order, the transpose) and the C++ kernels' tilings are unsaved buffers, rebuilt from
+(col_idx, row_ptr) on construction and on load_state_dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from sparsecore.formats import CSR_INDEX_FIELDS, CSRWeight, csr_structure
+from sparsecore.nn.functional import sparse_linear
+
+__all__ = ["SparseLinear", "magnitude_mask", "module_mask"]
+
+_SAVED = ("col_idx", "row_ptr")
+_DERIVED = tuple(n for n in CSR_INDEX_FIELDS if n not in _SAVED)
+
+
+def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
+    """bool mask of weight's shape keeping the round((1 - sparsity) * numel) entries of largest
+    magnitude (ties go to the lower flat index, so the result is deterministic)."""
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
+    flat = weight.detach().abs().flatten()
+    keep = round((1.0 - float(sparsity)) * flat.numel())
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=weight.device)
+    mask[torch.sort(flat, descending=True, stable=True).indices[:keep]] = True
+    return mask.view(weight.shape)
+
+
+def module_mask(module: nn.Module) -> Tensor | None:
+    """The mask of a weight parametrized as `original * mask` (a parametrization of `weight`
+    with a `mask` buffer, e.g. sparsecore.prune's), or None."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations["weight"]:
+        mask = getattr(p, "mask", None)
+        if isinstance(mask, Tensor):
+            return mask
+    return None
+
+
+def _resolve_mask(module: nn.Module, mask: Tensor | None, sparsity: float | None) -> Tensor | None:
+    """from_dense's mask: the one given, a magnitude mask at `sparsity`, the module's own
+    parametrization mask, or None (keep the nonzeros)."""
+    if mask is not None and sparsity is not None:
+        raise ValueError("give mask= or sparsity=, not both")
+    if sparsity is not None:
+        return magnitude_mask(module.weight, sparsity)
+    return mask if mask is not None else module_mask(module)
+
+
+class _CSRModule(nn.Module):
+    """A layer whose weight (of shape weight_shape) is a CSRWeight held as module state."""
+
+    values: nn.Parameter
+    bias: nn.Parameter | None
+    weight_shape: tuple[int, ...]
+
+    def _set_weight(self, csr: CSRWeight, bias: Tensor | None) -> None:
+        self.weight_shape = csr.shape
+        self.values = nn.Parameter(csr.values.detach().clone())
+        for name in CSR_INDEX_FIELDS:
+            self.register_buffer(name, getattr(csr, name).clone(), persistent=name in _SAVED)
+        self.register_buffer("tiling", None, persistent=False)
+        self.register_buffer("t_tiling", None, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def weight_csr(self) -> CSRWeight:
+        """The weight as a CSRWeight sharing this module's tensors (values is the Parameter).
+        On the CPU this builds the C++ kernels' tilings once and keeps them as buffers."""
+        w = CSRWeight(self.values, self.col_idx, self.row_ptr, self.weight_shape, check=False,
+                      derived={n: getattr(self, n) for n in CSR_INDEX_FIELDS},
+                      tilings=(self.tiling, self.t_tiling))
+        self.tiling, self.t_tiling = w.cpu_tilings()
+        return w
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight that is kept."""
+        total = self.weight_shape[0] * self.col_count
+        return self.nnz / total if total else 0.0
+
+    @property
+    def col_count(self) -> int:
+        return int(torch.Size(self.weight_shape[1:]).numel())
+
+    def mask(self) -> Tensor:
+        """bool, weight_shape: the kept positions."""
+        return self.weight_csr().mask()
+
+    def dense_weight(self) -> Tensor:
+        """The dense weight (weight_shape, zeros where pruned), detached."""
+        return self.weight_csr().to_dense(self.values.detach())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # Another mask (another nnz) loads too: take the incoming shapes first. (A new
+        # Parameter object then replaces `values`: re-create optimisers after such a load.)
+        for name in ("values", *_SAVED):
+            src = state_dict.get(prefix + name)
+            cur = getattr(self, name)
+            if isinstance(src, Tensor) and src.shape != cur.shape:
+                new = torch.empty(src.shape, dtype=cur.dtype, device=cur.device)
+                if name == "values":
+                    self.values = nn.Parameter(new, requires_grad=cur.requires_grad)
+                else:
+                    setattr(self, name, new)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        error_msgs = args[-1]
+        try:
+            CSRWeight(self.values.detach(), self.col_idx, self.row_ptr, self.weight_shape)
+        except ValueError as exc:
+            error_msgs.append(f"{prefix or type(self).__name__}: inconsistent CSR state: {exc}")
+            return
+        derived = csr_structure(self.col_idx, self.row_ptr, self.col_count)
+        for name in _DERIVED:
+            setattr(self, name, derived[name])
+        self.tiling = self.t_tiling = None
+
+    def _density_repr(self) -> str:
+        return f"density={self.density:.3f}, nnz={self.nnz}, bias={self.bias is not None}"
+
+
+class SparseLinear(_CSRModule):
+    """nn.Linear with a CSR weight: y = x W^T + b. Input (..., in_features), any batch shape
+    and strides; output (..., out_features).
+
+    Build from a trained layer with `from_dense(linear, mask=... | sparsity=...)`. The
+    constructor makes a layer holding `weight` (a CSRWeight of shape (out, in)) and a zero
+    bias, or without `weight` an empty one (every weight pruned) that load_state_dict fills.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 weight: CSRWeight | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        shape = (self.out_features, self.in_features)
+        if weight is None:
+            weight = CSRWeight.from_dense(torch.zeros(shape, device=device, dtype=dtype))
+        elif weight.shape != shape:
+            raise ValueError(f"weight has shape {weight.shape}, expected {shape}")
+        zeros = torch.zeros(self.out_features, device=weight.device, dtype=weight.dtype)
+        self._set_weight(weight, zeros if bias else None)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, mask: Tensor | None = None, *,
+                   sparsity: float | None = None) -> SparseLinear:
+        """The sparse twin of `module` with its weights at the kept positions.
+
+        mask: bool (or 0/1) of the weight's shape; or sparsity: keep the largest-magnitude
+        (1 - sparsity) fraction of this layer's weights; or neither: the module's prune
+        parametrization mask if it has one, else its nonzero weights.
+        """
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(module).__name__}")
+        csr = CSRWeight.from_dense(module.weight.detach(), _resolve_mask(module, mask, sparsity))
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self._set_weight(csr, None if module.bias is None else module.bias.detach())
+        return self
+
+    def to_dense(self) -> nn.Linear:
+        """An nn.Linear with the same function (zeros where pruned)."""
+        out = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_linear(x, self.weight_csr(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                + self._density_repr())

@@ -1,0 +1,128 @@
+"""`sparsify(model, config, filter_fn)`: swap a pruned model's nn.Linear / nn.Conv2d layers for
+kernel-backed sparse ones, in place (torchao's `sparsify_` style), and report what was swapped
+and what was skipped, and why.
+
+A layer's mask is its prune parametrization's (`weight = original * mask`, a parametrization
+with a `mask` buffer, as sparsecore.prune registers), or else the zeros of its weight; with
+`config.sparsity` each layer is first magnitude-pruned to that sparsity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sparsecore import ops
+from sparsecore.nn.conv import SparseConv2d, conv_unsupported
+from sparsecore.nn.linear import SparseLinear, magnitude_mask, module_mask
+
+__all__ = ["SparsifyConfig", "SparsifyReport", "sparsify"]
+
+LAYOUTS = ("csr",)
+
+
+@dataclass
+class SparsifyConfig:
+    """What sparsify() swaps, and into what."""
+
+    layout: str = field(default="csr", metadata={"help": f"sparse layout: {', '.join(LAYOUTS)}"})
+    sparsity: float | None = field(default=None, metadata={
+        "help": "magnitude-prune every eligible layer to this sparsity first (None: keep each "
+                "layer's own mask or zeros)"})
+    min_sparsity: float | None = field(default=None, metadata={
+        "help": "skip layers less sparse than this (None: the measured CPU crossover of the "
+                "layer kind, ops.CSR_DENSE_BELOW, below which dense kernels are faster)"})
+    linear: bool = field(default=True, metadata={"help": "swap nn.Linear layers"})
+    conv: bool = field(default=True, metadata={"help": "swap nn.Conv2d layers"})
+    verbose: bool = field(default=False, metadata={"help": "print the report"})
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        for name in ("sparsity", "min_sparsity"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v}")
+
+
+@dataclass
+class SparsifyReport:
+    """swapped: (name, new class, sparsity); skipped: (name, reason)."""
+
+    swapped: list[tuple[str, str, float]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"sparsify: swapped {len(self.swapped)} layer(s), skipped {len(self.skipped)}"]
+        lines += [f"  swapped {name}: {kind} (sparsity {s:.3f})" for name, kind, s in self.swapped]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _base_class(module: nn.Module) -> type:
+    """The module's class before torch's parametrization injected a subclass."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def sparsify(model: nn.Module, config: SparsifyConfig | None = None,
+             filter_fn: Callable[[nn.Module, str], bool] | None = None) -> SparsifyReport:
+    """Replace every eligible nn.Linear / nn.Conv2d submodule of `model` by SparseLinear /
+    SparseConv2d with the same weights at the kept positions (in place; the parametrization,
+    if any, goes away with the old module, and so do hooks registered on it). filter_fn(module,
+    name) -> bool picks the layers to consider. Re-create optimisers afterwards: the swapped
+    layers hold new Parameters. Returns the report (also printed with config.verbose)."""
+    config = config or SparsifyConfig()
+    report = SparsifyReport()
+    for name, module in list(model.named_modules()):
+        base = _base_class(module)
+        kind = ("linear" if issubclass(base, nn.Linear)
+                else "conv" if issubclass(base, nn.Conv2d) else None)
+        if kind is None:
+            continue
+        label = name or "<root>"
+        why = _why_not(module, base, kind, name, config, filter_fn)
+        if why is not None:
+            report.skipped.append((label, why))
+            continue
+        mask = (magnitude_mask(module.weight, config.sparsity) if config.sparsity is not None
+                else module_mask(module))
+        mask = mask if mask is not None else module.weight.detach() != 0
+        sparsity = 1.0 - float(mask.sum()) / max(mask.numel(), 1)
+        floor = config.min_sparsity
+        floor = ops.CSR_DENSE_BELOW[kind] if floor is None else floor
+        if sparsity < floor:
+            report.skipped.append((label, f"sparsity {sparsity:.3f} below {floor:.2f} "
+                                          "(dense kernels are faster there)"))
+            continue
+        cls = SparseLinear if kind == "linear" else SparseConv2d
+        new = cls.from_dense(module, mask)
+        new.train(module.training)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, new)
+        report.swapped.append((label, cls.__name__, sparsity))
+    if config.verbose:
+        print(report)
+    return report
+
+
+def _why_not(module: nn.Module, base: type, kind: str, name: str, config: SparsifyConfig,
+             filter_fn: Callable[[nn.Module, str], bool] | None) -> str | None:
+    """Why this Linear/Conv2d is not swapped (None when it is eligible)."""
+    if not name:
+        return "the root module cannot be replaced in place (wrap it, e.g. nn.Sequential(layer))"
+    if kind == "linear" and not config.linear or kind == "conv" and not config.conv:
+        return f"config.{kind}=False"
+    if base is not nn.Linear and base is not nn.Conv2d:
+        return f"{base.__name__} subclasses {'nn.Linear' if kind == 'linear' else 'nn.Conv2d'} " \
+               "(its owner may read .weight directly, e.g. nn.MultiheadAttention)"
+    if filter_fn is not None and not filter_fn(module, name):
+        return "filter_fn returned False"
+    if kind == "conv":
+        why = conv_unsupported(module)
+        if why is not None:
+            return why
+    return None
