@@ -312,3 +312,13 @@ def test_gpu_agrees_with_cpu(gen: torch.Generator) -> None:
         assert fn(xg.double(), yg.double()).item() == pytest.approx(ref, abs=1e-8)
         assert fn(xg.float(), yg.float()).item() == pytest.approx(ref, abs=1e-4)  # float32 default
     assert S.cca(xg.float(), yg.float()).corrs.device.type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_product(dtype: torch.dtype, gen: torch.Generator) -> None:
+    """The syrk-backed X^T X equals the GEMM, for C-ordered and transposed inputs."""
+    from sparsecore.similarity import _linalg
+
+    x = torch.randn(50, 7, generator=gen, dtype=dtype)
+    for v in (x, x.mT.contiguous().mT, x[::2]):
+        torch.testing.assert_close(_linalg.gram(v), v.mT @ v)

@@ -188,7 +188,7 @@ def _gram_factor(xc: Tensor, absmax: Tensor, keep: Keep) -> Factor | None:
     """SVCCA's leading directions of float64 data xc from its Gram matrix, U_k = X_c V_k / S_k,
     when the bound on the orthonormality this loses is at most _GRAM_LOSS; else None."""
     n = xc.shape[-2]
-    gram = xc.mT @ xc
+    gram = _linalg.gram(xc)
     dead = dead_channels(torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt(), absmax, n)
     f = factor_from_gram(gram, n, dead, keep=keep)
     if not f.s.shape[-1]:

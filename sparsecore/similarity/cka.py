@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparsecore.similarity import _linalg
 from sparsecore.similarity._common import center, prepare_pair
 
 
@@ -70,8 +71,8 @@ def linear_cka(
     q = yc.shape[-1]
     if p * q + p * p + q * q <= n * (p + q):
         xty = (xc.mT @ yc).square().sum((-2, -1))
-        xx = (xc.mT @ xc).square().sum((-2, -1))
-        yy = (yc.mT @ yc).square().sum((-2, -1))
+        xx = _linalg.gram(xc).square().sum((-2, -1))
+        yy = _linalg.gram(yc).square().sum((-2, -1))
     else:
         kx, ky = xc @ xc.mT, yc @ yc.mT
         xty = (kx * ky).sum((-2, -1))

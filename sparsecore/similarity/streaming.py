@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sparsecore.similarity import _linalg
 from sparsecore.similarity._allpairs import (
     CCA_METRICS,
     Pair,
@@ -167,7 +168,7 @@ class StreamingCompare:
             r = xp.square().sum(-1)
             st.n += x.shape[0]
             st.s += xp.sum(0)
-            st.gram += xp.mT @ xp
+            st.gram += _linalg.gram(xp)
             st.absmax = torch.maximum(st.absmax, x.abs().amax(0))
             st.r_sum += r.sum()
             st.r2_sum += r.square().sum()
