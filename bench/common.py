@@ -28,24 +28,28 @@ def time_fn(
     warmup: int = 3,
     reps: int = 10,
     min_time: float = 0.2,
+    clock: str = "wall",
 ) -> float:
-    """Median wall time of `fn()` in seconds.
+    """Median time of `fn()` in seconds.
 
     CPU: `warmup` untimed calls, then at least `reps` timed calls and at least `min_time`
-    seconds in total. CUDA: triton.testing.do_bench (ms -> s).
+    seconds in total; clock="thread" times the calling thread's CPU time instead of the wall
+    clock (with one torch thread: robust to other load on a shared machine). CUDA:
+    triton.testing.do_bench (ms -> s).
     """
     if device.startswith("cuda"):
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    now = {"wall": time.perf_counter, "thread": time.thread_time}[clock]
     for _ in range(warmup):
         fn()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < reps or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
         if len(times) >= 200:
             break
     return statistics.median(times)

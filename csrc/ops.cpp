@@ -26,6 +26,12 @@ TORCH_LIBRARY(sparsecore, m) {
   // dvalues[k] = sum_b dy[b, row(k)] * x[b, col_idx[k]] -> (nnz,).
   m.def("csr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor row_order, "
         "Tensor? tiling) -> Tensor");
+  // The dense fallback's halves: W dense from its CSR, and a dense matrix at W's nonzeros.
+  m.def("csr_to_dense_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, int n_cols) -> Tensor");
+  m.def("csr_sample_cpu(Tensor full, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  // Y = X W^T through dense GEMM (W densified into a reused buffer).
+  m.def("csr_dsd_dense_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, int n_out) "
+        "-> Tensor");
   // Conv2d (groups = 1) with W = weight.view(C_out, C_in*kh*kw) in CSR; the input gradient
   // takes the transposed CSR (C_in*kh*kw x C_out).
   m.def("csr_conv2d_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, "

@@ -351,8 +351,8 @@ def _(dy2: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tenso
 # ---------------------------------------------------------------------------------------
 # CSR: unstructured sparse x dense (dsd), SDDMM, and Conv2d on the CSR matrix view
 # ---------------------------------------------------------------------------------------
-# Backends: "dense" (the reference on the densified weight, chosen on the CPU above the
-# measured crossover density, where MKL's dense product beats the sparse kernel), "cpp"
+# Backends: "dense" (dense torch on the weight densified in C++, chosen on the CPU below the
+# measured crossover sparsity, where MKL's dense product beats the sparse kernel), "cpp"
 # (csrc/cpu/csr.cpp: tile-major CSR walk over feature-major packed operands, OpenMP;
 # conv as im2col + the same walk, sample by sample; CPU float32/float64), "triton"
 # (kernels/csr.py; CUDA float32/float16/bfloat16, or CPU under TRITON_INTERPRET=1 when
@@ -378,12 +378,11 @@ def _csr_cpp_reasons(*tensors: Tensor) -> list[str]:
 
 
 def _csr_dense_reasons(kind: str, tensor: Tensor, nnz: int, n_rows: int, n_cols: int) -> list[str]:
-    """Why the dense fallback is not chosen: off the CPU, or sparse enough for the kernels
-    (it always runs when forced with use_backend("dense"))."""
-    if forced_backend() == "dense":
-        return []
-    if tensor.device.type != "cpu":
-        return ["the dense crossover is measured on the CPU only"]
+    """Why the dense fallback is not chosen: no C++ helpers for these tensors, or sparse
+    enough for the kernels (that part is waived when forced with use_backend("dense"))."""
+    why = _csr_cpp_reasons(tensor)
+    if why or forced_backend() == "dense":
+        return why
     total = n_rows * n_cols
     sparsity = 1.0 - nnz / total if total else 1.0
     if sparsity >= CSR_DENSE_BELOW[kind]:
@@ -413,7 +412,34 @@ def _check_same(op: str, a: Tensor, b: Tensor, what: str) -> None:
                          f"{b.device}; they must match")
 
 
+def _densify(values: Tensor, col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> Tensor:
+    return torch.ops.sparsecore.csr_to_dense_cpu(values.contiguous(), col_idx, row_ptr, n_cols)
+
+
+def csr_runs_dense(op: str, *args: object) -> Tensor | None:
+    """The dense weight matrix (n_rows, n_cols) when `op`'s dispatcher ("csr_dsd" or
+    "csr_conv2d", with that op's arguments) picks the dense fallback, else None. The layers
+    ask once per forward and reuse the matrix for the input gradient, instead of densifying
+    W and W^T op by op."""
+    dispatch = _csr_dsd_dispatch if op == "csr_dsd" else _csr_conv2d_dispatch
+    if dispatch.select(*args).name != "dense":
+        return None
+    x, values, col_idx = args[:3]
+    row_ptr = args[3]
+    n_cols = x.shape[1] if op == "csr_dsd" else math.prod(args[5][1:])
+    return _densify(values, col_idx, row_ptr, n_cols)
+
+
+def _sample(full: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
+    return torch.ops.sparsecore.csr_sample_cpu(full, row_ptr, col_idx)
+
+
 # ---- csr_dsd
+def _csr_dsd_dense(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
+                   row_order: Tensor, tiling: Tensor | None, n_out: int) -> Tensor:
+    return torch.ops.sparsecore.csr_dsd_dense_cpu(x, values.contiguous(), col_idx, row_ptr, n_out)
+
+
 def _csr_dsd_reference(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
                        row_order: Tensor, tiling: Tensor | None, n_out: int) -> Tensor:
     return x @ _csr_dense(values, col_idx, row_ptr, x.shape[1]).t()
@@ -435,7 +461,7 @@ def _csr_dsd_dense_reasons(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: 
 _csr_dsd_dispatch = Dispatcher(
     "csr_dsd",
     [
-        Backend("dense", _csr_dsd_dense_reasons, _csr_dsd_reference),
+        Backend("dense", _csr_dsd_dense_reasons, _csr_dsd_dense),
         Backend("cpp", lambda x, values, *_: _csr_cpp_reasons(x, values),
                 lambda x, values, *a: torch.ops.sparsecore.csr_dsd_cpu(x, values.contiguous(),
                                                                        *a)),
@@ -486,6 +512,11 @@ def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_order: Te
 
 
 # ---- csr_sddmm
+def _csr_sddmm_dense(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                     row_idx: Tensor, row_order: Tensor, tiling: Tensor | None) -> Tensor:
+    return _sample(dy.t() @ x, row_ptr, col_idx)
+
+
 def _csr_sddmm_reference(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor,
                          row_idx: Tensor, row_order: Tensor, tiling: Tensor | None) -> Tensor:
     return (dy.t() @ x)[row_idx.long(), col_idx.long()]
@@ -507,7 +538,7 @@ def _csr_sddmm_dense_reasons(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Te
 _csr_sddmm_dispatch = Dispatcher(
     "csr_sddmm",
     [
-        Backend("dense", _csr_sddmm_dense_reasons, _csr_sddmm_reference),
+        Backend("dense", _csr_sddmm_dense_reasons, _csr_sddmm_dense),
         Backend("cpp", lambda dy, x, *_: _csr_cpp_reasons(dy, x),
                 lambda dy, x, row_ptr, col_idx, row_idx, row_order, tiling:
                 torch.ops.sparsecore.csr_sddmm_cpu(dy, x, row_ptr, col_idx, row_order, tiling)),
@@ -571,12 +602,29 @@ def _conv_hw(hw: Sequence[int], weight_shape: Sequence[int], stride: Sequence[in
             for i in range(2)]
 
 
-def _csr_conv2d_reference(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
-                          tiling: Tensor | None, weight_shape: list[int], stride: list[int],
-                          padding: list[int], dilation: list[int]) -> Tensor:
-    n_cols = math.prod(weight_shape[1:])
-    w = _csr_dense(values, col_idx, row_ptr, n_cols).view(weight_shape)
-    return torch.nn.functional.conv2d(x, w, None, stride, padding, dilation)
+def _conv2d_dense(densify: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The conv forward on the weight densified by `densify`."""
+
+    def run(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, tiling: Tensor | None,
+            weight_shape: list[int], stride: list[int], padding: list[int],
+            dilation: list[int]) -> Tensor:
+        w = densify(values, col_idx, row_ptr, math.prod(weight_shape[1:])).view(weight_shape)
+        return torch.nn.functional.conv2d(x, w, None, stride, padding, dilation)
+
+    return run
+
+
+def _conv2d_dx_dense(densify: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The conv input gradient on the weight densified (from its transpose) by `densify`."""
+
+    def run(dy: Tensor, t_values: Tensor, t_col_idx: Tensor, t_row_ptr: Tensor,
+            t_tiling: Tensor | None, weight_shape: list[int], input_hw: list[int],
+            stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+        w = densify(t_values, t_col_idx, t_row_ptr, weight_shape[0]).t().reshape(weight_shape)
+        x_shape = [dy.shape[0], weight_shape[1], *input_hw]
+        return torch.nn.grad.conv2d_input(x_shape, w, dy, stride, padding, dilation)
+
+    return run
 
 
 def _csr_conv2d_triton(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
@@ -589,15 +637,6 @@ def _csr_conv2d_triton(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tens
     ho, wo = _conv_hw(x.shape[2:], weight_shape, stride, padding, dilation)
     y2 = spmm(cols, values, col_idx, row_ptr, weight_shape[0])
     return y2.view(x.shape[0], ho, wo, weight_shape[0]).permute(0, 3, 1, 2).contiguous()
-
-
-def _csr_conv2d_dx_reference(dy: Tensor, t_values: Tensor, t_col_idx: Tensor,
-                             t_row_ptr: Tensor, t_tiling: Tensor | None,
-                             weight_shape: list[int], input_hw: list[int], stride: list[int],
-                             padding: list[int], dilation: list[int]) -> Tensor:
-    w = _csr_dense(t_values, t_col_idx, t_row_ptr, weight_shape[0]).t().reshape(weight_shape)
-    x_shape = [dy.shape[0], weight_shape[1], *input_hw]
-    return torch.nn.grad.conv2d_input(x_shape, w, dy, stride, padding, dilation)
 
 
 def _csr_conv2d_dx_triton(dy: Tensor, t_values: Tensor, t_col_idx: Tensor, t_row_ptr: Tensor,
@@ -620,6 +659,13 @@ def _csr_conv2d_dw_reference(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Te
     return dw.reshape(weight_shape[0], -1)[row_idx.long(), col_idx.long()]
 
 
+def _csr_conv2d_dw_dense(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                         row_idx: Tensor, tiling: Tensor | None, weight_shape: list[int],
+                         stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    dw = torch.nn.grad.conv2d_weight(x, weight_shape, dy, stride, padding, dilation)
+    return _sample(dw.view(weight_shape[0], -1), row_ptr, col_idx)
+
+
 def _csr_conv2d_dw_triton(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor,
                           row_idx: Tensor, tiling: Tensor | None, weight_shape: list[int],
                           stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
@@ -639,34 +685,34 @@ _csr_conv2d_dispatch = Dispatcher(
     "csr_conv2d",
     [
         Backend("dense", lambda x, values, col_idx, row_ptr, tiling, ws, *_:
-                _conv_dense_reasons(x, values.numel(), ws), _csr_conv2d_reference),
+                _conv_dense_reasons(x, values.numel(), ws), _conv2d_dense(_densify)),
         Backend("cpp", lambda x, values, *_: _csr_cpp_reasons(x, values),
                 lambda x, values, *a: torch.ops.sparsecore.csr_conv2d_cpu(x, values.contiguous(),
                                                                           *a)),
         Backend("triton", lambda x, values, *_: triton_reasons([x, values], _CSR_TRITON_DTYPES),
                 _csr_conv2d_triton),
-        Backend("reference", _always, _csr_conv2d_reference),
+        Backend("reference", _always, _conv2d_dense(_csr_dense)),
     ],
 )
 _csr_conv2d_dx_dispatch = Dispatcher(
     "csr_conv2d_dx",
     [
         Backend("dense", lambda dy, t_values, t_col_idx, t_row_ptr, t_tiling, ws, *_:
-                _conv_dense_reasons(dy, t_values.numel(), ws), _csr_conv2d_dx_reference),
+                _conv_dense_reasons(dy, t_values.numel(), ws), _conv2d_dx_dense(_densify)),
         Backend("cpp", lambda dy, t_values, *_: _csr_cpp_reasons(dy, t_values),
                 lambda dy, t_values, *a:
                 torch.ops.sparsecore.csr_conv2d_dx_cpu(dy, t_values.contiguous(), *a)),
         Backend("triton",
                 lambda dy, t_values, *_: triton_reasons([dy, t_values], _CSR_TRITON_DTYPES),
                 _csr_conv2d_dx_triton),
-        Backend("reference", _always, _csr_conv2d_dx_reference),
+        Backend("reference", _always, _conv2d_dx_dense(_csr_dense)),
     ],
 )
 _csr_conv2d_dw_dispatch = Dispatcher(
     "csr_conv2d_dw",
     [
         Backend("dense", lambda dy, x, row_ptr, col_idx, row_idx, tiling, ws, *_:
-                _conv_dense_reasons(x, col_idx.numel(), ws), _csr_conv2d_dw_reference),
+                _conv_dense_reasons(x, col_idx.numel(), ws), _csr_conv2d_dw_dense),
         Backend("cpp", lambda dy, x, *_: _csr_cpp_reasons(dy, x),
                 lambda dy, x, row_ptr, col_idx, row_idx, *a:
                 torch.ops.sparsecore.csr_conv2d_dw_cpu(dy, x, row_ptr, col_idx, *a)),

@@ -187,3 +187,7 @@ def test_cpp_op_rejects_bad_indices(batch: int) -> None:
         op(x, csr.values, csr.col_idx.long(), csr.row_ptr, csr.row_order, None, 6)
     with pytest.raises(RuntimeError, match="dtypes differ"):
         op(x.double(), csr.values, csr.col_idx, csr.row_ptr, csr.row_order, None, 6)
+    with pytest.raises(RuntimeError, match="invalid CSR structure"):
+        torch.ops.sparsecore.csr_to_dense_cpu(csr.values, col, csr.row_ptr, 9)
+    with pytest.raises(RuntimeError, match="invalid CSR structure"):
+        torch.ops.sparsecore.csr_sample_cpu(torch.randn(6, 9), csr.row_ptr, col)

@@ -3,9 +3,11 @@
 Forward is the sparse product (ops.csr_dsd / ops.csr_conv2d); the input gradient is the same
 product on the transposed CSR (ops.csr_dsd with values[t_perm] / ops.csr_conv2d_dx); the
 gradient of the kept weights is an SDDMM evaluated only at the kept positions
-(ops.csr_sddmm / ops.csr_conv2d_dw). Pruned weights have no storage, so they get no
-gradient and no optimizer (momentum, weight decay, Adam) can revive them: the mask is fixed
-unless a pruner builds a new CSRWeight.
+(ops.csr_sddmm / ops.csr_conv2d_dw). Below the dispatcher's dense crossover a step runs on
+the weight densified once (ops.csr_runs_dense), shared by the forward and the input
+gradient. Pruned weights have no storage, so they get no gradient and no optimizer
+(momentum, weight decay, Adam) can revive them: the mask is fixed unless a pruner builds a
+new CSRWeight.
 
 `sparse_linear(x, weight, bias)` and `sparse_conv2d(x, weight, bias, stride, padding,
 dilation)` take a CSRWeight whose `values` may be a Parameter (the layers pass theirs).
@@ -13,10 +15,12 @@ dilation)` take a CSRWeight whose `values` may be a Parameter (the layers pass t
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
@@ -34,6 +38,25 @@ def _check_operands(name: str, x: Tensor, weight: CSRWeight, bias: Tensor | None
                              f"{t.dtype} on {t.device}; convert one with .to()")
 
 
+def _dense_fallback(op: str, weight: CSRWeight, *args: object) -> Tensor | None:
+    """The densified weight matrix when `op` runs dense (ops.csr_runs_dense), else None.
+    Without autograd (inference) the matrix is kept in weight.dense_cache (a dict the layers
+    own) and reused while the values tensor is the same object, unmodified."""
+    values = args[1]
+    cache = getattr(weight, "dense_cache", None)
+    if cache is None or torch.is_grad_enabled():
+        return ops.csr_runs_dense(op, *args)
+    key = (values.data_ptr(), values._version, values.dtype, values.device)
+    ref = cache.get("values")
+    if ref is not None and ref() is values and cache.get("key") == key:
+        return cache["dense"]
+    dense = ops.csr_runs_dense(op, *args)
+    cache.clear()
+    if dense is not None:
+        cache.update(values=weakref.ref(values), key=key, dense=dense)
+    return dense
+
+
 class CSRLinearFunction(torch.autograd.Function):
     """y (M, n_out) = x (M, n_in) W^T + bias, W = weight (CSRWeight) with values `values`."""
 
@@ -41,11 +64,14 @@ class CSRLinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None,
                 weight: CSRWeight) -> Tensor:
         tiling, _ = weight.cpu_tilings()
-        y = ops.csr_dsd(x, values, weight.col_idx, weight.row_ptr, weight.row_order, tiling,
-                        weight.n_rows)
+        args = (x, values, weight.col_idx, weight.row_ptr, weight.row_order, tiling,
+                weight.n_rows)
+        # Below the crossover the step runs dense: W densified once, for y and for dX.
+        dense = _dense_fallback("csr_dsd", weight, *args)
+        y = ops.csr_dsd(*args) if dense is None else x @ dense.t()
         if bias is not None:
             y = y.add_(bias)
-        ctx.save_for_backward(x, values)
+        ctx.save_for_backward(x, values, dense)
         ctx.weight = weight
         ctx.has_bias = bias is not None
         return y
@@ -53,11 +79,13 @@ class CSRLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, values = ctx.saved_tensors
+        x, values, dense = ctx.saved_tensors
         w: CSRWeight = ctx.weight
         tiling, t_tiling = w.cpu_tilings()
         dx = dvalues = dbias = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and dense is not None:
+            dx = dy @ dense
+        elif ctx.needs_input_grad[0]:
             dx = ops.csr_dsd(dy, w.transposed_values(values), w.t_col_idx, w.t_row_ptr,
                              w.t_row_order, t_tiling, w.n_cols)
         if ctx.needs_input_grad[1]:
@@ -75,11 +103,16 @@ class CSRConv2dFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, weight: CSRWeight,
                 geom: tuple[list[int], list[int], list[int]]) -> Tensor:
         tiling, _ = weight.cpu_tilings()
-        y = ops.csr_conv2d(x, values, weight.col_idx, weight.row_ptr, tiling, weight.shape,
-                           *geom)
+        args = (x, values, weight.col_idx, weight.row_ptr, tiling, weight.shape, *geom)
+        dense = _dense_fallback("csr_conv2d", weight, *args)
+        if dense is None:
+            y = ops.csr_conv2d(*args)
+        else:
+            dense = dense.view(weight.shape)
+            y = F.conv2d(x, dense, None, *geom)
         if bias is not None:
             y = y.add_(bias.view(1, -1, 1, 1))
-        ctx.save_for_backward(x, values)
+        ctx.save_for_backward(x, values, dense)
         ctx.weight, ctx.geom = weight, geom
         ctx.has_bias = bias is not None
         return y
@@ -87,11 +120,13 @@ class CSRConv2dFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, values = ctx.saved_tensors
+        x, values, dense = ctx.saved_tensors
         w: CSRWeight = ctx.weight
         tiling, t_tiling = w.cpu_tilings()
         dx = dvalues = dbias = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and dense is not None:
+            dx = torch.nn.grad.conv2d_input(x.shape, dense, dy, *ctx.geom)
+        elif ctx.needs_input_grad[0]:
             dx = ops.csr_conv2d_dx(dy, w.transposed_values(values), w.t_col_idx, w.t_row_ptr,
                                    t_tiling, w.shape, x.shape[2:], *ctx.geom)
         if ctx.needs_input_grad[1]:
