@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", default=None,
                    help="comma-separated sparsities (default: 0.5,0.8,0.9,0.95,0.98)")
     p.add_argument("--batch", default=None, help="comma-separated batch sizes")
+    p.add_argument("--shape", default=None,
+                   help="comma-separated shapes: INxOUT for Linear (e.g. 4096x4096), C@SIDE for "
+                        "Conv2d (e.g. 256@8)")
     p.add_argument("--mode", choices=MODES, default=None, help="only fwd or only fwd+bwd")
     p.add_argument("--quick", action="store_true",
                    help="a small subset (one shape per kind, two sparsities) to check it runs")
@@ -83,14 +86,16 @@ def _floats(text: str | None, default: tuple) -> tuple:
 def cases(args: argparse.Namespace) -> Iterator[Case]:
     kinds = (args.kind,) if args.kind else ("linear", "conv")
     batches = tuple(int(b) for b in _floats(args.batch, ()))
-    if "linear" in kinds:
-        for batch in batches or (QUICK["batch"] if args.quick else LINEAR_BATCHES):
-            for dims in QUICK["linear"] if args.quick else LINEAR_SHAPES:
-                yield Case("linear", dims, batch)
-    if "conv" in kinds:
-        for batch in batches or (QUICK["batch"] if args.quick else CONV_BATCHES):
-            for dims in QUICK["conv"] if args.quick else CONV_SHAPES:
-                yield Case("conv", dims, batch)
+    shapes = None if args.shape is None else {
+        tuple(int(v) for v in s.replace("@", "x").split("x")) for s in args.shape.split(",")}
+    for kind, all_shapes, all_batches in (("linear", LINEAR_SHAPES, LINEAR_BATCHES),
+                                          ("conv", CONV_SHAPES, CONV_BATCHES)):
+        if kind not in kinds:
+            continue
+        for batch in batches or (QUICK["batch"] if args.quick else all_batches):
+            for dims in QUICK[kind] if args.quick else all_shapes:
+                if shapes is None or dims in shapes:
+                    yield Case(kind, dims, batch)
 
 
 def _fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:

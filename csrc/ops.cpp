@@ -19,10 +19,13 @@ TORCH_LIBRARY(sparsecore, m) {
   // `tiling` (from csr_tiling_cpu, which depends only on the sparsity pattern) lets a call skip
   // re-laying the nonzeros out tile-major; without it each call builds one.
   m.def("csr_tiling_cpu(Tensor col_idx, Tensor row_ptr, int n_cols) -> Tensor");
+  // values laid out in a tiling's order, for callers that reuse them across calls.
+  m.def("csr_tile_values_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, Tensor tiling, "
+        "int n_cols) -> Tensor");
   // Y = X W^T for W (n_out x K). The input gradient dX = dY W is the same op on the transposed
-  // CSR.
+  // CSR. tiled_values: csr_tile_values_cpu(values, ...), when the caller keeps it.
   m.def("csr_dsd_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor row_order, "
-        "Tensor? tiling, int n_out) -> Tensor");
+        "Tensor? tiling, int n_out, Tensor? tiled_values=None) -> Tensor");
   // dvalues[k] = sum_b dy[b, row(k)] * x[b, col_idx[k]] -> (nnz,).
   m.def("csr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor row_order, "
         "Tensor? tiling) -> Tensor");

@@ -436,17 +436,20 @@ def _sample(full: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
 
 # ---- csr_dsd
 def _csr_dsd_dense(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
-                   row_order: Tensor, tiling: Tensor | None, n_out: int) -> Tensor:
+                   row_order: Tensor, tiling: Tensor | None, n_out: int,
+                   tiled_values: Tensor | None = None) -> Tensor:
     return torch.ops.sparsecore.csr_dsd_dense_cpu(x, values.contiguous(), col_idx, row_ptr, n_out)
 
 
 def _csr_dsd_reference(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
-                       row_order: Tensor, tiling: Tensor | None, n_out: int) -> Tensor:
+                       row_order: Tensor, tiling: Tensor | None, n_out: int,
+                       tiled_values: Tensor | None = None) -> Tensor:
     return x @ _csr_dense(values, col_idx, row_ptr, x.shape[1]).t()
 
 
 def _csr_dsd_triton(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
-                    row_order: Tensor, tiling: Tensor | None, n_out: int) -> Tensor:
+                    row_order: Tensor, tiling: Tensor | None, n_out: int,
+                    tiled_values: Tensor | None = None) -> Tensor:
     from sparsecore.kernels.csr import spmm
 
     return spmm(x, values, col_idx, row_ptr, n_out, row_order)
@@ -473,7 +476,7 @@ _csr_dsd_dispatch = Dispatcher(
 
 
 def _check_dsd(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_order: Tensor,
-               n_out: int) -> None:
+               n_out: int, tiled_values: Tensor | None) -> None:
     if x.dim() != 2:
         raise ValueError(f"sparsecore.csr_dsd: x must be 2-D (B, K), got shape {tuple(x.shape)}")
     _check_same("csr_dsd", x, values, "x and values")
@@ -484,6 +487,9 @@ def _check_dsd(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_
             f"and row_order ({n_out},); got {tuple(col_idx.shape)}, {tuple(row_ptr.shape)}, "
             f"{tuple(row_order.shape)}"
         )
+    if tiled_values is not None and tiled_values.shape != values.shape:
+        raise ValueError(f"sparsecore.csr_dsd: tiled_values must have the shape of values, "
+                         f"{tuple(values.shape)}; got {tuple(tiled_values.shape)}")
 
 
 @torch.library.custom_op("sparsecore::csr_dsd", mutates_args=())
@@ -495,20 +501,31 @@ def csr_dsd(
     row_order: Tensor,
     tiling: Tensor | None,
     n_out: int,
+    tiled_values: Tensor | None = None,
 ) -> Tensor:
     """Y = X W^T, (B, n_out), for x (B, K) (any strides) and W (n_out, K) in CSR (values,
     col_idx, row_ptr, row_order as in CSRWeight; tiling from CSRWeight.cpu_tilings() or None).
     With the transpose's arrays (values[t_perm], t_col_idx, t_row_ptr, t_row_order, t_tiling,
-    n_out=K) it is the input gradient dX = dY W."""
-    _check_dsd(x, values, col_idx, row_ptr, row_order, n_out)
-    return _csr_dsd_dispatch(x, values, col_idx, row_ptr, row_order, tiling, n_out)
+    n_out=K) it is the input gradient dX = dY W. tiled_values: values already in the tiling's
+    order (csr_tile_values), which the C++ backend then uses as they are (callers that keep
+    values unchanged across calls, such as inference, lay them out once)."""
+    _check_dsd(x, values, col_idx, row_ptr, row_order, n_out, tiled_values)
+    return _csr_dsd_dispatch(x, values, col_idx, row_ptr, row_order, tiling, n_out, tiled_values)
 
 
 @csr_dsd.register_fake
 def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_order: Tensor,
-      tiling: Tensor | None, n_out: int) -> Tensor:
-    _check_dsd(x, values, col_idx, row_ptr, row_order, n_out)
+      tiling: Tensor | None, n_out: int, tiled_values: Tensor | None = None) -> Tensor:
+    _check_dsd(x, values, col_idx, row_ptr, row_order, n_out, tiled_values)
     return x.new_empty(x.shape[0], n_out)
+
+
+def csr_tile_values(values: Tensor, col_idx: Tensor, row_ptr: Tensor, tiling: Tensor,
+                    n_cols: int) -> Tensor:
+    """values (CSR order) laid out in the order of a C++ tiling (CSRWeight.cpu_tilings()), for
+    csr_dsd's tiled_values."""
+    return torch.ops.sparsecore.csr_tile_values_cpu(values.contiguous(), col_idx, row_ptr,
+                                                    tiling, n_cols)
 
 
 # ---- csr_sddmm

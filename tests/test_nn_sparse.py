@@ -191,6 +191,22 @@ def test_state_dict_round_trip(cls: str) -> None:
         b.load_state_dict(bad)
 
 
+@pytest.mark.parametrize("sparsity", [0.3, 0.9])
+def test_inference_caches_follow_values(sparsity: float) -> None:
+    """Inference keeps the densified (below the crossover) or re-laid-out (kernel) weight
+    between calls; an in-place change of the values, or another values tensor, is seen."""
+    dense = nn.Linear(40, 24)
+    sparse = SparseLinear.from_dense(dense, sparsity=sparsity)
+    x = torch.randn(16, 40)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(sparse(x), sparse.to_dense()(x))
+        sparse.values.mul_(-3)
+        torch.testing.assert_close(sparse(x), sparse.to_dense()(x))
+        sparse.values = nn.Parameter(torch.randn_like(sparse.values))
+        torch.testing.assert_close(sparse(x), sparse.to_dense()(x))
+
+
 def test_repr_and_constructor() -> None:
     lin = SparseLinear.from_dense(nn.Linear(10, 4), sparsity=0.75)
     assert "density=0.250" in repr(lin)

@@ -163,6 +163,9 @@ def _op_samples() -> list[tuple]:
     return [
         (ops.csr_dsd, (x, m.values, m.col_idx, m.row_ptr, m.row_order, tiling, 11)),
         (ops.csr_dsd, (x[:2], m.values, m.col_idx, m.row_ptr, m.row_order, None, 11)),
+        (ops.csr_dsd, (x, m.values, m.col_idx, m.row_ptr, m.row_order, tiling, 11,
+                       ops.csr_tile_values(m.values, m.col_idx, m.row_ptr, tiling, 12)
+                       if tiling is not None else None)),
         (ops.csr_sddmm, (dy, x, m.row_ptr, m.col_idx, m.row_idx, m.row_order, tiling)),
         (ops.csr_conv2d, (xc, w.values, w.col_idx, w.row_ptr, ctiling, list(w.shape), *geom)),
         (ops.csr_conv2d_dx, (dyc, w.transposed_values(), w.t_col_idx, w.t_row_ptr, ct_tiling,
@@ -172,7 +175,7 @@ def _op_samples() -> list[tuple]:
     ]
 
 
-@pytest.mark.parametrize("sample", range(6))
+@pytest.mark.parametrize("sample", range(7))
 def test_opcheck(sample: int) -> None:
     op, args = _op_samples()[sample]
     torch.library.opcheck(op, args)

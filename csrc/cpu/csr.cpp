@@ -352,32 +352,50 @@ Tiling get_tiling(const char* op, const std::optional<at::Tensor>& tiling,
   return view_tiling(op, holder, col_idx, row_ptr, n_rows, n_cols);
 }
 
-// Copies an n-element run, whole vectors where they fit (runs are short, ~16 nonzeros).
+// Copies an n-element run (runs are short, ~16 nonzeros). With `slack`, the destination may
+// be overwritten up to kRunVecs vectors past the run (the caller writes that part later) and
+// the source read that far: short runs then take kRunVecs whole-vector copies and no branch
+// on their length (branchy copies spent most of the re-layout on mispredicted loop exits).
+constexpr int kRunVecs = 3;
+
 template <typename T>
-inline void copy_run(const T* from, T* to, int64_t n) {
+inline void copy_run(const T* from, T* to, int64_t n, bool slack) {
   using V = typename Simd<T>::V;
+  if (slack && n <= kRunVecs * V::W) {
+    for (int j = 0; j < kRunVecs; ++j) V::load(from + j * V::W).store(to + j * V::W);
+    return;
+  }
   int64_t q = 0;
   for (; q + V::W <= n; q += V::W) V::load(from + q).store(to + q);
   for (; q < n; ++q) to[q] = from[q];
 }
 
 // values (CSR order) <-> tile-major order. A block of kRowGrain rows at a time, all its tiles:
-// the block's CSR runs stay in cache, and each tile's runs of the block are contiguous.
+// the block's CSR runs stay in cache, and each tile's runs of the block are contiguous. Runs
+// are written in increasing address order inside a region that only this block writes (in
+// tile-major order, one tile's runs of the block; in CSR order, one row), so a run may spill
+// into the rest of its region, which is written after it, and read past its source when
+// there is room.
 template <typename T, bool kToTiles>
 void retile_values(const Tiling& m, const T* from, T* to) {
+  constexpr int64_t spill = kRunVecs * Simd<T>::V::W;
   const int64_t nb = (m.n_rows + kRowGrain - 1) / kRowGrain;
 #pragma omp parallel for num_threads(team()) schedule(static)
-  for (int64_t b = 0; b < nb; ++b)
-    for (int64_t t = 0; t < m.ntiles; ++t)
-      for (int64_t s = t * m.n_rows + b * kRowGrain,
-                   e = t * m.n_rows + std::min(m.n_rows, (b + 1) * kRowGrain);
-           s < e; ++s) {
-        const int64_t n = int64_t(m.ptr[s + 1]) - m.ptr[s];
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t o0 = b * kRowGrain, o1 = std::min(m.n_rows, o0 + kRowGrain);
+    for (int64_t t = 0; t < m.ntiles; ++t) {
+      const int64_t region_end = m.ptr[t * m.n_rows + o1];  // this tile's runs of the block
+      for (int64_t o = o0; o < o1; ++o) {
+        const int64_t s = t * m.n_rows + o, n = int64_t(m.ptr[s + 1]) - m.ptr[s];
+        const int64_t tiled = m.ptr[s], csr = m.src[s];
         if (kToTiles)
-          copy_run(from + m.src[s], to + m.ptr[s], n);
+          copy_run(from + csr, to + tiled, n, tiled + spill <= region_end && csr + spill <= m.nnz);
         else
-          copy_run(from + m.ptr[s], to + m.src[s], n);
+          copy_run(from + tiled, to + csr, n,
+                   csr + spill <= m.row_ptr[o + 1] && tiled + spill <= m.nnz);
       }
+    }
+  }
 }
 
 // ---- packing: chunk-major operands ------------------------------------------------------
@@ -662,7 +680,8 @@ void sddmm_gather(const T* dy, int64_t lddy, const T* x, int64_t ldx, int64_t B,
 template <typename T>
 void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx,
                 const at::Tensor& row_ptr, const at::Tensor& row_order,
-                const std::optional<at::Tensor>& tiling, at::Tensor& y) {
+                const std::optional<at::Tensor>& tiling,
+                const std::optional<at::Tensor>& tiled_values, at::Tensor& y) {
   constexpr const char* op = "csr_dsd_cpu";
   const int64_t B = x.size(0), K = x.size(1), n_out = y.size(1);
   if (B < kMinBatch) {
@@ -678,10 +697,14 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
   const Tiling w = get_tiling(op, tiling, col_idx, row_ptr, n_out, K, holder);
   const RowSplit split(w);
   const int64_t nc = n_chunks<T>(B);
-  T* val = workspace<T>(0, w.nnz);
+  const T* val = tiled_values.has_value() ? tiled_values->data_ptr<T>() : nullptr;
+  if (!val) {
+    T* buf = workspace<T>(0, w.nnz);
+    retile_values<T, true>(w, values.data_ptr<T>(), buf);
+    val = buf;
+  }
   T* xt = workspace<T>(1, nc * K * kChunk<T>);
   T* yt = workspace<T>(2, nc * n_out * kChunk<T>);
-  retile_values<T, true>(w, values.data_ptr<T>(), val);
   pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
   const SpmmArgs<T> a{&w, val, xt, yt, kChunk<T>, n_out * kChunk<T>};
 #pragma omp parallel num_threads(team())
@@ -933,18 +956,28 @@ void conv_weight_grad(const ConvGeom& g, const at::Tensor& dy, const at::Tensor&
 
 // ---- entry points ----------------------------------------------------------------------------
 // Y = X W^T. x: (B, K) any strides; W (n_out, K) in CSR. Returns (B, n_out), contiguous.
+// tiled_values: the values already in the tiling's order (csr_tile_values_cpu), for callers
+// that reuse unchanged values across calls (inference); requires the tiling.
 at::Tensor csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx,
                        const at::Tensor& row_ptr, const at::Tensor& row_order,
-                       const std::optional<at::Tensor>& tiling, int64_t n_out) {
+                       const std::optional<at::Tensor>& tiling, int64_t n_out,
+                       const std::optional<at::Tensor>& tiled_values) {
   constexpr const char* op = "csr_dsd_cpu";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (B, K), got shape ", x.sizes());
   check_float(op, x, values);
   check_csr_tensors(op, &values, col_idx, row_ptr, n_out);
   check_index(op, "row_order", row_order, n_out);
+  if (tiled_values.has_value()) {
+    TORCH_CHECK(tiling.has_value(), op, ": tiled_values needs the tiling it was laid out by");
+    check_float(op, x, *tiled_values);
+    TORCH_CHECK(tiled_values->dim() == 1 && tiled_values->is_contiguous() &&
+                    tiled_values->numel() == values.numel(),
+                op, ": tiled_values must be a contiguous (nnz,) tensor from csr_tile_values_cpu");
+  }
   auto y = at::empty({x.size(0), n_out}, x.options());
   const TeamFor team_for(values.numel() * x.size(0));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    dsd_linear<scalar_t>(x, values, col_idx, row_ptr, row_order, tiling, y);
+    dsd_linear<scalar_t>(x, values, col_idx, row_ptr, row_order, tiling, tiled_values, y);
   });
   return y;
 }
@@ -966,6 +999,24 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Te
     sddmm_linear<scalar_t>(dy, x, row_ptr, col_idx, row_order, tiling, dv);
   });
   return dv;
+}
+
+// values in the tiling's (tile-major) order.
+at::Tensor csr_tile_values_cpu(const at::Tensor& values, const at::Tensor& col_idx,
+                               const at::Tensor& row_ptr, const at::Tensor& tiling,
+                               int64_t n_cols) {
+  constexpr const char* op = "csr_tile_values_cpu";
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, op, ": row_ptr must be 1-D, non-empty");
+  const int64_t n_rows = row_ptr.numel() - 1;
+  check_float(op, values, values);
+  check_csr_tensors(op, &values, col_idx, row_ptr, n_rows);
+  const TeamFor team_for(8 * values.numel());
+  const Tiling w = view_tiling(op, tiling, col_idx, row_ptr, n_rows, n_cols);
+  auto out = at::empty_like(values);
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), op, [&] {
+    retile_values<scalar_t, true>(w, values.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+  });
+  return out;
 }
 
 at::Tensor csr_tiling_cpu(const at::Tensor& col_idx, const at::Tensor& row_ptr, int64_t n_cols) {
@@ -1172,6 +1223,7 @@ TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
   m.impl("csr_dsd_dense_cpu", &csr_dsd_dense_cpu);
   m.impl("csr_sample_cpu", &csr_sample_cpu);
   m.impl("csr_tiling_cpu", &csr_tiling_cpu);
+  m.impl("csr_tile_values_cpu", &csr_tile_values_cpu);
   m.impl("csr_dsd_cpu", &csr_dsd_cpu);
   m.impl("csr_sddmm_cpu", &csr_sddmm_cpu);
   m.impl("csr_conv2d_cpu", &csr_conv2d_cpu);

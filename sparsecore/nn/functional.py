@@ -16,7 +16,7 @@ dilation)` take a CSRWeight whose `values` may be a Parameter (the layers pass t
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,23 +38,25 @@ def _check_operands(name: str, x: Tensor, weight: CSRWeight, bias: Tensor | None
                              f"{t.dtype} on {t.device}; convert one with .to()")
 
 
-def _dense_fallback(op: str, weight: CSRWeight, *args: object) -> Tensor | None:
-    """The densified weight matrix when `op` runs dense (ops.csr_runs_dense), else None.
-    Without autograd (inference) the matrix is kept in weight.dense_cache (a dict the layers
-    own) and reused while the values tensor is the same object, unmodified."""
-    values = args[1]
+def _inference_cached(weight: CSRWeight, values: Tensor, what: str,
+                      make: Callable[[], Tensor | None]) -> Tensor | None:
+    """make(), a function of `values`; without autograd (inference) kept in weight.dense_cache
+    (a dict the layers own) and reused while `values` is the same object, unmodified."""
     cache = getattr(weight, "dense_cache", None)
     if cache is None or torch.is_grad_enabled():
-        return ops.csr_runs_dense(op, *args)
+        return make()
     key = (values.data_ptr(), values._version, values.dtype, values.device)
-    ref = cache.get("values")
-    if ref is not None and ref() is values and cache.get("key") == key:
-        return cache["dense"]
-    dense = ops.csr_runs_dense(op, *args)
-    cache.clear()
-    if dense is not None:
-        cache.update(values=weakref.ref(values), key=key, dense=dense)
-    return dense
+    ref, old_key, old = cache.get(what, (None, None, None))
+    if ref is not None and ref() is values and old_key == key:
+        return old
+    out = make()
+    cache[what] = (weakref.ref(values), key, out)
+    return out
+
+
+def _dense_fallback(op: str, weight: CSRWeight, *args: object) -> Tensor | None:
+    """The densified weight matrix when `op` runs dense (ops.csr_runs_dense), else None."""
+    return _inference_cached(weight, args[1], op, lambda: ops.csr_runs_dense(op, *args))
 
 
 class CSRLinearFunction(torch.autograd.Function):
@@ -68,7 +70,15 @@ class CSRLinearFunction(torch.autograd.Function):
                 weight.n_rows)
         # Below the crossover the step runs dense: W densified once, for y and for dX.
         dense = _dense_fallback("csr_dsd", weight, *args)
-        y = ops.csr_dsd(*args) if dense is None else x @ dense.t()
+        if dense is not None:
+            y = x @ dense.t()
+        elif tiling is not None and x.shape[0] >= 8 and not torch.is_grad_enabled():
+            # Inference on the C++ kernel: the values laid out in the tiling's order once.
+            tiled = _inference_cached(weight, values, "tiled", lambda: ops.csr_tile_values(
+                values, weight.col_idx, weight.row_ptr, tiling, weight.n_cols))
+            y = ops.csr_dsd(*args, tiled)
+        else:
+            y = ops.csr_dsd(*args)
         if bias is not None:
             y = y.add_(bias)
         ctx.save_for_backward(x, values, dense)
