@@ -155,7 +155,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     sparsities = _floats(args.sparsity, QUICK["sparsity"] if args.quick else SPARSITIES)
     modes = (args.mode,) if args.mode else MODES
-    forced = use_backend(args.backend) if args.backend else contextlib.nullcontext()
+    def forced() -> contextlib.AbstractContextManager:
+        return use_backend(args.backend) if args.backend else contextlib.nullcontext()
+
     out: list[dict] = []
     for case in cases(args):
         torch.manual_seed(0)
@@ -183,7 +185,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if mode == "fwd" and case.kind == "linear":
                     row["torch_csr_ms"] = _torch_csr(twin.weight, x, timer)
                     row["torch_csr_x"] = speedup(row["dense_ms"], row["torch_csr_ms"])
-                with forced:
+                with forced():
                     for name, module in sparse.items():
                         fn = _no_grad(module, x) if mode == "fwd" else _fwd_bwd(module, x)
                         row[f"{name}_ms"] = timer(fn) * 1e3

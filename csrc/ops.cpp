@@ -14,8 +14,7 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(sparsecore, m) {
   // --- csr (unstructured sparse Linear / Conv2d) ---
   // W (n_rows x n_cols) in CSR: row o keeps col_idx[row_ptr[o]:row_ptr[o+1]] (strictly
-  // increasing) with values; row_order is a permutation (longest rows first), the schedule of
-  // the small-batch kernels.
+  // increasing) with values.
   // `tiling` (from csr_tiling_cpu, which depends only on the sparsity pattern) lets a call skip
   // re-laying the nonzeros out tile-major; without it each call builds one.
   m.def("csr_tiling_cpu(Tensor col_idx, Tensor row_ptr, int n_cols) -> Tensor");
@@ -24,11 +23,11 @@ TORCH_LIBRARY(sparsecore, m) {
         "int n_cols) -> Tensor");
   // Y = X W^T for W (n_out x K). The input gradient dX = dY W is the same op on the transposed
   // CSR. tiled_values: csr_tile_values_cpu(values, ...), when the caller keeps it.
-  m.def("csr_dsd_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor row_order, "
-        "Tensor? tiling, int n_out, Tensor? tiled_values=None) -> Tensor");
+  m.def("csr_dsd_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor? tiling, "
+        "int n_out, Tensor? tiled_values=None) -> Tensor");
   // dvalues[k] = sum_b dy[b, row(k)] * x[b, col_idx[k]] -> (nnz,).
-  m.def("csr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor row_order, "
-        "Tensor? tiling) -> Tensor");
+  m.def("csr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor? tiling) "
+        "-> Tensor");
   // The dense fallback's halves: W dense from its CSR, and a dense matrix at W's nonzeros.
   m.def("csr_to_dense_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, int n_cols) -> Tensor");
   m.def("csr_sample_cpu(Tensor full, Tensor row_ptr, Tensor col_idx) -> Tensor");

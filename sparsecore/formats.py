@@ -280,7 +280,8 @@ class BSRWeight:
 # (C_out, C_in*kh*kw)) keeps nonzeros k in [row_ptr[r], row_ptr[r+1]) at col_idx[k],
 # strictly increasing inside a row. Besides values / col_idx / row_ptr it carries what the
 # kernels need, all int32: row_idx (the row of every nonzero, for the SDDMM), row_order (rows
-# by decreasing length: the schedule of the small-batch and GPU kernels), the transpose for
+# by decreasing length: the GPU kernels' schedule, for load balance; the C++ kernels walk rows
+# in order, which streams memory and measured faster there), the transpose for
 # the input gradient dX = dY W (values[t_perm] is W^T's values in CSR order, with t_col_idx /
 # t_row_ptr / t_row_order), and, built on first use on the CPU, the C++ kernels' tile-major
 # layouts of W and W^T (see csrc/cpu/csr.cpp), which depend only on the sparsity pattern.

@@ -466,8 +466,8 @@ _csr_dsd_dispatch = Dispatcher(
     [
         Backend("dense", _csr_dsd_dense_reasons, _csr_dsd_dense),
         Backend("cpp", lambda x, values, *_: _csr_cpp_reasons(x, values),
-                lambda x, values, *a: torch.ops.sparsecore.csr_dsd_cpu(x, values.contiguous(),
-                                                                       *a)),
+                lambda x, values, col_idx, row_ptr, row_order, *a:
+                torch.ops.sparsecore.csr_dsd_cpu(x, values.contiguous(), col_idx, row_ptr, *a)),
         Backend("triton", lambda x, values, *_: triton_reasons([x, values], _CSR_TRITON_DTYPES),
                 _csr_dsd_triton),
         Backend("reference", _always, _csr_dsd_reference),
@@ -558,7 +558,7 @@ _csr_sddmm_dispatch = Dispatcher(
         Backend("dense", _csr_sddmm_dense_reasons, _csr_sddmm_dense),
         Backend("cpp", lambda dy, x, *_: _csr_cpp_reasons(dy, x),
                 lambda dy, x, row_ptr, col_idx, row_idx, row_order, tiling:
-                torch.ops.sparsecore.csr_sddmm_cpu(dy, x, row_ptr, col_idx, row_order, tiling)),
+                torch.ops.sparsecore.csr_sddmm_cpu(dy, x, row_ptr, col_idx, tiling)),
         Backend("triton", lambda dy, x, *_: triton_reasons([dy, x], _CSR_TRITON_DTYPES),
                 _csr_sddmm_triton),
         Backend("reference", _always, _csr_sddmm_reference),

@@ -156,11 +156,11 @@ def test_cpu_tilings_are_cached_and_checked() -> None:
     x = torch.randn(16, 300, dtype=torch.float64)
     op = torch.ops.sparsecore.csr_dsd_cpu
     with pytest.raises(RuntimeError, match="does not belong to this matrix"):
-        op(x, csr.values, csr.col_idx, csr.row_ptr, csr.row_order, other.cpu_tilings()[0], 40)
+        op(x, csr.values, csr.col_idx, csr.row_ptr, other.cpu_tilings()[0], 40)
     corrupt = tiling.clone()
     corrupt[-1] = 10**6  # a column index out of range
     with pytest.raises(RuntimeError, match="corrupt"):
-        op(x, csr.values, csr.col_idx, csr.row_ptr, csr.row_order, corrupt, 40)
+        op(x, csr.values, csr.col_idx, csr.row_ptr, corrupt, 40)
 
 
 @CPP
@@ -174,19 +174,15 @@ def test_cpp_op_rejects_bad_indices(batch: int) -> None:
     col = csr.col_idx.clone()
     col[-1] = 9
     with pytest.raises(RuntimeError, match="invalid CSR structure"):
-        op(x, csr.values, col, csr.row_ptr, csr.row_order, None, 6)
+        op(x, csr.values, col, csr.row_ptr, None, 6)
     ptr = csr.row_ptr.clone()
     ptr[-1] += 1
     with pytest.raises(RuntimeError, match="row_ptr"):
-        op(x, csr.values, csr.col_idx, ptr, csr.row_order, None, 6)
-    if batch < 8:  # the small-batch kernel walks rows in row_order
-        order = torch.zeros(6, dtype=torch.int32)
-        with pytest.raises(RuntimeError, match="not a permutation"):
-            op(x, csr.values, csr.col_idx, csr.row_ptr, order, None, 6)
+        op(x, csr.values, csr.col_idx, ptr, None, 6)
     with pytest.raises(RuntimeError, match="int32"):
-        op(x, csr.values, csr.col_idx.long(), csr.row_ptr, csr.row_order, None, 6)
+        op(x, csr.values, csr.col_idx.long(), csr.row_ptr, None, 6)
     with pytest.raises(RuntimeError, match="dtypes differ"):
-        op(x.double(), csr.values, csr.col_idx, csr.row_ptr, csr.row_order, None, 6)
+        op(x.double(), csr.values, csr.col_idx, csr.row_ptr, None, 6)
     with pytest.raises(RuntimeError, match="invalid CSR structure"):
         torch.ops.sparsecore.csr_to_dense_cpu(csr.values, col, csr.row_ptr, 9)
     with pytest.raises(RuntimeError, match="invalid CSR structure"):
