@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q triton numpy scipy tqdm matplotlib scikit-learn \
-		pytest pytest-xdist ruff ninja setuptools wheel
+		pytest pytest-xdist ruff==0.17.6 ninja setuptools wheel
 	SPARSECORE_BUILD_EXT=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -64,10 +64,14 @@ def _ext_modules() -> tuple[list, dict]:
             CUDAExtension(
                 "sparsecore._C_cuda",
                 cuda_sources,
-                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "--use_fast_math"]},
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++20"],
+                    "nvcc": ["-O3", "--use_fast_math"],
+                },
             )
         )
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    use_ninja = shutil.which("ninja") is not None
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}
 
 
 ext_modules, cmdclass = _ext_modules()
