@@ -10,6 +10,11 @@ noisy twin of the first. Where the baseline would take too long (--baseline-pair
 is timed on a fixed random sample of pairs and scaled to all pairs ("est" in the table).
 Phase columns split our time: factor (QR + small SVD per layer), cross (the GEMMs) and
 small (the batched small SVDs); gemm_gflops is the rate of the cross phase.
+
+Threads: on the shared 2-core machine this was written on, two threads made both sides
+slower whenever another process held a core (SVCCA at n = 10,000: ours 34 s on two threads
+vs 7 s on one, the baseline 185 s vs 156 s), so its numbers were taken with
+OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1; the JSON records the thread settings.
 """
 
 from __future__ import annotations
@@ -184,7 +189,13 @@ def main(args: argparse.Namespace) -> int:
     path = save_results(
         "similarity",
         rows,
-        extra={"load_avg": os.getloadavg(), "numpy": np.__version__},
+        extra={
+            "load_avg": os.getloadavg(),
+            "numpy": np.__version__,
+            "threads_env": {
+                k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+            },
+        },
         tag="quick" if args.quick else None,
     )
     print(f"\nwrote {path}")
