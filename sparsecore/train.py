@@ -15,6 +15,7 @@ one into command-line flags and `from_args` reads it back (as OpenLTH does).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -242,15 +243,31 @@ def evaluate(model: nn.Module, loader: data_lib.Loader,
 
 
 def sparsify_model(model: nn.Module) -> nn.Module:
-    """Swap masked Linear/Conv2d layers for sparsecore's kernel-backed ones."""
-    import sparsecore.nn as snn
+    """Swap masked Linear/Conv2d layers for sparsecore's kernel-backed ones, in place (layers
+    below the measured crossover sparsity stay dense; see sparsecore.nn.sparsify)."""
+    from sparsecore.nn import sparsify
 
-    if not hasattr(snn, "sparsify"):
-        raise RuntimeError("kernels='sparse' needs sparsecore.nn.sparsify, which this build "
-                           "lacks; use kernels='dense'")
-    out = snn.sparsify(model)
-    # sparsify swaps in place and may return a report alongside the model
-    return out if isinstance(out, nn.Module) else model
+    sparsify(model)
+    return model
+
+
+def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict of `model` in its masked dense form (sparse layers put back as masked
+    nn.Linear / nn.Conv2d), so that checkpoints and model files load into a fresh model
+    whatever kernels trained it."""
+    from sparsecore.nn import (
+        BlockSparseConv2d,
+        BlockSparseLinear,
+        SparseConv2d,
+        SparseLinear,
+        densify,
+    )
+
+    sparse_types = (SparseLinear, SparseConv2d, BlockSparseLinear, BlockSparseConv2d)
+    if any(isinstance(m, sparse_types) for m in model.modules()):
+        model = copy.deepcopy(model)
+        densify(model)
+    return model.state_dict()
 
 
 @dataclass
@@ -282,9 +299,7 @@ def train(
     """
     info = info or DistInfo()
     model = model.to(device)
-    if hp.kernels == "sparse":
-        model = sparsify_model(model)
-    elif hp.kernels != "dense":
+    if hp.kernels not in ("dense", "sparse"):
         raise ValueError(f"kernels must be 'dense' or 'sparse', got {hp.kernels!r}")
     loader = data_lib.Loader.for_split(splits, "train", hp.batch_size, train=True, seed=hp.seed,
                                        device=device, rank=info.rank, world=info.world)
@@ -296,6 +311,10 @@ def train(
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         # masks first: they change the parameter order the optimizer state refers to
         prune.load(model, state["model"])
+    if hp.kernels == "sparse":
+        # after the (dense, masked) checkpoint is loaded: the optimizer state refers to the
+        # sparse layers' parameters, which are the same on every resume of the same masks
+        sparsify_model(model)
     opt = make_optimizer(model, hp)
     steps = len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(hp, s, steps))
@@ -341,7 +360,7 @@ def train(
             "seconds": time.perf_counter() - t0,
         })
         if ckpt_path and info.is_main:
-            atomic_save({"epoch": epoch + 1, "model": model.state_dict(),
+            atomic_save({"epoch": epoch + 1, "model": dense_state(model),
                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "rng": torch.get_rng_state(), "metrics": metrics,
                          "hparams": dataclasses.asdict(hp)}, ckpt_path)
@@ -350,6 +369,11 @@ def train(
         _barrier(info)
     final = ({"loss": metrics[-1]["test_loss"], "acc": metrics[-1]["test_acc"]} if metrics
              else evaluate(model, eval_loader, info))
+    if hp.kernels == "sparse":
+        # hand back the masked dense form (what callers save, compare and prune further)
+        from sparsecore.nn import densify
+
+        densify(model)
     final["mask_digest"] = mask_digest(model)
     if info.world > 1:
         digests: list[str] = [""] * info.world

@@ -106,3 +106,54 @@ def test_torchrun_two_processes_same_masks_and_accuracy(tmp_path) -> None:
     assert ddp["mask_digest"] == one.final["mask_digest"]
     assert ddp["density"] == pytest.approx(0.3, abs=1e-3)
     assert abs(ddp["acc"] - one.final["acc"]) <= 0.03  # same global batches; float order
+
+
+def test_sparse_kernels_train_like_dense_and_resume(tmp_path, monkeypatch) -> None:
+    """--kernels sparse: the pruned net trains on SparseConv2d/SparseLinear and ends where
+    the masked dense run ends (float32 roundoff apart); checkpoints hold the masked dense
+    form, so a killed sparse run resumes, and the returned model is the masked dense net."""
+    splits = DATA.load()
+    hp_sparse = T.TrainHparams(**{**HP.__dict__, "kernels": "sparse"})
+
+    def pruned():
+        model = _model(splits)
+        prune.prune(model, "magnitude", sparsity=0.9, scope="layerwise")
+        return model
+
+    dense = T.train(pruned(), splits, HP, progress=False)
+    seen: list[str] = []
+    real_evaluate = T.evaluate
+
+    def spy_evaluate(model, *a, **k):
+        seen.extend(type(m).__name__ for m in model.modules())
+        return real_evaluate(model, *a, **k)
+
+    monkeypatch.setattr(T, "evaluate", spy_evaluate)
+    sparse = T.train(pruned(), splits, hp_sparse, progress=False)
+    assert "SparseConv2d" in seen and "SparseLinear" in seen  # it really ran sparse layers
+    losses_d = [m["train_loss"] for m in dense.metrics]
+    losses_s = [m["train_loss"] for m in sparse.metrics]
+    assert losses_s == pytest.approx(losses_d, rel=1e-3)
+    assert sparse.final["acc"] == pytest.approx(dense.final["acc"], abs=0.02)
+    assert T.mask_digest(sparse.model) == T.mask_digest(dense.model) != ""
+    assert sparse.model.state_dict().keys() == dense.model.state_dict().keys()
+
+    calls = {"n": 0}
+
+    def dying_evaluate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(T, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(pruned(), splits, hp_sparse, out_dir=str(tmp_path), progress=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert any(k.endswith("parametrizations.weight.original") for k in saved)
+    calls["n"] = 10
+    resumed = T.train(_model(splits), splits, hp_sparse, out_dir=str(tmp_path), progress=False)
+    assert resumed.resumed_from == 1
+    assert [m["train_loss"] for m in resumed.metrics] == pytest.approx(losses_s, rel=1e-5)
+    for (k, a), b in zip(resumed.model.state_dict().items(), sparse.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
