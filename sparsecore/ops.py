@@ -372,12 +372,34 @@ _CSR_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CSR_DENSE_BELOW = {"linear": 0.6, "linear_small_batch": 0.3, "conv": 0.6}
 
 
+def csr_conv_crossover(weight_shape: Sequence[int], out_pixels: int) -> float:
+    """The sparsity from which the CSR Conv2d kernels beat dense on the CPU, by shape.
+
+    Few output pixels per sample (deep layers of CIFAR nets) or a short reduction (few input
+    channels) leave the kernel too little reuse per gathered weight. Measured on the 2-core
+    Zen 3, batch 64, 3x3, float32, fwd and fwd+bwd vs torch (oneDNN), with the kernel forced:
+    2x2 outputs lose at every sparsity up to 95% (0.5x there); 4x4 (256/512 channels) reach
+    parity between 80% and 90% (1.1-1.2x at 90%); 16 or 32 input channels at 16x16 / 32x32
+    between 80% and 90%; 64 channels at 8x8 between 70% and 80%; 64 channels from 16x16 and
+    128+ channels from 8x8 at or below 60% (CSR_DENSE_BELOW["conv"]).
+    """
+    reduction = math.prod(weight_shape[1:])
+    if out_pixels < 16:
+        return 1.0  # never chosen automatically (use_backend("cpp") still forces it)
+    if out_pixels < 64 or reduction < 576:
+        return 0.9
+    if out_pixels * reduction < 64 * 1152:
+        return 0.8
+    return CSR_DENSE_BELOW["conv"]
+
+
 def _csr_cpp_reasons(*tensors: Tensor) -> list[str]:
     why = [] if _ext.has_cpu_ext() else [f"C++ extension not loaded ({_ext.cpu_ext_error()})"]
     return why + tensor_reasons(tensors, devices=("cpu",), dtypes=_CSR_CPP_DTYPES)
 
 
-def _csr_dense_reasons(kind: str, tensor: Tensor, nnz: int, n_rows: int, n_cols: int) -> list[str]:
+def _csr_dense_reasons(kind: str, tensor: Tensor, nnz: int, n_rows: int, n_cols: int,
+                       crossover: float | None = None) -> list[str]:
     """Why the dense fallback is not chosen: no C++ helpers for these tensors, or sparse
     enough for the kernels (that part is waived when forced with use_backend("dense"))."""
     why = _csr_cpp_reasons(tensor)
@@ -385,9 +407,10 @@ def _csr_dense_reasons(kind: str, tensor: Tensor, nnz: int, n_rows: int, n_cols:
         return why
     total = n_rows * n_cols
     sparsity = 1.0 - nnz / total if total else 1.0
-    if sparsity >= CSR_DENSE_BELOW[kind]:
+    crossover = CSR_DENSE_BELOW[kind] if crossover is None else crossover
+    if sparsity >= crossover:
         return [f"sparsity {sparsity:.2f} is at or above the {kind} crossover "
-                f"{CSR_DENSE_BELOW[kind]:.2f} (the sparse kernels win there)"]
+                f"{crossover:.2f} (the sparse kernels win there)"]
     return []
 
 
@@ -694,15 +717,19 @@ def _csr_conv2d_dw_triton(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tenso
     return sddmm(dy2, cols, row_idx, col_idx)
 
 
-def _conv_dense_reasons(t: Tensor, nnz: int, weight_shape: Sequence[int]) -> list[str]:
-    return _csr_dense_reasons("conv", t, nnz, weight_shape[0], math.prod(weight_shape[1:]))
+def _conv_dense_reasons(t: Tensor, nnz: int, weight_shape: Sequence[int],
+                        out_hw: Sequence[int]) -> list[str]:
+    return _csr_dense_reasons("conv", t, nnz, weight_shape[0], math.prod(weight_shape[1:]),
+                              csr_conv_crossover(weight_shape, out_hw[0] * out_hw[1]))
 
 
 _csr_conv2d_dispatch = Dispatcher(
     "csr_conv2d",
     [
-        Backend("dense", lambda x, values, col_idx, row_ptr, tiling, ws, *_:
-                _conv_dense_reasons(x, values.numel(), ws), _conv2d_dense(_densify)),
+        Backend("dense", lambda x, values, col_idx, row_ptr, tiling, ws, st, pad, dil, *_:
+                _conv_dense_reasons(x, values.numel(), ws,
+                                    _conv_hw(x.shape[-2:], ws, st, pad, dil)),
+                _conv2d_dense(_densify)),
         Backend("cpp", lambda x, values, *_: _csr_cpp_reasons(x, values),
                 lambda x, values, *a: torch.ops.sparsecore.csr_conv2d_cpu(x, values.contiguous(),
                                                                           *a)),
@@ -715,7 +742,8 @@ _csr_conv2d_dx_dispatch = Dispatcher(
     "csr_conv2d_dx",
     [
         Backend("dense", lambda dy, t_values, t_col_idx, t_row_ptr, t_tiling, ws, *_:
-                _conv_dense_reasons(dy, t_values.numel(), ws), _conv2d_dx_dense(_densify)),
+                _conv_dense_reasons(dy, t_values.numel(), ws, dy.shape[-2:]),
+                _conv2d_dx_dense(_densify)),
         Backend("cpp", lambda dy, t_values, *_: _csr_cpp_reasons(dy, t_values),
                 lambda dy, t_values, *a:
                 torch.ops.sparsecore.csr_conv2d_dx_cpu(dy, t_values.contiguous(), *a)),
@@ -729,7 +757,7 @@ _csr_conv2d_dw_dispatch = Dispatcher(
     "csr_conv2d_dw",
     [
         Backend("dense", lambda dy, x, row_ptr, col_idx, row_idx, tiling, ws, *_:
-                _conv_dense_reasons(x, col_idx.numel(), ws), _csr_conv2d_dw_dense),
+                _conv_dense_reasons(x, col_idx.numel(), ws, dy.shape[-2:]), _csr_conv2d_dw_dense),
         Backend("cpp", lambda dy, x, *_: _csr_cpp_reasons(dy, x),
                 lambda dy, x, row_ptr, col_idx, row_idx, *a:
                 torch.ops.sparsecore.csr_conv2d_dw_cpu(dy, x, row_ptr, col_idx, *a)),
