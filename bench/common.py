@@ -11,12 +11,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from sparsecore.train import atomic_write_text
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -97,21 +98,6 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` to `path` atomically (temp file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_results(family: str, rows: Sequence[dict[str, Any]], extra: dict | None = None,

@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--reps", type=int, default=3, help="timed runs of ours (median)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tag", default=None, help="suffix of the results file name")
 
 
 def widths(layers: int, max_width: int) -> list[int]:
@@ -196,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
                 k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
             },
         },
-        tag="quick" if args.quick else None,
+        tag=args.tag or ("quick" if args.quick else None),
     )
     print(f"\nwrote {path}")
     return 0

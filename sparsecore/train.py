@@ -118,6 +118,9 @@ def _atomic_write(path: str, mode: str, write: Any) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make results private to one user
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
