@@ -12,7 +12,8 @@ Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "reference")`):
 
 - "cpp": csrc/cpu/linalg.cpp, one-sided Jacobi preconditioned by a pivoted QR (the
   Drmac-Veselic scheme), OpenMP across the batch, SIMD across the batch for n <= 32; CPU,
-  float32 / float64, m, n <= 512; chosen automatically up to 128 (CPP_AUTO_MAX_SIZE).
+  float32 / float64, m, n <= 512; chosen automatically up to CPP_AUTO_MAX_SIZE[op] (svd:
+  128; svdvals, eigh: 32).
   Singular values come out accurate relative to ||A|| (to ~ eps * sqrt(n) * ||A||; Jacobi
   usually does better, relative to each value); eigenvalues to ~ eps * ||S|| (the symmetric
   matrix is shifted to a semi-definite one by its Gershgorin bound, then decomposed the same
@@ -42,19 +43,22 @@ __all__ = ["svd", "svdvals", "eigh", "CPP_MAX_SIZE", "CPP_AUTO_MAX_SIZE"]
 
 # Largest m, n the C++ kernel takes (the range); larger matrices go to torch.linalg.
 CPP_MAX_SIZE = 512
-# Largest m, n it is chosen for automatically, from two measurements on the 2-core machine:
-# - wall clock, default threads (what a user gets): torch.linalg runs a batch one matrix at a
-#   time with threads inside each small LAPACK call, the kernel here one matrix per thread;
-#   it was 3-7x faster at 64 x 64 and 5-15x at 100 x 100 (bench/linalg.py, a loaded machine).
-# - single-thread CPU time (which load does not distort): the SIMD-across-batch path (n <= 32)
-#   beats MKL (16 x 16 float32: svd 4.1x, svdvals 2.5x, eigh 1.5x); at 64 / 100 MKL needs
-#   1.5-2.5x (svd) to 2.5-5x (svdvals, eigh) less CPU, at 256 / 512 4-10x less.
-# So: Jacobi up to 128, LAPACK above (forcing use_backend("cpp") still works up to 512).
-CPP_AUTO_MAX_SIZE = 128
+# Largest m, n it is chosen for automatically, per op, from `python -m bench linalg` on the
+# quiet 2-core Zen 3 (2026-12-01, wall clock, default threads; torch.linalg = MKL LAPACK):
+# - svd (vectors): Jacobi wins at every size up to 100 (float32: 8.0x at 16, 6.3x at 32,
+#   2.1x at 64, 1.6x at 100; float64: 4.6x, 2.5x, 1.1x, 1.1x); above 128 LAPACK wins
+#   (256: 0.84x, 512: 0.57x float32).
+# - svdvals, eigh: Jacobi wins up to 32 (the SIMD-across-batch path; svdvals float32 4.6x at
+#   16, 2.2x at 32; eigh 2.9x, 2.3x; float64 1.1-2.2x) and loses from 48 on (0.5-0.9x),
+#   where LAPACK's bidiagonal / tridiagonal QR with no vectors is cheaper than Jacobi sweeps.
+# (An earlier measurement on a loaded machine, where the batch-parallel kernel suffers less
+# from a busy core than LAPACK's threads inside each small call, favoured Jacobi up to 128.)
+# Forcing use_backend("cpp") still runs the kernel up to CPP_MAX_SIZE.
+CPP_AUTO_MAX_SIZE = {"svd": 128, "svdvals": 32, "eigh": 32}
 _DTYPES = (torch.float32, torch.float64)
 
 
-def _cpp_reasons(A: torch.Tensor, *_: object) -> list[str]:
+def _cpp_reasons(op: str, A: torch.Tensor) -> list[str]:
     why: list[str] = []
     if not _ext.has_cpu_ext():
         why.append(f"C++ extension not loaded ({_ext.cpu_ext_error()})")
@@ -65,8 +69,8 @@ def _cpp_reasons(A: torch.Tensor, *_: object) -> list[str]:
     size = tuple(A.shape[-2:])
     if A.dim() == 3 and max(size) > CPP_MAX_SIZE:
         why.append(f"matrix size {size} above {CPP_MAX_SIZE} (torch.linalg runs those)")
-    elif A.dim() == 3 and max(size) > CPP_AUTO_MAX_SIZE and forced_backend() != "cpp":
-        why.append(f"matrix size {size} above {CPP_AUTO_MAX_SIZE}: LAPACK needs less CPU there "
+    elif A.dim() == 3 and max(size) > CPP_AUTO_MAX_SIZE[op] and forced_backend() != "cpp":
+        why.append(f"matrix size {size} above {CPP_AUTO_MAX_SIZE[op]}: LAPACK is faster there "
                    "(force with use_backend('cpp'))")
     return why
 
@@ -110,20 +114,20 @@ def _eigh_cpp(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _eigh_cpp_reasons(A: torch.Tensor, lower: bool) -> list[str]:
-    return _cpp_reasons(A)
+    return _cpp_reasons("eigh", A)
 
 
 _svd_dispatch = Dispatcher(
     "linalg.svd",
     [
-        Backend("cpp", _cpp_reasons, _svd_cpp),
+        Backend("cpp", lambda A: _cpp_reasons("svd", A), _svd_cpp),
         Backend("reference", _reference_reasons, _svd_reference),
     ],
 )
 _svdvals_dispatch = Dispatcher(
     "linalg.svdvals",
     [
-        Backend("cpp", _cpp_reasons, _svdvals_cpp),
+        Backend("cpp", lambda A: _cpp_reasons("svdvals", A), _svdvals_cpp),
         Backend("reference", _reference_reasons, torch.linalg.svdvals),
     ],
 )
