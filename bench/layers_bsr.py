@@ -228,6 +228,35 @@ def rows(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def plot(result: list[dict], path: str) -> None:
+    """Speedup over dense vs density: a panel per (layer family, mode), a line per shape and
+    block size (log-scaled density axis: the interesting range is 0.05..0.5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    family = {r["layer"]: r["layer"].split(".")[0].rstrip("0123456789") or r["layer"]
+              for r in result}
+    panels = sorted({(family[r["layer"]], r["mode"]) for r in result})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (fam, mode) in zip(axes[0], panels):
+        sel = [r for r in result if family[r["layer"]] == fam and r["mode"] == mode]
+        for key in sorted({(r["layer"], r["shape"], r["block"]) for r in sel}):
+            pts = sorted((r["density"], r["speedup"]) for r in sel
+                         if (r["layer"], r["shape"], r["block"]) == key and r.get("speedup"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{key[0]} {key[1]} b{key[2]}")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set(title=f"{fam} {mode}", xlabel="density (kept blocks)",
+               ylabel="speedup vs dense torch")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(args: argparse.Namespace) -> int:
     print(format_table([], COLUMNS))
     result = rows(args)
@@ -236,6 +265,10 @@ def main(args: argparse.Namespace) -> int:
     extra = {"clock": "thread CPU time, 1 thread" if _CPU_TIME else "wall, median"}
     path = save_results("layers-bsr", result, extra=extra, tag=args.tag)
     print(f"\nwrote {path}")
+    if result:
+        png = path.replace(".json", ".png")
+        plot(result, png)
+        print(f"wrote {png}")
     return 0
 
 
