@@ -279,6 +279,11 @@ class BlockSparseConv2d(_BlockSparseBase):
     stride, padding (int / pair), dilation and bias as nn.Conv2d. Build from a trained layer
     with `from_dense(conv, block_mask=... | density=..., block_size=...)`; the block must divide
     C_out and C_in*kh*kw. The output is channels_last in memory (NCHW in shape).
+
+    Blocks lie over the (C_out, C_in*kh*kw) matrix view, not over channel pairs: the Linear
+    kernels then serve Conv2d unchanged (the forward reads the padded input in place as that
+    matrix's columns), sparsecore.prune.structured scores the same view, and a block whose
+    column size is a multiple of kh*kw is a channel block anyway (e.g. 16 x 144 for 3x3).
     """
 
     def __init__(
