@@ -12,8 +12,8 @@ Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "reference")`):
 
 - "cpp": csrc/cpu/linalg.cpp, one-sided Jacobi preconditioned by a pivoted QR (the
   Drmac-Veselic scheme), OpenMP across the batch, SIMD across the batch for n <= 32; CPU,
-  float32 / float64, m, n <= 512; chosen automatically up to CPP_AUTO_MAX_SIZE[op] (svd:
-  128; svdvals, eigh: 32).
+  float32 / float64, m, n <= 512; chosen automatically up to CPP_AUTO_MAX_SIZE[op][dtype]
+  (svd: 128 in float32, 64 in float64; svdvals, eigh: 32).
   Singular values come out accurate relative to ||A|| (to ~ eps * sqrt(n) * ||A||; Jacobi
   usually does better, relative to each value); eigenvalues to ~ eps * ||S|| (the symmetric
   matrix is shifted to a semi-definite one by its Gershgorin bound, then decomposed the same
@@ -46,15 +46,19 @@ CPP_MAX_SIZE = 512
 # Largest m, n it is chosen for automatically, per op, from `python -m bench linalg` on the
 # quiet 2-core Zen 3 (2026-12-01, wall clock, default threads; torch.linalg = MKL LAPACK):
 # - svd (vectors): Jacobi wins at every size up to 100 (float32: 8.0x at 16, 6.3x at 32,
-#   2.1x at 64, 1.6x at 100; float64: 4.6x, 2.5x, 1.1x, 1.1x); above 128 LAPACK wins
-#   (256: 0.84x, 512: 0.57x float32).
+#   1.5-2.1x at 64, 1.1-1.6x at 100; float64: 4.6x, 2.5x, 1.1x at 64, and 0.9-1.1x at 100
+#   over two runs, so float64 stops at 64); above 128 LAPACK wins (256: 0.84x, 512: 0.57x).
 # - svdvals, eigh: Jacobi wins up to 32 (the SIMD-across-batch path; svdvals float32 4.6x at
 #   16, 2.2x at 32; eigh 2.9x, 2.3x; float64 1.1-2.2x) and loses from 48 on (0.5-0.9x),
 #   where LAPACK's bidiagonal / tridiagonal QR with no vectors is cheaper than Jacobi sweeps.
 # (An earlier measurement on a loaded machine, where the batch-parallel kernel suffers less
 # from a busy core than LAPACK's threads inside each small call, favoured Jacobi up to 128.)
 # Forcing use_backend("cpp") still runs the kernel up to CPP_MAX_SIZE.
-CPP_AUTO_MAX_SIZE = {"svd": 128, "svdvals": 32, "eigh": 32}
+CPP_AUTO_MAX_SIZE = {
+    "svd": {torch.float32: 128, torch.float64: 64},
+    "svdvals": {torch.float32: 32, torch.float64: 32},
+    "eigh": {torch.float32: 32, torch.float64: 32},
+}
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -69,9 +73,10 @@ def _cpp_reasons(op: str, A: torch.Tensor) -> list[str]:
     size = tuple(A.shape[-2:])
     if A.dim() == 3 and max(size) > CPP_MAX_SIZE:
         why.append(f"matrix size {size} above {CPP_MAX_SIZE} (torch.linalg runs those)")
-    elif A.dim() == 3 and max(size) > CPP_AUTO_MAX_SIZE[op] and forced_backend() != "cpp":
-        why.append(f"matrix size {size} above {CPP_AUTO_MAX_SIZE[op]}: LAPACK is faster there "
-                   "(force with use_backend('cpp'))")
+    elif (A.dim() == 3 and A.dtype in _DTYPES and forced_backend() != "cpp"
+          and max(size) > CPP_AUTO_MAX_SIZE[op][A.dtype]):
+        why.append(f"matrix size {size} above {CPP_AUTO_MAX_SIZE[op][A.dtype]}: LAPACK is "
+                   "faster there (force with use_backend('cpp'))")
     return why
 
 
