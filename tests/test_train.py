@@ -36,6 +36,22 @@ def test_loss_goes_down_and_metrics_are_written(tmp_path) -> None:
     assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]
 
 
+def _die_at_second_evaluation(monkeypatch) -> dict[str, int]:
+    """Patch T.evaluate to raise KeyboardInterrupt on its 2nd call (a kill at the end of
+    epoch 2, before that epoch's checkpoint); returns the call counter."""
+    calls = {"n": 0}
+    real_evaluate = T.evaluate
+
+    def dying_evaluate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(T, "evaluate", dying_evaluate)
+    return calls
+
+
 def test_resume_after_kill_redoes_no_epoch(tmp_path, monkeypatch) -> None:
     splits = DATA.load()
     model = _model(splits)
@@ -44,16 +60,7 @@ def test_resume_after_kill_redoes_no_epoch(tmp_path, monkeypatch) -> None:
     prune.prune(ref_model, "magnitude", sparsity=0.5)
     ref = T.train(ref_model, splits, HP, progress=False)
 
-    calls = {"n": 0}
-    real_evaluate = T.evaluate
-
-    def dying_evaluate(*a, **k):  # killed at the end of epoch 2, before its checkpoint
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(T, "evaluate", dying_evaluate)
+    calls = _die_at_second_evaluation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         T.train(model, splits, HP, out_dir=str(tmp_path), progress=False)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
@@ -138,15 +145,7 @@ def test_sparse_kernels_train_like_dense_and_resume(tmp_path, monkeypatch) -> No
     assert T.mask_digest(sparse.model) == T.mask_digest(dense.model) != ""
     assert sparse.model.state_dict().keys() == dense.model.state_dict().keys()
 
-    calls = {"n": 0}
-
-    def dying_evaluate(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(T, "evaluate", dying_evaluate)
+    calls = _die_at_second_evaluation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         T.train(pruned(), splits, hp_sparse, out_dir=str(tmp_path), progress=False)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
