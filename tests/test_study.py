@@ -99,3 +99,22 @@ def test_presets_and_overrides() -> None:
         study.preset_config("default", models=["lenet"])
     with pytest.raises(ValueError, match="sparsities"):
         study.preset_config("default", sparsities=[1.0])
+
+
+def test_study_on_sparse_kernels_matches_dense_kernels(tmp_path) -> None:
+    """--kernels sparse: the pruned nets train on the sparse layers and end with the masked
+    dense run's accuracies (float32 roundoff apart); the timing table has sparse columns."""
+    dense = study.run(study.preset_config("test", device="cpu"), str(tmp_path / "d"),
+                      progress=False)
+    cfg = study.preset_config("test", device="cpu", kernels="sparse")
+    sparse = study.run(cfg, str(tmp_path / "s"), progress=False)
+    label = next(iter(dense.results["models"]))
+    acc_d = dense.results["models"][label]["seeds"]["0"]["accuracy"]
+    acc_s = sparse.results["models"][label]["seeds"]["0"]["accuracy"]
+    assert acc_s.keys() == acc_d.keys()
+    for name in acc_d:
+        assert acc_s[name] == pytest.approx(acc_d[name], abs=0.03), name
+    rows = sparse.results["models"][label]["timing"]["rows"]
+    assert all(r["sparse_s"] > 0 and r["max_abs_diff"] < 1e-4
+               for name, r in rows.items() if name != "dense")
+    assert json.loads((tmp_path / "s" / "study.json").read_text())["kernels"] == "sparse"
