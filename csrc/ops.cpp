@@ -31,6 +31,9 @@ TORCH_LIBRARY(sparsecore, m) {
   // The dense fallback's halves: W dense from its CSR, and a dense matrix at W's nonzeros.
   m.def("csr_to_dense_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, int n_cols) -> Tensor");
   m.def("csr_sample_cpu(Tensor full, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  // W^T's values in its CSR order (= values[t_perm]), streamed per column of W.
+  m.def("csr_transpose_values_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, "
+        "Tensor t_row_ptr) -> Tensor");
   // Y = X W^T through dense GEMM (W densified into a reused buffer).
   m.def("csr_dsd_dense_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, int n_out) "
         "-> Tensor");

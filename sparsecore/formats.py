@@ -460,8 +460,16 @@ class CSRWeight:
         return w.index_put((self.row_idx.long(), self.col_idx.long()), v).view(self.shape)
 
     def transposed_values(self, values: Tensor | None = None) -> Tensor:
-        """W^T's values in its CSR order: values[t_perm]."""
+        """W^T's values in its CSR order: values[t_perm]. On the CPU (float32/float64, no
+        autograd) the C++ helper streams them per column instead of gathering through
+        t_perm, which costs a cache miss per nonzero (10x slower on a 4096x4096 layer)."""
         v = self.values if values is None else values
+        from sparsecore import _ext
+
+        if (v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
+                and _ext.has_cpu_ext() and not (v.requires_grad and torch.is_grad_enabled())):
+            return torch.ops.sparsecore.csr_transpose_values_cpu(
+                v.contiguous(), self.col_idx, self.row_ptr, self.t_row_ptr)
         return v.index_select(0, self.t_perm)
 
     def cpu_tilings(self) -> tuple[Tensor | None, Tensor | None]:
