@@ -187,3 +187,31 @@ def test_cpp_op_rejects_bad_indices(batch: int) -> None:
         torch.ops.sparsecore.csr_to_dense_cpu(csr.values, col, csr.row_ptr, 9)
     with pytest.raises(RuntimeError, match="invalid CSR structure"):
         torch.ops.sparsecore.csr_sample_cpu(torch.randn(6, 9), csr.row_ptr, col)
+
+
+@CPP
+@pytest.mark.parametrize("shape", [(1, 1), (37, 53), (300, 700), (700, 300), (5, 2000)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transposed_values_streamed_equal_the_gather(shape, sparsity, dtype) -> None:
+    weight, mask = masked(shape, sparsity)
+    w = CSRWeight.from_dense(weight.to(dtype), mask)
+    streamed = torch.ops.sparsecore.csr_transpose_values_cpu(w.values, w.col_idx, w.row_ptr,
+                                                             w.t_row_ptr)
+    assert torch.equal(streamed, w.values.index_select(0, w.t_perm.long()))
+    assert torch.equal(w.transposed_values(), streamed)
+    dense_t = CSRWeight.from_dense(weight.to(dtype).t().contiguous(), mask.t().contiguous())
+    assert torch.equal(streamed, dense_t.values)  # W^T's own CSR, built from scratch
+
+
+@CPP
+def test_transposed_values_rejects_a_foreign_transpose() -> None:
+    weight, mask = masked((20, 30), 0.5)
+    w = CSRWeight.from_dense(weight, mask)
+    other = CSRWeight.from_dense(weight, torch.rand(20, 30) > 0.5)
+    with pytest.raises(RuntimeError, match="do not match"):
+        torch.ops.sparsecore.csr_transpose_values_cpu(w.values, w.col_idx, w.row_ptr,
+                                                      other.t_row_ptr)
+    with pytest.raises(RuntimeError, match="t_row_ptr"):
+        torch.ops.sparsecore.csr_transpose_values_cpu(w.values, w.col_idx, w.row_ptr,
+                                                      w.t_row_ptr[:-1])
