@@ -99,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         T.atomic_write_text(os.path.join(args.out, "final.json"), json.dumps(final, indent=1))
         print(f"{model_hp.model} on {data_hp.dataset}: held-out accuracy {r.final['acc']:.4f}"
               f" (loss {r.final['loss']:.4f}); wrote {args.out}/model.pt")
+    T.finish_distributed(info)
     return 0
 
 
