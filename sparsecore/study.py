@@ -448,10 +448,6 @@ def time_call(fn: Callable[[], Any], device: str, *, warmup: int = 2, reps: int 
 
 def sparse_twin(model: nn.Module) -> tuple[nn.Module | None, str]:
     """A copy of a masked model on sparsecore's sparse kernels (sparsify), or (None, why)."""
-    import sparsecore.nn as snn
-
-    if not hasattr(snn, "sparsify"):
-        return None, "sparsecore.nn.sparsify is not available in this build"
     twin = copy.deepcopy(model)
     try:
         return T.sparsify_model(twin), ""

@@ -275,16 +275,9 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state_dict of `model` in its masked dense form (sparse layers put back as masked
     nn.Linear / nn.Conv2d), so that checkpoints and model files load into a fresh model
     whatever kernels trained it."""
-    from sparsecore.nn import (
-        BlockSparseConv2d,
-        BlockSparseLinear,
-        SparseConv2d,
-        SparseLinear,
-        densify,
-    )
+    from sparsecore.nn.sparsify import SPARSE_LAYERS, densify
 
-    sparse_types = (SparseLinear, SparseConv2d, BlockSparseLinear, BlockSparseConv2d)
-    if any(isinstance(m, sparse_types) for m in model.modules()):
+    if any(isinstance(m, SPARSE_LAYERS) for m in model.modules()):
         model = copy.deepcopy(model)
         densify(model)
     return model.state_dict()

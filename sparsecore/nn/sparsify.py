@@ -31,7 +31,10 @@ from sparsecore.nn.blocksparse import BlockSparseConv2d, BlockSparseLinear
 from sparsecore.nn.conv import SparseConv2d, conv_unsupported
 from sparsecore.nn.linear import SparseLinear, magnitude_mask, module_mask
 
-__all__ = ["SparsifyConfig", "SparsifyReport", "densify", "sparsify"]
+__all__ = ["SPARSE_LAYERS", "SparsifyConfig", "SparsifyReport", "densify", "sparsify"]
+
+# What sparsify() swaps in and densify() swaps back out.
+SPARSE_LAYERS = (SparseLinear, SparseConv2d, BlockSparseLinear, BlockSparseConv2d)
 
 LAYOUTS = ("csr", "bsr")
 
@@ -197,12 +200,12 @@ def densify(model: nn.Module, masked: bool = True) -> list[str]:
     swapped: list[str] = []
     masks: dict[str, torch.Tensor] = {}
     for name, module in list(model.named_modules()):
+        if not isinstance(module, SPARSE_LAYERS):
+            continue
         if isinstance(module, (SparseLinear, SparseConv2d)):
             mask = module.mask()
-        elif isinstance(module, (BlockSparseLinear, BlockSparseConv2d)):
-            mask = expand_block_mask(module.block_mask(), module.block_size)
         else:
-            continue
+            mask = expand_block_mask(module.block_mask(), module.block_size)
         if not name:
             raise ValueError("densify: the root module cannot be replaced in place")
         dense = module.to_dense()
