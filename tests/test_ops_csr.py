@@ -211,6 +211,26 @@ def test_dense_crossover_choice() -> None:
     assert chosen == ("cpp" if has_cpu_ext() else "reference")
 
 
+@pytest.mark.skipif(not has_cpu_ext(), reason="the crossover applies to the C++ backend")
+def test_conv_crossover_depends_on_the_shape() -> None:
+    """A 64-channel 3x3 conv at 90% runs the kernel on 16x16 inputs and the dense product on
+    2x2 ones (output pixels too few); the forward and both gradients decide alike."""
+    w = CSRWeight.from_dense(torch.randn(64, 64, 3, 3), torch.rand(64, 64, 3, 3) > 0.9)
+    geom = ([1, 1], [1, 1], [1, 1])
+    shape = list(w.shape)
+    for side, expect in ((16, "cpp"), (2, "dense")):
+        x = torch.randn(4, 64, side, side)
+        dy = torch.randn(4, 64, side, side)
+        fwd = ops._csr_conv2d_dispatch.select(x, w.values, w.col_idx, w.row_ptr, None, shape,
+                                              *geom)
+        dw = ops._csr_conv2d_dw_dispatch.select(dy, x, w.row_ptr, w.col_idx, w.row_idx, None,
+                                                shape, *geom)
+        assert (fwd.name, dw.name) == (expect, expect), side
+    assert ops.csr_conv_crossover(shape, 4) == 1.0
+    assert ops.csr_conv_crossover(shape, 256) == ops.CSR_DENSE_BELOW["conv"]
+    assert ops.csr_conv_crossover([64, 16, 3, 3], 1024) == 0.9  # short reduction
+
+
 def test_op_argument_errors() -> None:
     m = random_csr((5, 7), 0.5)
     with pytest.raises(ValueError, match="x must be 2-D"):
