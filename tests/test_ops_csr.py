@@ -99,6 +99,7 @@ CONVS = [
     (4, 3, 5, 5, 7, 1, 1, (1, 1), (0, 0), (1, 1)),
     (2, 2, 6, 6, 4, 5, 5, (3, 3), (2, 2), (1, 1)),
     (2, 16, 12, 12, 8, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (3, 5, 4, 8, 6, 3, 3, (1, 1), (1, 1), (1, 1)),  # 4x8 outputs: one chunk in float64 too
 ]
 
 
@@ -133,6 +134,22 @@ def test_conv_ops(backend: str, sparsity: float, case: tuple) -> None:
         got = conv_products(w, x, dy, geom)
     ref64 = dense_conv(w.to(torch.float64), x.double(), dy.double(), geom)
     check_all(got, ref64, dense_conv(w, x, dy, geom))
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
+@pytest.mark.parametrize("case", [c for c in CONVS if c[7] == (1, 1) and c[9] == (1, 1)])
+def test_conv_cpp_float64(case: tuple) -> None:
+    """float64 (a chunk holds 32 pixels, not 64): the one-chunk im2col and the general one."""
+    n, c, h, wd, c_out, kh, kw, *geom = case
+    w = random_csr((c_out, c, kh, kw), 0.7, torch.float64)
+    x = torch.randn(n, c, h, wd, dtype=torch.float64)
+    dy = torch.randn(F.conv2d(x, torch.zeros(c_out, c, kh, kw, dtype=torch.float64), None,
+                              *geom).shape, dtype=torch.float64)
+    with use_backend("cpp"):
+        got = conv_products(w, x, dy, geom)
+    ref = dense_conv(w, x, dy, geom)
+    for key in got:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")

@@ -841,6 +841,25 @@ inline void for_each_run(const ConvGeom& g, int64_t k, P* packed, Q* xp, F&& f) 
 // cols(packed, rows = K, L pixels) = im2col of the padded sample xp, rows k in [k0, k1).
 template <typename T>
 void im2col_packed(const ConvGeom& g, const T* xp, T* cols, int64_t k0, int64_t k1) {
+  if (g.OH * g.OW <= kChunk<T> && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1) {
+    // A whole sample in one chunk (8x8 outputs and smaller), unit stride: row k is OH
+    // contiguous runs of OW, with none of for_each_run's per-run chunk arithmetic (which
+    // was a third of the forward's time for 256 channels at 8x8 and 90% sparsity).
+    const int64_t khw = g.kh * g.kw;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t ci = k / khw, i = (k % khw) / g.kw, j = k % g.kw;
+      const T* src = xp + (ci * g.Hp + i) * g.Wp + j;
+      T* dst = cols + k * kChunk<T>;
+      if (g.OW == 8) {
+        for (int64_t oh = 0; oh < g.OH; ++oh)
+          std::memcpy(dst + oh * 8, src + oh * g.Wp, 8 * sizeof(T));
+      } else {
+        for (int64_t oh = 0; oh < g.OH; ++oh)
+          for (int64_t q = 0; q < g.OW; ++q) dst[oh * g.OW + q] = src[oh * g.Wp + q];
+      }
+    }
+    return;
+  }
   for (int64_t k = k0; k < k1; ++k)
     for_each_run<T>(g, k, cols, xp, [](T* d, const T* s, int64_t n, int64_t ss) {
       if (ss == 1)
