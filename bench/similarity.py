@@ -11,10 +11,10 @@ is timed on a fixed random sample of pairs and scaled to all pairs ("est" in the
 Phase columns split our time: factor (QR + small SVD per layer), cross (the GEMMs) and
 small (the batched small SVDs); gemm_gflops is the rate of the cross phase.
 
-Threads: on the shared 2-core machine this was written on, two threads made both sides
-slower whenever another process held a core (SVCCA at n = 10,000: ours 34 s on two threads
-vs 7 s on one, the baseline 185 s vs 156 s), so its numbers were taken with
-OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1; the JSON records the thread settings.
+Threads: the JSON records the thread settings (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS) and
+torch's thread count. Under load from other processes two threads made both sides slower
+(SVCCA at n = 10,000: ours 34 s on two threads vs 7 s on one, the baseline 185 s vs 156 s);
+on a quiet machine both settings give similar ratios, so compare runs at equal settings.
 """
 
 from __future__ import annotations

@@ -850,7 +850,7 @@ void im2col_packed(const ConvGeom& g, const T* xp, T* cols, int64_t k0, int64_t 
       const int64_t ci = k / khw, i = (k % khw) / g.kw, j = k % g.kw;
       const T* src = xp + (ci * g.Hp + i) * g.Wp + j;
       T* dst = cols + k * kChunk<T>;
-      if (g.OW == 8) {
+      if (g.OW == 8) {  // a fixed-size copy: 4.8 vs 6.7 ms of the 256@8x8 forward's fixed cost
         for (int64_t oh = 0; oh < g.OH; ++oh)
           std::memcpy(dst + oh * 8, src + oh * g.Wp, 8 * sizeof(T));
       } else {
