@@ -69,9 +69,12 @@ TORCH_LIBRARY(sparsecore, m) {
   m.def("bsr_conv2d_dw_cpu(Tensor dy2, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, "
         "int bs_c, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   // --- linalg (batched SVD / eigh) ---
-  // Many small matrices (batch, m, n), float32/float64, preconditioned one-sided Jacobi
-  // (csrc/cpu/linalg.cpp). U, Vh are empty when compute_uv is false.
+  // Many small matrices (batch, m, n), float32/float64 (csrc/cpu/linalg.cpp): one-sided
+  // Jacobi, and Householder bidiagonalisation + implicit-shift QR. U, Vh are empty when
+  // compute_uv is false.
   m.def("svd_jacobi_cpu(Tensor A, bool compute_uv) -> (Tensor, Tensor, Tensor)");
   m.def("eigh_jacobi_cpu(Tensor A, bool lower) -> (Tensor, Tensor)");
+  m.def("svd_bidiag_cpu(Tensor A, bool compute_uv) -> (Tensor, Tensor, Tensor)");
+  m.def("eigh_bidiag_cpu(Tensor A, bool lower) -> (Tensor, Tensor)");
   // --- similarity (centered Gram / cross-covariance accumulation) ---
 }

@@ -10,14 +10,19 @@ such entry on ties); the matching row of Vh is flipped with its column of U.
 
 Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "reference")`):
 
-- "cpp": csrc/cpu/linalg.cpp, one-sided Jacobi preconditioned by a pivoted QR (the
-  Drmac-Veselic scheme), OpenMP across the batch, SIMD across the batch for n <= 32; CPU,
-  float32 / float64, m, n <= 512; chosen automatically up to CPP_AUTO_MAX_SIZE[op][dtype]
-  (svd: 128 in float32, 64 in float64; svdvals, eigh: 32).
-  Singular values come out accurate relative to ||A|| (to ~ eps * sqrt(n) * ||A||; Jacobi
-  usually does better, relative to each value); eigenvalues to ~ eps * ||S|| (the symmetric
-  matrix is shifted to a semi-definite one by its Gershgorin bound, then decomposed the same
-  way). Non-convergence (30 sweeps) raises a RuntimeError naming the matrix.
+- "cpp": csrc/cpu/linalg.cpp, OpenMP across the batch, CPU, float32 / float64, m, n <= 512;
+  chosen automatically up to CPP_AUTO_MAX_SIZE[op][dtype] (svd: 256 in float32, 128 in
+  float64; svdvals: 512; eigh: 128). Two SVD kernels, picked by size (JACOBI_MAX_SIZE):
+  small matrices (<= 16 in float32, <= 12 in float64) run one-sided Jacobi with SIMD across
+  the batch (eight float32 matrices per AVX2 register); larger ones run Golub-Kahan-Reinsch:
+  Householder bidiagonalisation, implicit-shift QR on the bidiagonal with four matrices'
+  chases in SIMD lanes, and the rotations applied to the vectors in cache-resident waves.
+  eigh shifts the symmetric matrix to a semi-definite one by its Gershgorin bound, whose SVD
+  is its eigendecomposition (same two kernels, EIGH_JACOBI_MAX_SIZE; only left vectors are
+  accumulated), and takes the eigenvalues as Rayleigh quotients with the unshifted matrix.
+  Singular values come out accurate to ~ eps * sqrt(n) * ||A||; eigenvalues to ~ eps * ||S||.
+  Non-convergence raises a RuntimeError naming the matrix (the QR kernel first retries that
+  matrix with Jacobi).
 - "reference": torch.linalg (LAPACK), with the sign convention applied. Used for what the
   C++ kernel refuses: other devices, sizes above 512, a missing extension.
 
@@ -44,20 +49,18 @@ __all__ = ["svd", "svdvals", "eigh", "CPP_MAX_SIZE", "CPP_AUTO_MAX_SIZE"]
 # Largest m, n the C++ kernel takes (the issue's range); larger matrices go to torch.linalg.
 CPP_MAX_SIZE = 512
 # Largest m, n it is chosen for automatically, per op, from `python -m bench linalg` on the
-# quiet 2-core Zen 3 (2026-12-01, wall clock, default threads; torch.linalg = MKL LAPACK):
-# - svd (vectors): Jacobi wins at every size up to 100 (float32: 8.0x at 16, 6.3x at 32,
-#   1.5-2.1x at 64, 1.1-1.6x at 100; float64: 4.6x, 2.5x, 1.1x at 64, and 0.9-1.1x at 100
-#   over two runs, so float64 stops at 64); above 128 LAPACK wins (256: 0.84x, 512: 0.57x).
-# - svdvals, eigh: Jacobi wins up to 32 (the SIMD-across-batch path; svdvals float32 4.6x at
-#   16, 2.2x at 32; eigh 2.9x, 2.3x; float64 1.1-2.2x) and loses from 48 on (0.5-0.9x),
-#   where LAPACK's bidiagonal / tridiagonal QR with no vectors is cheaper than Jacobi sweeps.
-# (An earlier measurement on a loaded machine, where the batch-parallel kernel suffers less
-# from a busy core than LAPACK's threads inside each small call, favoured Jacobi up to 128.)
+# quiet 2-core Zen 3 (2026-12-02, wall clock, default threads; torch.linalg = MKL LAPACK):
+# - svd (vectors): the C++ kernel wins up to 256 in float32 (5.3x at 128, 2.6x at 256, 1.1x at
+#   512, which stays with LAPACK) and up to 128 in float64 (3.8x at 128, 1.1-1.2x at 256,
+#   0.4x at 512, where the rotations' c x c factors no longer fit in L2).
+# - svdvals: it wins at every size up to 512 (3.5-5.5x in float32, 1.8-4.8x in float64).
+# - eigh: the C++ kernel wins up to 128 (float32: 5.1x at 16, 4.4x at 32, 3.1x at 100;
+#   float64: 3.6x, 4.1x, 1.8x, 1.5x at 128) and not beyond (256: 0.8-1.0x, 512: 0.45x).
 # Forcing use_backend("cpp") still runs the kernel up to CPP_MAX_SIZE.
 CPP_AUTO_MAX_SIZE = {
-    "svd": {torch.float32: 128, torch.float64: 64},
-    "svdvals": {torch.float32: 32, torch.float64: 32},
-    "eigh": {torch.float32: 32, torch.float64: 32},
+    "svd": {torch.float32: 256, torch.float64: 128},
+    "svdvals": {torch.float32: 512, torch.float64: 512},
+    "eigh": {torch.float32: 128, torch.float64: 128},
 }
 _DTYPES = (torch.float32, torch.float64)
 
@@ -101,12 +104,29 @@ def _svd_reference(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return U * sg.unsqueeze(-2), S, Vh * sg.unsqueeze(-1)
 
 
+# Up to this size (max(m, n)) the C++ SVD runs one-sided Jacobi with SIMD across the batch;
+# above it, Householder bidiagonalisation + implicit-shift QR (csrc/cpu/linalg.cpp). Measured
+# on the 2-core Zen 3 (svd, 2 threads): 8 x 8 float32 Jacobi 5.2 ms vs 9.8 ms per 8000,
+# 16 x 16 15.0 vs 17.1 ms per 4000, 24 x 24 31.0 vs 18.7 ms per 2000; float64 8 x 8 9.8 vs
+# 13.1 ms, 16 x 16 31.1 vs 20.0 ms.
+JACOBI_MAX_SIZE = {torch.float32: 16, torch.float64: 12}
+# The same for eigh (Jacobi on the shifted matrix vs the bidiagonal kernel on it): float32
+# 8 x 8 3.7 vs 4.8 ms per 4000, 12 x 12 11.1 vs 9.7 ms; float64 8 x 8 6.6 vs 5.2 ms.
+EIGH_JACOBI_MAX_SIZE = {torch.float32: 8, torch.float64: 4}
+
+
+def _svd_kernel(A: torch.Tensor, compute_uv: bool) -> tuple[torch.Tensor, ...]:
+    if max(A.shape[-2:]) <= JACOBI_MAX_SIZE[A.dtype]:
+        return torch.ops.sparsecore.svd_jacobi_cpu(A, compute_uv)
+    return torch.ops.sparsecore.svd_bidiag_cpu(A, compute_uv)
+
+
 def _svd_cpp(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.sparsecore.svd_jacobi_cpu(A, True)
+    return _svd_kernel(A, True)
 
 
 def _svdvals_cpp(A: torch.Tensor) -> torch.Tensor:
-    return torch.ops.sparsecore.svd_jacobi_cpu(A, False)[1]
+    return _svd_kernel(A, False)[1]
 
 
 def _eigh_reference(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +135,9 @@ def _eigh_reference(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.T
 
 
 def _eigh_cpp(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.sparsecore.eigh_jacobi_cpu(A, lower)
+    if A.shape[-1] <= EIGH_JACOBI_MAX_SIZE[A.dtype]:
+        return torch.ops.sparsecore.eigh_jacobi_cpu(A, lower)
+    return torch.ops.sparsecore.eigh_bidiag_cpu(A, lower)
 
 
 def _eigh_cpp_reasons(A: torch.Tensor, lower: bool) -> list[str]:

@@ -275,3 +275,122 @@ def test_opcheck(dtype: torch.dtype) -> None:
         torch.library.opcheck(linalg._svd_op, (Ag,))
         torch.library.opcheck(linalg._svdvals_op, (Ag,))
         torch.library.opcheck(linalg._eigh_op, (Sg, False))
+
+
+# --- the two C++ kernels directly, whatever the size routing picks -----------------------
+
+KERNELS = ["jacobi", "bidiag"]
+
+
+def _kernel_svd(kernel: str, A: torch.Tensor, uv: bool = True):
+    if not sparsecore.has_cpu_ext():
+        pytest.skip("C++ extension not built")
+    return getattr(torch.ops.sparsecore, f"svd_{kernel}_cpu")(A, uv)
+
+
+def _kernel_eigh(kernel: str, A: torch.Tensor, lower: bool = True):
+    if not sparsecore.has_cpu_ext():
+        pytest.skip("C++ extension not built")
+    return getattr(torch.ops.sparsecore, f"eigh_{kernel}_cpu")(A, lower)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch,m,n",
+    [(3, 1, 1), (5, 2, 5), (5, 5, 2), (8, 16, 16), (5, 33, 33), (9, 40, 17), (3, 17, 40),
+     (6, 100, 100), (2, 130, 64), (2, 64, 130)],
+)
+def test_kernel_svd_random(kernel: str, dtype: torch.dtype, batch: int, m: int, n: int) -> None:
+    """Both kernels on odd shapes and batch sizes that leave partial groups of four."""
+    A = torch.randn(batch, m, n, dtype=dtype)
+    U, S, Vh = _kernel_svd(kernel, A)
+    _check_svd(A, U, S, Vh)
+    S2 = _kernel_svd(kernel, A, False)[1]
+    torch.testing.assert_close(S2, S, rtol=0, atol=10 * TOL[dtype] * S.max().item())
+
+
+def _special_matrices(dtype: torch.dtype, n: int = 40) -> dict[str, torch.Tensor]:
+    f64 = torch.float64
+    out = {
+        "low_rank": torch.randn(3, n + 7, 5, dtype=f64) @ torch.randn(3, 5, n, dtype=f64),
+        "repeated": _with_singular_values(
+            torch.tensor([3.0] * (n // 4) + [1.0] * (n // 2) + [0.5] * (n - n // 4 - n // 2)),
+            n, n),
+        # A graded bidiagonal from 1 down to 1e-30: its tail deflates at once and its
+        # (numerically) zero diagonal entries are chased out.
+        "graded": (torch.diag_embed(torch.logspace(0, -30, n, dtype=f64))
+                   + torch.diag_embed(0.5 * torch.logspace(0, -30, n - 1, dtype=f64), 1)
+                   ).expand(4, n, n),
+        "identity": torch.eye(n, dtype=f64).expand(2, n, n),
+        "zeros": torch.zeros(2, n, n - 3, dtype=f64),
+    }
+    rows = torch.randn(4, n, n, dtype=f64)
+    rows[:, 3:6] = 0
+    out["zero_rows"] = rows
+    cols = torch.randn(4, n, n, dtype=f64)
+    cols[:, :, -3:] = 0
+    out["zero_cols"] = cols
+    # Upper bidiagonal with zero diagonal entries inside and at the end: both ways of
+    # chasing a zero diagonal out of the QR iteration.
+    B = torch.diag_embed(torch.randn(2, n, dtype=f64)) + torch.diag_embed(
+        torch.randn(2, n - 1, dtype=f64), 1)
+    B[:, 0, 0] = B[:, n // 2, n // 2] = B[:, -1, -1] = 0
+    out["bidiagonal_zero_diag"] = B
+    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_svd_special(kernel: str, dtype: torch.dtype) -> None:
+    for name, A in _special_matrices(dtype).items():
+        U, S, Vh = _kernel_svd(kernel, A)
+        try:
+            _check_svd(A, U, S, Vh)
+        except AssertionError as exc:
+            raise AssertionError(f"{kernel} {name}: {exc}") from exc
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,n", [(3, 1), (5, 2), (7, 9), (5, 50), (4, 100)])
+def test_kernel_eigh(kernel: str, dtype: torch.dtype, batch: int, n: int) -> None:
+    S = _random_symmetric(batch, n, dtype)
+    _check_eigh(S, *_kernel_eigh(kernel, S))
+    X = torch.randn(batch, 2 * n, n, dtype=dtype)
+    gram = X.mT @ X
+    _check_eigh(-gram, *_kernel_eigh(kernel, -gram))
+    junk = S.clone()
+    junk.triu(1).normal_()
+    _check_eigh(junk, *_kernel_eigh(kernel, junk, False), lower=False)
+    Q, _ = torch.linalg.qr(torch.randn(3, 24, 24, dtype=torch.float64))
+    lam = torch.tensor([-2.0] * 8 + [0.0] * 6 + [2.0] * 10, dtype=torch.float64)
+    A = ((Q * lam) @ Q.mT).to(dtype)
+    _check_eigh(A, *_kernel_eigh(kernel, A))
+    L, Q0 = _kernel_eigh(kernel, torch.zeros(2, 30, 30, dtype=dtype))
+    assert (L == 0).all() and _orth_err(Q0) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("op", ["svd_bidiag_cpu", "eigh_bidiag_cpu"])
+def test_bidiag_kernel_rejects_non_finite(op: str) -> None:
+    if not sparsecore.has_cpu_ext():
+        pytest.skip("C++ extension not built")
+    A = torch.randn(6, 20, 20)
+    A[4, 3, 1] = float("inf")
+    with pytest.raises(RuntimeError, match="matrix 4 .* NaN or Inf"):
+        getattr(torch.ops.sparsecore, op)(A, True)
+
+
+def test_size_routing_picks_each_kernel() -> None:
+    """The automatic choice runs Jacobi at the small sizes and the bidiagonal kernel above,
+    with the same results (values) either way."""
+    if not sparsecore.has_cpu_ext():
+        pytest.skip("C++ extension not built")
+    for dtype in DTYPES:
+        small = linalg.JACOBI_MAX_SIZE[dtype]
+        for n in (small, small + 1):
+            A = torch.randn(5, n, n, dtype=dtype)
+            expect = "jacobi" if n <= small else "bidiag"
+            S_auto = linalg.svdvals(A)
+            S_kernel = _kernel_svd(expect, A, False)[1]
+            torch.testing.assert_close(S_auto, S_kernel, rtol=0, atol=0)

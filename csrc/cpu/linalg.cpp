@@ -1,28 +1,38 @@
 // Batched SVD / symmetric eigendecomposition of many small matrices on the CPU.
 //
-// Algorithm (chosen by measurement, see bench/linalg.py and the notes in sparsecore/linalg.py):
-// Drmac-Veselic preconditioned one-sided Jacobi. Each matrix M (r x c, r >= c; a wide matrix
-// is transposed) gets a Householder QR with column pivoting, M P = Q R; one-sided (Hestenes)
-// Jacobi then orthogonalises the columns of X = R^T (c x c) with de Rijk's pivoting (the
-// largest remaining column is moved to the pivot position before each row of the sweep).
-// Pivoted QR makes X graded, which speeds Jacobi's convergence (measured on random 100 x 100:
-// 7.1 sweeps in float32, 8.5 in float64, tolerance eps * sqrt(n)), and working on c x c
-// instead of r x c makes tall matrices cheap (the R-SVD).
-// One-sided Jacobi keeps singular values accurate relative to ||A|| (and usually relative to
-// themselves), unlike eigh of A^T A, which squares the condition number.
+// Two kernels, chosen per size by sparsecore/linalg.py from measurements (bench/linalg.py):
+//
+// 1. Golub-Kahan-Reinsch (svd_bidiag_cpu, eigh_bidiag_cpu; everything above ~16 x 16):
+//    Householder bidiagonalisation M = Q_L B P_R^T, implicit-shift QR on the bidiagonal B
+//    (Wilkinson shift, deflation to eps * ||B||, zero diagonals chased out), the rotations
+//    accumulated into c x c factors, then U = Q_L Ub, V = P_R Vb. Four matrices are worked as
+//    a group: their QR chases run in SIMD lanes (chase4: one sqrt / division instruction serves
+//    four serial chains), and each chase's rotations are applied to the vectors afterwards as a
+//    wave down strips of rows (one load and store per rotation and strip). The back-transforms
+//    work on row-major vectors two reflectors at a time (no horizontal sums). This replaced
+//    Jacobi above 16 x 16: at 100 x 100 float32, Jacobi's ~7 sweeps of n^2 / 2 dependent
+//    (dot -> sqrt / div -> rotate) chains took ~1.1 ms per matrix for the values alone; this
+//    kernel takes ~0.4 ms with vectors (one thread).
+//
+// 2. One-sided Jacobi (svd_jacobi_cpu, eigh_jacobi_cpu), the Drmac-Veselic preconditioned
+//    scheme. Each matrix M (r x c, r >= c; a wide matrix is transposed) gets a Householder QR
+//    with column pivoting, M P = Q R; one-sided (Hestenes) Jacobi then orthogonalises the
+//    columns of X = R^T (c x c) with de Rijk's pivoting. Small matrices (<= 32) instead run
+//    plain cyclic Jacobi with one SIMD lane per matrix (svd_small_group), the fastest at <= 16.
+//    Jacobi is also the fallback for a matrix whose QR iteration reaches its step cap.
 //   M = (Q W) S (P Ux)^T   with X W = Ux S  (W: accumulated rotations)
 // so the left vectors (Q W) are orthogonal by construction and the right ones are the
 // normalised columns of X, re-orthogonalised where a singular value is tiny or zero.
 //
-// Symmetric eigh uses the same path on B = S + c I, with the Gershgorin shift c >= -lambda_min
+// Symmetric eigh (both kernels) works on B = S + c I, with the Gershgorin shift c >= -lambda_min
 // making B positive semi-definite, where the SVD is the eigendecomposition (left vectors =
 // eigenvectors, orthogonal by construction); lambda_i are their Rayleigh quotients with S.
 // Accuracy is absolute, ~eps * ||S||.
 //
-// Memory layout: every matrix is worked column-major in a per-thread workspace, each column
-// contiguous and padded to a multiple of the SIMD width, so that dots and plane rotations are
-// straight AVX2/FMA loops over L1/L2-resident data. OpenMP runs across the batch; there is no
-// per-matrix allocation, Python or dispatcher work.
+// Memory layout: every matrix is worked in a per-thread workspace, columns contiguous and
+// padded to a multiple of the SIMD width, so that the inner loops are straight AVX2/FMA loops
+// over L1/L2-resident data. OpenMP runs across the batch; there is no per-matrix allocation,
+// Python or dispatcher work.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -72,6 +83,13 @@ struct Simd<float> {
   }
   static R abs(R a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static bool any(R mask) { return _mm256_movemask_ps(mask) != 0; }
+  // Lanes [0, rem) of a partial vector (0 < rem < W): loads read zeros elsewhere, stores skip.
+  static __m256i tail(int64_t rem) {
+    alignas(32) static const int32_t t[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 8 - rem));
+  }
+  static R mload(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
+  static void mstore(float* p, __m256i m, R v) { _mm256_maskstore_ps(p, m, v); }
   static float sum(R v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     lo = _mm_hadd_ps(lo, lo);
@@ -106,6 +124,12 @@ struct Simd<double> {
   }
   static R abs(R a) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), a); }
   static bool any(R mask) { return _mm256_movemask_pd(mask) != 0; }
+  static __m256i tail(int64_t rem) {
+    alignas(32) static const int64_t t[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 4 - rem));
+  }
+  static R mload(const double* p, __m256i m) { return _mm256_maskload_pd(p, m); }
+  static void mstore(double* p, __m256i m, R v) { _mm256_maskstore_pd(p, m, v); }
   static double sum(R v) {
     __m128d lo = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
@@ -149,6 +173,11 @@ inline T dot(const T* x, const T* y, int64_t n) {
     a3 = V::fma(V::load(x + i + 3 * W), V::load(y + i + 3 * W), a3);
   }
   for (; i + W <= n; i += W) a0 = V::fma(V::load(x + i), V::load(y + i), a0);
+  if (i < n) {
+    const __m256i m = V::tail(n - i);
+    a1 = V::fma(V::mload(x + i, m), V::mload(y + i, m), a1);
+    i = n;
+  }
   s = V::sum(V::add(V::add(a0, a1), V::add(a2, a3)));
 #endif
   for (; i < n; ++i) s += x[i] * y[i];
@@ -494,6 +523,923 @@ int eigh_one(const T* A, int64_t n, bool lower, T* L, T* Qo, Work<T>& w) {
 }
 
 
+// ---------------------------------------------------------------------------------------------
+// Golub-Kahan-Reinsch SVD for the matrices above the SIMD path: Householder bidiagonalisation
+// M = Q_L B P_R^T (B upper bidiagonal, r >= c), implicit-shift QR on B (Wilkinson shift,
+// deflation to absolute accuracy eps * ||B||, zero diagonals chased out), its plane rotations
+// accumulated into c x c factors Ub, Vb, then U = Q_L [Ub; 0], V = P_R Vb.
+// Why not Jacobi here (measured, 100 x 100 float32, one thread): Jacobi needs ~7 sweeps of
+// n^2 / 2 pairs, each a serial chain (dot -> sqrt / div -> rotate the pivot column that the
+// next pair reads), ~1.1 ms per matrix for the values alone; here the O(n^3) work is
+// cache-resident BLAS-2 and only O(n^2) short chase steps are serial.
+
+template <typename T>
+inline void givens(T f, T g, T& cs, T& sn, T& r) {
+  if (g == 0) {
+    cs = 1, sn = 0, r = f;
+    return;
+  }
+  if (f == 0) {
+    cs = 0, sn = 1, r = g;
+    return;
+  }
+  static const T lo = std::sqrt(std::numeric_limits<T>::min()) * 4, hi = 1 / lo;
+  const T mx = std::max(std::abs(f), std::abs(g));
+  if (mx > lo && mx < hi) {
+    r = std::sqrt(f * f + g * g);
+  } else {
+    const T fs = f / mx, gs = g / mx;
+    r = mx * std::sqrt(fs * fs + gs * gs);
+  }
+  const T inv = 1 / r;
+  cs = f * inv;
+  sn = g * inv;
+}
+
+// Householder vector for x (len entries): on return x[0] = mu (H x = mu e1, mu >= 0), x[1..]
+// = v's tail (v(0) = 1); returns the reflector's scalar, 0 (identity) when the tail is zero.
+template <typename T>
+inline T house(T* x, int64_t len) {
+  const T sigma = len > 1 ? dot(x + 1, x + 1, len - 1) : T(0);
+  if (sigma == 0) return 0;
+  const T alpha = x[0];
+  const T mu = std::sqrt(alpha * alpha + sigma);
+  const T v0 = alpha <= 0 ? alpha - mu : -sigma / (alpha + mu);
+  const T inv = 1 / v0;
+  for (int64_t i = 1; i < len; ++i) x[i] *= inv;
+  x[0] = mu;
+  return 2 * v0 * v0 / (sigma + v0 * v0);
+}
+
+// y <- (I - tau v v^T) y over len entries; v(0) = 1 implicit, v's tail at vt.
+template <typename T>
+inline void reflect(T tau, const T* vt, T* y, int64_t len) {
+  const T s = tau * (y[0] + dot(vt, y + 1, len - 1));
+  y[0] -= s;
+  axpy(-s, vt, y + 1, len - 1);
+}
+
+template <typename T>
+struct BidiagWork {
+  int64_t r, c, ldr, ldc;
+  std::vector<T> M, Pu, Ub, Vb, d, e, tauL, tauR, wv, row, sig, rots, pair;
+  std::vector<int> ord;
+  T amax = 0;
+  BidiagWork(int64_t r_, int64_t c_, bool vectors)
+      : r(r_), c(c_), ldr(padded<T>(r_) + pad_to<T>()), ldc(padded<T>(c_)), M(ldr * c_),
+        Pu(vectors ? ldc * c_ : 0), Ub(vectors ? ldc * c_ : 0), Vb(vectors ? ldc * c_ : 0),
+        d(c_), e(c_ + 1), tauL(c_), tauR(c_), wv(ldr), row(c_ + 1), sig(c_), rots(4 * c_),
+        pair(2 * ldr + 2), ord(c_) {}
+};
+
+// Columns Y_j (j < ncols, ld apart, len entries each) <- (I - tau v v^T) Y_j, v = [1, vt...],
+// four columns per pass: their dots share v's loads and their horizontal sums overlap (one
+// column at a time was latency-bound on the sum, ~3x slower at 100 x 100). The loops run in
+// whole SIMD vectors past len: the caller guarantees at least W readable entries of zeros
+// after each column and after v (BidiagWork's padding), which stay zero.
+template <typename T>
+void reflect_cols(T tau, const T* vt, T* Y, int64_t ld, int64_t len, int64_t ncols) {
+  int64_t j = 0;
+  const int64_t n = len - 1;  // entries of each column after its first
+#ifdef SC_LINALG_AVX2
+  using V = Simd<T>;
+  constexpr int W = V::W;
+  for (; j + 4 <= ncols; j += 4) {
+    T* y0 = Y + j * ld;
+    T* y1 = y0 + ld;
+    T* y2 = y1 + ld;
+    T* y3 = y2 + ld;
+    auto a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+    for (int64_t i = 0; i < n; i += W) {
+      const auto v = V::load(vt + i);
+      a0 = V::fma(v, V::load(y0 + 1 + i), a0);
+      a1 = V::fma(v, V::load(y1 + 1 + i), a1);
+      a2 = V::fma(v, V::load(y2 + 1 + i), a2);
+      a3 = V::fma(v, V::load(y3 + 1 + i), a3);
+    }
+    T s0 = V::sum(a0) + y0[0], s1 = V::sum(a1) + y1[0], s2 = V::sum(a2) + y2[0],
+      s3 = V::sum(a3) + y3[0];
+    s0 *= tau, s1 *= tau, s2 *= tau, s3 *= tau;
+    y0[0] -= s0, y1[0] -= s1, y2[0] -= s2, y3[0] -= s3;
+    const auto b0 = V::set1(s0), b1 = V::set1(s1), b2 = V::set1(s2), b3 = V::set1(s3);
+    for (int64_t i = 0; i < n; i += W) {
+      const auto v = V::load(vt + i);
+      V::store(y0 + 1 + i, V::fnma(b0, v, V::load(y0 + 1 + i)));
+      V::store(y1 + 1 + i, V::fnma(b1, v, V::load(y1 + 1 + i)));
+      V::store(y2 + 1 + i, V::fnma(b2, v, V::load(y2 + 1 + i)));
+      V::store(y3 + 1 + i, V::fnma(b3, v, V::load(y3 + 1 + i)));
+    }
+  }
+  for (; j < ncols; ++j) {
+    T* y = Y + j * ld;
+    auto a0 = V::zero();
+    for (int64_t i = 0; i < n; i += W) a0 = V::fma(V::load(vt + i), V::load(y + 1 + i), a0);
+    const T s0 = tau * (V::sum(a0) + y[0]);
+    y[0] -= s0;
+    const auto b0 = V::set1(s0);
+    for (int64_t i = 0; i < n; i += W)
+      V::store(y + 1 + i, V::fnma(b0, V::load(vt + i), V::load(y + 1 + i)));
+  }
+#endif
+  for (; j < ncols; ++j) reflect(tau, vt, Y + j * ld, len);
+}
+
+// M (r x c, column-major, r >= c) -> d, e. Left reflectors stay in M (tails below the
+// diagonal); with vectors, right reflector k's tail (acting on k+2..c-1) is column k of Pu.
+template <typename T>
+__attribute__((noinline)) void bidiagonalize(BidiagWork<T>& w, bool vectors) {
+  const int64_t r = w.r, c = w.c, ld = w.ldr;
+  T* M = w.M.data();
+  T* wv = w.wv.data();
+  T* u = w.row.data();
+  for (int64_t k = 0; k < c; ++k) {
+    T* x = M + k * ld + k;
+    const int64_t len = r - k;
+    const T tl = house(x, len);
+    w.tauL[k] = tl;
+    w.d[k] = x[0];
+    if (tl != 0) reflect_cols(tl, x + 1, x + ld, ld, len, c - k - 1);
+    if (k + 1 >= c) break;
+    // Right reflector from row k, columns k+1..c-1 (gathered: the row is strided).
+    const int64_t len2 = c - k - 1;
+    for (int64_t j = 0; j < len2; ++j) u[j] = M[(k + 1 + j) * ld + k];
+    const T tr = house(u, len2);
+    w.tauR[k] = tr;
+    w.e[k] = u[0];
+    if (vectors && len2 > 1) std::copy_n(u + 1, len2 - 1, w.Pu.data() + k * w.ldc);
+    if (tr == 0) continue;
+    // Rows k+1..r-1 of columns k+1..c-1: A <- A - tr (A u) u^T with u(0) = 1; four columns
+    // per pass in both the product and the update.
+    const int64_t rows = r - k - 1;
+    T* const c0 = M + (k + 1) * ld + k + 1;
+    std::copy_n(c0, rows + pad_to<T>(), wv);  // with W zeros of padding for the overrun
+    u[0] = 1;
+    int64_t j = 1;
+    for (; j + 4 <= len2; j += 4) {
+      const T* p0 = c0 + j * ld;
+      const T u0 = u[j], u1 = u[j + 1], u2 = u[j + 2], u3 = u[j + 3];
+      int64_t i = 0;
+#ifdef SC_LINALG_AVX2
+      using V = Simd<T>;
+      const auto b0 = V::set1(u0), b1 = V::set1(u1), b2 = V::set1(u2), b3 = V::set1(u3);
+      for (; i < rows; i += V::W) {  // past rows: zero padding (see reflect_cols)
+        auto acc = V::load(wv + i);
+        acc = V::fma(b0, V::load(p0 + i), acc);
+        acc = V::fma(b1, V::load(p0 + ld + i), acc);
+        acc = V::fma(b2, V::load(p0 + 2 * ld + i), acc);
+        acc = V::fma(b3, V::load(p0 + 3 * ld + i), acc);
+        V::store(wv + i, acc);
+      }
+#endif
+      for (; i < rows; ++i)
+        wv[i] += u0 * p0[i] + u1 * p0[ld + i] + u2 * p0[2 * ld + i] + u3 * p0[3 * ld + i];
+    }
+    for (; j < len2; ++j) axpy(u[j], c0 + j * ld, wv, rows);
+    j = 0;
+    for (; j + 4 <= len2; j += 4) {
+      T* p0 = c0 + j * ld;
+      const T u0 = -tr * u[j], u1 = -tr * u[j + 1], u2 = -tr * u[j + 2], u3 = -tr * u[j + 3];
+      int64_t i = 0;
+#ifdef SC_LINALG_AVX2
+      using V = Simd<T>;
+      const auto b0 = V::set1(u0), b1 = V::set1(u1), b2 = V::set1(u2), b3 = V::set1(u3);
+      for (; i < rows; i += V::W) {
+        const auto wvi = V::load(wv + i);
+        V::store(p0 + i, V::fma(b0, wvi, V::load(p0 + i)));
+        V::store(p0 + ld + i, V::fma(b1, wvi, V::load(p0 + ld + i)));
+        V::store(p0 + 2 * ld + i, V::fma(b2, wvi, V::load(p0 + 2 * ld + i)));
+        V::store(p0 + 3 * ld + i, V::fma(b3, wvi, V::load(p0 + 3 * ld + i)));
+      }
+#endif
+      for (; i < rows; ++i) {
+        p0[i] += u0 * wv[i], p0[ld + i] += u1 * wv[i];
+        p0[2 * ld + i] += u2 * wv[i], p0[3 * ld + i] += u3 * wv[i];
+      }
+    }
+    for (; j < len2; ++j) axpy(-tr * u[j], wv, c0 + j * ld, rows);
+  }
+}
+
+// Apply the rotation sequence of one chase, k = p..h-1 in order, to the columns of X (column
+// major, leading dimension ld, nrows rows, a multiple of the SIMD width):
+//   x_k <- c_k x_k + s_k x_{k+1},  x_{k+1} <- -s_k x_k + c_k x_{k+1}.
+// Done as a wave down each strip of rows (LAPACK's slasr idea): the running column stays in
+// registers, so each rotation costs one load and one store per strip instead of two of each,
+// and four strips keep four independent chains in flight.
+template <typename T>
+void rotate_wave(T* X, int64_t ld, int64_t nrows, int64_t p, int64_t h, const T* cs,
+                 const T* sn, int64_t rs) {
+  int64_t i0 = 0;
+#ifdef SC_LINALG_AVX2
+  using V = Simd<T>;
+  constexpr int W = V::W;
+  for (; i0 + 4 * W <= nrows; i0 += 4 * W) {
+    T* x = X + i0;
+    auto a0 = V::load(x + p * ld), a1 = V::load(x + p * ld + W);
+    auto a2 = V::load(x + p * ld + 2 * W), a3 = V::load(x + p * ld + 3 * W);
+    for (int64_t k = p; k < h; ++k) {
+      const auto c = V::set1(cs[(k - p) * rs]), s = V::set1(sn[(k - p) * rs]);
+      T* xk = x + k * ld;
+      T* xn = xk + ld;
+      const auto b0 = V::load(xn), b1 = V::load(xn + W), b2 = V::load(xn + 2 * W),
+                 b3 = V::load(xn + 3 * W);
+      V::store(xk, V::fma(s, b0, V::mul(c, a0)));
+      V::store(xk + W, V::fma(s, b1, V::mul(c, a1)));
+      V::store(xk + 2 * W, V::fma(s, b2, V::mul(c, a2)));
+      V::store(xk + 3 * W, V::fma(s, b3, V::mul(c, a3)));
+      a0 = V::fnma(s, a0, V::mul(c, b0));
+      a1 = V::fnma(s, a1, V::mul(c, b1));
+      a2 = V::fnma(s, a2, V::mul(c, b2));
+      a3 = V::fnma(s, a3, V::mul(c, b3));
+    }
+    T* xh = x + h * ld;
+    V::store(xh, a0), V::store(xh + W, a1), V::store(xh + 2 * W, a2), V::store(xh + 3 * W, a3);
+  }
+  for (; i0 + W <= nrows; i0 += W) {
+    T* x = X + i0;
+    auto a0 = V::load(x + p * ld);
+    for (int64_t k = p; k < h; ++k) {
+      const auto c = V::set1(cs[(k - p) * rs]), s = V::set1(sn[(k - p) * rs]);
+      const auto b0 = V::load(x + (k + 1) * ld);
+      V::store(x + k * ld, V::fma(s, b0, V::mul(c, a0)));
+      a0 = V::fnma(s, a0, V::mul(c, b0));
+    }
+    V::store(x + h * ld, a0);
+  }
+#endif
+  for (; i0 < nrows; ++i0) {
+    T* x = X + i0;
+    T a = x[p * ld];
+    for (int64_t k = p; k < h; ++k) {
+      const T b = x[(k + 1) * ld];
+      x[k * ld] = cs[(k - p) * rs] * a + sn[(k - p) * rs] * b;
+      a = cs[(k - p) * rs] * b - sn[(k - p) * rs] * a;
+    }
+    x[h * ld] = a;
+  }
+}
+
+// Implicit-shift QR on a c x c upper bidiagonal (d, e) until it is diagonal; rotations go into
+// the columns of Ub / Vb (c x c, leading dimension ld) when they are given.
+template <typename T>
+struct BidiagQR {
+  T* d;
+  T* e;
+  int64_t c;
+  T* Ub;
+  T* Vb;
+  int64_t ld;
+  T tol = 0;
+  int64_t h = 0, steps = 0, max_steps = 0;
+  bool ok = true;
+  // The planned chase: block p..h, its running bulge (y, zb), rotation buffers (c entries).
+  int64_t p = 0, len = 0;
+  T y = 0, zb = 0, dk_ = 0, ek_ = 0;
+  T *cv, *sv, *cu, *su;  // rotations of the chase, rs apart (interleaved across a group)
+  int64_t rs = 1;
+
+  void init() {
+    const T eps = std::numeric_limits<T>::epsilon();
+    T anorm = 0;
+    for (int64_t i = 0; i < c; ++i)
+      anorm = std::max(anorm, std::abs(d[i]) + (i + 1 < c ? std::abs(e[i]) : T(0)));
+    tol = eps * anorm;
+    max_steps = 30 * std::max<int64_t>(c, 1);
+    steps = 0;
+    ok = true;
+    h = c - 1;
+    len = 0;
+  }
+
+  // Deflate, chase out zero diagonals, and set up the next shifted chase (len > 0); len = 0
+  // when the matrix is diagonal or the step cap was reached (ok = false).
+  void plan() {
+    len = 0;
+    if (!ok) return;
+    while (h > 0) {
+      if (std::abs(e[h - 1]) <= tol) {
+        e[h - 1] = 0;
+        --h;
+        continue;
+      }
+      int64_t q = h - 1;
+      while (q > 0 && std::abs(e[q - 1]) > tol) --q;
+      if (q > 0) e[q - 1] = 0;
+      int64_t z = -1;
+      for (int64_t i = q; i <= h; ++i)
+        if (std::abs(d[i]) <= tol) {
+          z = i;
+          break;
+        }
+      if (z >= 0) {
+        zero_diagonal(q, z);
+        continue;
+      }
+      if (++steps > max_steps) {
+        ok = false;
+        return;
+      }
+      // Wilkinson shift: the eigenvalue of the trailing 2 x 2 of B^T B nearer its last entry.
+      const T dm = d[h - 1], em = e[h - 1], dh = d[h];
+      const T t11 = dm * dm + (h - 1 > q ? e[h - 2] * e[h - 2] : T(0));
+      const T t12 = dm * em, t22 = dh * dh + em * em;
+      const T delta = (t11 - t22) / 2;
+      const T den = delta + std::copysign(std::sqrt(delta * delta + t12 * t12), delta);
+      const T mu = den != 0 ? t22 - t12 * t12 / den : t22;
+      p = q;
+      len = h - q;
+      y = d[p] * d[p] - mu;
+      zb = d[p] * e[p];
+      dk_ = d[p];
+      ek_ = e[p];
+      return;
+    }
+  }
+
+  // A (numerically) zero d[z] in the block q..h: rotate its row's off-diagonal entry out to the
+  // right (or, for z = h, the last column's up), which splits the block.
+  void zero_diagonal(int64_t q, int64_t z) {
+    d[z] = 0;
+    T cs, sn, rr;
+    if (z < h) {
+      T f = e[z];
+      e[z] = 0;
+      for (int64_t j = z + 1; j <= h; ++j) {
+        givens(d[j], f, cs, sn, rr);
+        d[j] = rr;
+        if (j < h) {
+          f = -sn * e[j];
+          e[j] *= cs;
+        }
+        if (Ub) rot(Ub + j * ld, Ub + z * ld, c, cs, -sn);
+        if (f == 0) break;
+      }
+    } else {
+      T f = e[h - 1];
+      e[h - 1] = 0;
+      for (int64_t j = h - 1; j >= q; --j) {
+        givens(d[j], f, cs, sn, rr);
+        d[j] = rr;
+        if (j > q) {
+          f = -sn * e[j - 1];
+          e[j - 1] *= cs;
+        }
+        if (Vb) rot(Vb + j * ld, Vb + h * ld, c, cs, -sn);
+        if (f == 0) break;
+      }
+    }
+  }
+
+  // Step i of the planned chase (k = p + i): the column rotation zeroing the bulge against y,
+  // then the row rotation zeroing the one below the diagonal.
+  inline void step(int64_t i) {
+    // d[k] and e[k] as the previous step left them are carried in dk_, ek_ (a store and
+    // reload would put store-to-load forwarding on this serial chain).
+    const int64_t k = p + i;
+    T cs, sn, rr;
+    givens(y, zb, cs, sn, rr);
+    if (i > 0) e[k - 1] = rr;
+    const T dk = dk_, ek = ek_, dn = d[k + 1];
+    y = cs * dk + sn * ek;
+    const T e1 = cs * ek - sn * dk;
+    zb = sn * dn;
+    const T dn1 = cs * dn;
+    cv[i * rs] = cs, sv[i * rs] = sn;
+    givens(y, zb, cs, sn, rr);
+    d[k] = rr;
+    const T ekn = cs * e1 + sn * dn1;
+    dk_ = cs * dn1 - sn * e1;
+    e[k] = ekn;
+    d[k + 1] = dk_;
+    if (k + 1 < p + len) {
+      const T en = e[k + 1];
+      zb = sn * en;
+      ek_ = cs * en;
+      y = ekn;
+    }
+    cu[i * rs] = cs, su[i * rs] = sn;
+  }
+
+  void apply() {
+    if (Vb) rotate_wave(Vb, ld, ld, p, p + len, cv, sv, rs);
+    if (Ub) rotate_wave(Ub, ld, ld, p, p + len, cu, su, rs);
+  }
+};
+
+#ifdef SC_LINALG_AVX2
+// Four lanes of T: __m128 for float, __m256d for double.
+template <typename T>
+struct V4;
+template <>
+struct V4<float> {
+  using R = __m128;
+  static R set(float a, float b, float c, float d) { return _mm_setr_ps(a, b, c, d); }
+  static R set1(float a) { return _mm_set1_ps(a); }
+  static R mul(R a, R b) { return _mm_mul_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm_fmadd_ps(a, b, c); }
+  static R fms(R a, R b, R c) { return _mm_fmsub_ps(a, b, c); }
+  static R div(R a, R b) { return _mm_div_ps(a, b); }
+  static R sqrt(R a) { return _mm_sqrt_ps(a); }
+  static int outside(R q, R lo, R hi) {
+    return _mm_movemask_ps(_mm_or_ps(_mm_cmp_ps(q, lo, _CMP_LT_OQ), _mm_cmp_ps(q, hi, _CMP_GT_OQ)));
+  }
+  static void store(float* p, R v) { _mm_storeu_ps(p, v); }
+};
+template <>
+struct V4<double> {
+  using R = __m256d;
+  static R set(double a, double b, double c, double d) { return _mm256_setr_pd(a, b, c, d); }
+  static R set1(double a) { return _mm256_set1_pd(a); }
+  static R mul(R a, R b) { return _mm256_mul_pd(a, b); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+  static R fms(R a, R b, R c) { return _mm256_fmsub_pd(a, b, c); }
+  static R div(R a, R b) { return _mm256_div_pd(a, b); }
+  static R sqrt(R a) { return _mm256_sqrt_pd(a); }
+  static int outside(R q, R lo, R hi) {
+    return _mm256_movemask_pd(
+        _mm256_or_pd(_mm256_cmp_pd(q, lo, _CMP_LT_OQ), _mm256_cmp_pd(q, hi, _CMP_GT_OQ)));
+  }
+  static void store(double* p, R v) { _mm256_storeu_pd(p, v); }
+};
+
+// Givens rotations of four (f, g) pairs at once; lanes whose f^2 + g^2 is zero or near the
+// ends of the range go through the scalar givens() (rare).
+template <typename T>
+inline void givens4(typename V4<T>::R f, typename V4<T>::R g, typename V4<T>::R& cs,
+                    typename V4<T>::R& sn, typename V4<T>::R& r) {
+  using V = V4<T>;
+  static const T lo = std::sqrt(std::numeric_limits<T>::min()) * 4, hi = 1 / lo;
+  static const typename V::R lo2 = V::set1(lo * lo), hi2 = V::set1(hi * hi);
+  const auto q = V::fma(f, f, V::mul(g, g));
+  if (V::outside(q, lo2, hi2)) {
+    alignas(32) T fs[4], gs[4], c4[4], s4[4], r4[4];
+    V::store(fs, f), V::store(gs, g);
+    for (int l = 0; l < 4; ++l) givens(fs[l], gs[l], c4[l], s4[l], r4[l]);
+    cs = V::set(c4[0], c4[1], c4[2], c4[3]);
+    sn = V::set(s4[0], s4[1], s4[2], s4[3]);
+    r = V::set(r4[0], r4[1], r4[2], r4[3]);
+    return;
+  }
+  r = V::sqrt(q);
+  const auto inv = V::div(V::set1(T(1)), r);
+  cs = V::mul(f, inv);
+  sn = V::mul(g, inv);
+}
+
+// Steps 0..common-1 of four planned chases (common <= every lens), one matrix per SIMD lane:
+// the square roots and divisions of four chases cost one instruction each, and the four
+// serial chains are explicit. Each lane's scalar state is written back for the remaining
+// steps (BidiagQR::step) and its rotations are stored rs = 4 apart (lane-interleaved).
+template <typename T>
+void chase4(BidiagQR<T>* q, int64_t common) {
+  using V = V4<T>;
+  alignas(32) T b[4];
+  auto y = V::set(q[0].y, q[1].y, q[2].y, q[3].y);
+  auto zb = V::set(q[0].zb, q[1].zb, q[2].zb, q[3].zb);
+  auto dk = V::set(q[0].dk_, q[1].dk_, q[2].dk_, q[3].dk_);
+  auto ek = V::set(q[0].ek_, q[1].ek_, q[2].ek_, q[3].ek_);
+  auto ekn = ek;
+  T* d0 = q[0].d + q[0].p; T* d1 = q[1].d + q[1].p; T* d2 = q[2].d + q[2].p; T* d3 = q[3].d + q[3].p;
+  T* e0 = q[0].e + q[0].p; T* e1 = q[1].e + q[1].p; T* e2 = q[2].e + q[2].p; T* e3 = q[3].e + q[3].p;
+  T* cv = q[0].cv; T* sv = q[0].sv; T* cu = q[0].cu; T* su = q[0].su;  // lane 0's: rs = 4
+  for (int64_t i = 0; i < common; ++i) {
+    typename V::R cs, sn, rr;
+    givens4<T>(y, zb, cs, sn, rr);
+    if (i > 0) {
+      V::store(b, rr);
+      e0[i - 1] = b[0], e1[i - 1] = b[1], e2[i - 1] = b[2], e3[i - 1] = b[3];
+    }
+    const auto dn = V::set(d0[i + 1], d1[i + 1], d2[i + 1], d3[i + 1]);
+    const auto ny = V::fma(cs, dk, V::mul(sn, ek));
+    const auto ee = V::fms(cs, ek, V::mul(sn, dk));
+    const auto nzb = V::mul(sn, dn);
+    const auto dn1 = V::mul(cs, dn);
+    V::store(cv + 4 * i, cs), V::store(sv + 4 * i, sn);
+    givens4<T>(ny, nzb, cs, sn, rr);
+    V::store(b, rr);
+    d0[i] = b[0], d1[i] = b[1], d2[i] = b[2], d3[i] = b[3];
+    ekn = V::fma(cs, ee, V::mul(sn, dn1));
+    dk = V::fms(cs, dn1, V::mul(sn, ee));
+    const auto en = V::set(e0[i + 1], e1[i + 1], e2[i + 1], e3[i + 1]);
+    zb = V::mul(sn, en);
+    ek = V::mul(cs, en);
+    y = ekn;
+    V::store(cu + 4 * i, cs), V::store(su + 4 * i, sn);
+  }
+  alignas(32) T ys[4], zs[4], ds[4], es[4], ns[4];
+  V::store(ys, y), V::store(zs, zb), V::store(ds, dk), V::store(es, ek), V::store(ns, ekn);
+  for (int g = 0; g < 4; ++g) {
+    q[g].y = ys[g], q[g].zb = zs[g], q[g].dk_ = ds[g], q[g].ek_ = es[g];
+    q[g].e[q[g].p + common - 1] = ns[g];  // final unless the lane's chase goes on
+    q[g].d[q[g].p + common] = ds[g];
+  }
+}
+#endif
+
+// QR iterations of G bidiagonals at once: each round plans one chase per matrix and runs the
+// chases' steps interleaved, so the out-of-order core overlaps their serial chains (each step
+// is two Givens rotations, a sqrt and a division deep; one matrix alone leaves the core idle
+// most of the time).
+template <typename T, int G>
+__attribute__((noinline)) void bidiag_qr_group(BidiagQR<T>* q, int count) {
+  for (int g = 0; g < count; ++g) q[g].init();
+  for (;;) {
+    int64_t most = 0;
+    for (int g = 0; g < count; ++g) {
+      q[g].plan();
+      most = std::max(most, q[g].len);
+    }
+    if (most == 0) return;
+    if (count == G) {
+      int64_t common = most;
+      for (int g = 0; g < G; ++g) common = std::min(common, q[g].len);
+#ifdef SC_LINALG_AVX2
+      if constexpr (G == 4) {
+        if (common > 0) chase4(q, common);
+      } else
+#endif
+      {
+        for (int64_t i = 0; i < common; ++i)
+          for (int g = 0; g < G; ++g) q[g].step(i);
+      }
+      for (int64_t i = common; i < most; ++i)
+        for (int g = 0; g < G; ++g)
+          if (i < q[g].len) q[g].step(i);
+    } else {
+      for (int64_t i = 0; i < most; ++i)
+        for (int g = 0; g < count; ++g)
+          if (i < q[g].len) q[g].step(i);
+    }
+    for (int g = 0; g < count; ++g)
+      if (q[g].len > 0) q[g].apply();
+  }
+}
+
+// Y <- (I - tau v v^T) Y for a row-major block Y (len rows from Y, ld apart; ncols columns,
+// a multiple of the SIMD width with readable padding), v = [1, vt...]: s = v^T Y accumulated
+// in registers per strip of columns, then Y -= tau v s^T. Row-major keeps every operation a
+// straight vector loop over columns, with no horizontal sums (the per-column dot + axpy form
+// was a third of the SVD's time at 100 x 100).
+template <typename T>
+void reflect_rows(T tau, const T* vt, T* Y, int64_t ld, int64_t len, int64_t ncols) {
+  int64_t j0 = 0;
+#ifdef SC_LINALG_AVX2
+  using V = Simd<T>;
+  constexpr int W = V::W;
+  const auto vtau = V::set1(tau);
+  for (; j0 + 4 * W <= ncols; j0 += 4 * W) {
+    T* y = Y + j0;
+    auto a0 = V::load(y), a1 = V::load(y + W), a2 = V::load(y + 2 * W), a3 = V::load(y + 3 * W);
+    for (int64_t i = 1; i < len; ++i) {
+      const auto vi = V::set1(vt[i - 1]);
+      const T* yi = y + i * ld;
+      a0 = V::fma(vi, V::load(yi), a0);
+      a1 = V::fma(vi, V::load(yi + W), a1);
+      a2 = V::fma(vi, V::load(yi + 2 * W), a2);
+      a3 = V::fma(vi, V::load(yi + 3 * W), a3);
+    }
+    a0 = V::mul(a0, vtau), a1 = V::mul(a1, vtau), a2 = V::mul(a2, vtau), a3 = V::mul(a3, vtau);
+    V::store(y, V::sub(V::load(y), a0));
+    V::store(y + W, V::sub(V::load(y + W), a1));
+    V::store(y + 2 * W, V::sub(V::load(y + 2 * W), a2));
+    V::store(y + 3 * W, V::sub(V::load(y + 3 * W), a3));
+    for (int64_t i = 1; i < len; ++i) {
+      const auto vi = V::set1(vt[i - 1]);
+      T* yi = y + i * ld;
+      V::store(yi, V::fnma(vi, a0, V::load(yi)));
+      V::store(yi + W, V::fnma(vi, a1, V::load(yi + W)));
+      V::store(yi + 2 * W, V::fnma(vi, a2, V::load(yi + 2 * W)));
+      V::store(yi + 3 * W, V::fnma(vi, a3, V::load(yi + 3 * W)));
+    }
+  }
+  for (; j0 + W <= ncols; j0 += W) {
+    T* y = Y + j0;
+    auto a0 = V::load(y);
+    for (int64_t i = 1; i < len; ++i) a0 = V::fma(V::set1(vt[i - 1]), V::load(y + i * ld), a0);
+    a0 = V::mul(a0, vtau);
+    V::store(y, V::sub(V::load(y), a0));
+    for (int64_t i = 1; i < len; ++i)
+      V::store(y + i * ld, V::fnma(V::set1(vt[i - 1]), a0, V::load(y + i * ld)));
+  }
+#endif
+  for (; j0 < ncols; ++j0) {
+    T* y = Y + j0;
+    T a = y[0];
+    for (int64_t i = 1; i < len; ++i) a += vt[i - 1] * y[i * ld];
+    a *= tau;
+    y[0] -= a;
+    for (int64_t i = 1; i < len; ++i) y[i * ld] -= vt[i - 1] * a;
+  }
+}
+
+// Two reflectors at once on a row-major block Y (len rows, ld apart, ncols columns, a multiple
+// of the SIMD width with readable padding): Y <- (I - ta a a^T)(I - tb b b^T) Y, with a and b
+// given densely over the len rows (b applied first; zeros where a reflector does not reach).
+// s_b = tb b^T Y, s_a = ta (a^T Y - (a . b) s_b), Y -= b s_b^T + a s_a^T: one read pass and
+// one update pass for two reflectors, half the memory traffic of reflect_rows twice.
+template <typename T>
+void reflect_rows_pair(T ta, const T* a, T tb, const T* b, T* Y, int64_t ld, int64_t len,
+                       int64_t ncols) {
+  T ab = 0;
+  for (int64_t i = 0; i < len; ++i) ab += a[i] * b[i];
+  int64_t j0 = 0;
+#ifdef SC_LINALG_AVX2
+  using V = Simd<T>;
+  constexpr int W = V::W;
+  const auto vta = V::set1(ta), vtb = V::set1(tb), vab = V::set1(ab);
+  for (; j0 + 4 * W <= ncols; j0 += 4 * W) {
+    T* y = Y + j0;
+    auto pa0 = V::zero(), pa1 = V::zero(), pa2 = V::zero(), pa3 = V::zero();
+    auto pb0 = V::zero(), pb1 = V::zero(), pb2 = V::zero(), pb3 = V::zero();
+    for (int64_t i = 0; i < len; ++i) {
+      const auto ai = V::set1(a[i]), bi = V::set1(b[i]);
+      const T* yi = y + i * ld;
+      const auto y0 = V::load(yi), y1 = V::load(yi + W), y2 = V::load(yi + 2 * W),
+                 y3 = V::load(yi + 3 * W);
+      pa0 = V::fma(ai, y0, pa0), pa1 = V::fma(ai, y1, pa1);
+      pa2 = V::fma(ai, y2, pa2), pa3 = V::fma(ai, y3, pa3);
+      pb0 = V::fma(bi, y0, pb0), pb1 = V::fma(bi, y1, pb1);
+      pb2 = V::fma(bi, y2, pb2), pb3 = V::fma(bi, y3, pb3);
+    }
+    pb0 = V::mul(vtb, pb0), pb1 = V::mul(vtb, pb1), pb2 = V::mul(vtb, pb2), pb3 = V::mul(vtb, pb3);
+    pa0 = V::mul(vta, V::fnma(vab, pb0, pa0)), pa1 = V::mul(vta, V::fnma(vab, pb1, pa1));
+    pa2 = V::mul(vta, V::fnma(vab, pb2, pa2)), pa3 = V::mul(vta, V::fnma(vab, pb3, pa3));
+    for (int64_t i = 0; i < len; ++i) {
+      const auto ai = V::set1(a[i]), bi = V::set1(b[i]);
+      T* yi = y + i * ld;
+      V::store(yi, V::fnma(ai, pa0, V::fnma(bi, pb0, V::load(yi))));
+      V::store(yi + W, V::fnma(ai, pa1, V::fnma(bi, pb1, V::load(yi + W))));
+      V::store(yi + 2 * W, V::fnma(ai, pa2, V::fnma(bi, pb2, V::load(yi + 2 * W))));
+      V::store(yi + 3 * W, V::fnma(ai, pa3, V::fnma(bi, pb3, V::load(yi + 3 * W))));
+    }
+  }
+  for (; j0 + W <= ncols; j0 += W) {
+    T* y = Y + j0;
+    auto pa0 = V::zero(), pa1 = V::zero(), pb0 = V::zero(), pb1 = V::zero();
+    int64_t i = 0;
+    for (; i + 1 < len; i += 2) {  // two chains each: this strip is latency-bound otherwise
+      const auto y0 = V::load(y + i * ld), y1 = V::load(y + (i + 1) * ld);
+      pa0 = V::fma(V::set1(a[i]), y0, pa0), pb0 = V::fma(V::set1(b[i]), y0, pb0);
+      pa1 = V::fma(V::set1(a[i + 1]), y1, pa1), pb1 = V::fma(V::set1(b[i + 1]), y1, pb1);
+    }
+    if (i < len) {
+      const auto y0 = V::load(y + i * ld);
+      pa0 = V::fma(V::set1(a[i]), y0, pa0), pb0 = V::fma(V::set1(b[i]), y0, pb0);
+    }
+    const auto sb = V::mul(vtb, V::add(pb0, pb1));
+    const auto sa = V::mul(vta, V::fnma(vab, sb, V::add(pa0, pa1)));
+    for (i = 0; i < len; ++i) {
+      T* yi = y + i * ld;
+      V::store(yi, V::fnma(V::set1(a[i]), sa, V::fnma(V::set1(b[i]), sb, V::load(yi))));
+    }
+  }
+#endif
+  for (; j0 < ncols; ++j0) {
+    T* y = Y + j0;
+    T pa = 0, pb = 0;
+    for (int64_t i = 0; i < len; ++i) pa += a[i] * y[i * ld], pb += b[i] * y[i * ld];
+    const T sb = tb * pb, sa = ta * (pa - ab * sb);
+    for (int64_t i = 0; i < len; ++i) y[i * ld] -= a[i] * sa + b[i] * sb;
+  }
+}
+
+// Y (row-major, rows first..first+len-1 touched) <- H_0 H_1 ... H_{nref-1} Y for reflectors
+// H_j = I - tau[j] v_j v_j^T acting on rows off + j.. (v_j = [1, tail_j...], tail_j at
+// tails + j * tail_ld), applied last to first, two at a time.
+template <typename T>
+void apply_reflectors_rows(const T* tau, const T* tails, int64_t tail_ld, int64_t nref,
+                           int64_t off, int64_t total, T* Y, int64_t ld, int64_t ncols,
+                           T* buf) {
+  int64_t j = nref - 1;
+  for (; j >= 1; j -= 2) {
+    // Pair (j applied first, then j - 1), both over rows off + j - 1 .. total - 1.
+    const int64_t row0 = off + j - 1, len = total - row0;
+    if (tau[j] == 0 && tau[j - 1] == 0) continue;
+    T* a = buf;
+    T* b = buf + len;
+    a[0] = 1;
+    std::copy_n(tails + (j - 1) * tail_ld, len - 1, a + 1);
+    b[0] = 0;
+    b[1] = 1;
+    std::copy_n(tails + j * tail_ld, len - 2, b + 2);
+    reflect_rows_pair(tau[j - 1], a, tau[j], b, Y + row0 * ld, ld, len, ncols);
+  }
+  if (j == 0 && tau[0] != 0)
+    reflect_rows(tau[0], tails, Y + off * ld, ld, total - off, ncols);
+}
+
+// Phase 1 for one matrix: load A (m x n, row-major) as the r x c column-major M (A or A^T,
+// scaled to max |entry| = 1), bidiagonalise, set up the QR state. kNonFinite on NaN / Inf.
+template <typename T>
+int bidiag_load(const T* A, int64_t m, int64_t n, BidiagWork<T>& w, BidiagQR<T>& q,
+                bool vectors) {
+  const int64_t r = w.r, c = w.c, ldr = w.ldr, ldc = w.ldc;
+  T amax = 0;
+  for (int64_t i = 0; i < m * n; ++i) {
+    if (!std::isfinite(A[i])) return kNonFinite;
+    amax = std::max(amax, std::abs(A[i]));
+  }
+  w.amax = amax;
+  const T scale = amax > 0 ? 1 / amax : T(1);
+  T* M = w.M.data();
+  if (m < n) {
+    for (int64_t j = 0; j < c; ++j)
+      for (int64_t i = 0; i < r; ++i) M[j * ldr + i] = A[j * n + i] * scale;
+  } else {
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < c; ++j) M[j * ldr + i] = A[i * n + j] * scale;
+  }
+  bidiagonalize(w, vectors);
+  T* Ub = nullptr;
+  T* Vb = nullptr;
+  if (vectors) {
+    std::fill(w.Ub.begin(), w.Ub.end(), T(0));
+    std::fill(w.Vb.begin(), w.Vb.end(), T(0));
+    Ub = w.Ub.data();
+    Vb = w.Vb.data();
+    for (int64_t i = 0; i < c; ++i) Ub[i * ldc + i] = Vb[i * ldc + i] = 1;
+  }
+  q.d = w.d.data();
+  q.e = w.e.data();
+  q.c = c;
+  q.Ub = Ub;
+  q.Vb = Vb;
+  q.ld = ldc;
+  return kOk;
+}
+
+// Phase 3 for one matrix once its bidiagonal is diagonal: values non-negative (a sign moves
+// into V) and descending (stable sort); with vectors, U = Q_L [Ub; 0] and V = P_R Vb built
+// row-major in Y (r x c) and Z (c x c) (column i = vector i), then written out with the sign
+// convention (largest-|.| entry of each left vector positive).
+template <typename T>
+void bidiag_finish(BidiagWork<T>& w, int64_t m, int64_t n, T* U, T* S, T* Vh, T* Y, T* Z) {
+  const bool vectors = U != nullptr;
+  const int64_t r = w.r, c = w.c, ldc = w.ldc, k = c;
+  T* sgn = w.sig.data();
+  for (int64_t i = 0; i < c; ++i) {
+    sgn[i] = 1;
+    if (w.d[i] < 0) w.d[i] = -w.d[i], sgn[i] = -1;
+  }
+  std::vector<int>& ord = w.ord;
+  std::iota(ord.begin(), ord.end(), 0);
+  std::stable_sort(ord.begin(), ord.end(), [&](int a, int b) { return w.d[a] > w.d[b]; });
+  for (int64_t i = 0; i < k; ++i) S[i] = w.d[ord[i]] * w.amax;
+  if (!vectors) return;
+  const T* Ub = w.Ub.data();
+  const T* Vb = w.Vb.data();
+  // Left: reflectors applied last to first (reflector k touches rows >= k).
+  std::fill(Y, Y + r * ldc, T(0));
+  for (int64_t i = 0; i < c; ++i) {
+    const T* ub = Ub + ord[i] * ldc;
+    for (int64_t j = 0; j < c; ++j) Y[j * ldc + i] = ub[j];
+  }
+  const T* M = w.M.data();
+  apply_reflectors_rows(w.tauL.data(), M + 1, w.ldr + 1, c, 0, r, Y, ldc, ldc, w.pair.data());
+  // Right: right reflector j acts on entries j+1..c-1.
+  std::fill(Z, Z + c * ldc, T(0));
+  for (int64_t i = 0; i < c; ++i) {
+    const T* vb = Vb + ord[i] * ldc;
+    const T sg = sgn[ord[i]];
+    for (int64_t j = 0; j < c; ++j) Z[j * ldc + i] = sg * vb[j];
+  }
+  if (c > 1)
+    apply_reflectors_rows(w.tauR.data(), w.Pu.data(), ldc, c - 1, 1, c, Z, ldc, ldc,
+                          w.pair.data());
+  // A = M (Y: left, Z: right) or M^T (Z: left, Y: right).
+  const bool trans = m < n;
+  const T* Lm = trans ? Z : Y;
+  const T* Rm = trans ? Y : Z;
+  T* sg = w.row.data();
+  T* best = w.wv.data();
+  std::fill(best, best + k, T(-1));
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t i = 0; i < k; ++i) {
+      const T v = Lm[j * ldc + i];
+      if (std::abs(v) > best[i]) best[i] = std::abs(v), sg[i] = v < 0 ? T(-1) : T(1);
+    }
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t i = 0; i < k; ++i) U[j * k + i] = sg[i] * Lm[j * ldc + i];
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < k; ++i) Vh[i * n + j] = sg[i] * Rm[j * ldc + i];
+}
+
+
+// eigh through the same kernel, for the sizes where Jacobi sweeps lose to LAPACK: B = S + c I
+// with the Gershgorin bound c >= -lambda_min (B positive semi-definite, so its SVD is its
+// eigendecomposition); only B's left vectors are accumulated, and the eigenvalues are their
+// Rayleigh quotients with S (error ~ eps ||S||, the shift does not enter).
+template <typename T>
+int eigh_bidiag_load(const T* A, int64_t n, bool lower, BidiagWork<T>& w, BidiagQR<T>& q,
+                     T* Sym) {
+  const int64_t ldr = w.ldr, ldc = w.ldc;
+  T amax = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = (lower ? (i >= j) : (i <= j)) ? A[i * n + j] : A[j * n + i];
+      if (!std::isfinite(v)) return kNonFinite;
+      amax = std::max(amax, std::abs(v));
+      Sym[i * ldc + j] = v;
+    }
+  w.amax = amax;
+  const T scale = amax > 0 ? 1 / amax : T(1);
+  T shift = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    T* row = Sym + i * ldc;
+    T off = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] *= scale;
+      if (j != i) off += std::abs(row[j]);
+    }
+    shift = std::max(shift, off - row[i]);
+  }
+  T* M = w.M.data();
+  for (int64_t j = 0; j < n; ++j) {  // symmetric: row j of Sym is column j of B
+    std::copy_n(Sym + j * ldc, n, M + j * ldr);
+    M[j * ldr + j] += shift;
+  }
+  bidiagonalize(w, false);
+  std::fill(w.Ub.begin(), w.Ub.end(), T(0));
+  for (int64_t i = 0; i < n; ++i) w.Ub[i * ldc + i] = 1;
+  q.d = w.d.data();
+  q.e = w.e.data();
+  q.c = n;
+  q.Ub = w.Ub.data();
+  q.Vb = nullptr;
+  q.ld = ldc;
+  return kOk;
+}
+
+// Eigenvectors Y = Q_L Ub (row-major n x ldc, column i = vector i), their Rayleigh quotients
+// with Sym, ascending order, sign convention, output.
+template <typename T>
+void eigh_bidiag_finish(BidiagWork<T>& w, int64_t n, T* L, T* Qo, T* Y, const T* Sym) {
+  const int64_t ldc = w.ldc;
+  std::fill(Y, Y + n * ldc, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const T* ub = w.Ub.data() + i * ldc;
+    for (int64_t j = 0; j < n; ++j) Y[j * ldc + i] = ub[j];
+  }
+  apply_reflectors_rows(w.tauL.data(), w.M.data() + 1, w.ldr + 1, n, 0, n, Y, ldc, ldc,
+                        w.pair.data());
+  // lam_i = sum_j Y[j][i] (Sym Y)[j][i]: (Sym Y) is formed a strip of columns and two rows at
+  // a time in registers, never stored.
+  T* lam = w.wv.data();  // ldr >= ldc entries
+  std::fill(lam, lam + ldc, T(0));
+  int64_t j = 0;
+#ifdef SC_LINALG_AVX2
+  using V = Simd<T>;
+  constexpr int W = V::W;
+  for (int64_t i0 = 0; i0 < ldc; i0 += 2 * W) {
+    const bool two = i0 + 2 * W <= ldc;
+    auto l0 = V::zero(), l1 = V::zero();
+    for (j = 0; j < n; j += 2) {
+      const bool pair = j + 1 < n;
+      const T* s0 = Sym + j * ldc;
+      const T* s1 = pair ? s0 + ldc : s0;
+      auto a0 = V::zero(), a1 = V::zero(), b0 = V::zero(), b1 = V::zero();
+      for (int64_t t = 0; t < n; ++t) {
+        const T* yt = Y + t * ldc + i0;
+        const auto y0 = V::load(yt), y1 = two ? V::load(yt + W) : V::zero();
+        const auto c0 = V::set1(s0[t]), c1 = V::set1(s1[t]);
+        a0 = V::fma(c0, y0, a0), a1 = V::fma(c0, y1, a1);
+        b0 = V::fma(c1, y0, b0), b1 = V::fma(c1, y1, b1);
+      }
+      const T* yj = Y + j * ldc + i0;
+      l0 = V::fma(V::load(yj), a0, l0);
+      if (two) l1 = V::fma(V::load(yj + W), a1, l1);
+      if (pair) {
+        l0 = V::fma(V::load(yj + ldc), b0, l0);
+        if (two) l1 = V::fma(V::load(yj + ldc + W), b1, l1);
+      }
+    }
+    V::store(lam + i0, l0);
+    if (two) V::store(lam + i0 + W, l1);
+  }
+#else
+  std::vector<T> trow(ldc);
+  for (j = 0; j < n; ++j) {
+    std::fill(trow.begin(), trow.end(), T(0));
+    for (int64_t t = 0; t < n; ++t) axpy(Sym[j * ldc + t], Y + t * ldc, trow.data(), ldc);
+    for (int64_t i = 0; i < ldc; ++i) lam[i] += Y[j * ldc + i] * trow[i];
+  }
+#endif
+  std::vector<int>& o = w.ord;
+  std::iota(o.begin(), o.end(), 0);
+  std::stable_sort(o.begin(), o.end(), [&](int a, int b) { return lam[a] < lam[b]; });
+  T* sg = w.row.data();
+  T* best = w.sig.data();
+  std::fill(best, best + n, T(-1));
+  for (j = 0; j < n; ++j)
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = Y[j * ldc + i];
+      if (std::abs(v) > best[i]) best[i] = std::abs(v), sg[i] = v < 0 ? T(-1) : T(1);
+    }
+  for (int64_t i = 0; i < n; ++i) L[i] = lam[o[i]] * w.amax;
+  for (j = 0; j < n; ++j)
+    for (int64_t i = 0; i < n; ++i) Qo[j * n + i] = sg[o[i]] * Y[j * ldc + o[i]];
+}
+
 #ifdef SC_LINALG_AVX2
 // Small matrices (max(m, n) <= kSmallMax): one SIMD lane per matrix. A group of W matrices
 // (8 float / 4 double) is stored interleaved, entry (i, j) of all W matrices in one vector,
@@ -815,6 +1761,132 @@ void svd_batch(const at::Tensor& A, at::Tensor& U, at::Tensor& S, at::Tensor& Vh
   }
 }
 
+
+// Golub-Kahan-Reinsch path: OpenMP over groups of kQRGroup matrices; each group is
+// bidiagonalised one matrix at a time, then its QR iterations run interleaved
+// (bidiag_qr_group), then each matrix is finished. A matrix whose QR iteration reaches the step
+// cap is redone by the Jacobi path (never seen on the tests' or benches' matrices).
+constexpr int kQRGroup = 4;
+
+template <typename T>
+void svd_bidiag_batch(const at::Tensor& A, at::Tensor& U, at::Tensor& S, at::Tensor& Vh,
+                      bool compute_uv, std::atomic<int64_t>& bad_conv,
+                      std::atomic<int64_t>& bad_val) {
+  const int64_t batch = A.size(0), m = A.size(1), n = A.size(2), k = std::min(m, n);
+  const T* a = A.data_ptr<T>();
+  T* s = S.data_ptr<T>();
+  T* u = compute_uv ? U.data_ptr<T>() : nullptr;
+  T* vh = compute_uv ? Vh.data_ptr<T>() : nullptr;
+  const int64_t groups = (batch + kQRGroup - 1) / kQRGroup;
+#pragma omp parallel num_threads(num_threads_for(groups))
+  {
+    std::vector<BidiagWork<T>> ws;
+    for (int g = 0; g < kQRGroup; ++g) ws.emplace_back(std::max(m, n), k, compute_uv);
+    std::vector<T> Y(compute_uv ? std::max(m, n) * ws[0].ldc : 0),
+        Z(compute_uv ? k * ws[0].ldc : 0);
+    std::unique_ptr<Work<T>> jw;
+    BidiagQR<T> q[kQRGroup];
+    int64_t idx[kQRGroup];
+    // Rotations of the group's chases, lane-interleaved (rs = kQRGroup), see chase4.
+    std::vector<T> rots(4 * kQRGroup * std::max<int64_t>(k, 1));
+    for (int g = 0; g < kQRGroup; ++g) {
+      q[g].cv = rots.data() + g;
+      q[g].sv = q[g].cv + kQRGroup * k;
+      q[g].cu = q[g].sv + kQRGroup * k;
+      q[g].su = q[g].cu + kQRGroup * k;
+      q[g].rs = kQRGroup;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const int64_t b0 = grp * kQRGroup, nb = std::min<int64_t>(kQRGroup, batch - b0);
+      int count = 0;
+      for (int64_t b = b0; b < b0 + nb; ++b) {
+        if (bidiag_load(a + b * m * n, m, n, ws[count], q[count], compute_uv) != kOk) {
+          note(kNonFinite, b, bad_conv, bad_val);
+          continue;
+        }
+        idx[count++] = b;
+      }
+      if (count == kQRGroup)
+        bidiag_qr_group<T, kQRGroup>(q, count);
+      else
+        bidiag_qr_group<T, 1>(q, count);
+      for (int g = 0; g < count; ++g) {
+        const int64_t b = idx[g];
+        T* ub = u ? u + b * m * k : nullptr;
+        T* vb = vh ? vh + b * k * n : nullptr;
+        if (q[g].ok) {
+          bidiag_finish(ws[g], m, n, ub, s + b * k, vb, Y.data(), Z.data());
+          continue;
+        }
+        if (!jw) jw = std::make_unique<Work<T>>(std::max(m, n), k, compute_uv);
+        const int st = svd_one(a + b * m * n, m, n, ub, s + b * k, vb, *jw);
+        if (st != kOk) note(st, b, bad_conv, bad_val);
+      }
+    }
+  }
+}
+
+// eigh by the Golub-Kahan-Reinsch kernel, grouped like svd_bidiag_batch.
+template <typename T>
+void eigh_bidiag_batch(const at::Tensor& A, at::Tensor& L, at::Tensor& Q, bool lower,
+                       std::atomic<int64_t>& bad_conv, std::atomic<int64_t>& bad_val) {
+  const int64_t batch = A.size(0), n = A.size(1);
+  const T* a = A.data_ptr<T>();
+  T* l = L.data_ptr<T>();
+  T* qo = Q.data_ptr<T>();
+  const int64_t groups = (batch + kQRGroup - 1) / kQRGroup;
+#pragma omp parallel num_threads(num_threads_for(groups))
+  {
+    std::vector<BidiagWork<T>> ws;
+    for (int g = 0; g < kQRGroup; ++g) ws.emplace_back(n, n, true);
+    const int64_t ldc = ws[0].ldc;
+    std::vector<T> sym(kQRGroup * n * ldc), Y(n * ldc);
+    std::unique_ptr<Work<T>> jw;
+    BidiagQR<T> q[kQRGroup];
+    int64_t idx[kQRGroup];
+    int slot[kQRGroup];
+    std::vector<T> rots(4 * kQRGroup * std::max<int64_t>(n, 1));
+    for (int g = 0; g < kQRGroup; ++g) {
+      q[g].cv = rots.data() + g;
+      q[g].sv = q[g].cv + kQRGroup * n;
+      q[g].cu = q[g].sv + kQRGroup * n;
+      q[g].su = q[g].cu + kQRGroup * n;
+      q[g].rs = kQRGroup;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const int64_t b0 = grp * kQRGroup, nb = std::min<int64_t>(kQRGroup, batch - b0);
+      int count = 0;
+      for (int64_t b = b0; b < b0 + nb; ++b) {
+        T* sy = sym.data() + count * n * ldc;
+        if (eigh_bidiag_load(a + b * n * n, n, lower, ws[count], q[count], sy) != kOk) {
+          note(kNonFinite, b, bad_conv, bad_val);
+          continue;
+        }
+        idx[count] = b;
+        slot[count] = count;
+        ++count;
+      }
+      if (count == kQRGroup)
+        bidiag_qr_group<T, kQRGroup>(q, count);
+      else
+        bidiag_qr_group<T, 1>(q, count);
+      for (int g = 0; g < count; ++g) {
+        const int64_t b = idx[g];
+        if (q[g].ok) {
+          eigh_bidiag_finish(ws[g], n, l + b * n, qo + b * n * n, Y.data(),
+                             sym.data() + slot[g] * n * ldc);
+          continue;
+        }
+        if (!jw) jw = std::make_unique<Work<T>>(n, n, true);
+        const int st = eigh_one(a + b * n * n, n, lower, l + b * n, qo + b * n * n, *jw);
+        if (st != kOk) note(st, b, bad_conv, bad_val);
+      }
+    }
+  }
+}
+
 template <typename T>
 void eigh_batch(const at::Tensor& A, at::Tensor& L, at::Tensor& Q, bool lower,
                 std::atomic<int64_t>& bad_conv, std::atomic<int64_t>& bad_val) {
@@ -878,6 +1950,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_jacobi(const at::Tensor& A_, 
   return {U, S, Vh};
 }
 
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_bidiag(const at::Tensor& A_, bool compute_uv) {
+  check_input(A_, "svd_bidiag_cpu");
+  const at::Tensor A = A_.contiguous();
+  const int64_t batch = A.size(0), m = A.size(1), n = A.size(2), k = std::min(m, n);
+  at::Tensor S = at::empty({batch, k}, A.options());
+  const std::vector<int64_t> ushape = compute_uv ? std::vector<int64_t>{batch, m, k} : std::vector<int64_t>{0};
+  const std::vector<int64_t> vshape = compute_uv ? std::vector<int64_t>{batch, k, n} : std::vector<int64_t>{0};
+  at::Tensor U = at::empty(ushape, A.options());
+  at::Tensor Vh = at::empty(vshape, A.options());
+  if (batch == 0 || k == 0) return {U, S, Vh};
+  std::atomic<int64_t> bad_conv{-1}, bad_val{-1};
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "svd_bidiag_cpu", [&] {
+    svd_bidiag_batch<scalar_t>(A, U, S, Vh, compute_uv, bad_conv, bad_val);
+  });
+  raise_status("svd_bidiag_cpu", bad_conv, bad_val, 30);
+  return {U, S, Vh};
+}
+
+
+std::tuple<at::Tensor, at::Tensor> eigh_bidiag(const at::Tensor& A_, bool lower) {
+  check_input(A_, "eigh_bidiag_cpu");
+  TORCH_CHECK(A_.size(1) == A_.size(2), "sparsecore::eigh_bidiag_cpu: expected square matrices, got ",
+              A_.sizes());
+  const at::Tensor A = A_.contiguous();
+  const int64_t batch = A.size(0), n = A.size(1);
+  at::Tensor L = at::empty({batch, n}, A.options());
+  at::Tensor Q = at::empty({batch, n, n}, A.options());
+  if (batch == 0 || n == 0) return {L, Q};
+  std::atomic<int64_t> bad_conv{-1}, bad_val{-1};
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "eigh_bidiag_cpu", [&] {
+    eigh_bidiag_batch<scalar_t>(A, L, Q, lower, bad_conv, bad_val);
+  });
+  raise_status("eigh_bidiag_cpu", bad_conv, bad_val, 30);
+  return {L, Q};
+}
+
 std::tuple<at::Tensor, at::Tensor> eigh_jacobi(const at::Tensor& A_, bool lower) {
   check_input(A_, "eigh_jacobi_cpu");
   TORCH_CHECK(A_.size(1) == A_.size(2), "sparsecore::eigh_jacobi_cpu: expected square matrices, got ",
@@ -900,4 +2009,6 @@ std::tuple<at::Tensor, at::Tensor> eigh_jacobi(const at::Tensor& A_, bool lower)
 TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
   m.impl("svd_jacobi_cpu", &svd_jacobi);
   m.impl("eigh_jacobi_cpu", &eigh_jacobi);
+  m.impl("svd_bidiag_cpu", &svd_bidiag);
+  m.impl("eigh_bidiag_cpu", &eigh_bidiag);
 }
