@@ -1,10 +1,11 @@
 """Batched svd / svdvals / eigh of many small matrices: sparsecore.linalg vs torch.linalg.
 
-Rows: op, shape (batch, m, n), dtype; torch.linalg time, the C++ Jacobi kernel's time
-(forced; `backend` says what the automatic choice would be), speedup, and the accuracy
-reached: max error of the values relative to the
-largest one against float64 LAPACK, reconstruction ||U S V^T - A|| / ||A|| (or
-||Q L Q^T - S|| / ||S||) and orthogonality max |U^T U - I|, both for the sparsecore result.
+Rows: op, shape (batch, m, n), dtype; torch.linalg time, the C++ kernel's time (forced;
+`kernel` says which of the two runs at that size, jacobi or bidiag, and `backend` what the
+automatic choice between C++ and torch.linalg would be), speedup, and the accuracy reached:
+max error of the values relative to the largest one against float64 LAPACK, reconstruction
+||U S V^T - A|| / ||A|| (or ||Q L Q^T - S|| / ||S||) and orthogonality max |U^T U - I|, both
+for the sparsecore result.
 eigh runs on A^T A + I (symmetric positive definite).
 """
 
@@ -92,19 +93,23 @@ def main(args: argparse.Namespace) -> int:
                 A = _input(op, shape, dtype)
                 f_torch, f_ours = partial(theirs[op], A), partial(ours[op], A)
                 t_torch = time_fn(f_torch, warmup=warmup, reps=reps, min_time=min_time)
-                with use_backend("cpp"):  # the Jacobi kernel itself, whatever auto would pick
+                with use_backend("cpp"):  # the C++ kernel itself, whatever auto would pick
                     t_ours = time_fn(f_ours, warmup=warmup, reps=reps, min_time=min_time)
                     out = ours[op](A)
                 if op == "eigh":
                     backend = linalg._eigh_dispatch.select(A.reshape(-1, *shape[1:]), True).name
+                    small = linalg.EIGH_JACOBI_MAX_SIZE[dtype]
                 else:
                     backend = dispatch[op].select(A).name
+                    small = linalg.JACOBI_MAX_SIZE[dtype]
+                kernel = "jacobi" if max(shape[1:]) <= small else "bidiag"
                 row = {
                     "op": op,
                     "shape": "x".join(map(str, shape)),
                     "dtype": dname,
                     "device": "cpu",
                     "backend": backend,
+                    "kernel": kernel,
                     "torch_ms": t_torch * 1e3,
                     "sparsecore_ms": t_ours * 1e3,
                     "speedup": speedup(t_torch, t_ours),
@@ -112,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
                 }
                 rows.append(row)
                 print(format_table([row], list(row)).splitlines()[-1], flush=True)
-    cols = ["op", "shape", "dtype", "backend", "torch_ms", "sparsecore_ms", "speedup",
+    cols = ["op", "shape", "dtype", "backend", "kernel", "torch_ms", "sparsecore_ms", "speedup",
             "value_err", "recon_err", "orth_err"]
     print()
     print(format_table(rows, cols))

@@ -325,6 +325,9 @@ def _special_matrices(dtype: torch.dtype, n: int = 40) -> dict[str, torch.Tensor
         "identity": torch.eye(n, dtype=f64).expand(2, n, n),
         "zeros": torch.zeros(2, n, n - 3, dtype=f64),
     }
+    # Its transpose (lower bidiagonal): Householder vectors of squares below the range
+    # (a reflector built from underflowed sums was not orthogonal before house() rescaled).
+    out["graded_lower"] = out["graded"].mT
     rows = torch.randn(4, n, n, dtype=f64)
     rows[:, 3:6] = 0
     out["zero_rows"] = rows

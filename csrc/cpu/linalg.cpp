@@ -558,16 +558,38 @@ inline void givens(T f, T g, T& cs, T& sn, T& r) {
 
 // Householder vector for x (len entries): on return x[0] = mu (H x = mu e1, mu >= 0), x[1..]
 // = v's tail (v(0) = 1); returns the reflector's scalar, 0 (identity) when the tail is zero.
+// A sum of squares below min / eps has lost digits to underflow (a graded matrix's tail):
+// then x is scaled to max |x_i| = 1 first (v and tau do not depend on the scale), as LAPACK's
+// larfg does; if the tail is still that small next to x(0), it is negligible and H = I.
 template <typename T>
 inline T house(T* x, int64_t len) {
-  const T sigma = len > 1 ? dot(x + 1, x + 1, len - 1) : T(0);
-  if (sigma == 0) return 0;
-  const T alpha = x[0];
+  T sigma = len > 1 ? dot(x + 1, x + 1, len - 1) : T(0);
+  T alpha = x[0], scale = 1;
+  static const T safe = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
+  if (sigma < safe) {
+    if (sigma == 0 && len > 1) {
+      bool zero = true;
+      for (int64_t i = 1; i < len && zero; ++i) zero = x[i] == 0;
+      if (zero) return 0;
+    }
+    T amax = 0;
+    for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::abs(x[i]));
+    if (amax == 0 || len < 2) return 0;
+    const T inv = 1 / amax;
+    for (int64_t i = 0; i < len; ++i) x[i] *= inv;
+    sigma = dot(x + 1, x + 1, len - 1);
+    alpha = x[0];
+    if (!(sigma >= safe)) {
+      for (int64_t i = 0; i < len; ++i) x[i] *= amax;
+      return 0;
+    }
+    scale = amax;
+  }
   const T mu = std::sqrt(alpha * alpha + sigma);
   const T v0 = alpha <= 0 ? alpha - mu : -sigma / (alpha + mu);
   const T inv = 1 / v0;
   for (int64_t i = 1; i < len; ++i) x[i] *= inv;
-  x[0] = mu;
+  x[0] = mu * scale;
   return 2 * v0 * v0 / (sigma + v0 * v0);
 }
 
@@ -1242,7 +1264,7 @@ int bidiag_load(const T* A, int64_t m, int64_t n, BidiagWork<T>& w, BidiagQR<T>&
   w.amax = amax;
   const T scale = amax > 0 ? 1 / amax : T(1);
   T* M = w.M.data();
-  if (m < n) {
+  if (m <= n) {  // A^T is A read column-major: no transpose (square A included)
     for (int64_t j = 0; j < c; ++j)
       for (int64_t i = 0; i < r; ++i) M[j * ldr + i] = A[j * n + i] * scale;
   } else {
@@ -1307,7 +1329,7 @@ void bidiag_finish(BidiagWork<T>& w, int64_t m, int64_t n, T* U, T* S, T* Vh, T*
     apply_reflectors_rows(w.tauR.data(), w.Pu.data(), ldc, c - 1, 1, c, Z, ldc, ldc,
                           w.pair.data());
   // A = M (Y: left, Z: right) or M^T (Z: left, Y: right).
-  const bool trans = m < n;
+  const bool trans = m <= n;  // as in bidiag_load
   const T* Lm = trans ? Z : Y;
   const T* Rm = trans ? Y : Z;
   T* sg = w.row.data();
