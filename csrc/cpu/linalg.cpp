@@ -228,6 +228,43 @@ struct Work {
         Z(vectors ? ldc * c_ : 0), Zt(vectors ? ldc * c_ : 0), Sym(vectors && r_ == c_ ? ldr * c_ : 0), tau(c_), d(c_), sig(c_), perm(c_), ord(c_) {}
 };
 
+// Householder vector for x (len entries): on return x[0] = mu (H x = mu e1, mu >= 0), x[1..]
+// = v's tail (v(0) = 1); returns the reflector's scalar, 0 (identity) when the tail is zero.
+// A sum of squares below min / eps has lost digits to underflow (a graded matrix's tail):
+// then x is scaled to max |x_i| = 1 first (v and tau do not depend on the scale), as LAPACK's
+// larfg does; if the tail is still that small next to x(0), it is negligible and H = I.
+template <typename T>
+inline T house(T* x, int64_t len) {
+  T sigma = len > 1 ? dot(x + 1, x + 1, len - 1) : T(0);
+  T alpha = x[0], scale = 1;
+  static const T safe = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
+  if (sigma < safe) {
+    if (sigma == 0 && len > 1) {
+      bool zero = true;
+      for (int64_t i = 1; i < len && zero; ++i) zero = x[i] == 0;
+      if (zero) return 0;
+    }
+    T amax = 0;
+    for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::abs(x[i]));
+    if (amax == 0 || len < 2) return 0;
+    const T inv = 1 / amax;
+    for (int64_t i = 0; i < len; ++i) x[i] *= inv;
+    sigma = dot(x + 1, x + 1, len - 1);
+    alpha = x[0];
+    if (!(sigma >= safe)) {
+      for (int64_t i = 0; i < len; ++i) x[i] *= amax;
+      return 0;
+    }
+    scale = amax;
+  }
+  const T mu = std::sqrt(alpha * alpha + sigma);
+  const T v0 = alpha <= 0 ? alpha - mu : -sigma / (alpha + mu);
+  const T inv = 1 / v0;
+  for (int64_t i = 1; i < len; ++i) x[i] *= inv;
+  x[0] = mu * scale;
+  return 2 * v0 * v0 / (sigma + v0 * v0);
+}
+
 // Householder QR with column pivoting of the r x c column-major M (in place: R above the
 // diagonal, the reflectors' tails below it, scalars in tau; perm[k] = original column).
 template <typename T>
@@ -249,20 +286,9 @@ void qrcp(Work<T>& w) {
     }
     T* x = M + k * ld + k;
     const int64_t len = r - k;
-    const T sigma = len > 1 ? dot(x + 1, x + 1, len - 1) : T(0);
-    if (sigma == 0) {
-      w.tau[k] = 0;
-      continue;
-    }
-    // Golub & Van Loan 5.1.1: H x = mu e1 with v(0) = 1, stable for either sign of x(0).
-    const T alpha = x[0];
-    const T mu = std::sqrt(alpha * alpha + sigma);
-    const T v0 = alpha <= 0 ? alpha - mu : -sigma / (alpha + mu);
-    const T tau = 2 * v0 * v0 / (sigma + v0 * v0);
-    const T inv = 1 / v0;
-    for (int64_t i = 1; i < len; ++i) x[i] *= inv;
-    x[0] = mu;
+    const T tau = house(x, len);
     w.tau[k] = tau;
+    if (tau == 0) continue;
     for (int64_t j = k + 1; j < c; ++j) {
       T* y = M + j * ld + k;
       const T s = tau * (y[0] + dot(x + 1, y + 1, len - 1));
@@ -554,43 +580,6 @@ inline void givens(T f, T g, T& cs, T& sn, T& r) {
   const T inv = 1 / r;
   cs = f * inv;
   sn = g * inv;
-}
-
-// Householder vector for x (len entries): on return x[0] = mu (H x = mu e1, mu >= 0), x[1..]
-// = v's tail (v(0) = 1); returns the reflector's scalar, 0 (identity) when the tail is zero.
-// A sum of squares below min / eps has lost digits to underflow (a graded matrix's tail):
-// then x is scaled to max |x_i| = 1 first (v and tau do not depend on the scale), as LAPACK's
-// larfg does; if the tail is still that small next to x(0), it is negligible and H = I.
-template <typename T>
-inline T house(T* x, int64_t len) {
-  T sigma = len > 1 ? dot(x + 1, x + 1, len - 1) : T(0);
-  T alpha = x[0], scale = 1;
-  static const T safe = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
-  if (sigma < safe) {
-    if (sigma == 0 && len > 1) {
-      bool zero = true;
-      for (int64_t i = 1; i < len && zero; ++i) zero = x[i] == 0;
-      if (zero) return 0;
-    }
-    T amax = 0;
-    for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::abs(x[i]));
-    if (amax == 0 || len < 2) return 0;
-    const T inv = 1 / amax;
-    for (int64_t i = 0; i < len; ++i) x[i] *= inv;
-    sigma = dot(x + 1, x + 1, len - 1);
-    alpha = x[0];
-    if (!(sigma >= safe)) {
-      for (int64_t i = 0; i < len; ++i) x[i] *= amax;
-      return 0;
-    }
-    scale = amax;
-  }
-  const T mu = std::sqrt(alpha * alpha + sigma);
-  const T v0 = alpha <= 0 ? alpha - mu : -sigma / (alpha + mu);
-  const T inv = 1 / v0;
-  for (int64_t i = 1; i < len; ++i) x[i] *= inv;
-  x[0] = mu * scale;
-  return 2 * v0 * v0 / (sigma + v0 * v0);
 }
 
 // y <- (I - tau v v^T) y over len entries; v(0) = 1 implicit, v's tail at vt.
