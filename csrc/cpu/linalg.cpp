@@ -594,13 +594,13 @@ template <typename T>
 struct BidiagWork {
   int64_t r, c, ldr, ldc;
   std::vector<T> M, Pu, Ub, Vb, d, e, tauL, tauR, wv, row, sig, rots, pair;
-  std::vector<int> ord;
+  std::vector<int> ord, fills;
   T amax = 0;
   BidiagWork(int64_t r_, int64_t c_, bool vectors)
       : r(r_), c(c_), ldr(padded<T>(r_) + pad_to<T>()), ldc(padded<T>(c_)), M(ldr * c_),
         Pu(vectors ? ldc * c_ : 0), Ub(vectors ? ldc * c_ : 0), Vb(vectors ? ldc * c_ : 0),
         d(c_), e(c_ + 1), tauL(c_), tauR(c_), wv(ldr), row(c_ + 1), sig(c_), rots(4 * c_),
-        pair(2 * ldr + 2), ord(c_) {}
+        pair(2 * ldr + 2), ord(c_), fills(3 * c_ + 1) {}
 };
 
 // Columns Y_j (j < ncols, ld apart, len entries each) <- (I - tau v v^T) Y_j, v = [1, vt...],
@@ -739,16 +739,26 @@ __attribute__((noinline)) void bidiagonalize(BidiagWork<T>& w, bool vectors) {
 // and four strips keep four independent chains in flight.
 template <typename T>
 void rotate_wave(T* X, int64_t ld, int64_t nrows, int64_t p, int64_t h, const T* cs,
-                 const T* sn, int64_t rs) {
+                 const T* sn, int64_t rs, const int* g) {
+  // g[i] (i < h - p): the last row that may be nonzero in any of columns p..p+i+1. Rotations
+  // before the first i with g[i] >= a strip's first row only mix zeros there: the strip's wave
+  // starts after them (the factors start as the identity and fill in chase by chase).
+  const auto first = [&](int64_t row0) {
+    int64_t i = 0;
+    while (i < h - p && g[i] < row0) ++i;
+    return p + i;
+  };
   int64_t i0 = 0;
 #ifdef SC_LINALG_AVX2
   using V = Simd<T>;
   constexpr int W = V::W;
   for (; i0 + 4 * W <= nrows; i0 += 4 * W) {
     T* x = X + i0;
-    auto a0 = V::load(x + p * ld), a1 = V::load(x + p * ld + W);
-    auto a2 = V::load(x + p * ld + 2 * W), a3 = V::load(x + p * ld + 3 * W);
-    for (int64_t k = p; k < h; ++k) {
+    const int64_t k0 = first(i0);
+    if (k0 >= h) continue;
+    auto a0 = V::load(x + k0 * ld), a1 = V::load(x + k0 * ld + W);
+    auto a2 = V::load(x + k0 * ld + 2 * W), a3 = V::load(x + k0 * ld + 3 * W);
+    for (int64_t k = k0; k < h; ++k) {
       const auto c = V::set1(cs[(k - p) * rs]), s = V::set1(sn[(k - p) * rs]);
       T* xk = x + k * ld;
       T* xn = xk + ld;
@@ -768,8 +778,10 @@ void rotate_wave(T* X, int64_t ld, int64_t nrows, int64_t p, int64_t h, const T*
   }
   for (; i0 + W <= nrows; i0 += W) {
     T* x = X + i0;
-    auto a0 = V::load(x + p * ld);
-    for (int64_t k = p; k < h; ++k) {
+    const int64_t k0 = first(i0);
+    if (k0 >= h) continue;
+    auto a0 = V::load(x + k0 * ld);
+    for (int64_t k = k0; k < h; ++k) {
       const auto c = V::set1(cs[(k - p) * rs]), s = V::set1(sn[(k - p) * rs]);
       const auto b0 = V::load(x + (k + 1) * ld);
       V::store(x + k * ld, V::fma(s, b0, V::mul(c, a0)));
@@ -808,8 +820,14 @@ struct BidiagQR {
   T y = 0, zb = 0, dk_ = 0, ek_ = 0;
   T *cv, *sv, *cu, *su;  // rotations of the chase, rs apart (interleaved across a group)
   int64_t rs = 1;
+  // fillU[k] / fillV[k]: the last row of column k of Ub / Vb that may be nonzero (both start
+  // as the identity); g: scratch for rotate_wave's prefix maxima. c entries each.
+  int* fillU = nullptr;
+  int* fillV = nullptr;
+  int* g = nullptr;
 
   void init() {
+    for (int64_t k = 0; k < c; ++k) fillU[k] = fillV[k] = static_cast<int>(k);
     const T eps = std::numeric_limits<T>::epsilon();
     T anorm = 0;
     for (int64_t i = 0; i < c; ++i)
@@ -882,7 +900,10 @@ struct BidiagQR {
           f = -sn * e[j];
           e[j] *= cs;
         }
-        if (Ub) rot(Ub + j * ld, Ub + z * ld, c, cs, -sn);
+        if (Ub) {
+          rot(Ub + j * ld, Ub + z * ld, c, cs, -sn);
+          fillU[j] = fillU[z] = std::max(fillU[j], fillU[z]);
+        }
         if (f == 0) break;
       }
     } else {
@@ -895,7 +916,10 @@ struct BidiagQR {
           f = -sn * e[j - 1];
           e[j - 1] *= cs;
         }
-        if (Vb) rot(Vb + j * ld, Vb + h * ld, c, cs, -sn);
+        if (Vb) {
+          rot(Vb + j * ld, Vb + h * ld, c, cs, -sn);
+          fillV[j] = fillV[h] = std::max(fillV[j], fillV[h]);
+        }
         if (f == 0) break;
       }
     }
@@ -932,8 +956,16 @@ struct BidiagQR {
   }
 
   void apply() {
-    if (Vb) rotate_wave(Vb, ld, ld, p, p + len, cv, sv, rs);
-    if (Ub) rotate_wave(Ub, ld, ld, p, p + len, cu, su, rs);
+    if (Vb) wave(Vb, fillV, cv, sv);
+    if (Ub) wave(Ub, fillU, cu, su);
+  }
+
+  void wave(T* X, int* fill, const T* cs, const T* sn) {
+    int run = fill[p];
+    for (int64_t i = 0; i < len; ++i) g[i] = run = std::max(run, fill[p + i + 1]);
+    rotate_wave(X, ld, ld, p, p + len, cs, sn, rs, g);
+    for (int64_t i = 0; i < len; ++i) fill[p + i] = g[i];
+    fill[p + len] = g[len - 1];
   }
 };
 
@@ -1276,6 +1308,9 @@ int bidiag_load(const T* A, int64_t m, int64_t n, BidiagWork<T>& w, BidiagQR<T>&
   q.Ub = Ub;
   q.Vb = Vb;
   q.ld = ldc;
+  q.fillU = w.fills.data();
+  q.fillV = q.fillU + c;
+  q.g = q.fillV + c;
   return kOk;
 }
 
@@ -1378,6 +1413,9 @@ int eigh_bidiag_load(const T* A, int64_t n, bool lower, BidiagWork<T>& w, Bidiag
   q.Ub = w.Ub.data();
   q.Vb = nullptr;
   q.ld = ldc;
+  q.fillU = w.fills.data();
+  q.fillV = q.fillU + n;
+  q.g = q.fillV + n;
   return kOk;
 }
 
