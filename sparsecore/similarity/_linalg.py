@@ -15,7 +15,7 @@ from sparsecore import linalg as _sc_linalg
 
 
 def _batched_real(x: Tensor) -> bool:
-    """sparsecore.linalg takes real float32/float64 (it picks its C++ Jacobi kernel or
+    """sparsecore.linalg takes real float32/float64 (it picks one of its C++ kernels or
     torch.linalg per shape and device); complex inputs (the DFT route) stay on torch.linalg."""
     return x.dtype in (torch.float32, torch.float64)
 
