@@ -23,8 +23,12 @@ Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "reference")`):
   Singular values come out accurate to ~ eps * sqrt(n) * ||A||; eigenvalues to ~ eps * ||S||.
   Non-convergence raises a RuntimeError naming the matrix (the QR kernel first retries that
   matrix with Jacobi).
-- "reference": torch.linalg (LAPACK), with the sign convention applied. Used for what the
-  C++ kernel refuses: other devices, sizes above 512, a missing extension.
+- "triton": kernels/linalg.py, one-sided Jacobi with one matrix per program (round-robin
+  rotations, the matrix in registers), CUDA float32 / float64, m, n <= 32; sorting, the QR
+  giving U and the sign convention are batch-level torch ops. Tested under
+  TRITON_INTERPRET=1; its GPU speed has not been measured (no device was lent).
+- "reference": torch.linalg (LAPACK / cuSOLVER), with the sign convention applied. Used for
+  what the kernels refuse: larger sizes, other devices, a missing extension.
 
 `full_matrices=True` is computed by torch.linalg.svd directly (same sign convention on the
 first k columns). NaN or Inf input raises ValueError.
@@ -42,7 +46,7 @@ from collections.abc import Iterator
 import torch
 
 from sparsecore import _ext
-from sparsecore._dispatch import Backend, Dispatcher, forced_backend
+from sparsecore._dispatch import Backend, Dispatcher, forced_backend, triton_reasons
 
 __all__ = ["svd", "svdvals", "eigh", "CPP_MAX_SIZE", "CPP_AUTO_MAX_SIZE"]
 
@@ -140,6 +144,67 @@ def _eigh_cpp(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]
     return torch.ops.sparsecore.eigh_bidiag_cpu(A, lower)
 
 
+# --- Triton (GPU; CPU only under TRITON_INTERPRET=1 when forced) ---------------------------
+# kernels/linalg.py: one-sided Jacobi, one matrix per program, round-robin rotations. Up to
+# TRITON_MAX_SIZE; the sorting, the QR that gives U and the sign convention are batch-level
+# torch ops here. GPU speed not measured (no device was lent to this task).
+TRITON_MAX_SIZE = 32
+
+
+def _triton_linalg_reasons(A: torch.Tensor) -> list[str]:
+    why = triton_reasons([A], _DTYPES)
+    if A.dim() == 3 and max(A.shape[-2:]) > TRITON_MAX_SIZE:
+        why.append(f"matrix size {tuple(A.shape[-2:])} above {TRITON_MAX_SIZE} (one matrix per "
+                   "Triton program in registers)")
+    return why
+
+
+def _jacobi_triton(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, V) with M V = X, columns of X orthogonal, M = A or A^T (wide A); sorted by
+    descending column norm."""
+    from sparsecore.kernels import linalg as tk
+
+    X, V, _ = tk.jacobi_svd(A)
+    S = X.norm(dim=-2)
+    order = S.argsort(dim=-1, descending=True, stable=True)
+    X = X.gather(-1, order.unsqueeze(-2).expand_as(X))
+    V = V.gather(-1, order.unsqueeze(-2).expand_as(V))
+    return X, V
+
+
+def _svd_triton(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    X, V = _jacobi_triton(A)
+    S = X.norm(dim=-2)
+    # Orthonormal left vectors even where a singular value is zero: a QR of the orthogonal
+    # columns, signs aligned with them.
+    Q, R = torch.linalg.qr(X)
+    d = torch.diagonal(R, dim1=-2, dim2=-1)
+    Q = Q * torch.where(d < 0, -1.0, 1.0).to(Q.dtype).unsqueeze(-2)
+    U, Vh = (Q, V.mT) if A.shape[-2] >= A.shape[-1] else (V, Q.mT)
+    sg = _sign_fix(U)
+    return U * sg.unsqueeze(-2), S, Vh * sg.unsqueeze(-1)
+
+
+def _svdvals_triton(A: torch.Tensor) -> torch.Tensor:
+    return _jacobi_triton(A)[0].norm(dim=-2)
+
+
+def _eigh_triton(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # B = S + c I (Gershgorin: positive semi-definite); its right singular vectors from the
+    # Jacobi rotations are eigenvectors (orthogonal by construction); eigenvalues are their
+    # Rayleigh quotients with S.
+    S = A.tril() + A.tril(-1).mT if lower else A.triu() + A.triu(1).mT
+    diag = torch.diagonal(S, dim1=-2, dim2=-1)
+    off = S.abs().sum(-1) - diag.abs()
+    shift = (off - diag).amax(-1).clamp_min(0)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    _, V = _jacobi_triton(S + shift[:, None, None] * eye)
+    L = ((S @ V) * V).sum(-2)
+    L, order = L.sort(dim=-1, stable=True)
+    Q = V.gather(-1, order.unsqueeze(-2).expand_as(V))
+    return L, Q * _sign_fix(Q).unsqueeze(-2)
+
+
 def _eigh_cpp_reasons(A: torch.Tensor, lower: bool) -> list[str]:
     return _cpp_reasons("eigh", A)
 
@@ -148,6 +213,7 @@ _svd_dispatch = Dispatcher(
     "linalg.svd",
     [
         Backend("cpp", lambda A: _cpp_reasons("svd", A), _svd_cpp),
+        Backend("triton", _triton_linalg_reasons, _svd_triton),
         Backend("reference", _reference_reasons, _svd_reference),
     ],
 )
@@ -155,6 +221,7 @@ _svdvals_dispatch = Dispatcher(
     "linalg.svdvals",
     [
         Backend("cpp", lambda A: _cpp_reasons("svdvals", A), _svdvals_cpp),
+        Backend("triton", _triton_linalg_reasons, _svdvals_triton),
         Backend("reference", _reference_reasons, torch.linalg.svdvals),
     ],
 )
@@ -162,6 +229,7 @@ _eigh_dispatch = Dispatcher(
     "linalg.eigh",
     [
         Backend("cpp", _eigh_cpp_reasons, _eigh_cpp),
+        Backend("triton", lambda A, lower: _triton_linalg_reasons(A), _eigh_triton),
         Backend("reference", lambda A, lower: _reference_reasons(A), _eigh_reference),
     ],
 )
