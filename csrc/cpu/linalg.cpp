@@ -1817,6 +1817,20 @@ void svd_batch(const at::Tensor& A, at::Tensor& U, at::Tensor& S, at::Tensor& Vh
 // cap is redone by the Jacobi path (never seen on the tests' or benches' matrices).
 constexpr int kQRGroup = 4;
 
+// The rotations of a group's chases, lane-interleaved (rs = kQRGroup; see chase4), c per chase.
+template <typename T>
+void group_rotation_buffers(BidiagQR<T>* q, std::vector<T>& rots, int64_t c) {
+  c = std::max<int64_t>(c, 1);
+  rots.assign(4 * kQRGroup * c, T(0));
+  for (int g = 0; g < kQRGroup; ++g) {
+    q[g].cv = rots.data() + g;
+    q[g].sv = q[g].cv + kQRGroup * c;
+    q[g].cu = q[g].sv + kQRGroup * c;
+    q[g].su = q[g].cu + kQRGroup * c;
+    q[g].rs = kQRGroup;
+  }
+}
+
 template <typename T>
 void svd_bidiag_batch(const at::Tensor& A, at::Tensor& U, at::Tensor& S, at::Tensor& Vh,
                       bool compute_uv, std::atomic<int64_t>& bad_conv,
@@ -1836,15 +1850,8 @@ void svd_bidiag_batch(const at::Tensor& A, at::Tensor& U, at::Tensor& S, at::Ten
     std::unique_ptr<Work<T>> jw;
     BidiagQR<T> q[kQRGroup];
     int64_t idx[kQRGroup];
-    // Rotations of the group's chases, lane-interleaved (rs = kQRGroup), see chase4.
-    std::vector<T> rots(4 * kQRGroup * std::max<int64_t>(k, 1));
-    for (int g = 0; g < kQRGroup; ++g) {
-      q[g].cv = rots.data() + g;
-      q[g].sv = q[g].cv + kQRGroup * k;
-      q[g].cu = q[g].sv + kQRGroup * k;
-      q[g].su = q[g].cu + kQRGroup * k;
-      q[g].rs = kQRGroup;
-    }
+    std::vector<T> rots;
+    group_rotation_buffers(q, rots, k);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t grp = 0; grp < groups; ++grp) {
       const int64_t b0 = grp * kQRGroup, nb = std::min<int64_t>(kQRGroup, batch - b0);
@@ -1895,14 +1902,8 @@ void eigh_bidiag_batch(const at::Tensor& A, at::Tensor& L, at::Tensor& Q, bool l
     BidiagQR<T> q[kQRGroup];
     int64_t idx[kQRGroup];
     int slot[kQRGroup];
-    std::vector<T> rots(4 * kQRGroup * std::max<int64_t>(n, 1));
-    for (int g = 0; g < kQRGroup; ++g) {
-      q[g].cv = rots.data() + g;
-      q[g].sv = q[g].cv + kQRGroup * n;
-      q[g].cu = q[g].sv + kQRGroup * n;
-      q[g].su = q[g].cu + kQRGroup * n;
-      q[g].rs = kQRGroup;
-    }
+    std::vector<T> rots;
+    group_rotation_buffers(q, rots, n);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t grp = 0; grp < groups; ++grp) {
       const int64_t b0 = grp * kQRGroup, nb = std::min<int64_t>(kQRGroup, batch - b0);
@@ -1981,8 +1982,12 @@ void check_input(const at::Tensor& A, const char* op) {
               ": expected float32 or float64, got ", A.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_jacobi(const at::Tensor& A_, bool compute_uv) {
-  check_input(A_, "svd_jacobi_cpu");
+// Shared entry of the svd ops: checks, outputs, dispatch on dtype; run(tag, ...) runs a
+// batch function for the dtype of `tag`.
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_entry(const at::Tensor& A_, bool compute_uv,
+                                                         const char* op, Run run) {
+  check_input(A_, op);
   const at::Tensor A = A_.contiguous();
   const int64_t batch = A.size(0), m = A.size(1), n = A.size(2), k = std::min(m, n);
   at::Tensor S = at::empty({batch, k}, A.options());
@@ -1992,36 +1997,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_jacobi(const at::Tensor& A_, 
   at::Tensor Vh = at::empty(vshape, A.options());
   if (batch == 0 || k == 0) return {U, S, Vh};
   std::atomic<int64_t> bad_conv{-1}, bad_val{-1};
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "svd_jacobi_cpu", [&] {
-    svd_batch<scalar_t>(A, U, S, Vh, compute_uv, bad_conv, bad_val);
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "sparsecore_linalg", [&] {
+    run(scalar_t{}, A, U, S, Vh, compute_uv, bad_conv, bad_val);
   });
-  raise_status("svd_jacobi_cpu", bad_conv, bad_val, 30);
+  raise_status(op, bad_conv, bad_val, 30);
   return {U, S, Vh};
 }
 
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_bidiag(const at::Tensor& A_, bool compute_uv) {
-  check_input(A_, "svd_bidiag_cpu");
-  const at::Tensor A = A_.contiguous();
-  const int64_t batch = A.size(0), m = A.size(1), n = A.size(2), k = std::min(m, n);
-  at::Tensor S = at::empty({batch, k}, A.options());
-  const std::vector<int64_t> ushape = compute_uv ? std::vector<int64_t>{batch, m, k} : std::vector<int64_t>{0};
-  const std::vector<int64_t> vshape = compute_uv ? std::vector<int64_t>{batch, k, n} : std::vector<int64_t>{0};
-  at::Tensor U = at::empty(ushape, A.options());
-  at::Tensor Vh = at::empty(vshape, A.options());
-  if (batch == 0 || k == 0) return {U, S, Vh};
-  std::atomic<int64_t> bad_conv{-1}, bad_val{-1};
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "svd_bidiag_cpu", [&] {
-    svd_bidiag_batch<scalar_t>(A, U, S, Vh, compute_uv, bad_conv, bad_val);
-  });
-  raise_status("svd_bidiag_cpu", bad_conv, bad_val, 30);
-  return {U, S, Vh};
-}
-
-
-std::tuple<at::Tensor, at::Tensor> eigh_bidiag(const at::Tensor& A_, bool lower) {
-  check_input(A_, "eigh_bidiag_cpu");
-  TORCH_CHECK(A_.size(1) == A_.size(2), "sparsecore::eigh_bidiag_cpu: expected square matrices, got ",
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor> eigh_entry(const at::Tensor& A_, bool lower, const char* op,
+                                              Run run) {
+  check_input(A_, op);
+  TORCH_CHECK(A_.size(1) == A_.size(2), "sparsecore::", op, ": expected square matrices, got ",
               A_.sizes());
   const at::Tensor A = A_.contiguous();
   const int64_t batch = A.size(0), n = A.size(1);
@@ -2029,28 +2016,31 @@ std::tuple<at::Tensor, at::Tensor> eigh_bidiag(const at::Tensor& A_, bool lower)
   at::Tensor Q = at::empty({batch, n, n}, A.options());
   if (batch == 0 || n == 0) return {L, Q};
   std::atomic<int64_t> bad_conv{-1}, bad_val{-1};
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "eigh_bidiag_cpu", [&] {
-    eigh_bidiag_batch<scalar_t>(A, L, Q, lower, bad_conv, bad_val);
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "sparsecore_linalg", [&] {
+    run(scalar_t{}, A, L, Q, lower, bad_conv, bad_val);
   });
-  raise_status("eigh_bidiag_cpu", bad_conv, bad_val, 30);
+  raise_status(op, bad_conv, bad_val, 30);
   return {L, Q};
 }
 
-std::tuple<at::Tensor, at::Tensor> eigh_jacobi(const at::Tensor& A_, bool lower) {
-  check_input(A_, "eigh_jacobi_cpu");
-  TORCH_CHECK(A_.size(1) == A_.size(2), "sparsecore::eigh_jacobi_cpu: expected square matrices, got ",
-              A_.sizes());
-  const at::Tensor A = A_.contiguous();
-  const int64_t batch = A.size(0), n = A.size(1);
-  at::Tensor L = at::empty({batch, n}, A.options());
-  at::Tensor Q = at::empty({batch, n, n}, A.options());
-  if (batch == 0 || n == 0) return {L, Q};
-  std::atomic<int64_t> bad_conv{-1}, bad_val{-1};
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "eigh_jacobi_cpu", [&] {
-    eigh_batch<scalar_t>(A, L, Q, lower, bad_conv, bad_val);
-  });
-  raise_status("eigh_jacobi_cpu", bad_conv, bad_val, 30);
-  return {L, Q};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_jacobi(const at::Tensor& A, bool compute_uv) {
+  return svd_entry(A, compute_uv, "svd_jacobi_cpu",
+                   [](auto tag, auto&&... args) { svd_batch<decltype(tag)>(args...); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_bidiag(const at::Tensor& A, bool compute_uv) {
+  return svd_entry(A, compute_uv, "svd_bidiag_cpu",
+                   [](auto tag, auto&&... args) { svd_bidiag_batch<decltype(tag)>(args...); });
+}
+
+std::tuple<at::Tensor, at::Tensor> eigh_jacobi(const at::Tensor& A, bool lower) {
+  return eigh_entry(A, lower, "eigh_jacobi_cpu",
+                    [](auto tag, auto&&... args) { eigh_batch<decltype(tag)>(args...); });
+}
+
+std::tuple<at::Tensor, at::Tensor> eigh_bidiag(const at::Tensor& A, bool lower) {
+  return eigh_entry(A, lower, "eigh_bidiag_cpu",
+                    [](auto tag, auto&&... args) { eigh_bidiag_batch<decltype(tag)>(args...); });
 }
 
 }  // namespace
