@@ -1271,6 +1271,20 @@ void apply_reflectors_rows(const T* tau, const T* tails, int64_t tail_ld, int64_
     reflect_rows(tau[0], tails, Y + off * ld, ld, total - off, ncols);
 }
 
+// Point a QR state at a workspace's bidiagonal (d, e) and factors (Ub, Vb; null: not kept).
+template <typename T>
+void attach_qr(BidiagQR<T>& q, BidiagWork<T>& w, T* Ub, T* Vb) {
+  q.d = w.d.data();
+  q.e = w.e.data();
+  q.c = w.c;
+  q.Ub = Ub;
+  q.Vb = Vb;
+  q.ld = w.ldc;
+  q.fillU = w.fills.data();
+  q.fillV = q.fillU + w.c;
+  q.g = q.fillV + w.c;
+}
+
 // Phase 1 for one matrix: load A (m x n, row-major) as the r x c column-major M (A or A^T,
 // scaled to max |entry| = 1), bidiagonalise, set up the QR state. kNonFinite on NaN / Inf.
 template <typename T>
@@ -1302,15 +1316,7 @@ int bidiag_load(const T* A, int64_t m, int64_t n, BidiagWork<T>& w, BidiagQR<T>&
     Vb = w.Vb.data();
     for (int64_t i = 0; i < c; ++i) Ub[i * ldc + i] = Vb[i * ldc + i] = 1;
   }
-  q.d = w.d.data();
-  q.e = w.e.data();
-  q.c = c;
-  q.Ub = Ub;
-  q.Vb = Vb;
-  q.ld = ldc;
-  q.fillU = w.fills.data();
-  q.fillV = q.fillU + c;
-  q.g = q.fillV + c;
+  attach_qr(q, w, Ub, Vb);
   return kOk;
 }
 
@@ -1407,15 +1413,7 @@ int eigh_bidiag_load(const T* A, int64_t n, bool lower, BidiagWork<T>& w, Bidiag
   bidiagonalize(w, false);
   std::fill(w.Ub.begin(), w.Ub.end(), T(0));
   for (int64_t i = 0; i < n; ++i) w.Ub[i * ldc + i] = 1;
-  q.d = w.d.data();
-  q.e = w.e.data();
-  q.c = n;
-  q.Ub = w.Ub.data();
-  q.Vb = nullptr;
-  q.ld = ldc;
-  q.fillU = w.fills.data();
-  q.fillV = q.fillU + n;
-  q.g = q.fillV + n;
+  attach_qr<T>(q, w, w.Ub.data(), nullptr);
   return kOk;
 }
 
@@ -1831,33 +1829,30 @@ void group_rotation_buffers(BidiagQR<T>* q, std::vector<T>& rots, int64_t c) {
   }
 }
 
-template <typename T>
-void svd_bidiag_batch(const at::Tensor& A, at::Tensor& U, at::Tensor& S, at::Tensor& Vh,
-                      bool compute_uv, std::atomic<int64_t>& bad_conv,
-                      std::atomic<int64_t>& bad_val) {
-  const int64_t batch = A.size(0), m = A.size(1), n = A.size(2), k = std::min(m, n);
-  const T* a = A.data_ptr<T>();
-  T* s = S.data_ptr<T>();
-  T* u = compute_uv ? U.data_ptr<T>() : nullptr;
-  T* vh = compute_uv ? Vh.data_ptr<T>() : nullptr;
+// The grouped driver shared by svd and eigh: OpenMP over groups of kQRGroup matrices; each
+// thread makes its context (ctx = make()), whose load(b, g, w, q) bidiagonalises matrix b into
+// slot g (a Status), then the group's QR iterations run interleaved, then ctx.finish(b, g, w)
+// writes the results, or ctx.fallback(b) redoes a matrix whose QR reached its step cap by
+// Jacobi (never seen on the tests' or benches' matrices).
+template <typename T, typename Make>
+void bidiag_groups(int64_t batch, int64_t r, int64_t c, bool vectors, Make make,
+                   std::atomic<int64_t>& bad_conv, std::atomic<int64_t>& bad_val) {
   const int64_t groups = (batch + kQRGroup - 1) / kQRGroup;
 #pragma omp parallel num_threads(num_threads_for(groups))
   {
+    auto ctx = make();
     std::vector<BidiagWork<T>> ws;
-    for (int g = 0; g < kQRGroup; ++g) ws.emplace_back(std::max(m, n), k, compute_uv);
-    std::vector<T> Y(compute_uv ? std::max(m, n) * ws[0].ldc : 0),
-        Z(compute_uv ? k * ws[0].ldc : 0);
-    std::unique_ptr<Work<T>> jw;
+    for (int g = 0; g < kQRGroup; ++g) ws.emplace_back(r, c, vectors);
     BidiagQR<T> q[kQRGroup];
     int64_t idx[kQRGroup];
     std::vector<T> rots;
-    group_rotation_buffers(q, rots, k);
+    group_rotation_buffers(q, rots, c);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t grp = 0; grp < groups; ++grp) {
       const int64_t b0 = grp * kQRGroup, nb = std::min<int64_t>(kQRGroup, batch - b0);
       int count = 0;
       for (int64_t b = b0; b < b0 + nb; ++b) {
-        if (bidiag_load(a + b * m * n, m, n, ws[count], q[count], compute_uv) != kOk) {
+        if (ctx.load(b, count, ws[count], q[count]) != kOk) {
           note(kNonFinite, b, bad_conv, bad_val);
           continue;
         }
@@ -1868,73 +1863,84 @@ void svd_bidiag_batch(const at::Tensor& A, at::Tensor& U, at::Tensor& S, at::Ten
       else
         bidiag_qr_group<T, 1>(q, count);
       for (int g = 0; g < count; ++g) {
-        const int64_t b = idx[g];
-        T* ub = u ? u + b * m * k : nullptr;
-        T* vb = vh ? vh + b * k * n : nullptr;
         if (q[g].ok) {
-          bidiag_finish(ws[g], m, n, ub, s + b * k, vb, Y.data(), Z.data());
+          ctx.finish(idx[g], g, ws[g]);
           continue;
         }
-        if (!jw) jw = std::make_unique<Work<T>>(std::max(m, n), k, compute_uv);
-        const int st = svd_one(a + b * m * n, m, n, ub, s + b * k, vb, *jw);
-        if (st != kOk) note(st, b, bad_conv, bad_val);
+        const int st = ctx.fallback(idx[g]);
+        if (st != kOk) note(st, idx[g], bad_conv, bad_val);
       }
     }
   }
 }
 
-// eigh by the Golub-Kahan-Reinsch kernel, grouped like svd_bidiag_batch.
+template <typename T>
+void svd_bidiag_batch(const at::Tensor& A, at::Tensor& U, at::Tensor& S, at::Tensor& Vh,
+                      bool compute_uv, std::atomic<int64_t>& bad_conv,
+                      std::atomic<int64_t>& bad_val) {
+  const int64_t batch = A.size(0), m = A.size(1), n = A.size(2), k = std::min(m, n);
+  const int64_t r = std::max(m, n), ldc = padded<T>(k);
+  struct Ctx {
+    const T* a;
+    int64_t m, n, k, r;
+    T *s, *u, *vh;
+    std::vector<T> Y, Z;
+    std::unique_ptr<Work<T>> jw;
+    int load(int64_t b, int, BidiagWork<T>& w, BidiagQR<T>& q) {
+      return bidiag_load(a + b * m * n, m, n, w, q, u != nullptr);
+    }
+    void finish(int64_t b, int, BidiagWork<T>& w) {
+      bidiag_finish(w, m, n, u ? u + b * m * k : nullptr, s + b * k,
+                    vh ? vh + b * k * n : nullptr, Y.data(), Z.data());
+    }
+    int fallback(int64_t b) {
+      if (!jw) jw = std::make_unique<Work<T>>(r, k, u != nullptr);
+      return svd_one(a + b * m * n, m, n, u ? u + b * m * k : nullptr, s + b * k,
+                     vh ? vh + b * k * n : nullptr, *jw);
+    }
+  };
+  const T* a = A.data_ptr<T>();
+  T* s = S.data_ptr<T>();
+  T* u = compute_uv ? U.data_ptr<T>() : nullptr;
+  T* vh = compute_uv ? Vh.data_ptr<T>() : nullptr;
+  const auto make = [&] {
+    return Ctx{a, m, n, k, r, s, u, vh, std::vector<T>(compute_uv ? r * ldc : 0),
+               std::vector<T>(compute_uv ? k * ldc : 0), nullptr};
+  };
+  bidiag_groups<T>(batch, r, k, compute_uv, make, bad_conv, bad_val);
+}
+
+// eigh by the Golub-Kahan-Reinsch kernel (see eigh_bidiag_load).
 template <typename T>
 void eigh_bidiag_batch(const at::Tensor& A, at::Tensor& L, at::Tensor& Q, bool lower,
                        std::atomic<int64_t>& bad_conv, std::atomic<int64_t>& bad_val) {
-  const int64_t batch = A.size(0), n = A.size(1);
+  const int64_t batch = A.size(0), n = A.size(1), ldc = padded<T>(n);
+  struct Ctx {
+    const T* a;
+    int64_t n, ldc;
+    bool lower;
+    T *l, *qo;
+    std::vector<T> sym, Y;  // sym: one scaled symmetric matrix per group slot
+    std::unique_ptr<Work<T>> jw;
+    int load(int64_t b, int g, BidiagWork<T>& w, BidiagQR<T>& q) {
+      return eigh_bidiag_load(a + b * n * n, n, lower, w, q, sym.data() + g * n * ldc);
+    }
+    void finish(int64_t b, int g, BidiagWork<T>& w) {
+      eigh_bidiag_finish(w, n, l + b * n, qo + b * n * n, Y.data(), sym.data() + g * n * ldc);
+    }
+    int fallback(int64_t b) {
+      if (!jw) jw = std::make_unique<Work<T>>(n, n, true);
+      return eigh_one(a + b * n * n, n, lower, l + b * n, qo + b * n * n, *jw);
+    }
+  };
   const T* a = A.data_ptr<T>();
   T* l = L.data_ptr<T>();
   T* qo = Q.data_ptr<T>();
-  const int64_t groups = (batch + kQRGroup - 1) / kQRGroup;
-#pragma omp parallel num_threads(num_threads_for(groups))
-  {
-    std::vector<BidiagWork<T>> ws;
-    for (int g = 0; g < kQRGroup; ++g) ws.emplace_back(n, n, true);
-    const int64_t ldc = ws[0].ldc;
-    std::vector<T> sym(kQRGroup * n * ldc), Y(n * ldc);
-    std::unique_ptr<Work<T>> jw;
-    BidiagQR<T> q[kQRGroup];
-    int64_t idx[kQRGroup];
-    int slot[kQRGroup];
-    std::vector<T> rots;
-    group_rotation_buffers(q, rots, n);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      const int64_t b0 = grp * kQRGroup, nb = std::min<int64_t>(kQRGroup, batch - b0);
-      int count = 0;
-      for (int64_t b = b0; b < b0 + nb; ++b) {
-        T* sy = sym.data() + count * n * ldc;
-        if (eigh_bidiag_load(a + b * n * n, n, lower, ws[count], q[count], sy) != kOk) {
-          note(kNonFinite, b, bad_conv, bad_val);
-          continue;
-        }
-        idx[count] = b;
-        slot[count] = count;
-        ++count;
-      }
-      if (count == kQRGroup)
-        bidiag_qr_group<T, kQRGroup>(q, count);
-      else
-        bidiag_qr_group<T, 1>(q, count);
-      for (int g = 0; g < count; ++g) {
-        const int64_t b = idx[g];
-        if (q[g].ok) {
-          eigh_bidiag_finish(ws[g], n, l + b * n, qo + b * n * n, Y.data(),
-                             sym.data() + slot[g] * n * ldc);
-          continue;
-        }
-        if (!jw) jw = std::make_unique<Work<T>>(n, n, true);
-        const int st = eigh_one(a + b * n * n, n, lower, l + b * n, qo + b * n * n, *jw);
-        if (st != kOk) note(st, b, bad_conv, bad_val);
-      }
-    }
-  }
+  const auto make = [&] {
+    return Ctx{a, n, ldc, lower, l, qo, std::vector<T>(kQRGroup * n * ldc),
+               std::vector<T>(n * ldc), nullptr};
+  };
+  bidiag_groups<T>(batch, n, n, true, make, bad_conv, bad_val);
 }
 
 template <typename T>
