@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["float32", "float64"])
     p.add_argument("--shapes", nargs="+", default=None,
                    help="batch,m,n triples, e.g. 500,100,100 (default: the issue's five)")
+    p.add_argument("--tag", default=None, help="suffix of the results file name")
 
 
 def _accuracy(op: str, A: torch.Tensor, out: Any) -> dict[str, float]:
@@ -121,6 +122,6 @@ def main(args: argparse.Namespace) -> int:
             "value_err", "recon_err", "orth_err"]
     print()
     print(format_table(rows, cols))
-    path = save_results("linalg", rows, tag="quick" if args.quick else None)
+    path = save_results("linalg", rows, tag=args.tag or ("quick" if args.quick else None))
     print(f"\nwrote {path}")
     return 0
