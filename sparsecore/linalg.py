@@ -21,6 +21,9 @@ Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "reference")`):
   is its eigendecomposition (same two kernels, EIGH_JACOBI_MAX_SIZE; only left vectors are
   accumulated), and takes the eigenvalues as Rayleigh quotients with the unshifted matrix.
   Singular values come out accurate to ~ eps * sqrt(n) * ||A||; eigenvalues to ~ eps * ||S||.
+  Orthogonality of the vectors is a few times LAPACK's in float32 (100 x 100: median 2.8e-6,
+  99th percentile 6.2e-6, largest 1.0e-5 over 4000 matrices, LAPACK ~2e-6; 256: ~1e-5 to
+  2e-5), since every vector entry goes through O(n) sequential rotations.
   Non-convergence raises a RuntimeError naming the matrix (the QR kernel first retries that
   matrix with Jacobi).
 - "triton": kernels/linalg.py, one-sided Jacobi with one matrix per program (round-robin
