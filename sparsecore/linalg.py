@@ -11,10 +11,11 @@ such entry on ties); the matching row of Vh is flipped with its column of U.
 Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "reference")`):
 
 - "cpp": csrc/cpu/linalg.cpp, OpenMP across the batch, CPU, float32 / float64, m, n <= 512;
-  chosen automatically up to CPP_AUTO_MAX_SIZE[op][dtype] (svd: 256 in float32, 128 in
-  float64; svdvals: 512; eigh: 128). Two SVD kernels, picked by size (JACOBI_MAX_SIZE):
-  small matrices (<= 16 in float32, <= 12 in float64) run one-sided Jacobi with SIMD across
-  the batch (eight float32 matrices per AVX2 register); larger ones run Golub-Kahan-Reinsch:
+  chosen automatically up to CPP_AUTO_MAX_SIZE[op][dtype] (svd: 128; svdvals: 256 in float32,
+  512 in float64; eigh: 64 in float32, 128 in float64). Two SVD kernels, picked by size
+  (JACOBI_MAX_SIZE): small matrices (<= 16 in float32, <= 12 in float64) run one-sided
+  Jacobi with SIMD across the batch (eight float32 matrices per AVX2 register); larger ones
+  run Golub-Kahan-Reinsch:
   Householder bidiagonalisation, implicit-shift QR on the bidiagonal with four matrices'
   chases in SIMD lanes, and the rotations applied to the vectors in cache-resident waves.
   eigh shifts the symmetric matrix to a semi-definite one by its Gershgorin bound, whose SVD
@@ -56,18 +57,22 @@ __all__ = ["svd", "svdvals", "eigh", "CPP_MAX_SIZE", "CPP_AUTO_MAX_SIZE"]
 # Largest m, n the C++ kernel takes (the issue's range); larger matrices go to torch.linalg.
 CPP_MAX_SIZE = 512
 # Largest m, n it is chosen for automatically, per op, from `python -m bench linalg` on the
-# quiet 2-core Zen 3 (2026-12-02, wall clock, default threads; torch.linalg = MKL LAPACK):
-# - svd (vectors): the C++ kernel wins up to 256 in float32 (5.3x at 128, 2.6x at 256, 1.1x at
-#   512, which stays with LAPACK) and up to 128 in float64 (3.8x at 128, 1.1-1.2x at 256,
-#   0.4x at 512, where the rotations' c x c factors no longer fit in L2).
-# - svdvals: it wins at every size up to 512 (3.5-5.5x in float32, 1.8-4.8x in float64).
-# - eigh: the C++ kernel wins up to 128 (float32: 5.1x at 16, 4.4x at 32, 3.1x at 100;
-#   float64: 3.6x, 4.1x, 1.8x, 1.5x at 128) and not beyond (256: 0.8-1.0x, 512: 0.45x).
+# quiet 2-core Zen 3 (2026-12-02, wall clock, default threads; torch.linalg = MKL LAPACK), by
+# speed and by accuracy (the issue's float32 level: 1e-5 of ||A|| for values, reconstruction
+# and orthogonality):
+# - svd (vectors): faster up to 256 in float32 (6.7x at 100, 5.3x at 128, 2.7x at 256) and
+#   up to 128 in float64 (3.4x at 100, 1.1-1.4x at 256, 0.45x at 512). float32 stops at 128:
+#   at 256 the vectors' orthogonality reaches 1-2e-5 (LAPACK: 2e-6).
+# - svdvals: faster at every size up to 512 (2.5-7.3x float32, 1.9-5.6x float64); float32
+#   stops at 256, where the values' error is 8e-6 (1.4-2.1e-5 at 512; LAPACK 3e-6).
+# - eigh: faster up to 128 (float32 5.2x at 16, 2.9x at 100; float64 3.8x, 2.7x, 1.5x at
+#   128), not beyond (0.8-1.1x at 256, 0.2-0.5x at 512). float32 stops at 64: at 100 the
+#   shifted matrix's larger norm puts 0.3% of matrices' eigenvalue errors above 1e-5.
 # Forcing use_backend("cpp") still runs the kernel up to CPP_MAX_SIZE.
 CPP_AUTO_MAX_SIZE = {
-    "svd": {torch.float32: 256, torch.float64: 128},
-    "svdvals": {torch.float32: 512, torch.float64: 512},
-    "eigh": {torch.float32: 128, torch.float64: 128},
+    "svd": {torch.float32: 128, torch.float64: 128},
+    "svdvals": {torch.float32: 256, torch.float64: 512},
+    "eigh": {torch.float32: 64, torch.float64: 128},
 }
 _DTYPES = (torch.float32, torch.float64)
 
