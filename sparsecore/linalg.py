@@ -8,7 +8,7 @@ Sign convention (deterministic, the same on every backend): each left singular v
 of U) and each eigenvector (column of Q) has its largest-magnitude entry positive (the first
 such entry on ties); the matching row of Vh is flipped with its column of U.
 
-Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "reference")`):
+Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "triton" | "reference")`):
 
 - "cpp": csrc/cpu/linalg.cpp, OpenMP across the batch, CPU, float32 / float64, m, n <= 512;
   chosen automatically up to CPP_AUTO_MAX_SIZE[op][dtype] (svd: 128; svdvals: 256 in float32,
