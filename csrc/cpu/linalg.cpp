@@ -228,6 +228,24 @@ struct Work {
         Z(vectors ? ldc * c_ : 0), Zt(vectors ? ldc * c_ : 0), Sym(vectors && r_ == c_ ? ldr * c_ : 0), tau(c_), d(c_), sig(c_), perm(c_), ord(c_) {}
 };
 
+// ord = 0..n-1 stably sorted by `before`; insertion sort for small n (std::stable_sort
+// allocates a buffer on every call, which showed in the per-matrix cost at 16 x 16).
+template <typename Before>
+void stable_order(std::vector<int>& ord, Before before) {
+  const int n = static_cast<int>(ord.size());
+  std::iota(ord.begin(), ord.end(), 0);
+  if (n > 64) {
+    std::stable_sort(ord.begin(), ord.end(), before);
+    return;
+  }
+  for (int i = 1; i < n; ++i) {
+    const int v = ord[i];
+    int j = i;
+    for (; j > 0 && before(v, ord[j - 1]); --j) ord[j] = ord[j - 1];
+    ord[j] = v;
+  }
+}
+
 // Householder vector for x (len entries): on return x[0] = mu (H x = mu e1, mu >= 0), x[1..]
 // = v's tail (v(0) = 1); returns the reflector's scalar, 0 (identity) when the tail is zero.
 // A sum of squares below min / eps has lost digits to underflow (a graded matrix's tail):
@@ -409,8 +427,7 @@ int svd_core(Work<T>& w, bool vectors, bool right) {
   // Column norms, sorted descending (stable: ties keep the pivoted order).
   std::vector<int>& ord = w.ord;
   for (int64_t j = 0; j < c; ++j) w.d[j] = std::sqrt(dot(X + j * ldc, X + j * ldc, ldc));
-  std::iota(ord.begin(), ord.end(), 0);
-  std::stable_sort(ord.begin(), ord.end(), [&](int a, int b) { return w.d[a] > w.d[b]; });
+  stable_order(ord, [&](int a, int b) { return w.d[a] > w.d[b]; });
   for (int64_t i = 0; i < c; ++i) w.sig[i] = w.d[ord[i]];
   if (vectors && right) {
     // Right vectors of M: P * (columns of X normalised), fixed up where sigma is tiny.
@@ -537,8 +554,7 @@ int eigh_one(const T* A, int64_t n, bool lower, T* L, T* Qo, Work<T>& w) {
     lam[i] = acc;
   }
   std::vector<int>& o = w.ord;
-  std::iota(o.begin(), o.end(), 0);
-  std::stable_sort(o.begin(), o.end(), [&](int a, int b) { return lam[a] < lam[b]; });
+  stable_order(o, [&](int a, int b) { return lam[a] < lam[b]; });
   for (int64_t i = 0; i < n; ++i) {
     L[i] = lam[o[i]] * amax;
     const T* q = w.Y.data() + o[i] * ldr;
@@ -1334,8 +1350,7 @@ void bidiag_finish(BidiagWork<T>& w, int64_t m, int64_t n, T* U, T* S, T* Vh, T*
     if (w.d[i] < 0) w.d[i] = -w.d[i], sgn[i] = -1;
   }
   std::vector<int>& ord = w.ord;
-  std::iota(ord.begin(), ord.end(), 0);
-  std::stable_sort(ord.begin(), ord.end(), [&](int a, int b) { return w.d[a] > w.d[b]; });
+  stable_order(ord, [&](int a, int b) { return w.d[a] > w.d[b]; });
   for (int64_t i = 0; i < k; ++i) S[i] = w.d[ord[i]] * w.amax;
   if (!vectors) return;
   const T* Ub = w.Ub.data();
@@ -1472,8 +1487,7 @@ void eigh_bidiag_finish(BidiagWork<T>& w, int64_t n, T* L, T* Qo, T* Y, const T*
   }
 #endif
   std::vector<int>& o = w.ord;
-  std::iota(o.begin(), o.end(), 0);
-  std::stable_sort(o.begin(), o.end(), [&](int a, int b) { return lam[a] < lam[b]; });
+  stable_order(o, [&](int a, int b) { return lam[a] < lam[b]; });
   T* sg = w.row.data();
   T* best = w.sig.data();
   std::fill(best, best + n, T(-1));
@@ -1500,26 +1514,29 @@ template <typename T>
 struct SmallWork {
   static constexpr int W = Simd<T>::W;
   int64_t r, c;
-  std::vector<T> X, V, d, Z, Vc, sig;
+  std::vector<T> X, V, d, Z, Vc, sig, sig_sorted;
   std::vector<int> ord;
   // Round-robin (tournament) order: consecutive pairs share no column, so the out-of-order
   // core overlaps one pair's sqrt/div chain with the next pair's dot products (the cyclic
   // row order serialises them; this order measured ~2x faster at 16 x 16).
   std::vector<std::pair<int, int>> pairs;
+  std::vector<int> round_start;  // pairs[round_start[k] .. round_start[k + 1]) = round k
   int64_t bad_lane = 0;  // the matrix of the group that a non-OK status refers to
   SmallWork(int64_t r_, int64_t c_, bool vectors)
       : r(r_), c(c_), X(r_ * c_ * W), V(vectors ? c_ * c_ * W : 0), d(c_ * W), Z(r_ * c_),
-        Vc(c_ * c_), sig(c_), ord(c_) {
+        Vc(c_ * c_), sig(c_), sig_sorted(c_), ord(c_) {
     const int N = static_cast<int>(c_ + (c_ & 1));  // an odd count gets a bye (index c_)
     std::vector<int> arr(N);
     std::iota(arr.begin(), arr.end(), 0);
     for (int round = 0; round + 1 < N; ++round) {
+      round_start.push_back(static_cast<int>(pairs.size()));
       for (int i = 0; i < N / 2; ++i) {
         const int a = arr[i], b = arr[N - 1 - i];
         if (a < c_ && b < c_) pairs.emplace_back(std::min(a, b), std::max(a, b));
       }
       std::rotate(arr.begin() + 1, arr.end() - 1, arr.end());
     }
+    round_start.push_back(static_cast<int>(pairs.size()));
   }
 };
 
@@ -1580,33 +1597,52 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
     R dmax = zero;
     for (int64_t j = 0; j < c; ++j) dmax = Vt::max(dmax, Vt::load(d + j * W));
     const R floor2 = Vt::mul(tiny2, dmax);  // see jacobi(): tiny columns are left out
-    for (const auto& [p, q] : w.pairs) {
-      {
-        T* xp = X + p * r * W;
-        T* xq = X + q * r * W;
+    // K pairs of one round at a time (disjoint columns): their dot products, then their
+    // rotation parameters, then their rotations, so that the K sqrt / division chains overlap
+    // (one pair's chain is most of its time at 16 x 16).
+    const auto run = [&]<int K>(int pi) {
+      T* xs[K][2];
+      R g[K], ap[K], aq[K], mask[K];
+      bool any = false;
+      for (int k = 0; k < K; ++k) {
+        const auto [p, q] = w.pairs[pi + k];
+        xs[k][0] = X + p * r * W;
+        xs[k][1] = X + q * r * W;
         R g0 = zero, g1 = zero;
         int64_t i = 0;
         for (; i + 1 < r; i += 2) {
-          g0 = Vt::fma(Vt::load(xp + i * W), Vt::load(xq + i * W), g0);
-          g1 = Vt::fma(Vt::load(xp + (i + 1) * W), Vt::load(xq + (i + 1) * W), g1);
+          g0 = Vt::fma(Vt::load(xs[k][0] + i * W), Vt::load(xs[k][1] + i * W), g0);
+          g1 = Vt::fma(Vt::load(xs[k][0] + (i + 1) * W), Vt::load(xs[k][1] + (i + 1) * W), g1);
         }
-        if (i < r) g0 = Vt::fma(Vt::load(xp + i * W), Vt::load(xq + i * W), g0);
-        const R g = Vt::add(g0, g1);
-        const R ap = Vt::load(d + p * W), aq = Vt::load(d + q * W);
-        const R mask = Vt::band(Vt::gt(Vt::mul(g, g), Vt::mul(tol2, Vt::mul(ap, aq))),
-                                Vt::band(Vt::gt(ap, floor2), Vt::gt(aq, floor2)));
-        if (!Vt::any(mask)) continue;
-        rotated = Vt::bor(rotated, mask);
-        const R zeta = Vt::div(Vt::sub(aq, ap), Vt::mul(two, g));
+        if (i < r) g0 = Vt::fma(Vt::load(xs[k][0] + i * W), Vt::load(xs[k][1] + i * W), g0);
+        g[k] = Vt::add(g0, g1);
+        ap[k] = Vt::load(d + p * W);
+        aq[k] = Vt::load(d + q * W);
+        mask[k] = Vt::band(Vt::gt(Vt::mul(g[k], g[k]), Vt::mul(tol2, Vt::mul(ap[k], aq[k]))),
+                           Vt::band(Vt::gt(ap[k], floor2), Vt::gt(aq[k], floor2)));
+        any = any || Vt::any(mask[k]);
+      }
+      if (!any) return;
+      R cs[K], sn[K];
+      for (int k = 0; k < K; ++k) {
+        rotated = Vt::bor(rotated, mask[k]);
+        const R zeta = Vt::div(Vt::sub(aq[k], ap[k]), Vt::mul(two, g[k]));
         const R t = Vt::copysign(
             Vt::div(one, Vt::add(Vt::abs(zeta), Vt::sqrt(Vt::fma(zeta, zeta, one)))), zeta);
-        R cs = Vt::div(one, Vt::sqrt(Vt::fma(t, t, one)));
-        R sn = Vt::blend(zero, Vt::mul(cs, t), mask);
-        cs = Vt::blend(one, cs, mask);
+        const R c0 = Vt::div(one, Vt::sqrt(Vt::fma(t, t, one)));
+        sn[k] = Vt::blend(zero, Vt::mul(c0, t), mask[k]);
+        cs[k] = Vt::blend(one, c0, mask[k]);
+      }
+      for (int k = 0; k < K; ++k) {
+        if (!Vt::any(mask[k])) continue;
+        const auto [p, q] = w.pairs[pi + k];
+        T* xp = xs[k][0];
+        T* xq = xs[k][1];
         R np0 = zero, nq0 = zero, np1 = zero, nq1 = zero;
         for (int64_t i = 0; i < r; ++i) {
           const R x = Vt::load(xp + i * W), y = Vt::load(xq + i * W);
-          const R x2 = Vt::fnma(sn, y, Vt::mul(cs, x)), y2 = Vt::fma(sn, x, Vt::mul(cs, y));
+          const R x2 = Vt::fnma(sn[k], y, Vt::mul(cs[k], x));
+          const R y2 = Vt::fma(sn[k], x, Vt::mul(cs[k], y));
           Vt::store(xp + i * W, x2);
           Vt::store(xq + i * W, y2);
           if (i & 1) {
@@ -1624,11 +1660,19 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
           T* vq = V + q * c * W;
           for (int64_t i = 0; i < c; ++i) {
             const R x = Vt::load(vp + i * W), y = Vt::load(vq + i * W);
-            Vt::store(vp + i * W, Vt::fnma(sn, y, Vt::mul(cs, x)));
-            Vt::store(vq + i * W, Vt::fma(sn, x, Vt::mul(cs, y)));
+            Vt::store(vp + i * W, Vt::fnma(sn[k], y, Vt::mul(cs[k], x)));
+            Vt::store(vq + i * W, Vt::fma(sn[k], x, Vt::mul(cs[k], y)));
           }
         }
       }
+    };
+    constexpr int kPairs = 4;
+    for (size_t rd = 0; rd + 1 < w.round_start.size(); ++rd) {
+      int pi = w.round_start[rd];
+      const int end = w.round_start[rd + 1];
+      for (; pi + kPairs <= end; pi += kPairs) run.template operator()<kPairs>(pi);
+      for (; pi + 2 <= end; pi += 2) run.template operator()<2>(pi);
+      if (pi < end) run.template operator()<1>(pi);
     }
     converged = !Vt::any(rotated);
   }
@@ -1653,13 +1697,9 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
   }
   for (int l = 0; l < count; ++l) {
     std::vector<int>& ord = w.ord;
-    for (int64_t j = 0; j < c; ++j) {
-      T acc = 0;
-      for (int64_t i = 0; i < r; ++i) acc += X[(j * r + i) * W + l] * X[(j * r + i) * W + l];
-      w.sig[j] = std::sqrt(acc);
-    }
-    std::iota(ord.begin(), ord.end(), 0);
-    std::stable_sort(ord.begin(), ord.end(), [&](int a, int b) { return w.sig[a] > w.sig[b]; });
+    // d holds each column's squared norm, recomputed by every rotation that touched it.
+    for (int64_t j = 0; j < c; ++j) w.sig[j] = std::sqrt(d[j * W + l]);
+    stable_order(ord, [&](int a, int b) { return w.sig[a] > w.sig[b]; });
     T* Sl = S + l * k;
     for (int64_t i = 0; i < k; ++i) Sl[i] = w.sig[ord[i]] * amax[l];
     if (!vectors) continue;
@@ -1671,8 +1711,8 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
       for (int64_t e = 0; e < c; ++e) w.Vc[i * c + e] = V[(j * c + e) * W + l];
     }
     const T small = w.sig[ord[0]] * 2 * tiny;
-    for (int64_t i = 0; i < c; ++i) w.d[i] = w.sig[ord[i]];  // d is free after the sweeps
-    fix_columns(w.Z.data(), r, r, c, w.d.data(), small);
+    for (int64_t i = 0; i < c; ++i) w.sig_sorted[i] = w.sig[ord[i]];
+    fix_columns(w.Z.data(), r, r, c, w.sig_sorted.data(), small);
     const T* Lm = trans ? w.Vc.data() : w.Z.data();
     const T* Rm = trans ? w.Z.data() : w.Vc.data();
     const int64_t ldl = trans ? c : r, ldrr = trans ? r : c;
@@ -1741,8 +1781,7 @@ int eigh_small_group(const T* A, int64_t n, int64_t count, bool lower, T* L, T* 
       }
       lam[i] = acc;
     }
-    std::iota(o.begin(), o.end(), 0);
-    std::stable_sort(o.begin(), o.end(), [&](int x, int y) { return lam[x] < lam[y]; });
+    stable_order(o, [&](int x, int y) { return lam[x] < lam[y]; });
     for (int64_t i = 0; i < n; ++i) {
       L[l * n + i] = lam[o[i]];
       for (int64_t j = 0; j < n; ++j) Qo[l * nn + j * n + i] = u[j * n + o[i]];
