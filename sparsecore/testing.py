@@ -155,3 +155,36 @@ def special_matrices(dtype: torch.dtype, n: int = 40) -> dict[str, torch.Tensor]
     B[:, 0, 0] = B[:, n // 2, n // 2] = B[:, -1, -1] = 0
     out["bidiagonal_zero_diag"] = B
     return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+# --- Triton kernel tests: the same cases on the interpreter (CPU) and on a GPU ------------
+
+NO_GPU = "needs a CUDA device and compiled (not interpreted) Triton kernels"
+
+
+def triton_marks(interpreted: bool) -> dict[str, list]:
+    """pytest marks per device: "cpu" runs only under TRITON_INTERPRET=1, "cuda" only with
+    compiled kernels. `interpreted`: whether the kernel module was imported interpreted."""
+    import pytest
+
+    return {
+        "cpu": [
+            pytest.mark.interpreter,
+            pytest.mark.skipif(not interpreted, reason="TRITON_INTERPRET is not set"),
+        ],
+        "cuda": [pytest.mark.gpu, pytest.mark.skipif(interpreted, reason=NO_GPU)],
+    }
+
+
+def device_dtype_params(
+    interpreted: bool, dtypes: dict[str, tuple[torch.dtype, ...]]
+) -> list:
+    """pytest params (device, dtype) with triton_marks, ids like "cpu-float32"."""
+    import pytest
+
+    marks = triton_marks(interpreted)
+    return [
+        pytest.param(device, dtype, marks=marks[device], id=f"{device}-{str(dtype)[6:]}")
+        for device, ds in dtypes.items()
+        for dtype in ds
+    ]

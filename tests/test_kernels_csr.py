@@ -18,31 +18,21 @@ import sys
 import pytest
 import torch
 
-from sparsecore.testing import assert_error_within
+from sparsecore.testing import NO_GPU, assert_error_within, device_dtype_params, triton_marks
 
 csr = pytest.importorskip("sparsecore.kernels.csr")
 _launch = pytest.importorskip("sparsecore.kernels._launch")
 
 INTERPRETED = _launch.is_interpreted(csr._spmm_kernel)
-NO_GPU = "needs a CUDA device and compiled (not interpreted) Triton kernels"
-MARKS = {
-    "cpu": [
-        pytest.mark.interpreter,
-        pytest.mark.skipif(not INTERPRETED, reason="TRITON_INTERPRET is not set"),
-    ],
-    "cuda": [pytest.mark.gpu, pytest.mark.skipif(INTERPRETED, reason=NO_GPU)],
-}
+MARKS = triton_marks(INTERPRETED)
 CPU = pytest.param("cpu", marks=MARKS["cpu"])
 CUDA = pytest.param("cuda", marks=MARKS["cuda"])
 # bfloat16 only on the GPU: the interpreter refuses it (tested below)
-DEVICE_DTYPES = [
-    pytest.param(device, dtype, marks=MARKS[device], id=f"{device}-{str(dtype)[6:]}")
-    for device, dtypes in (
-        ("cpu", (torch.float32, torch.float16)),
-        ("cuda", (torch.float32, torch.float16, torch.bfloat16)),
-    )
-    for dtype in dtypes
-]
+DEVICE_DTYPES = device_dtype_params(
+    INTERPRETED,
+    {"cpu": (torch.float32, torch.float16),
+     "cuda": (torch.float32, torch.float16, torch.bfloat16)},
+)
 
 
 def random_csr(

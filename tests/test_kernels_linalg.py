@@ -15,6 +15,7 @@ from sparsecore._dispatch import NotSupportedError, use_backend
 from sparsecore.testing import LINALG_TOL as TOL
 from sparsecore.testing import check_eigh as _check_eigh
 from sparsecore.testing import check_svd as _check_svd
+from sparsecore.testing import device_dtype_params
 from sparsecore.testing import orth_err as _orth_err
 from sparsecore.testing import random_symmetric as _random_symmetric
 from sparsecore.testing import special_matrices as _special_matrices
@@ -23,19 +24,10 @@ tk = pytest.importorskip("sparsecore.kernels.linalg")
 _launch = pytest.importorskip("sparsecore.kernels._launch")
 
 INTERPRETED = _launch.is_interpreted(tk._jacobi_svd_kernel)
-NO_GPU = "needs a CUDA device and compiled (not interpreted) Triton kernels"
-MARKS = {
-    "cpu": [
-        pytest.mark.interpreter,
-        pytest.mark.skipif(not INTERPRETED, reason="TRITON_INTERPRET is not set"),
-    ],
-    "cuda": [pytest.mark.gpu, pytest.mark.skipif(INTERPRETED, reason=NO_GPU)],
-}
-DEVICE_DTYPES = [
-    pytest.param(device, dtype, marks=MARKS[device], id=f"{device}-{str(dtype)[6:]}")
-    for device in ("cpu", "cuda")
-    for dtype in (torch.float32, torch.float64)
-]
+DEVICE_DTYPES = device_dtype_params(
+    INTERPRETED,
+    {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
+)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
