@@ -99,11 +99,9 @@ def main(args: argparse.Namespace) -> int:
                     out = ours[op](A)
                 if op == "eigh":
                     backend = linalg._eigh_dispatch.select(A.reshape(-1, *shape[1:]), True).name
-                    small = linalg.EIGH_JACOBI_MAX_SIZE[dtype]
                 else:
                     backend = dispatch[op].select(A).name
-                    small = linalg.JACOBI_MAX_SIZE[dtype]
-                kernel = "jacobi" if max(shape[1:]) <= small else "bidiag"
+                kernel = linalg.cpp_kernel(op, shape, dtype)
                 row = {
                     "op": op,
                     "shape": "x".join(map(str, shape)),

@@ -127,10 +127,15 @@ JACOBI_MAX_SIZE = {torch.float32: 16, torch.float64: 12}
 EIGH_JACOBI_MAX_SIZE = {torch.float32: 8, torch.float64: 4}
 
 
+def cpp_kernel(op: str, shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    """Which C++ kernel ("jacobi" or "bidiag") runs `op` on matrices of `shape` (..., m, n)."""
+    small = EIGH_JACOBI_MAX_SIZE if op == "eigh" else JACOBI_MAX_SIZE
+    return "jacobi" if max(shape[-2:]) <= small[dtype] else "bidiag"
+
+
 def _svd_kernel(A: torch.Tensor, compute_uv: bool) -> tuple[torch.Tensor, ...]:
-    if max(A.shape[-2:]) <= JACOBI_MAX_SIZE[A.dtype]:
-        return torch.ops.sparsecore.svd_jacobi_cpu(A, compute_uv)
-    return torch.ops.sparsecore.svd_bidiag_cpu(A, compute_uv)
+    name = cpp_kernel("svd", A.shape, A.dtype)
+    return getattr(torch.ops.sparsecore, f"svd_{name}_cpu")(A, compute_uv)
 
 
 def _svd_cpp(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,9 +152,8 @@ def _eigh_reference(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.T
 
 
 def _eigh_cpp(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if A.shape[-1] <= EIGH_JACOBI_MAX_SIZE[A.dtype]:
-        return torch.ops.sparsecore.eigh_jacobi_cpu(A, lower)
-    return torch.ops.sparsecore.eigh_bidiag_cpu(A, lower)
+    name = cpp_kernel("eigh", A.shape, A.dtype)
+    return getattr(torch.ops.sparsecore, f"eigh_{name}_cpu")(A, lower)
 
 
 # --- Triton (GPU; CPU only under TRITON_INTERPRET=1 when forced) ---------------------------
@@ -167,22 +171,20 @@ def _triton_linalg_reasons(A: torch.Tensor) -> list[str]:
     return why
 
 
-def _jacobi_triton(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X, V) with M V = X, columns of X orthogonal, M = A or A^T (wide A); sorted by
-    descending column norm."""
+def _jacobi_triton(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(X, S, V) with M V = X, columns of X orthogonal with norms S, M = A or A^T (wide A);
+    sorted by descending S."""
     from sparsecore.kernels import linalg as tk
 
     X, V, _ = tk.jacobi_svd(A)
-    S = X.norm(dim=-2)
-    order = S.argsort(dim=-1, descending=True, stable=True)
+    S, order = X.norm(dim=-2).sort(dim=-1, descending=True, stable=True)
     X = X.gather(-1, order.unsqueeze(-2).expand_as(X))
     V = V.gather(-1, order.unsqueeze(-2).expand_as(V))
-    return X, V
+    return X, S, V
 
 
 def _svd_triton(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    X, V = _jacobi_triton(A)
-    S = X.norm(dim=-2)
+    X, S, V = _jacobi_triton(A)
     # Orthonormal left vectors even where a singular value is zero: a QR of the orthogonal
     # columns, signs aligned with them.
     Q, R = torch.linalg.qr(X)
@@ -194,7 +196,7 @@ def _svd_triton(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _svdvals_triton(A: torch.Tensor) -> torch.Tensor:
-    return _jacobi_triton(A)[0].norm(dim=-2)
+    return _jacobi_triton(A)[1]
 
 
 def _eigh_triton(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +208,7 @@ def _eigh_triton(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tens
     off = S.abs().sum(-1) - diag.abs()
     shift = (off - diag).amax(-1).clamp_min(0)
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
-    _, V = _jacobi_triton(S + shift[:, None, None] * eye)
+    V = _jacobi_triton(S + shift[:, None, None] * eye)[2]
     L = ((S @ V) * V).sum(-2)
     L, order = L.sort(dim=-1, stable=True)
     Q = V.gather(-1, order.unsqueeze(-2).expand_as(V))

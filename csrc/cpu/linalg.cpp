@@ -83,13 +83,12 @@ struct Simd<float> {
   }
   static R abs(R a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static bool any(R mask) { return _mm256_movemask_ps(mask) != 0; }
-  // Lanes [0, rem) of a partial vector (0 < rem < W): loads read zeros elsewhere, stores skip.
+  // Lanes [0, rem) of a partial vector (0 < rem < W): masked loads read zeros elsewhere.
   static __m256i tail(int64_t rem) {
     alignas(32) static const int32_t t[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 8 - rem));
   }
   static R mload(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
-  static void mstore(float* p, __m256i m, R v) { _mm256_maskstore_ps(p, m, v); }
   static float sum(R v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     lo = _mm_hadd_ps(lo, lo);
@@ -129,7 +128,6 @@ struct Simd<double> {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 4 - rem));
   }
   static R mload(const double* p, __m256i m) { return _mm256_maskload_pd(p, m); }
-  static void mstore(double* p, __m256i m, R v) { _mm256_maskstore_pd(p, m, v); }
   static double sum(R v) {
     __m128d lo = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
@@ -283,6 +281,14 @@ inline T house(T* x, int64_t len) {
   return 2 * v0 * v0 / (sigma + v0 * v0);
 }
 
+// y <- (I - tau v v^T) y over len entries; v(0) = 1 implicit, v's tail at vt.
+template <typename T>
+inline void reflect(T tau, const T* vt, T* y, int64_t len) {
+  const T s = tau * (y[0] + dot(vt, y + 1, len - 1));
+  y[0] -= s;
+  axpy(-s, vt, y + 1, len - 1);
+}
+
 // Householder QR with column pivoting of the r x c column-major M (in place: R above the
 // diagonal, the reflectors' tails below it, scalars in tau; perm[k] = original column).
 template <typename T>
@@ -307,12 +313,7 @@ void qrcp(Work<T>& w) {
     const T tau = house(x, len);
     w.tau[k] = tau;
     if (tau == 0) continue;
-    for (int64_t j = k + 1; j < c; ++j) {
-      T* y = M + j * ld + k;
-      const T s = tau * (y[0] + dot(x + 1, y + 1, len - 1));
-      y[0] -= s;
-      axpy(-s, x + 1, y + 1, len - 1);
-    }
+    for (int64_t j = k + 1; j < c; ++j) reflect(tau, x + 1, M + j * ld + k, len);
   }
 }
 
@@ -454,14 +455,8 @@ int svd_core(Work<T>& w, bool vectors, bool right) {
     for (int64_t k = c - 1; k >= 0; --k) {
       const T tau = w.tau[k];
       if (tau == 0) continue;
-      const T* v = w.M.data() + k * ldr + k;  // v(0) = 1 implicit
-      const int64_t len = r - k;
-      for (int64_t i = 0; i < c; ++i) {
-        T* y = Y + i * ldr + k;
-        const T s = tau * (y[0] + dot(v + 1, y + 1, len - 1));
-        y[0] -= s;
-        axpy(-s, v + 1, y + 1, len - 1);
-      }
+      const T* vt = w.M.data() + k * ldr + k + 1;  // v(0) = 1 implicit
+      for (int64_t i = 0; i < c; ++i) reflect(tau, vt, Y + i * ldr + k, r - k);
     }
   }
   return ok ? kOk : kNoConvergence;
@@ -598,24 +593,16 @@ inline void givens(T f, T g, T& cs, T& sn, T& r) {
   sn = g * inv;
 }
 
-// y <- (I - tau v v^T) y over len entries; v(0) = 1 implicit, v's tail at vt.
-template <typename T>
-inline void reflect(T tau, const T* vt, T* y, int64_t len) {
-  const T s = tau * (y[0] + dot(vt, y + 1, len - 1));
-  y[0] -= s;
-  axpy(-s, vt, y + 1, len - 1);
-}
-
 template <typename T>
 struct BidiagWork {
   int64_t r, c, ldr, ldc;
-  std::vector<T> M, Pu, Ub, Vb, d, e, tauL, tauR, wv, row, sig, rots, pair;
+  std::vector<T> M, Pu, Ub, Vb, d, e, tauL, tauR, wv, row, sig, pair;
   std::vector<int> ord, fills;
   T amax = 0;
   BidiagWork(int64_t r_, int64_t c_, bool vectors)
       : r(r_), c(c_), ldr(padded<T>(r_) + pad_to<T>()), ldc(padded<T>(c_)), M(ldr * c_),
         Pu(vectors ? ldc * c_ : 0), Ub(vectors ? ldc * c_ : 0), Vb(vectors ? ldc * c_ : 0),
-        d(c_), e(c_ + 1), tauL(c_), tauR(c_), wv(ldr), row(c_ + 1), sig(c_), rots(4 * c_),
+        d(c_), e(c_ + 1), tauL(c_), tauR(c_), wv(ldr), row(c_ + 1), sig(c_),
         pair(2 * ldr + 2), ord(c_), fills(3 * c_ + 1) {}
 };
 
