@@ -26,7 +26,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsecore import ops
-from sparsecore.formats import block_mask_from_mask, expand_block_mask
+from sparsecore.formats import (
+    _block_size,
+    block_mask_from_mask,
+    block_mask_from_scores,
+    block_scores,
+    expand_block_mask,
+)
 from sparsecore.nn.blocksparse import BlockSparseConv2d, BlockSparseLinear
 from sparsecore.nn.conv import SparseConv2d, conv_unsupported
 from sparsecore.nn.linear import SparseLinear, magnitude_mask, module_mask
@@ -168,14 +174,11 @@ def _block_element_mask(module: nn.Module, config: SparsifyConfig) -> torch.Tens
     """The block-aligned element mask (weight's shape) a BSR layer keeps, or why none."""
     weight = module.weight.detach()
     mat = weight.reshape(weight.shape[0], -1)
-    bs = config.block_size
-    br, bc = (bs, bs) if isinstance(bs, int) else bs
+    br, bc = _block_size(config.block_size)
     if mat.shape[0] % br or mat.shape[1] % bc:
         return (f"block {br}x{bc} does not divide its weight matrix "
                 f"{mat.shape[0]}x{mat.shape[1]}")
     if config.sparsity is not None:
-        from sparsecore.formats import block_mask_from_scores, block_scores
-
         blocks = block_mask_from_scores(block_scores(weight, (br, bc)), 1.0 - config.sparsity)
         return expand_block_mask(blocks, (br, bc)).view_as(weight)
     mask = module_mask(module)
