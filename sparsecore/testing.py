@@ -188,3 +188,15 @@ def device_dtype_params(
         for device, ds in dtypes.items()
         for dtype in ds
     ]
+
+
+def run_uninterpreted(script: str):  # noqa: ANN201 - subprocess.CompletedProcess[str]
+    """Run `python -c script` in a fresh process without TRITON_INTERPRET (the kernels compile
+    for real there); returns the CompletedProcess with captured text output."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True)

@@ -11,14 +11,17 @@ compile errors on a machine without a GPU.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from sparsecore.testing import NO_GPU, assert_error_within, device_dtype_params, triton_marks
+from sparsecore.testing import (
+    NO_GPU,
+    assert_error_within,
+    device_dtype_params,
+    run_uninterpreted,
+    triton_marks,
+)
 
 csr = pytest.importorskip("sparsecore.kernels.csr")
 _launch = pytest.importorskip("sparsecore.kernels._launch")
@@ -303,8 +306,5 @@ def test_kernels_compile_for_sm90() -> None:
     and BSR) ahead of time for an H100 (sm_90) in a process without TRITON_INTERPRET."""
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True
-    )
+    run = run_uninterpreted(_COMPILE_SCRIPT)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -15,7 +15,7 @@ from sparsecore._dispatch import NotSupportedError, use_backend
 from sparsecore.testing import LINALG_TOL as TOL
 from sparsecore.testing import check_eigh as _check_eigh
 from sparsecore.testing import check_svd as _check_svd
-from sparsecore.testing import device_dtype_params
+from sparsecore.testing import device_dtype_params, run_uninterpreted
 from sparsecore.testing import orth_err as _orth_err
 from sparsecore.testing import random_symmetric as _random_symmetric
 from sparsecore.testing import special_matrices as _special_matrices
@@ -148,14 +148,8 @@ def test_kernel_compiles_for_sm90() -> None:
     """Without a GPU the interpreter cannot catch compile errors: compile the Jacobi kernel
     ahead of time for an H100 (sm_90), both dtypes, in a process without TRITON_INTERPRET."""
     import importlib.util
-    import os
-    import subprocess
-    import sys
 
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True
-    )
+    run = run_uninterpreted(_COMPILE_SCRIPT)
     assert run.returncode == 0, run.stderr[-3000:]
