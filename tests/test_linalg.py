@@ -113,13 +113,16 @@ def test_non_finite_raises(fn: str, bad: float) -> None:
         getattr(linalg, fn)(A)
 
 
-def test_cpp_kernel_rejects_non_finite_itself() -> None:
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("n", [3, 4, 16])  # 9 entries: the scalar tail of the SIMD scan
+def test_cpp_kernel_rejects_non_finite_itself(bad: float, n: int) -> None:
     if not sparsecore.has_cpu_ext():
         pytest.skip("C++ extension not built")
-    A = torch.randn(3, 4, 4)
-    A[2, 0, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="matrix 2 .* NaN or Inf"):
-        torch.ops.sparsecore.svd_jacobi_cpu(A, False)
+    for i, j in [(0, 0), (n - 1, n - 1)]:
+        A = torch.randn(3, n, n)
+        A[2, i, j] = bad
+        with pytest.raises(RuntimeError, match="matrix 2 .* NaN or Inf"):
+            torch.ops.sparsecore.svd_jacobi_cpu(A, False)
 
 
 def test_dispatch_refusals() -> None:
@@ -261,6 +264,29 @@ def test_kernel_svd_special(kernel: str, dtype: torch.dtype) -> None:
             _check_svd(A, U, S, Vh)
         except AssertionError as exc:
             raise AssertionError(f"{kernel} {name}: {exc}") from exc
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n", [(16, 16), (9, 9), (12, 5), (5, 12)])
+def test_small_simd_groups_mixed_cases(dtype: torch.dtype, m: int, n: int) -> None:
+    """The SIMD-across-batch Jacobi (<= 32) finishes full-rank matrices for a whole group
+    at once and the rank-deficient / zero ones per matrix: groups holding both."""
+    special = _special_matrices(dtype, n=max(m, n)).values()
+    hard = [A[..., :m, :n] for A in special if A.shape[-2] >= m and A.shape[-1] >= n]
+    hard.append(torch.zeros(1, m, n, dtype=dtype))
+    rnd = torch.randn(len(hard) * 2, m, n, dtype=dtype)
+    pieces = []
+    for i, A in enumerate(hard):
+        pieces += [rnd[2 * i:2 * i + 1], A.reshape(-1, m, n)[:2], rnd[2 * i + 1:2 * i + 2]]
+    A = torch.cat(pieces).contiguous()
+    U, S, Vh = _kernel_svd("jacobi", A)
+    for b in range(A.shape[0]):  # one at a time: a failure names the matrix
+        try:
+            _check_svd(A[b:b + 1], U[b:b + 1], S[b:b + 1], Vh[b:b + 1])
+        except AssertionError as exc:
+            raise AssertionError(f"matrix {b}: {exc}") from exc
+    S2 = _kernel_svd("jacobi", A, False)[1]
+    torch.testing.assert_close(S2, S, rtol=0, atol=10 * TOL[dtype] * S.max().item())
 
 
 # Jacobi's eigh runs automatically only up to 8 x 8 (EIGH_JACOBI_MAX_SIZE); at 100 x 100 in

@@ -82,7 +82,11 @@ struct Simd<float> {
     return _mm256_or_ps(_mm256_and_ps(sm, sgn), _mm256_andnot_ps(sm, mag));
   }
   static R abs(R a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  // a with its sign flipped where s is negative
+  static R xorsign(R a, R s) { return _mm256_xor_ps(a, _mm256_and_ps(_mm256_set1_ps(-0.0f), s)); }
   static bool any(R mask) { return _mm256_movemask_ps(mask) != 0; }
+  static int movemask(R mask) { return _mm256_movemask_ps(mask); }
+  static R ge(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
   // Lanes [0, rem) of a partial vector (0 < rem < W): masked loads read zeros elsewhere.
   static __m256i tail(int64_t rem) {
     alignas(32) static const int32_t t[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -122,7 +126,10 @@ struct Simd<double> {
     return _mm256_or_pd(_mm256_and_pd(sm, sgn), _mm256_andnot_pd(sm, mag));
   }
   static R abs(R a) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), a); }
+  static R xorsign(R a, R s) { return _mm256_xor_pd(a, _mm256_and_pd(_mm256_set1_pd(-0.0), s)); }
   static bool any(R mask) { return _mm256_movemask_pd(mask) != 0; }
+  static int movemask(R mask) { return _mm256_movemask_pd(mask); }
+  static R ge(R a, R b) { return _mm256_cmp_pd(a, b, _CMP_GE_OQ); }
   static __m256i tail(int64_t rem) {
     alignas(32) static const int64_t t[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 4 - rem));
@@ -1501,7 +1508,7 @@ template <typename T>
 struct SmallWork {
   static constexpr int W = Simd<T>::W;
   int64_t r, c;
-  std::vector<T> X, V, d, Z, Vc, sig, sig_sorted;
+  std::vector<T> X, V, d, sigv, rank, Z, Vc, sig, sig_sorted;
   std::vector<int> ord;
   // Round-robin (tournament) order: consecutive pairs share no column, so the out-of-order
   // core overlaps one pair's sqrt/div chain with the next pair's dot products (the cyclic
@@ -1510,7 +1517,8 @@ struct SmallWork {
   std::vector<int> round_start;  // pairs[round_start[k] .. round_start[k + 1]) = round k
   int64_t bad_lane = 0;  // the matrix of the group that a non-OK status refers to
   SmallWork(int64_t r_, int64_t c_, bool vectors)
-      : r(r_), c(c_), X(r_ * c_ * W), V(vectors ? c_ * c_ * W : 0), d(c_ * W), Z(r_ * c_),
+      : r(r_), c(c_), X(r_ * c_ * W), V(vectors ? c_ * c_ * W : 0), d(c_ * W), sigv(c_ * W),
+        rank(c_ * W), Z(r_ * c_),
         Vc(c_ * c_), sig(c_), sig_sorted(c_), ord(c_) {
     const int N = static_cast<int>(c_ + (c_ & 1));  // an odd count gets a bye (index c_)
     std::vector<int> arr(N);
@@ -1528,25 +1536,43 @@ struct SmallWork {
 };
 
 // SVD of `count` <= W matrices A[g] (m x n, row-major, consecutive) at once.
-template <typename T>
-int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S, T* Vh,
-                    SmallWork<T>& w) {
+// RC > 0: compiled for r = c = RC (the loops' trip counts known, fully unrolled).
+template <typename T, int RC>
+int svd_small_group_impl(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S, T* Vh,
+                         SmallWork<T>& w) {
   using Vt = Simd<T>;
   using R = typename Vt::R;
   constexpr int W = Vt::W;
   const bool vectors = U != nullptr, trans = m < n;
-  const int64_t r = w.r, c = w.c, k = c;
+  const int64_t r = RC ? RC : w.r, c = RC ? RC : w.c, k = c;
   T amax[W];
   for (int l = 0; l < W; ++l) {
     amax[l] = 0;
     if (l >= count) continue;
     const T* a = A + l * m * n;
-    for (int64_t i = 0; i < m * n; ++i) {
-      if (!std::isfinite(a[i])) {
-        w.bad_lane = l;
-        return kNonFinite;
-      }
+    // max |a_i| in SIMD; x * 0 is NaN exactly for a NaN or infinite x, and sums to 0 else.
+    const int64_t mn = m * n, mv = mn / W * W;
+    R vmax = Vt::zero(), bad = Vt::zero();
+    for (int64_t i = 0; i < mv; i += W) {
+      const R x = Vt::load(a + i);
+      vmax = Vt::max(vmax, Vt::abs(x));
+      bad = Vt::add(bad, Vt::mul(x, Vt::zero()));
+    }
+    T vm[W], vb[W];
+    Vt::store(vm, vmax);
+    Vt::store(vb, bad);
+    T nonfinite = 0;
+    for (int e = 0; e < W; ++e) {
+      amax[l] = std::max(amax[l], vm[e]);
+      nonfinite += vb[e];
+    }
+    for (int64_t i = mv; i < mn; ++i) {
       amax[l] = std::max(amax[l], std::abs(a[i]));
+      nonfinite += a[i] * 0;
+    }
+    if (nonfinite != 0) {  // NaN
+      w.bad_lane = l;
+      return kNonFinite;
     }
   }
   // X[(j * r + i) * W + l] = M_l(i, j), M = A or A^T (r >= c), scaled to max |entry| = 1.
@@ -1566,7 +1592,7 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
   }
   const T eps = std::numeric_limits<T>::epsilon();
   const T tol = eps * std::sqrt(T(std::max<int64_t>(r, 4)));
-  const R tol2 = Vt::set1(tol * tol), one = Vt::set1(1), zero = Vt::zero(), two = Vt::set1(2);
+  const R tol2 = Vt::set1(tol * tol), one = Vt::set1(1), zero = Vt::zero();
   T* d = w.d.data();
   for (int64_t j = 0; j < c; ++j) {
     R acc = zero;
@@ -1613,12 +1639,13 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
       R cs[K], sn[K];
       for (int k = 0; k < K; ++k) {
         rotated = Vt::bor(rotated, mask[k]);
-        const R zeta = Vt::div(Vt::sub(aq[k], ap[k]), Vt::mul(two, g[k]));
-        const R t = Vt::copysign(
-            Vt::div(one, Vt::add(Vt::abs(zeta), Vt::sqrt(Vt::fma(zeta, zeta, one)))), zeta);
-        const R c0 = Vt::div(one, Vt::sqrt(Vt::fma(t, t, one)));
-        sn[k] = Vt::blend(zero, Vt::mul(c0, t), mask[k]);
-        cs[k] = Vt::blend(one, c0, mask[k]);
+        // t = sign(zeta) / (|zeta| + sqrt(1 + zeta^2)), zeta = (aq - ap) / (2 g), written with
+        // one division: t = sign(aq - ap) 2 g / (|aq - ap| + sqrt((aq - ap)^2 + 4 g^2)).
+        const R delta = Vt::sub(aq[k], ap[k]), g2 = Vt::add(g[k], g[k]);
+        const R den = Vt::add(Vt::abs(delta), Vt::sqrt(Vt::fma(delta, delta, Vt::mul(g2, g2))));
+        const R t = Vt::blend(zero, Vt::div(Vt::xorsign(g2, delta), den), mask[k]);
+        cs[k] = Vt::div(one, Vt::sqrt(Vt::fma(t, t, one)));  // 1 where t = 0: no rotation
+        sn[k] = Vt::mul(cs[k], t);
       }
       for (int k = 0; k < K; ++k) {
         if (!Vt::any(mask[k])) continue;
@@ -1682,14 +1709,76 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
       }
     }
   }
+  // The values, and their stable descending order as ranks computed for all lanes at once:
+  // rank_j = #{i < j: s_i >= s_j} + #{i > j: s_i > s_j} (branch-free; an insertion sort per
+  // lane was a visible part of the 16 x 16 time).
+  T* sv = w.sigv.data();
+  T* rk = w.rank.data();
+  // d holds each column's squared norm, recomputed by every rotation that touched it.
+  for (int64_t j = 0; j < c; ++j) Vt::store(sv + j * W, Vt::sqrt(Vt::load(d + j * W)));
+  for (int64_t j = 0; j < c; ++j) {
+    const R sj = Vt::load(sv + j * W);
+    R acc = zero;
+    for (int64_t i = 0; i < j; ++i) acc = Vt::add(acc, Vt::band(Vt::ge(Vt::load(sv + i * W), sj), one));
+    for (int64_t i = j + 1; i < c; ++i)
+      acc = Vt::add(acc, Vt::band(Vt::gt(Vt::load(sv + i * W), sj), one));
+    Vt::store(rk + j * W, acc);
+  }
+  // With vectors, lanes where no value is small (<= 2 tiny sigma_max) are finished in the
+  // interleaved layout: left columns normalised and both sides' signs set (largest-magnitude
+  // entry of each left vector positive) for all lanes at once. The others (rank-deficient,
+  // zero) need fix_columns and take the per-lane path below on the untouched X, V.
+  int fix_lanes = 0;
+  if (vectors) {
+    R smax = zero;
+    for (int64_t j = 0; j < c; ++j) smax = Vt::max(smax, Vt::load(sv + j * W));
+    const R small = Vt::mul(smax, Vt::set1(2 * tiny));
+    R fix = zero;
+    for (int64_t j = 0; j < c; ++j) fix = Vt::bor(fix, Vt::ge(small, Vt::load(sv + j * W)));
+    fix_lanes = Vt::movemask(fix);
+    const R minus = Vt::set1(-1);
+    for (int64_t j = 0; j < c; ++j) {
+      T* x = X + j * r * W;
+      T* v = V + j * c * W;
+      // Sign of the left vector's first largest-magnitude entry (M's left vectors are X's
+      // columns, or V's for a transposed wide matrix).
+      const T* lead = trans ? v : x;
+      R best = Vt::abs(Vt::load(lead)), val = Vt::load(lead);
+      for (int64_t e = 1; e < (trans ? c : r); ++e) {
+        const R y = Vt::load(lead + e * W), ay = Vt::abs(y), gtm = Vt::gt(ay, best);
+        best = Vt::blend(best, ay, gtm);
+        val = Vt::blend(val, y, gtm);
+      }
+      const R sg = Vt::blend(Vt::blend(one, minus, Vt::gt(zero, val)), one, fix);
+      const R mx = Vt::blend(Vt::div(sg, Vt::load(sv + j * W)), one, fix);
+      for (int64_t e = 0; e < r; ++e) Vt::store(x + e * W, Vt::mul(Vt::load(x + e * W), mx));
+      for (int64_t e = 0; e < c; ++e) Vt::store(v + e * W, Vt::mul(Vt::load(v + e * W), sg));
+    }
+  }
+  std::vector<int>& ord = w.ord;
   for (int l = 0; l < count; ++l) {
-    std::vector<int>& ord = w.ord;
-    // d holds each column's squared norm, recomputed by every rotation that touched it.
-    for (int64_t j = 0; j < c; ++j) w.sig[j] = std::sqrt(d[j * W + l]);
-    stable_order(ord, [&](int a, int b) { return w.sig[a] > w.sig[b]; });
+    for (int64_t j = 0; j < c; ++j) {
+      w.sig[j] = sv[j * W + l];
+      ord[static_cast<int64_t>(rk[j * W + l])] = static_cast<int>(j);
+    }
     T* Sl = S + l * k;
     for (int64_t i = 0; i < k; ++i) Sl[i] = w.sig[ord[i]] * amax[l];
     if (!vectors) continue;
+    T* Ul = U + l * m * k;
+    T* Vhl = Vh + l * k * n;
+    if (!((fix_lanes >> l) & 1)) {
+      // Finished above: gather lane l's columns in sorted order.
+      const T* Lm = trans ? V : X;
+      const T* Rm = trans ? X : V;
+      const int64_t ldl = (trans ? c : r) * W, ldrr = (trans ? r : c) * W;
+      for (int64_t i = 0; i < k; ++i) {
+        const T* u = Lm + ord[i] * ldl + l;
+        const T* v = Rm + ord[i] * ldrr + l;
+        for (int64_t j = 0; j < m; ++j) Ul[j * k + i] = u[j * W];
+        for (int64_t j = 0; j < n; ++j) Vhl[i * n + j] = v[j * W];
+      }
+      continue;
+    }
     // Columns of M's left vectors (Z, r x c) and right vectors (Vc, c x c), sorted.
     for (int64_t i = 0; i < c; ++i) {
       const int j = ord[i];
@@ -1703,8 +1792,6 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
     const T* Lm = trans ? w.Vc.data() : w.Z.data();
     const T* Rm = trans ? w.Z.data() : w.Vc.data();
     const int64_t ldl = trans ? c : r, ldrr = trans ? r : c;
-    T* Ul = U + l * m * k;
-    T* Vhl = Vh + l * k * n;
     for (int64_t i = 0; i < k; ++i) {
       const T* u = Lm + i * ldl;
       const T* v = Rm + i * ldrr;
@@ -1714,6 +1801,13 @@ int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S,
     }
   }
   return status;
+}
+
+template <typename T>
+int svd_small_group(const T* A, int64_t m, int64_t n, int64_t count, T* U, T* S, T* Vh,
+                    SmallWork<T>& w) {
+  if (w.r == 16 && w.c == 16) return svd_small_group_impl<T, 16>(A, m, n, count, U, S, Vh, w);
+  return svd_small_group_impl<T, 0>(A, m, n, count, U, S, Vh, w);
 }
 
 // Symmetric eigh of `count` <= W small matrices: the SVD of B = S + c I (Gershgorin c, as in
