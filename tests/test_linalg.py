@@ -325,6 +325,25 @@ def test_bidiag_kernel_rejects_non_finite(op: str) -> None:
         getattr(torch.ops.sparsecore, op)(A, True)
 
 
+def test_float32_at_the_routing_limits() -> None:
+    """float32 through the bidiagonal kernel where it is chosen automatically up to the
+    largest sizes: svdvals at 512 (its QR iteration runs in double: values within ~1e-7 of
+    ||A||, where a float iteration was at 1.4e-5) and eigh at 128, against float64 LAPACK."""
+    if not sparsecore.has_cpu_ext():
+        pytest.skip("C++ extension not built")
+    assert linalg.CPP_AUTO_MAX_SIZE["svdvals"][torch.float32] == 512
+    assert linalg.CPP_AUTO_MAX_SIZE["eigh"][torch.float32] == 128
+    A = torch.randn(2, 512, 500)
+    ref = torch.linalg.svdvals(A.double())
+    err = ((linalg.svdvals(A).double() - ref).abs().amax(-1) / ref[:, 0]).max().item()
+    assert err <= 1e-6, err
+    S = _random_symmetric(4, 128, torch.float32)
+    _check_eigh(S, *linalg.eigh(S))
+    L = linalg.eigh(S)[0].double()
+    ref = torch.linalg.eigvalsh(S.double())
+    assert ((L - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item() <= 1e-5
+
+
 def test_size_routing_picks_each_kernel() -> None:
     """The automatic choice runs Jacobi at the small sizes and the bidiagonal kernel above,
     with the same results (values) either way."""

@@ -5,10 +5,13 @@
 // 1. Golub-Kahan-Reinsch (svd_bidiag_cpu, eigh_bidiag_cpu; everything above ~16 x 16):
 //    Householder bidiagonalisation M = Q_L B P_R^T, implicit-shift QR on the bidiagonal B
 //    (Wilkinson shift, deflation to eps * ||B||, zero diagonals chased out), the rotations
-//    accumulated into c x c factors, then U = Q_L Ub, V = P_R Vb. Four matrices are worked as
-//    a group: their QR chases run in SIMD lanes (chase4: one sqrt / division instruction serves
-//    four serial chains), and each chase's rotations are applied to the vectors afterwards as a
-//    wave down strips of rows (one load and store per rotation and strip). The back-transforms
+//    accumulated into c x c factors, then U = Q_L Ub, V = P_R Vb. The QR iteration runs in
+//    double also for float matrices (its O(c^2) rotations in float cost the values a factor
+//    ~100 in accuracy at 512). Eight matrices are worked as a group: their QR chases run in
+//    two sets of four SIMD lanes (chase_sets: one sqrt / division instruction serves four
+//    serial chains, and the two sets' chains overlap), and each chase's rotations are applied
+//    to the vectors afterwards as a wave down strips of rows (one load and store per rotation
+//    and strip). The back-transforms
 //    work on row-major vectors two reflectors at a time (no horizontal sums). This replaced
 //    Jacobi above 16 x 16: at 100 x 100 float32, Jacobi's ~7 sweeps of n^2 / 2 dependent
 //    (dot -> sqrt / div -> rotate) chains took ~1.1 ms per matrix for the values alone; this
@@ -603,7 +606,9 @@ inline void givens(T f, T g, T& cs, T& sn, T& r) {
 template <typename T>
 struct BidiagWork {
   int64_t r, c, ldr, ldc;
-  std::vector<T> M, Pu, Ub, Vb, d, e, tauL, tauR, wv, row, sig, pair;
+  std::vector<T> M, Pu, Ub, Vb;
+  std::vector<double> d, e;  // the bidiagonal: its QR iteration runs in double (BidiagQR)
+  std::vector<T> tauL, tauR, wv, row, sig, pair;
   std::vector<int> ord, fills;
   T amax = 0;
   BidiagWork(int64_t r_, int64_t c_, bool vectors)
@@ -747,9 +752,9 @@ __attribute__((noinline)) void bidiagonalize(BidiagWork<T>& w, bool vectors) {
 // Done as a wave down each strip of rows (LAPACK's slasr idea): the running column stays in
 // registers, so each rotation costs one load and one store per strip instead of two of each,
 // and four strips keep four independent chains in flight.
-template <typename T>
-void rotate_wave(T* X, int64_t ld, int64_t nrows, int64_t p, int64_t h, const T* cs,
-                 const T* sn, int64_t rs, const int* g) {
+template <typename T, typename C>
+void rotate_wave(T* X, int64_t ld, int64_t nrows, int64_t p, int64_t h, const C* cs,
+                 const C* sn, int64_t rs, const int* g) {
   // g[i] (i < h - p): the last row that may be nonzero in any of columns p..p+i+1. Rotations
   // before the first i with g[i] >= a strip's first row only mix zeros there: the strip's wave
   // starts after them (the factors start as the identity and fill in chase by chase).
@@ -769,7 +774,7 @@ void rotate_wave(T* X, int64_t ld, int64_t nrows, int64_t p, int64_t h, const T*
     auto a0 = V::load(x + k0 * ld), a1 = V::load(x + k0 * ld + W);
     auto a2 = V::load(x + k0 * ld + 2 * W), a3 = V::load(x + k0 * ld + 3 * W);
     for (int64_t k = k0; k < h; ++k) {
-      const auto c = V::set1(cs[(k - p) * rs]), s = V::set1(sn[(k - p) * rs]);
+      const auto c = V::set1(T(cs[(k - p) * rs])), s = V::set1(T(sn[(k - p) * rs]));
       T* xk = x + k * ld;
       T* xn = xk + ld;
       const auto b0 = V::load(xn), b1 = V::load(xn + W), b2 = V::load(xn + 2 * W),
@@ -792,7 +797,7 @@ void rotate_wave(T* X, int64_t ld, int64_t nrows, int64_t p, int64_t h, const T*
     if (k0 >= h) continue;
     auto a0 = V::load(x + k0 * ld);
     for (int64_t k = k0; k < h; ++k) {
-      const auto c = V::set1(cs[(k - p) * rs]), s = V::set1(sn[(k - p) * rs]);
+      const auto c = V::set1(T(cs[(k - p) * rs])), s = V::set1(T(sn[(k - p) * rs]));
       const auto b0 = V::load(x + (k + 1) * ld);
       V::store(x + k * ld, V::fma(s, b0, V::mul(c, a0)));
       a0 = V::fnma(s, a0, V::mul(c, b0));
@@ -804,9 +809,9 @@ void rotate_wave(T* X, int64_t ld, int64_t nrows, int64_t p, int64_t h, const T*
     T* x = X + i0;
     T a = x[p * ld];
     for (int64_t k = p; k < h; ++k) {
-      const T b = x[(k + 1) * ld];
-      x[k * ld] = cs[(k - p) * rs] * a + sn[(k - p) * rs] * b;
-      a = cs[(k - p) * rs] * b - sn[(k - p) * rs] * a;
+      const T b = x[(k + 1) * ld], c = T(cs[(k - p) * rs]), s = T(sn[(k - p) * rs]);
+      x[k * ld] = c * a + s * b;
+      a = c * b - s * a;
     }
     x[h * ld] = a;
   }
@@ -816,19 +821,20 @@ void rotate_wave(T* X, int64_t ld, int64_t nrows, int64_t p, int64_t h, const T*
 // the columns of Ub / Vb (c x c, leading dimension ld) when they are given.
 template <typename T>
 struct BidiagQR {
-  T* d;
-  T* e;
+  using Q = double;  // the bidiagonal's arithmetic, also for float matrices (see init())
+  Q* d;
+  Q* e;
   int64_t c;
   T* Ub;
   T* Vb;
   int64_t ld;
-  T tol = 0;
+  Q tol = 0;
   int64_t h = 0, steps = 0, max_steps = 0;
   bool ok = true;
   // The planned chase: block p..h, its running bulge (y, zb), rotation buffers (c entries).
   int64_t p = 0, len = 0;
-  T y = 0, zb = 0, dk_ = 0, ek_ = 0;
-  T *cv, *sv, *cu, *su;  // rotations of the chase, rs apart (interleaved across a group)
+  Q y = 0, zb = 0, dk_ = 0, ek_ = 0;
+  Q *cv, *sv, *cu, *su;  // rotations of the chase, rs apart (interleaved across a group)
   int64_t rs = 1;
   // fillU[k] / fillV[k]: the last row of column k of Ub / Vb that may be nonzero (both start
   // as the identity); g: scratch for rotate_wave's prefix maxima. c entries each.
@@ -838,10 +844,14 @@ struct BidiagQR {
 
   void init() {
     for (int64_t k = 0; k < c; ++k) fillU[k] = fillV[k] = static_cast<int>(k);
-    const T eps = std::numeric_limits<T>::epsilon();
-    T anorm = 0;
+    // Deflation at T's precision (what the float matrix holds), but every step in double: in
+    // float the O(c^2) rotations of the iteration on B itself reached value errors of ~1e-5
+    // of ||A|| at 512 x 512 (LAPACK's float SVD: ~2e-6); in double they are below 1e-7, and
+    // the iteration is O(c^2) work next to the O(c^3) of the rest.
+    const Q eps = std::numeric_limits<T>::epsilon();
+    Q anorm = 0;
     for (int64_t i = 0; i < c; ++i)
-      anorm = std::max(anorm, std::abs(d[i]) + (i + 1 < c ? std::abs(e[i]) : T(0)));
+      anorm = std::max(anorm, std::abs(d[i]) + (i + 1 < c ? std::abs(e[i]) : Q(0)));
     tol = eps * anorm;
     max_steps = 30 * std::max<int64_t>(c, 1);
     steps = 0;
@@ -879,12 +889,12 @@ struct BidiagQR {
         return;
       }
       // Wilkinson shift: the eigenvalue of the trailing 2 x 2 of B^T B nearer its last entry.
-      const T dm = d[h - 1], em = e[h - 1], dh = d[h];
-      const T t11 = dm * dm + (h - 1 > q ? e[h - 2] * e[h - 2] : T(0));
-      const T t12 = dm * em, t22 = dh * dh + em * em;
-      const T delta = (t11 - t22) / 2;
-      const T den = delta + std::copysign(std::sqrt(delta * delta + t12 * t12), delta);
-      const T mu = den != 0 ? t22 - t12 * t12 / den : t22;
+      const Q dm = d[h - 1], em = e[h - 1], dh = d[h];
+      const Q t11 = dm * dm + (h - 1 > q ? e[h - 2] * e[h - 2] : Q(0));
+      const Q t12 = dm * em, t22 = dh * dh + em * em;
+      const Q delta = (t11 - t22) / 2;
+      const Q den = delta + std::copysign(std::sqrt(delta * delta + t12 * t12), delta);
+      const Q mu = den != 0 ? t22 - t12 * t12 / den : t22;
       p = q;
       len = h - q;
       y = d[p] * d[p] - mu;
@@ -899,9 +909,9 @@ struct BidiagQR {
   // right (or, for z = h, the last column's up), which splits the block.
   void zero_diagonal(int64_t q, int64_t z) {
     d[z] = 0;
-    T cs, sn, rr;
+    Q cs, sn, rr;
     if (z < h) {
-      T f = e[z];
+      Q f = e[z];
       e[z] = 0;
       for (int64_t j = z + 1; j <= h; ++j) {
         givens(d[j], f, cs, sn, rr);
@@ -911,13 +921,13 @@ struct BidiagQR {
           e[j] *= cs;
         }
         if (Ub) {
-          rot(Ub + j * ld, Ub + z * ld, c, cs, -sn);
+          rot(Ub + j * ld, Ub + z * ld, c, T(cs), T(-sn));
           fillU[j] = fillU[z] = std::max(fillU[j], fillU[z]);
         }
         if (f == 0) break;
       }
     } else {
-      T f = e[h - 1];
+      Q f = e[h - 1];
       e[h - 1] = 0;
       for (int64_t j = h - 1; j >= q; --j) {
         givens(d[j], f, cs, sn, rr);
@@ -927,7 +937,7 @@ struct BidiagQR {
           e[j - 1] *= cs;
         }
         if (Vb) {
-          rot(Vb + j * ld, Vb + h * ld, c, cs, -sn);
+          rot(Vb + j * ld, Vb + h * ld, c, T(cs), T(-sn));
           fillV[j] = fillV[h] = std::max(fillV[j], fillV[h]);
         }
         if (f == 0) break;
@@ -941,23 +951,23 @@ struct BidiagQR {
     // d[k] and e[k] as the previous step left them are carried in dk_, ek_ (a store and
     // reload would put store-to-load forwarding on this serial chain).
     const int64_t k = p + i;
-    T cs, sn, rr;
+    Q cs, sn, rr;
     givens(y, zb, cs, sn, rr);
     if (i > 0) e[k - 1] = rr;
-    const T dk = dk_, ek = ek_, dn = d[k + 1];
+    const Q dk = dk_, ek = ek_, dn = d[k + 1];
     y = cs * dk + sn * ek;
-    const T e1 = cs * ek - sn * dk;
+    const Q e1 = cs * ek - sn * dk;
     zb = sn * dn;
-    const T dn1 = cs * dn;
+    const Q dn1 = cs * dn;
     cv[i * rs] = cs, sv[i * rs] = sn;
     givens(y, zb, cs, sn, rr);
     d[k] = rr;
-    const T ekn = cs * e1 + sn * dn1;
+    const Q ekn = cs * e1 + sn * dn1;
     dk_ = cs * dn1 - sn * e1;
     e[k] = ekn;
     d[k + 1] = dk_;
     if (k + 1 < p + len) {
-      const T en = e[k + 1];
+      const Q en = e[k + 1];
       zb = sn * en;
       ek_ = cs * en;
       y = ekn;
@@ -970,7 +980,7 @@ struct BidiagQR {
     if (Ub) wave(Ub, fillU, cu, su);
   }
 
-  void wave(T* X, int* fill, const T* cs, const T* sn) {
+  void wave(T* X, int* fill, const Q* cs, const Q* sn) {
     int run = fill[p];
     for (int64_t i = 0; i < len; ++i) g[i] = run = std::max(run, fill[p + i + 1]);
     rotate_wave(X, ld, ld, p, p + len, cs, sn, rs, g);
@@ -1039,52 +1049,67 @@ inline void givens4(typename V4<T>::R f, typename V4<T>::R g, typename V4<T>::R&
   sn = V::mul(g, inv);
 }
 
-// Steps 0..common-1 of four planned chases (common <= every lens), one matrix per SIMD lane:
-// the square roots and divisions of four chases cost one instruction each, and the four
-// serial chains are explicit. Each lane's scalar state is written back for the remaining
-// steps (BidiagQR::step) and its rotations are stored rs = 4 apart (lane-interleaved).
-template <typename T>
-void chase4(BidiagQR<T>* q, int64_t common) {
-  using V = V4<T>;
-  alignas(32) T b[4];
-  auto y = V::set(q[0].y, q[1].y, q[2].y, q[3].y);
-  auto zb = V::set(q[0].zb, q[1].zb, q[2].zb, q[3].zb);
-  auto dk = V::set(q[0].dk_, q[1].dk_, q[2].dk_, q[3].dk_);
-  auto ek = V::set(q[0].ek_, q[1].ek_, q[2].ek_, q[3].ek_);
-  auto ekn = ek;
-  T* d0 = q[0].d + q[0].p; T* d1 = q[1].d + q[1].p; T* d2 = q[2].d + q[2].p; T* d3 = q[3].d + q[3].p;
-  T* e0 = q[0].e + q[0].p; T* e1 = q[1].e + q[1].p; T* e2 = q[2].e + q[2].p; T* e3 = q[3].e + q[3].p;
-  T* cv = q[0].cv; T* sv = q[0].sv; T* cu = q[0].cu; T* su = q[0].su;  // lane 0's: rs = 4
-  for (int64_t i = 0; i < common; ++i) {
-    typename V::R cs, sn, rr;
-    givens4<T>(y, zb, cs, sn, rr);
-    if (i > 0) {
-      V::store(b, rr);
-      e0[i - 1] = b[0], e1[i - 1] = b[1], e2[i - 1] = b[2], e3[i - 1] = b[3];
-    }
-    const auto dn = V::set(d0[i + 1], d1[i + 1], d2[i + 1], d3[i + 1]);
-    const auto ny = V::fma(cs, dk, V::mul(sn, ek));
-    const auto ee = V::fms(cs, ek, V::mul(sn, dk));
-    const auto nzb = V::mul(sn, dn);
-    const auto dn1 = V::mul(cs, dn);
-    V::store(cv + 4 * i, cs), V::store(sv + 4 * i, sn);
-    givens4<T>(ny, nzb, cs, sn, rr);
-    V::store(b, rr);
-    d0[i] = b[0], d1[i] = b[1], d2[i] = b[2], d3[i] = b[3];
-    ekn = V::fma(cs, ee, V::mul(sn, dn1));
-    dk = V::fms(cs, dn1, V::mul(sn, ee));
-    const auto en = V::set(e0[i + 1], e1[i + 1], e2[i + 1], e3[i + 1]);
-    zb = V::mul(sn, en);
-    ek = V::mul(cs, en);
-    y = ekn;
-    V::store(cu + 4 * i, cs), V::store(su + 4 * i, sn);
+// Steps 0..common-1 of 4 S planned chases (common <= every lens), one matrix per SIMD lane,
+// S sets of four lanes: the square roots and divisions of four chases cost one instruction
+// each, and the S sets' serial chains are explicit and independent (in double, one set's
+// chain of two Givens rotations per step left the divider idle between its steps). Each
+// lane's scalar state is written back for the remaining steps (BidiagQR::step) and its
+// rotations are stored lane-interleaved, rs apart (see group_rotation_buffers).
+template <typename T, int S>
+void chase_sets(BidiagQR<T>* q, int64_t common) {
+  using Q = typename BidiagQR<T>::Q;
+  using V = V4<Q>;
+  using R = typename V::R;
+  const int64_t rs = q[0].rs;  // >= 4 S: the group's rotation buffers' lane stride
+  alignas(32) Q b[4];
+  R y[S], zb[S], dk[S], ek[S], ekn[S];
+  Q *d[S][4], *e[S][4];
+  for (int t = 0; t < S; ++t) {
+    BidiagQR<T>* g = q + 4 * t;
+    y[t] = V::set(g[0].y, g[1].y, g[2].y, g[3].y);
+    zb[t] = V::set(g[0].zb, g[1].zb, g[2].zb, g[3].zb);
+    dk[t] = V::set(g[0].dk_, g[1].dk_, g[2].dk_, g[3].dk_);
+    ek[t] = V::set(g[0].ek_, g[1].ek_, g[2].ek_, g[3].ek_);
+    ekn[t] = ek[t];
+    for (int l = 0; l < 4; ++l) d[t][l] = g[l].d + g[l].p, e[t][l] = g[l].e + g[l].p;
   }
-  alignas(32) T ys[4], zs[4], ds[4], es[4], ns[4];
-  V::store(ys, y), V::store(zs, zb), V::store(ds, dk), V::store(es, ek), V::store(ns, ekn);
-  for (int g = 0; g < 4; ++g) {
-    q[g].y = ys[g], q[g].zb = zs[g], q[g].dk_ = ds[g], q[g].ek_ = es[g];
-    q[g].e[q[g].p + common - 1] = ns[g];  // final unless the lane's chase goes on
-    q[g].d[q[g].p + common] = ds[g];
+  Q* cv = q[0].cv; Q* sv = q[0].sv; Q* cu = q[0].cu; Q* su = q[0].su;  // lane 0's
+  for (int64_t i = 0; i < common; ++i) {
+    for (int t = 0; t < S; ++t) {
+      R cs, sn, rr;
+      givens4<Q>(y[t], zb[t], cs, sn, rr);
+      if (i > 0) {
+        V::store(b, rr);
+        for (int l = 0; l < 4; ++l) e[t][l][i - 1] = b[l];
+      }
+      const R dn = V::set(d[t][0][i + 1], d[t][1][i + 1], d[t][2][i + 1], d[t][3][i + 1]);
+      const R ny = V::fma(cs, dk[t], V::mul(sn, ek[t]));
+      const R ee = V::fms(cs, ek[t], V::mul(sn, dk[t]));
+      const R nzb = V::mul(sn, dn);
+      const R dn1 = V::mul(cs, dn);
+      V::store(cv + rs * i + 4 * t, cs), V::store(sv + rs * i + 4 * t, sn);
+      givens4<Q>(ny, nzb, cs, sn, rr);
+      V::store(b, rr);
+      for (int l = 0; l < 4; ++l) d[t][l][i] = b[l];
+      ekn[t] = V::fma(cs, ee, V::mul(sn, dn1));
+      dk[t] = V::fms(cs, dn1, V::mul(sn, ee));
+      const R en = V::set(e[t][0][i + 1], e[t][1][i + 1], e[t][2][i + 1], e[t][3][i + 1]);
+      zb[t] = V::mul(sn, en);
+      ek[t] = V::mul(cs, en);
+      y[t] = ekn[t];
+      V::store(cu + rs * i + 4 * t, cs), V::store(su + rs * i + 4 * t, sn);
+    }
+  }
+  for (int t = 0; t < S; ++t) {
+    alignas(32) Q ys[4], zs[4], ds[4], es[4], ns[4];
+    V::store(ys, y[t]), V::store(zs, zb[t]), V::store(ds, dk[t]), V::store(es, ek[t]);
+    V::store(ns, ekn[t]);
+    for (int l = 0; l < 4; ++l) {
+      BidiagQR<T>& g = q[4 * t + l];
+      g.y = ys[l], g.zb = zs[l], g.dk_ = ds[l], g.ek_ = es[l];
+      g.e[g.p + common - 1] = ns[l];  // final unless the lane's chase goes on
+      g.d[g.p + common] = ds[l];
+    }
   }
 }
 #endif
@@ -1107,8 +1132,8 @@ __attribute__((noinline)) void bidiag_qr_group(BidiagQR<T>* q, int count) {
       int64_t common = most;
       for (int g = 0; g < G; ++g) common = std::min(common, q[g].len);
 #ifdef SC_LINALG_AVX2
-      if constexpr (G == 4) {
-        if (common > 0) chase4(q, common);
+      if constexpr (G % 4 == 0) {
+        if (common > 0) chase_sets<T, G / 4>(q, common);
       } else
 #endif
       {
@@ -1933,13 +1958,13 @@ void svd_batch(const at::Tensor& A, at::Tensor& U, at::Tensor& S, at::Tensor& Vh
 // bidiagonalised one matrix at a time, then its QR iterations run interleaved
 // (bidiag_qr_group), then each matrix is finished. A matrix whose QR iteration reaches the step
 // cap is redone by the Jacobi path (never seen on the tests' or benches' matrices).
-constexpr int kQRGroup = 4;
+constexpr int kQRGroup = 8;
 
-// The rotations of a group's chases, lane-interleaved (rs = kQRGroup; see chase4), c per chase.
+// The rotations of a group's chases, lane-interleaved (rs = kQRGroup; see chase_sets), c per chase.
 template <typename T>
-void group_rotation_buffers(BidiagQR<T>* q, std::vector<T>& rots, int64_t c) {
+void group_rotation_buffers(BidiagQR<T>* q, std::vector<double>& rots, int64_t c) {
   c = std::max<int64_t>(c, 1);
-  rots.assign(4 * kQRGroup * c, T(0));
+  rots.assign(4 * kQRGroup * c, 0.0);
   for (int g = 0; g < kQRGroup; ++g) {
     q[g].cv = rots.data() + g;
     q[g].sv = q[g].cv + kQRGroup * c;
@@ -1965,7 +1990,7 @@ void bidiag_groups(int64_t batch, int64_t r, int64_t c, bool vectors, Make make,
     for (int g = 0; g < kQRGroup; ++g) ws.emplace_back(r, c, vectors);
     BidiagQR<T> q[kQRGroup];
     int64_t idx[kQRGroup];
-    std::vector<T> rots;
+    std::vector<double> rots;
     group_rotation_buffers(q, rots, c);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t grp = 0; grp < groups; ++grp) {
@@ -1978,10 +2003,14 @@ void bidiag_groups(int64_t batch, int64_t r, int64_t c, bool vectors, Make make,
         }
         idx[count++] = b;
       }
-      if (count == kQRGroup)
+      if (count == kQRGroup) {
         bidiag_qr_group<T, kQRGroup>(q, count);
-      else
+      } else if (count >= 4) {  // a partial group: four in SIMD lanes, the rest interleaved
+        bidiag_qr_group<T, 4>(q, 4);
+        bidiag_qr_group<T, 1>(q + 4, count - 4);
+      } else {
         bidiag_qr_group<T, 1>(q, count);
+      }
       for (int g = 0; g < count; ++g) {
         if (q[g].ok) {
           ctx.finish(idx[g], g, ws[g]);
