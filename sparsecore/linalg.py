@@ -11,23 +11,23 @@ such entry on ties); the matching row of Vh is flipped with its column of U.
 Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "triton" | "reference")`):
 
 - "cpp": csrc/cpu/linalg.cpp, OpenMP across the batch, CPU, float32 / float64, m, n <= 512;
-  chosen automatically up to CPP_AUTO_MAX_SIZE[op][dtype] (svd: 128; svdvals: 512; eigh:
-  128). Two SVD kernels, picked by size
+  chosen automatically up to CPP_AUTO_MAX_SIZE[op][dtype] (svd: 256 in float32, 128 in
+  float64; svdvals: 512; eigh: 128). Two SVD kernels, picked by size
   (JACOBI_MAX_SIZE): small matrices (<= 16 in float32, <= 12 in float64) run one-sided
   Jacobi with SIMD across the batch (eight float32 matrices per AVX2 register); larger ones
   run Golub-Kahan-Reinsch:
   Householder bidiagonalisation, implicit-shift QR on the bidiagonal (in double, also for
   float32 input) with eight matrices' chases in SIMD lanes, and the rotations applied to the
-  vectors in cache-resident waves.
+  vectors in cache-resident waves (accumulated in double for float32 above 128 x 128).
   eigh shifts the symmetric matrix to a semi-definite one by its Gershgorin bound, whose SVD
   is its eigendecomposition (same two kernels, EIGH_JACOBI_MAX_SIZE; only left vectors are
   accumulated), and takes the eigenvalues as Rayleigh quotients with the unshifted matrix.
   Singular values come out accurate to ~ eps * ||A|| (float32, bidiagonal kernel: ~1e-7 of
   ||A|| up to 512, where LAPACK's float32 SVD is at ~2e-6); eigenvalues to ~ eps * ||S||.
-  Orthogonality of the vectors is about LAPACK's in float32 up to 128 (100 x 100, 4000
-  random matrices: svd median 1.4e-6, largest 6.9e-6; eigh median 1.2e-6, largest 4.0e-6;
-  LAPACK ~2e-6) and reaches ~1.2e-5 at 256 (svd, the largest of 200), since every vector
-  entry goes through O(n) sequential float rotations.
+  Orthogonality of the vectors is about LAPACK's in float32 (100 x 100, 4000 random
+  matrices: svd median 1.4e-6, largest 6.9e-6; eigh median 1.2e-6, largest 4.0e-6; LAPACK
+  ~2e-6); above 128 the rotations are accumulated in double (in float the O(n) sequential
+  rotations through every vector entry took it to 1.2-1.6e-5 at 256-512), ~1e-6 there.
   Non-convergence raises a RuntimeError naming the matrix (the QR kernel first retries that
   matrix with Jacobi).
 - "triton": kernels/linalg.py, one-sided Jacobi with one matrix per program (round-robin
@@ -63,9 +63,9 @@ CPP_MAX_SIZE = 512
 # quiet 2-core Zen 3 (2026-12-02, wall clock, default threads; torch.linalg = MKL LAPACK), by
 # speed and by accuracy (the issue's float32 level: 1e-5 of ||A|| for values, reconstruction
 # and orthogonality):
-# - svd (vectors): faster up to 256 in float32 (6.7x at 100, 5.3x at 128, 2.7x at 256) and
-#   up to 128 in float64 (3.4x at 100, 1.1-1.4x at 256, 0.45x at 512). float32 stops at 128:
-#   at 256 the vectors' orthogonality reaches ~1.2e-5 (the largest of 200; LAPACK: 2e-6).
+# - svd (vectors): faster up to 256 in float32 (6.7x at 100, 5.3x at 128, 1.4x at 256 with
+#   the rotations accumulated in double there, orthogonality ~1e-6; 0.3x at 512) and up to
+#   128 in float64 (3.4x at 100, 1.1-1.4x at 256, 0.45x at 512).
 # - svdvals: faster at every size up to 512 (2.5-7.3x float32, 1.9-5.6x float64); since the
 #   QR iteration runs in double, float32 values are within ~1e-7 of ||A|| there.
 # - eigh: faster up to 128 (float32 5.2x at 16, 2.9x at 100; float64 3.8x, 2.7x, 1.5x at
@@ -73,7 +73,7 @@ CPP_MAX_SIZE = 512
 #   <= 5.5e-6, orthogonality <= 5.8e-6 over 1200 random 128 x 128 matrices.
 # Forcing use_backend("cpp") still runs the kernel up to CPP_MAX_SIZE.
 CPP_AUTO_MAX_SIZE = {
-    "svd": {torch.float32: 128, torch.float64: 128},
+    "svd": {torch.float32: 256, torch.float64: 128},
     "svdvals": {torch.float32: 512, torch.float64: 512},
     "eigh": {torch.float32: 128, torch.float64: 128},
 }

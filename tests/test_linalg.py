@@ -266,6 +266,21 @@ def test_kernel_svd_special(kernel: str, dtype: torch.dtype) -> None:
             raise AssertionError(f"{kernel} {name}: {exc}") from exc
 
 
+def test_bidiag_float32_double_accumulation_special() -> None:
+    """float32 above 128 accumulates the QR rotations in double (zero diagonals chased out
+    through the double factors too): the hard cases at 130 and eigh with repeated values."""
+    for name, A in _special_matrices(torch.float32, n=130).items():
+        U, S, Vh = _kernel_svd("bidiag", A)
+        try:
+            _check_svd(A, U, S, Vh)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
+    Q, _ = torch.linalg.qr(torch.randn(2, 140, 140, dtype=torch.float64))
+    lam = torch.tensor([-2.0] * 40 + [0.0] * 30 + [2.0] * 70, dtype=torch.float64)
+    S = ((Q * lam) @ Q.mT).float()
+    _check_eigh(S, *_kernel_eigh("bidiag", S))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n", [(16, 16), (9, 9), (12, 5), (5, 12)])
 def test_small_simd_groups_mixed_cases(dtype: torch.dtype, m: int, n: int) -> None:
@@ -328,15 +343,23 @@ def test_bidiag_kernel_rejects_non_finite(op: str) -> None:
 def test_float32_at_the_routing_limits() -> None:
     """float32 through the bidiagonal kernel where it is chosen automatically up to the
     largest sizes: svdvals at 512 (its QR iteration runs in double: values within ~1e-7 of
-    ||A||, where a float iteration was at 1.4e-5) and eigh at 128, against float64 LAPACK."""
+    ||A||, where a float iteration was at 1.4e-5), svd at 256 and eigh at 128, against
+    float64 LAPACK."""
     if not sparsecore.has_cpu_ext():
         pytest.skip("C++ extension not built")
     assert linalg.CPP_AUTO_MAX_SIZE["svdvals"][torch.float32] == 512
     assert linalg.CPP_AUTO_MAX_SIZE["eigh"][torch.float32] == 128
+    assert linalg.CPP_AUTO_MAX_SIZE["svd"][torch.float32] == 256
     A = torch.randn(2, 512, 500)
     ref = torch.linalg.svdvals(A.double())
     err = ((linalg.svdvals(A).double() - ref).abs().amax(-1) / ref[:, 0]).max().item()
     assert err <= 1e-6, err
+    # Above 128 the rotations are accumulated in double: orthogonality ~1e-6 at 256, where
+    # float accumulation reached 1.2e-5; held here to the level of n = 64 (1e-5).
+    A = torch.randn(3, 256, 250)
+    U, S, Vh = linalg.svd(A)
+    _check_svd(A, U, S, Vh)
+    assert max(_orth_err(U), _orth_err(Vh.mT)) <= 1e-5
     S = _random_symmetric(4, 128, torch.float32)
     _check_eigh(S, *linalg.eigh(S))
     L = linalg.eigh(S)[0].double()
