@@ -13,7 +13,7 @@ Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "triton" | "ref
 - "cpp": csrc/cpu/linalg.cpp, OpenMP across the batch, CPU, float32 / float64, m, n <= 512;
   chosen automatically up to CPP_AUTO_MAX_SIZE[op][dtype] (svd: 256 in float32, 128 in
   float64; svdvals: 512; eigh: 128). Two SVD kernels, picked by size
-  (JACOBI_MAX_SIZE): small matrices (<= 16 in float32, <= 12 in float64) run one-sided
+  (JACOBI_MAX_SIZE): small matrices (<= 20 in float32, <= 12 in float64) run one-sided
   Jacobi with SIMD across the batch (eight float32 matrices per AVX2 register); larger ones
   run Golub-Kahan-Reinsch:
   Householder bidiagonalisation, implicit-shift QR on the bidiagonal (in double, also for
@@ -121,13 +121,16 @@ def _svd_reference(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 # Up to this size (max(m, n)) the C++ SVD runs one-sided Jacobi with SIMD across the batch;
 # above it, Householder bidiagonalisation + implicit-shift QR (csrc/cpu/linalg.cpp). Measured
-# on the 2-core Zen 3 (svd, 2 threads): 8 x 8 float32 Jacobi 5.2 ms vs 9.8 ms per 8000,
-# 16 x 16 15.0 vs 17.1 ms per 4000, 24 x 24 31.0 vs 18.7 ms per 2000; float64 8 x 8 9.8 vs
-# 13.1 ms, 16 x 16 31.1 vs 20.0 ms.
-JACOBI_MAX_SIZE = {torch.float32: 16, torch.float64: 12}
-# The same for eigh (Jacobi on the shifted matrix vs the bidiagonal kernel on it): float32
-# 8 x 8 3.7 vs 4.8 ms per 4000, 12 x 12 11.1 vs 9.7 ms; float64 8 x 8 6.6 vs 5.2 ms.
-EIGH_JACOBI_MAX_SIZE = {torch.float32: 8, torch.float64: 4}
+# on the 2-core Zen 3 (svd with vectors, 4000 matrices, best of 10, after the 2026-12-02
+# kernel changes; one thread / two threads, Jacobi vs bidiagonal): float32 16 x 16 17.4 vs
+# 25.9 ms, 20 x 20 36.9 vs 43.7 / 17.8 vs 21.4 ms, 24 x 24 76 vs 58 / 26.7 vs 29.2 ms (the
+# runs disagree at 24: bidiagonal from there); float64 12 x 12 19.1 vs 20.6 ms, 16 x 16
+# 40.9 vs 33.9 ms.
+JACOBI_MAX_SIZE = {torch.float32: 20, torch.float64: 12}
+# The same for eigh (Jacobi on the shifted matrix vs the bidiagonal kernel on it), same
+# runs: float32 12 x 12 11.3 vs 16.0 / 6.0 vs 7.7 ms, 16 x 16 23.5 vs 24.0 / 11.0 vs 12.8 ms;
+# float64 8 x 8 6.5 vs 9.0 / 3.6 vs 4.7 ms, 12 x 12 23.6 vs 19.3 / 11.3 vs 9.5 ms.
+EIGH_JACOBI_MAX_SIZE = {torch.float32: 16, torch.float64: 8}
 
 
 def cpp_kernel(op: str, shape: tuple[int, ...], dtype: torch.dtype) -> str:

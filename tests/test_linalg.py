@@ -304,7 +304,8 @@ def test_small_simd_groups_mixed_cases(dtype: torch.dtype, m: int, n: int) -> No
     torch.testing.assert_close(S2, S, rtol=0, atol=10 * TOL[dtype] * S.max().item())
 
 
-# Jacobi's eigh runs automatically only up to 8 x 8 (EIGH_JACOBI_MAX_SIZE); at 100 x 100 in
+# Jacobi's eigh runs automatically only up to 16 x 16 in float32, 8 x 8 in float64
+# (EIGH_JACOBI_MAX_SIZE); at 100 x 100 in
 # float32 its orthogonality is ~1.5e-5 (measured), at the edge of the n / 64 * 1e-5 bound,
 # so it is checked up to 50 here and the bidiagonal kernel up to 100.
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -380,3 +381,9 @@ def test_size_routing_picks_each_kernel() -> None:
             S_auto = linalg.svdvals(A)
             S_kernel = _kernel_svd(expect, A, False)[1]
             torch.testing.assert_close(S_auto, S_kernel, rtol=0, atol=0)
+        small = linalg.EIGH_JACOBI_MAX_SIZE[dtype]
+        for n in (small, small + 1):
+            S = _random_symmetric(5, n, dtype)
+            expect = "jacobi" if n <= small else "bidiag"
+            torch.testing.assert_close(linalg.eigh(S)[0], _kernel_eigh(expect, S)[0], rtol=0,
+                                       atol=0)
