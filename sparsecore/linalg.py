@@ -139,17 +139,18 @@ def cpp_kernel(op: str, shape: tuple[int, ...], dtype: torch.dtype) -> str:
     return "jacobi" if max(shape[-2:]) <= small[dtype] else "bidiag"
 
 
-def _svd_kernel(A: torch.Tensor, compute_uv: bool) -> tuple[torch.Tensor, ...]:
-    name = cpp_kernel("svd", A.shape, A.dtype)
-    return getattr(torch.ops.sparsecore, f"svd_{name}_cpu")(A, compute_uv)
+def _cpp_op(op: str, A: torch.Tensor):
+    """The C++ op (torch.ops.sparsecore.{svd,eigh}_{jacobi,bidiag}_cpu) that runs `op` on A."""
+    family = "eigh" if op == "eigh" else "svd"
+    return getattr(torch.ops.sparsecore, f"{family}_{cpp_kernel(op, A.shape, A.dtype)}_cpu")
 
 
 def _svd_cpp(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _svd_kernel(A, True)
+    return _cpp_op("svd", A)(A, True)
 
 
 def _svdvals_cpp(A: torch.Tensor) -> torch.Tensor:
-    return _svd_kernel(A, False)[1]
+    return _cpp_op("svdvals", A)(A, False)[1]
 
 
 def _eigh_reference(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +159,7 @@ def _eigh_reference(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.T
 
 
 def _eigh_cpp(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    name = cpp_kernel("eigh", A.shape, A.dtype)
-    return getattr(torch.ops.sparsecore, f"eigh_{name}_cpu")(A, lower)
+    return _cpp_op("eigh", A)(A, lower)
 
 
 # --- Triton (GPU; CPU only under TRITON_INTERPRET=1 when forced) ---------------------------

@@ -82,10 +82,6 @@ struct Simd<float> {
   static R bor(R a, R b) { return _mm256_or_ps(a, b); }
   static R band(R a, R b) { return _mm256_and_ps(a, b); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
-  static R copysign(R mag, R sgn) {
-    const R sm = _mm256_set1_ps(-0.0f);
-    return _mm256_or_ps(_mm256_and_ps(sm, sgn), _mm256_andnot_ps(sm, mag));
-  }
   static R abs(R a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   // a with its sign flipped where s is negative
   static R xorsign(R a, R s) { return _mm256_xor_ps(a, _mm256_and_ps(_mm256_set1_ps(-0.0f), s)); }
@@ -126,10 +122,6 @@ struct Simd<double> {
   static R bor(R a, R b) { return _mm256_or_pd(a, b); }
   static R band(R a, R b) { return _mm256_and_pd(a, b); }
   static R max(R a, R b) { return _mm256_max_pd(a, b); }
-  static R copysign(R mag, R sgn) {
-    const R sm = _mm256_set1_pd(-0.0);
-    return _mm256_or_pd(_mm256_and_pd(sm, sgn), _mm256_andnot_pd(sm, mag));
-  }
   static R abs(R a) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), a); }
   static R xorsign(R a, R s) { return _mm256_xor_pd(a, _mm256_and_pd(_mm256_set1_pd(-0.0), s)); }
   static bool any(R mask) { return _mm256_movemask_pd(mask) != 0; }
@@ -616,6 +608,7 @@ template <typename T>
 struct BidiagWork {
   int64_t r, c, ldr, ldc;
   bool acc_double;  // rotations accumulated into Ubd / Vbd, copied to Ub / Vb at the end
+  bool left = false, right = false;  // which factors the QR state accumulates
   std::vector<T> M, Pu, Ub, Vb;
   std::vector<double> d, e;  // the bidiagonal: its QR iteration runs in double (BidiagQR)
   std::vector<T> tauL, tauR, wv, row, sig, pair;
@@ -631,7 +624,8 @@ struct BidiagWork {
         Ubd(acc_double ? ldc * c_ : 0), Vbd(acc_double ? ldc * c_ : 0) {}
   // The factors' identity start; the QR state q then rotates the double or the T ones.
   template <typename Q>
-  void start_factors(Q& q, bool left, bool right) {
+  void start_factors(Q& q, bool left_, bool right_) {
+    left = left_, right = right_;
     q.Ub = q.Vb = nullptr;
     q.Ubd = q.Vbd = nullptr;
     const auto eye = [&](auto& X) {
@@ -639,14 +633,19 @@ struct BidiagWork {
       for (int64_t i = 0; i < c; ++i) X[i * ldc + i] = 1;
       return X.data();
     };
-    if (left) (acc_double ? (void)(q.Ubd = eye(Ubd)) : (void)(q.Ub = eye(Ub)));
-    if (right) (acc_double ? (void)(q.Vbd = eye(Vbd)) : (void)(q.Vb = eye(Vb)));
+    if (acc_double) {
+      if (left) q.Ubd = eye(Ubd);
+      if (right) q.Vbd = eye(Vbd);
+    } else {
+      if (left) q.Ub = eye(Ub);
+      if (right) q.Vb = eye(Vb);
+    }
   }
   // Ub / Vb (T) from the double factors, before the back-transforms read them.
   void finish_factors() {
     if (!acc_double) return;
-    std::copy(Ubd.begin(), Ubd.end(), Ub.begin());
-    std::copy(Vbd.begin(), Vbd.end(), Vb.begin());
+    if (left) std::copy(Ubd.begin(), Ubd.end(), Ub.begin());
+    if (right) std::copy(Vbd.begin(), Vbd.end(), Vb.begin());
   }
 };
 
@@ -1025,24 +1024,9 @@ struct BidiagQR {
 };
 
 #ifdef SC_LINALG_AVX2
-// Four lanes of T: __m128 for float, __m256d for double.
+// Four lanes of double (the QR iteration's arithmetic, for float matrices too).
 template <typename T>
 struct V4;
-template <>
-struct V4<float> {
-  using R = __m128;
-  static R set(float a, float b, float c, float d) { return _mm_setr_ps(a, b, c, d); }
-  static R set1(float a) { return _mm_set1_ps(a); }
-  static R mul(R a, R b) { return _mm_mul_ps(a, b); }
-  static R fma(R a, R b, R c) { return _mm_fmadd_ps(a, b, c); }
-  static R fms(R a, R b, R c) { return _mm_fmsub_ps(a, b, c); }
-  static R div(R a, R b) { return _mm_div_ps(a, b); }
-  static R sqrt(R a) { return _mm_sqrt_ps(a); }
-  static int outside(R q, R lo, R hi) {
-    return _mm_movemask_ps(_mm_or_ps(_mm_cmp_ps(q, lo, _CMP_LT_OQ), _mm_cmp_ps(q, hi, _CMP_GT_OQ)));
-  }
-  static void store(float* p, R v) { _mm_storeu_ps(p, v); }
-};
 template <>
 struct V4<double> {
   using R = __m256d;
