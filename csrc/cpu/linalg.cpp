@@ -408,6 +408,21 @@ void fix_columns(T* Z, int64_t ld, int64_t len, int64_t ncols, const T* sig, T s
 
 enum Status : int { kOk = 0, kNoConvergence = 1, kNonFinite = 2 };
 
+// The full symmetric matrix from the referenced triangle of A (n x n, row-major) into out
+// (row i at out + i ld), its largest |entry| in amax; kNonFinite on NaN / Inf.
+template <typename T>
+int symmetric_from_triangle(const T* A, int64_t n, bool lower, T* out, int64_t ld, T& amax) {
+  amax = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = (lower ? (i >= j) : (i <= j)) ? A[i * n + j] : A[j * n + i];
+      if (!std::isfinite(v)) return kNonFinite;
+      amax = std::max(amax, std::abs(v));
+      out[i * ld + j] = v;
+    }
+  return kOk;
+}
+
 // The SVD of one r x c column-major matrix already in w.M (r >= c), scaled to max |m_ij| = 1.
 // Fills w.sig (descending) and, with vectors, w.Y (left, r x c) and, with right, w.Z
 // (right, c x c).
@@ -520,14 +535,8 @@ template <typename T>
 int eigh_one(const T* A, int64_t n, bool lower, T* L, T* Qo, Work<T>& w) {
   const int64_t ldr = w.ldr;
   // Full symmetric B from the referenced triangle.
-  T amax = 0;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      const T v = (lower ? (i >= j) : (i <= j)) ? A[i * n + j] : A[j * n + i];
-      if (!std::isfinite(v)) return kNonFinite;
-      amax = std::max(amax, std::abs(v));
-      w.M[j * ldr + i] = v;
-    }
+  T amax;
+  if (symmetric_from_triangle(A, n, lower, w.M.data(), ldr, amax) != kOk) return kNonFinite;
   const T scale = amax > 0 ? 1 / amax : T(1);
   // Gershgorin shift: c >= -lambda_min makes B = S + c I positive semi-definite.
   T shift = 0;
@@ -1430,14 +1439,8 @@ template <typename T>
 int eigh_bidiag_load(const T* A, int64_t n, bool lower, BidiagWork<T>& w, BidiagQR<T>& q,
                      T* Sym) {
   const int64_t ldr = w.ldr, ldc = w.ldc;
-  T amax = 0;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      const T v = (lower ? (i >= j) : (i <= j)) ? A[i * n + j] : A[j * n + i];
-      if (!std::isfinite(v)) return kNonFinite;
-      amax = std::max(amax, std::abs(v));
-      Sym[i * ldc + j] = v;
-    }
+  T amax;
+  if (symmetric_from_triangle(A, n, lower, Sym, ldc, amax) != kOk) return kNonFinite;
   w.amax = amax;
   const T scale = amax > 0 ? 1 / amax : T(1);
   T shift = 0;
@@ -1860,17 +1863,11 @@ int eigh_small_group(const T* A, int64_t n, int64_t count, bool lower, T* L, T* 
   for (int64_t l = 0; l < count; ++l) {
     const T* a = A + l * nn;
     T* sy = Sym + l * nn;
-    T amax = 0;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < n; ++j) {
-        const T v = (lower ? (i >= j) : (i <= j)) ? a[i * n + j] : a[j * n + i];
-        if (!std::isfinite(v)) {
-          w.bad_lane = l;
-          return kNonFinite;
-        }
-        sy[i * n + j] = v;
-        amax = std::max(amax, std::abs(v));
-      }
+    T amax;  // unused: the SVD scales B itself
+    if (symmetric_from_triangle(a, n, lower, sy, n, amax) != kOk) {
+      w.bad_lane = l;
+      return kNonFinite;
+    }
     T shift = 0;
     for (int64_t i = 0; i < n; ++i) {
       T off = 0;
