@@ -15,66 +15,66 @@ TORCH_LIBRARY(sparsecore, m) {
   // --- csr (unstructured sparse Linear / Conv2d) ---
   // W (n_rows x n_cols) in CSR: row o keeps col_idx[row_ptr[o]:row_ptr[o+1]] (strictly
   // increasing) with values.
-  // `tiling` (from csr_tiling_cpu, which depends only on the sparsity pattern) lets a call skip
+  // `tiling` (from _csr_tiling_cpu, which depends only on the sparsity pattern) lets a call skip
   // re-laying the nonzeros out tile-major; without it each call builds one.
-  m.def("csr_tiling_cpu(Tensor col_idx, Tensor row_ptr, int n_cols) -> Tensor");
+  m.def("_csr_tiling_cpu(Tensor col_idx, Tensor row_ptr, int n_cols) -> Tensor");
   // values laid out in a tiling's order, for callers that reuse them across calls.
-  m.def("csr_tile_values_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, Tensor tiling, "
+  m.def("_csr_tile_values_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, Tensor tiling, "
         "int n_cols) -> Tensor");
   // Y = X W^T for W (n_out x K). The input gradient dX = dY W is the same op on the transposed
-  // CSR. tiled_values: csr_tile_values_cpu(values, ...), when the caller keeps it.
-  m.def("csr_dsd_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor? tiling, "
+  // CSR. tiled_values: _csr_tile_values_cpu(values, ...), when the caller keeps it.
+  m.def("_csr_dsd_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor? tiling, "
         "int n_out, Tensor? tiled_values=None) -> Tensor");
   // dvalues[k] = sum_b dy[b, row(k)] * x[b, col_idx[k]] -> (nnz,).
-  m.def("csr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor? tiling) "
+  m.def("_csr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor? tiling) "
         "-> Tensor");
   // The dense fallback's halves: W dense from its CSR, and a dense matrix at W's nonzeros.
-  m.def("csr_to_dense_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, int n_cols) -> Tensor");
-  m.def("csr_sample_cpu(Tensor full, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  m.def("_csr_to_dense_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, int n_cols) -> Tensor");
+  m.def("_csr_sample_cpu(Tensor full, Tensor row_ptr, Tensor col_idx) -> Tensor");
   // W^T's values in its CSR order (= values[t_perm]), streamed per column of W.
-  m.def("csr_transpose_values_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, "
+  m.def("_csr_transpose_values_cpu(Tensor values, Tensor col_idx, Tensor row_ptr, "
         "Tensor t_row_ptr) -> Tensor");
   // Y = X W^T through dense GEMM (W densified into a reused buffer).
-  m.def("csr_dsd_dense_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, int n_out) "
+  m.def("_csr_dsd_dense_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, int n_out) "
         "-> Tensor");
   // Conv2d (groups = 1) with W = weight.view(C_out, C_in*kh*kw) in CSR; the input gradient
   // takes the transposed CSR (C_in*kh*kw x C_out).
-  m.def("csr_conv2d_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, "
+  m.def("_csr_conv2d_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, "
         "Tensor? tiling, int[] weight_shape, int[] stride, int[] padding, int[] dilation) "
         "-> Tensor");
-  m.def("csr_conv2d_dx_cpu(Tensor dy, Tensor t_values, Tensor t_col_idx, "
+  m.def("_csr_conv2d_dx_cpu(Tensor dy, Tensor t_values, Tensor t_col_idx, "
         "Tensor t_row_ptr, Tensor? t_tiling, int[] weight_shape, int[] input_hw, int[] stride, "
         "int[] padding, int[] dilation) -> Tensor");
-  m.def("csr_conv2d_dw_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, "
+  m.def("_csr_conv2d_dw_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, "
         "Tensor? tiling, int[] weight_shape, int[] stride, int[] padding, int[] dilation) "
         "-> Tensor");
   // --- bsr (block-sparse Linear / Conv2d) ---
   // Y = X W^T for a BSR W (n_out x K): block row r keeps blocks p in [row_ptr[r], row_ptr[r+1])
   // at block column col_idx[p]; W_p = blocks[block_idx[p] or p], transposed when trans_blocks
   // (so dX = dY W runs on the transposed structure without copying a block).
-  m.def("bsr_dsd_cpu(Tensor x, Tensor blocks, Tensor col_idx, Tensor row_ptr, Tensor? block_idx, "
+  m.def("_bsr_dsd_cpu(Tensor x, Tensor blocks, Tensor col_idx, Tensor row_ptr, Tensor? block_idx, "
         "bool trans_blocks, int n_out) -> Tensor");
   // dW_p = dY[:, rows of block p]^T X[:, columns of block p] -> (nnzb, bs_r, bs_c).
-  m.def("bsr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, int bs_c) "
+  m.def("_bsr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, int bs_c) "
         "-> Tensor");
   // Conv2d with the BSR matrix view (n_out, C*kh*kw) of its weight, reading x (B, C, H, W) in
   // place (no im2col matrix) -> (B*Ho*Wo, n_out), rows in (b, oy, ox) order.
-  m.def("bsr_conv2d_cpu(Tensor x, Tensor blocks, Tensor col_idx, Tensor row_ptr, int[2] kernel, "
+  m.def("_bsr_conv2d_cpu(Tensor x, Tensor blocks, Tensor col_idx, Tensor row_ptr, int[2] kernel, "
         "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   // Its backward, also without an im2col matrix: dx from dy2 (B*Ho*Wo, n_out) through the
   // transposed structure, and the gradient of the kept blocks (nnzb, bs_r, bs_c).
-  m.def("bsr_conv2d_dx_cpu(Tensor dy2, Tensor blocks, Tensor t_col_idx, Tensor t_row_ptr, "
+  m.def("_bsr_conv2d_dx_cpu(Tensor dy2, Tensor blocks, Tensor t_col_idx, Tensor t_row_ptr, "
         "Tensor t_perm, int[4] x_shape, int[2] kernel, int[2] stride, int[2] padding, "
         "int[2] dilation) -> Tensor");
-  m.def("bsr_conv2d_dw_cpu(Tensor dy2, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, "
+  m.def("_bsr_conv2d_dw_cpu(Tensor dy2, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, "
         "int bs_c, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   // --- linalg (batched SVD / eigh) ---
   // Many small matrices (batch, m, n), float32/float64 (csrc/cpu/linalg.cpp): one-sided
   // Jacobi, and Householder bidiagonalisation + implicit-shift QR. U, Vh are empty when
   // compute_uv is false.
-  m.def("svd_jacobi_cpu(Tensor A, bool compute_uv) -> (Tensor, Tensor, Tensor)");
-  m.def("eigh_jacobi_cpu(Tensor A, bool lower) -> (Tensor, Tensor)");
-  m.def("svd_bidiag_cpu(Tensor A, bool compute_uv) -> (Tensor, Tensor, Tensor)");
-  m.def("eigh_bidiag_cpu(Tensor A, bool lower) -> (Tensor, Tensor)");
+  m.def("_svd_jacobi_cpu(Tensor A, bool compute_uv) -> (Tensor, Tensor, Tensor)");
+  m.def("_eigh_jacobi_cpu(Tensor A, bool lower) -> (Tensor, Tensor)");
+  m.def("_svd_bidiag_cpu(Tensor A, bool compute_uv) -> (Tensor, Tensor, Tensor)");
+  m.def("_eigh_bidiag_cpu(Tensor A, bool lower) -> (Tensor, Tensor)");
   // --- similarity (centered Gram / cross-covariance accumulation) ---
 }

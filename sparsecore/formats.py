@@ -468,7 +468,7 @@ class CSRWeight:
 
         if (v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
                 and _ext.has_cpu_ext() and not (v.requires_grad and torch.is_grad_enabled())):
-            return torch.ops.sparsecore.csr_transpose_values_cpu(
+            return torch.ops.sparsecore._csr_transpose_values_cpu(
                 v.contiguous(), self.col_idx, self.row_ptr, self.t_row_ptr)
         return v.index_select(0, self.t_perm)
 
@@ -479,7 +479,7 @@ class CSRWeight:
             from sparsecore import _ext
 
             if _ext.has_cpu_ext():
-                tile = torch.ops.sparsecore.csr_tiling_cpu
+                tile = torch.ops.sparsecore._csr_tiling_cpu
                 self.tiling = tile(self.col_idx, self.row_ptr, self.n_cols)
                 self.t_tiling = tile(self.t_col_idx, self.t_row_ptr, self.n_rows)
         return self.tiling, self.t_tiling

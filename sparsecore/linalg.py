@@ -140,9 +140,9 @@ def cpp_kernel(op: str, shape: tuple[int, ...], dtype: torch.dtype) -> str:
 
 
 def _cpp_op(op: str, A: torch.Tensor):
-    """The C++ op (torch.ops.sparsecore.{svd,eigh}_{jacobi,bidiag}_cpu) that runs `op` on A."""
+    """The C++ op (torch.ops.sparsecore._{svd,eigh}_{jacobi,bidiag}_cpu) that runs `op` on A."""
     family = "eigh" if op == "eigh" else "svd"
-    return getattr(torch.ops.sparsecore, f"{family}_{cpp_kernel(op, A.shape, A.dtype)}_cpu")
+    return getattr(torch.ops.sparsecore, f"_{family}_{cpp_kernel(op, A.shape, A.dtype)}_cpu")
 
 
 def _svd_cpp(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -103,7 +103,7 @@ _bsr_dsd_dispatch = Dispatcher(
     "bsr_dsd",
     [
         Backend("cpp", lambda x, blocks, *_: _bsr_cpp_reasons(x, blocks),
-                lambda *a: torch.ops.sparsecore.bsr_dsd_cpu(*a)),
+                lambda *a: torch.ops.sparsecore._bsr_dsd_cpu(*a)),
         Backend("triton", lambda x, blocks, *_: _bsr_triton_reasons([x, blocks], blocks.shape[1:]),
                 _bsr_dsd_triton),
         Backend("reference", _always, _bsr_dsd_reference),
@@ -158,7 +158,7 @@ _bsr_sddmm_dispatch = Dispatcher(
     [
         Backend("cpp", lambda dy, x, *_: _bsr_cpp_reasons(dy, x),
                 lambda dy, x, row_ptr, col_idx, block_row, bs_r, bs_c:
-                torch.ops.sparsecore.bsr_sddmm_cpu(dy, x, row_ptr, col_idx, bs_r, bs_c)),
+                torch.ops.sparsecore._bsr_sddmm_cpu(dy, x, row_ptr, col_idx, bs_r, bs_c)),
         Backend("triton", lambda dy, x, *a: _bsr_triton_reasons([dy, x], a[-2:]),
                 _bsr_sddmm_triton),
         Backend("reference", _always, _bsr_sddmm_reference),
@@ -229,7 +229,7 @@ _bsr_conv2d_dispatch = Dispatcher(
     "bsr_conv2d",
     [
         Backend("cpp", lambda x, blocks, *_: _bsr_cpp_reasons(x, blocks),
-                lambda *a: torch.ops.sparsecore.bsr_conv2d_cpu(*a)),
+                lambda *a: torch.ops.sparsecore._bsr_conv2d_cpu(*a)),
         Backend("triton", lambda x, blocks, *_: _bsr_triton_reasons([x, blocks], blocks.shape[1:]),
                 _bsr_conv2d_im2col(_bsr_dsd_triton)),
         Backend("reference", _always, _bsr_conv2d_im2col(_bsr_dsd_reference)),
@@ -239,7 +239,7 @@ _bsr_conv2d_dx_dispatch = Dispatcher(
     "bsr_conv2d_dx",
     [
         Backend("cpp", lambda dy2, blocks, *_: _bsr_cpp_reasons(dy2, blocks),
-                lambda *a: torch.ops.sparsecore.bsr_conv2d_dx_cpu(*a)),
+                lambda *a: torch.ops.sparsecore._bsr_conv2d_dx_cpu(*a)),
         Backend("triton",
                 lambda dy2, blocks, *_: _bsr_triton_reasons([dy2, blocks], blocks.shape[1:]),
                 _bsr_conv2d_dx_col2im(_bsr_dsd_triton)),
@@ -251,7 +251,7 @@ _bsr_conv2d_dw_dispatch = Dispatcher(
     [
         Backend("cpp", lambda dy2, x, *_: _bsr_cpp_reasons(dy2, x),
                 lambda dy2, x, row_ptr, col_idx, block_row, *a:
-                torch.ops.sparsecore.bsr_conv2d_dw_cpu(dy2, x, row_ptr, col_idx, *a)),
+                torch.ops.sparsecore._bsr_conv2d_dw_cpu(dy2, x, row_ptr, col_idx, *a)),
         Backend("triton", lambda dy2, x, *a: _bsr_triton_reasons([dy2, x], a[3:5]),
                 _bsr_conv2d_dw_im2col(_bsr_sddmm_triton)),
         Backend("reference", _always, _bsr_conv2d_dw_im2col(_bsr_sddmm_reference)),
@@ -436,7 +436,7 @@ def _check_same(op: str, a: Tensor, b: Tensor, what: str) -> None:
 
 
 def _densify(values: Tensor, col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> Tensor:
-    return torch.ops.sparsecore.csr_to_dense_cpu(values.contiguous(), col_idx, row_ptr, n_cols)
+    return torch.ops.sparsecore._csr_to_dense_cpu(values.contiguous(), col_idx, row_ptr, n_cols)
 
 
 def csr_runs_dense(op: str, *args: object) -> Tensor | None:
@@ -454,14 +454,14 @@ def csr_runs_dense(op: str, *args: object) -> Tensor | None:
 
 
 def _sample(full: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
-    return torch.ops.sparsecore.csr_sample_cpu(full, row_ptr, col_idx)
+    return torch.ops.sparsecore._csr_sample_cpu(full, row_ptr, col_idx)
 
 
 # ---- csr_dsd
 def _csr_dsd_dense(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
                    row_order: Tensor, tiling: Tensor | None, n_out: int,
                    tiled_values: Tensor | None = None) -> Tensor:
-    return torch.ops.sparsecore.csr_dsd_dense_cpu(x, values.contiguous(), col_idx, row_ptr, n_out)
+    return torch.ops.sparsecore._csr_dsd_dense_cpu(x, values.contiguous(), col_idx, row_ptr, n_out)
 
 
 def _csr_dsd_reference(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor,
@@ -490,7 +490,7 @@ _csr_dsd_dispatch = Dispatcher(
         Backend("dense", _csr_dsd_dense_reasons, _csr_dsd_dense),
         Backend("cpp", lambda x, values, *_: _csr_cpp_reasons(x, values),
                 lambda x, values, col_idx, row_ptr, row_order, *a:
-                torch.ops.sparsecore.csr_dsd_cpu(x, values.contiguous(), col_idx, row_ptr, *a)),
+                torch.ops.sparsecore._csr_dsd_cpu(x, values.contiguous(), col_idx, row_ptr, *a)),
         Backend("triton", lambda x, values, *_: triton_reasons([x, values], _CSR_TRITON_DTYPES),
                 _csr_dsd_triton),
         Backend("reference", _always, _csr_dsd_reference),
@@ -547,7 +547,7 @@ def csr_tile_values(values: Tensor, col_idx: Tensor, row_ptr: Tensor, tiling: Te
                     n_cols: int) -> Tensor:
     """values (CSR order) laid out in the order of a C++ tiling (CSRWeight.cpu_tilings()), for
     csr_dsd's tiled_values."""
-    return torch.ops.sparsecore.csr_tile_values_cpu(values.contiguous(), col_idx, row_ptr,
+    return torch.ops.sparsecore._csr_tile_values_cpu(values.contiguous(), col_idx, row_ptr,
                                                     tiling, n_cols)
 
 
@@ -581,7 +581,7 @@ _csr_sddmm_dispatch = Dispatcher(
         Backend("dense", _csr_sddmm_dense_reasons, _csr_sddmm_dense),
         Backend("cpp", lambda dy, x, *_: _csr_cpp_reasons(dy, x),
                 lambda dy, x, row_ptr, col_idx, row_idx, row_order, tiling:
-                torch.ops.sparsecore.csr_sddmm_cpu(dy, x, row_ptr, col_idx, tiling)),
+                torch.ops.sparsecore._csr_sddmm_cpu(dy, x, row_ptr, col_idx, tiling)),
         Backend("triton", lambda dy, x, *_: triton_reasons([dy, x], _CSR_TRITON_DTYPES),
                 _csr_sddmm_triton),
         Backend("reference", _always, _csr_sddmm_reference),
@@ -731,7 +731,7 @@ _csr_conv2d_dispatch = Dispatcher(
                                     _conv_hw(x.shape[-2:], ws, st, pad, dil)),
                 _conv2d_dense(_densify)),
         Backend("cpp", lambda x, values, *_: _csr_cpp_reasons(x, values),
-                lambda x, values, *a: torch.ops.sparsecore.csr_conv2d_cpu(x, values.contiguous(),
+                lambda x, values, *a: torch.ops.sparsecore._csr_conv2d_cpu(x, values.contiguous(),
                                                                           *a)),
         Backend("triton", lambda x, values, *_: triton_reasons([x, values], _CSR_TRITON_DTYPES),
                 _csr_conv2d_triton),
@@ -746,7 +746,7 @@ _csr_conv2d_dx_dispatch = Dispatcher(
                 _conv2d_dx_dense(_densify)),
         Backend("cpp", lambda dy, t_values, *_: _csr_cpp_reasons(dy, t_values),
                 lambda dy, t_values, *a:
-                torch.ops.sparsecore.csr_conv2d_dx_cpu(dy, t_values.contiguous(), *a)),
+                torch.ops.sparsecore._csr_conv2d_dx_cpu(dy, t_values.contiguous(), *a)),
         Backend("triton",
                 lambda dy, t_values, *_: triton_reasons([dy, t_values], _CSR_TRITON_DTYPES),
                 _csr_conv2d_dx_triton),
@@ -760,7 +760,7 @@ _csr_conv2d_dw_dispatch = Dispatcher(
                 _conv_dense_reasons(x, col_idx.numel(), ws, dy.shape[-2:]), _csr_conv2d_dw_dense),
         Backend("cpp", lambda dy, x, *_: _csr_cpp_reasons(dy, x),
                 lambda dy, x, row_ptr, col_idx, row_idx, *a:
-                torch.ops.sparsecore.csr_conv2d_dw_cpu(dy, x, row_ptr, col_idx, *a)),
+                torch.ops.sparsecore._csr_conv2d_dw_cpu(dy, x, row_ptr, col_idx, *a)),
         Backend("triton", lambda dy, x, *_: triton_reasons([dy, x], _CSR_TRITON_DTYPES),
                 _csr_conv2d_dw_triton),
         Backend("reference", _always, _csr_conv2d_dw_reference),

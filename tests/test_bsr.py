@@ -182,7 +182,7 @@ def test_reference_products() -> None:
 def test_cpp_rejects_bad_input() -> None:
     bsr = random_bsr((3, 2), (8, 8), 1.0)
     x = torch.randn(4, 16)
-    op = torch.ops.sparsecore.bsr_dsd_cpu
+    op = torch.ops.sparsecore._bsr_dsd_cpu
     with pytest.raises(RuntimeError, match="multiple of the block width"):
         op(torch.randn(4, 15), bsr.blocks, bsr.col_idx, bsr.row_ptr, None, False, 24)
     with pytest.raises(RuntimeError, match="int32"):
@@ -194,7 +194,7 @@ def test_cpp_rejects_bad_input() -> None:
     with pytest.raises(RuntimeError, match="row_ptr"):
         op(x, bsr.blocks, bsr.col_idx, bsr.row_ptr.flip(0), None, False, 24)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        torch.ops.sparsecore.bsr_sddmm_cpu(torch.randn(4, 24).half(), x.half(), bsr.row_ptr,
+        torch.ops.sparsecore._bsr_sddmm_cpu(torch.randn(4, 24).half(), x.half(), bsr.row_ptr,
                                            bsr.col_idx, 8, 8)
     # a dtype no backend but the reference runs: forcing the C++ one explains why it refuses
     with use_backend("cpp"), pytest.raises(NotSupportedError, match="cpp: dtype float16"):

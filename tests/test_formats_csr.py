@@ -154,7 +154,7 @@ def test_cpu_tilings_are_cached_and_checked() -> None:
     assert csr.cpu_tilings()[0] is tiling
     other = CSRWeight.from_dense(*masked((40, 300), 0.9))
     x = torch.randn(16, 300, dtype=torch.float64)
-    op = torch.ops.sparsecore.csr_dsd_cpu
+    op = torch.ops.sparsecore._csr_dsd_cpu
     with pytest.raises(RuntimeError, match="does not belong to this matrix"):
         op(x, csr.values, csr.col_idx, csr.row_ptr, other.cpu_tilings()[0], 40)
     corrupt = tiling.clone()
@@ -170,7 +170,7 @@ def test_cpp_op_rejects_bad_indices(batch: int) -> None:
     w, mask = masked((6, 9), 0.5)
     csr = CSRWeight.from_dense(w.float(), mask)
     x = torch.randn(batch, 9)
-    op = torch.ops.sparsecore.csr_dsd_cpu
+    op = torch.ops.sparsecore._csr_dsd_cpu
     col = csr.col_idx.clone()
     col[-1] = 9
     with pytest.raises(RuntimeError, match="invalid CSR structure"):
@@ -184,9 +184,9 @@ def test_cpp_op_rejects_bad_indices(batch: int) -> None:
     with pytest.raises(RuntimeError, match="dtypes differ"):
         op(x.double(), csr.values, csr.col_idx, csr.row_ptr, None, 6)
     with pytest.raises(RuntimeError, match="invalid CSR structure"):
-        torch.ops.sparsecore.csr_to_dense_cpu(csr.values, col, csr.row_ptr, 9)
+        torch.ops.sparsecore._csr_to_dense_cpu(csr.values, col, csr.row_ptr, 9)
     with pytest.raises(RuntimeError, match="invalid CSR structure"):
-        torch.ops.sparsecore.csr_sample_cpu(torch.randn(6, 9), csr.row_ptr, col)
+        torch.ops.sparsecore._csr_sample_cpu(torch.randn(6, 9), csr.row_ptr, col)
 
 
 @CPP
@@ -196,7 +196,7 @@ def test_cpp_op_rejects_bad_indices(batch: int) -> None:
 def test_transposed_values_streamed_equal_the_gather(shape, sparsity, dtype) -> None:
     weight, mask = masked(shape, sparsity)
     w = CSRWeight.from_dense(weight.to(dtype), mask)
-    streamed = torch.ops.sparsecore.csr_transpose_values_cpu(w.values, w.col_idx, w.row_ptr,
+    streamed = torch.ops.sparsecore._csr_transpose_values_cpu(w.values, w.col_idx, w.row_ptr,
                                                              w.t_row_ptr)
     assert torch.equal(streamed, w.values.index_select(0, w.t_perm.long()))
     assert torch.equal(w.transposed_values(), streamed)
@@ -210,8 +210,8 @@ def test_transposed_values_rejects_a_foreign_transpose() -> None:
     w = CSRWeight.from_dense(weight, mask)
     other = CSRWeight.from_dense(weight, torch.rand(20, 30) > 0.5)
     with pytest.raises(RuntimeError, match="do not match"):
-        torch.ops.sparsecore.csr_transpose_values_cpu(w.values, w.col_idx, w.row_ptr,
+        torch.ops.sparsecore._csr_transpose_values_cpu(w.values, w.col_idx, w.row_ptr,
                                                       other.t_row_ptr)
     with pytest.raises(RuntimeError, match="t_row_ptr"):
-        torch.ops.sparsecore.csr_transpose_values_cpu(w.values, w.col_idx, w.row_ptr,
+        torch.ops.sparsecore._csr_transpose_values_cpu(w.values, w.col_idx, w.row_ptr,
                                                       w.t_row_ptr[:-1])

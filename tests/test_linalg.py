@@ -122,7 +122,7 @@ def test_cpp_kernel_rejects_non_finite_itself(bad: float, n: int) -> None:
         A = torch.randn(3, n, n)
         A[2, i, j] = bad
         with pytest.raises(RuntimeError, match="matrix 2 .* NaN or Inf"):
-            torch.ops.sparsecore.svd_jacobi_cpu(A, False)
+            torch.ops.sparsecore._svd_jacobi_cpu(A, False)
 
 
 def test_dispatch_refusals() -> None:
@@ -230,13 +230,13 @@ KERNELS = ["jacobi", "bidiag"]
 def _kernel_svd(kernel: str, A: torch.Tensor, uv: bool = True):
     if not sparsecore.has_cpu_ext():
         pytest.skip("C++ extension not built")
-    return getattr(torch.ops.sparsecore, f"svd_{kernel}_cpu")(A, uv)
+    return getattr(torch.ops.sparsecore, f"_svd_{kernel}_cpu")(A, uv)
 
 
 def _kernel_eigh(kernel: str, A: torch.Tensor, lower: bool = True):
     if not sparsecore.has_cpu_ext():
         pytest.skip("C++ extension not built")
-    return getattr(torch.ops.sparsecore, f"eigh_{kernel}_cpu")(A, lower)
+    return getattr(torch.ops.sparsecore, f"_eigh_{kernel}_cpu")(A, lower)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -331,7 +331,7 @@ def test_kernel_eigh(kernel: str, dtype: torch.dtype, batch: int, n: int) -> Non
     assert (L == 0).all() and _orth_err(Q0) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("op", ["svd_bidiag_cpu", "eigh_bidiag_cpu"])
+@pytest.mark.parametrize("op", ["_svd_bidiag_cpu", "_eigh_bidiag_cpu"])
 def test_bidiag_kernel_rejects_non_finite(op: str) -> None:
     if not sparsecore.has_cpu_ext():
         pytest.skip("C++ extension not built")

@@ -1,5 +1,5 @@
 // Block-sparse (BSR) x dense products on the CPU: the forward / input-gradient product
-// (bsr_dsd_cpu) and the block SDDMM for the gradient of the kept blocks (bsr_sddmm_cpu).
+// (_bsr_dsd_cpu) and the block SDDMM for the gradient of the kept blocks (_bsr_sddmm_cpu).
 //
 // BSR here: the weight W (N x K) is cut into bs_r x bs_c blocks; block row r keeps blocks
 // p in [row_ptr[r], row_ptr[r+1]), block p sits at block column col_idx[p].
@@ -18,7 +18,7 @@
 //        input gradient dX = dY W runs on the transposed BSR without copying any block.
 // sddmm: dW_p[i, j] = sum_b dY[b, r*bs_r + i] * X[b, col_p*bs_c + j]
 //        The vector runs along j; dY and X are packed into block panels once per call.
-// conv2d (bsr_conv2d_cpu, _dx_cpu, _dw_cpu): the same micro-kernel on the im2col view of
+// conv2d (_bsr_conv2d_cpu, _dx_cpu, _dw_cpu): the same micro-kernel on the im2col view of
 //        the input without forming it (an im2col matrix is kh*kw times the input, and
 //        writing it cost more than the whole sparse product at CIFAR shapes): the forward
 //        and the block gradient gather their broadcast operands from the zero-padded input
@@ -570,7 +570,7 @@ void check_structure(const int32_t* row_ptr, int64_t n_rows, const int32_t* col_
 }  // namespace
 
 // Y = X W^T for the BSR W of shape (n_out, K); x: (B, K).
-at::Tensor bsr_dsd_cpu(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& col_idx,
+at::Tensor _bsr_dsd_cpu(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& col_idx,
                        const at::Tensor& row_ptr, const std::optional<at::Tensor>& block_idx,
                        bool trans_blocks, int64_t n_out) {
   check_value(x, "x", 2);
@@ -606,7 +606,7 @@ at::Tensor bsr_dsd_cpu(const at::Tensor& x, const at::Tensor& blocks, const at::
   at::Tensor y = at::empty({B, n_out}, x.options());
   if (B == 0 || n_out == 0) return y;
   const at::Tensor bi = block_idx ? block_idx->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_dsd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_bsr_dsd_cpu", [&] {
     constexpr int L = Simd<scalar_t>::L;
     const at::Tensor xp = block_panels<scalar_t>(x, bs_c, bs_c);
     const BlockView<scalar_t> w(blocks, trans_blocks,
@@ -623,7 +623,7 @@ at::Tensor bsr_dsd_cpu(const at::Tensor& x, const at::Tensor& blocks, const at::
 }
 
 // dW_p = dY[:, rows of block p]^T X[:, cols of block p]; dy: (B, N), x: (B, K).
-at::Tensor bsr_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+at::Tensor _bsr_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, int64_t bs_r, int64_t bs_c) {
   check_value(dy, "dy", 2);
   check_value(x, "x", 2);
@@ -645,7 +645,7 @@ at::Tensor bsr_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Te
 
   at::Tensor out = at::zeros({nnzb, bs_r, bs_c}, x.options());
   if (B == 0 || nnzb == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_sddmm_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_bsr_sddmm_cpu", [&] {
     constexpr int L = Simd<scalar_t>::L;
     auto run = [&](auto nv) {
       constexpr int NV = decltype(nv)::value;
@@ -693,7 +693,7 @@ at::Tensor pad_input(const at::Tensor& x, at::IntArrayRef padding) {
 
 // y (B*Ho*Wo, n_out), rows in (b, oy, ox) order = conv2d(x, W) for the BSR W of the conv
 // weight's matrix view (n_out, C*kh*kw); x: (B, C, H, W).
-at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& col_idx,
+at::Tensor _bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& col_idx,
                           const at::Tensor& row_ptr, at::IntArrayRef kernel,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation) {
@@ -718,7 +718,7 @@ at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& blocks, const a
   at::Tensor y = at::empty({g.B * g.Ho * g.Wo, n_out}, x.options());
   if (y.numel() == 0) return y;
   const at::Tensor xpad = pad_input(x, padding);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_conv2d_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_bsr_conv2d_cpu", [&] {
     constexpr int L = Simd<scalar_t>::L;
     const BlockView<scalar_t> w(blocks, false, nullptr);
     auto run = [&](auto nv) {
@@ -733,9 +733,9 @@ at::Tensor bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& blocks, const a
   return y;
 }
 
-// dx (B, C, H, W) = the input gradient of bsr_conv2d_cpu, from dy2 (B*Ho*Wo, n_out) and the
+// dx (B, C, H, W) = the input gradient of _bsr_conv2d_cpu, from dy2 (B*Ho*Wo, n_out) and the
 // transposed structure of W (t_col_idx, t_row_ptr, t_perm over W's blocks).
-at::Tensor bsr_conv2d_dx_cpu(const at::Tensor& dy2, const at::Tensor& blocks,
+at::Tensor _bsr_conv2d_dx_cpu(const at::Tensor& dy2, const at::Tensor& blocks,
                              const at::Tensor& t_col_idx, const at::Tensor& t_row_ptr,
                              const at::Tensor& t_perm, at::IntArrayRef x_shape,
                              at::IntArrayRef kernel, at::IntArrayRef stride,
@@ -766,7 +766,7 @@ at::Tensor bsr_conv2d_dx_cpu(const at::Tensor& dy2, const at::Tensor& blocks,
   at::Tensor dxpad = at::zeros({g.B, g.C, g.Hp, g.Wp}, dy2.options());
   if (dy2.numel() > 0 && nnzb > 0) {
     const at::Tensor dy = dy2.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(dy2.scalar_type(), "bsr_conv2d_dx_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(dy2.scalar_type(), "_bsr_conv2d_dx_cpu", [&] {
       constexpr int L = Simd<scalar_t>::L;
       const BlockView<scalar_t> w(blocks, true, perm);
       auto run = [&](auto nv) {
@@ -783,9 +783,9 @@ at::Tensor bsr_conv2d_dx_cpu(const at::Tensor& dy2, const at::Tensor& blocks,
   return dxpad.narrow(2, padding[0], x_shape[2]).narrow(3, padding[1], x_shape[3]).contiguous();
 }
 
-// (nnzb, bs_r, bs_c): the gradient of the kept blocks of bsr_conv2d_cpu's W, from
+// (nnzb, bs_r, bs_c): the gradient of the kept blocks of _bsr_conv2d_cpu's W, from
 // dy2 (B*Ho*Wo, n_out) and x (B, C, H, W).
-at::Tensor bsr_conv2d_dw_cpu(const at::Tensor& dy2, const at::Tensor& x, const at::Tensor& row_ptr,
+at::Tensor _bsr_conv2d_dw_cpu(const at::Tensor& dy2, const at::Tensor& x, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, int64_t bs_r, int64_t bs_c,
                              at::IntArrayRef kernel, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -809,7 +809,7 @@ at::Tensor bsr_conv2d_dw_cpu(const at::Tensor& dy2, const at::Tensor& x, const a
   at::Tensor out = at::zeros({nnzb, bs_r, bs_c}, x.options());
   if (dy2.size(0) == 0 || nnzb == 0) return out;
   const at::Tensor xpad = pad_input(x, padding), dy = dy2.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_conv2d_dw_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_bsr_conv2d_dw_cpu", [&] {
     constexpr int L = Simd<scalar_t>::L;
     auto run = [&](auto nv) {
       conv_dw_impl<scalar_t, decltype(nv)::value>(
@@ -824,11 +824,11 @@ at::Tensor bsr_conv2d_dw_cpu(const at::Tensor& dy2, const at::Tensor& x, const a
 }
 
 TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
-  m.impl("bsr_conv2d_cpu", &bsr_conv2d_cpu);
-  m.impl("bsr_conv2d_dx_cpu", &bsr_conv2d_dx_cpu);
-  m.impl("bsr_conv2d_dw_cpu", &bsr_conv2d_dw_cpu);
-  m.impl("bsr_dsd_cpu", &bsr_dsd_cpu);
-  m.impl("bsr_sddmm_cpu", &bsr_sddmm_cpu);
+  m.impl("_bsr_conv2d_cpu", &_bsr_conv2d_cpu);
+  m.impl("_bsr_conv2d_dx_cpu", &_bsr_conv2d_dx_cpu);
+  m.impl("_bsr_conv2d_dw_cpu", &_bsr_conv2d_dw_cpu);
+  m.impl("_bsr_dsd_cpu", &_bsr_dsd_cpu);
+  m.impl("_bsr_sddmm_cpu", &_bsr_sddmm_cpu);
 }
 
 }  // namespace sparsecore

@@ -20,9 +20,9 @@
 //    and the nonzeros are laid out tile-major (tile, row, column) in a "tiling", so the kernel
 //    streams them sequentially: 2.6 G FMA/s, against 1.1 G FMA/s (1.6 with software prefetch)
 //    walking each row's tile segment in place, where every segment costs a cache miss. The
-//    tiling depends only on the sparsity pattern: csr_tiling_cpu builds it once (the formats
+//    tiling depends only on the sparsity pattern: _csr_tiling_cpu builds it once (the formats
 //    cache it) and each call only copies the values into tile-major order (inference keeps
-//    that copy too: csr_tile_values_cpu / tiled_values).
+//    that copy too: _csr_tile_values_cpu / tiled_values).
 //  - The sddmm walks the same tiles; a group of one vector's width of nonzeros shares the
 //    chunk's dY vectors, one accumulator each, reduced together by one transposing hsum.
 //  - Rows are walked in their natural order, which streams the weight and the output rows:
@@ -300,13 +300,13 @@ at::Tensor build_tiling(const char* op, const at::Tensor& col_idx, const at::Ten
   return out;
 }
 
-// A view of a tiling built by csr_tiling_cpu for this (n_rows, n_cols) CSR matrix, after
+// A view of a tiling built by _csr_tiling_cpu for this (n_rows, n_cols) CSR matrix, after
 // checking that it is one (see the header).
 Tiling view_tiling(const char* op, const at::Tensor& tiling, const at::Tensor& col_idx,
                    const at::Tensor& row_ptr, int64_t n_rows, int64_t n_cols) {
   TORCH_CHECK(tiling.dim() == 1 && tiling.scalar_type() == at::kInt && tiling.is_contiguous() &&
                   tiling.device().is_cpu() && tiling.numel() >= kHeader,
-              op, ": tiling must be a contiguous 1-D int32 CPU tensor from csr_tiling_cpu");
+              op, ": tiling must be a contiguous 1-D int32 CPU tensor from _csr_tiling_cpu");
   const int32_t* h = tiling.data_ptr<int32_t>();
   Tiling m;
   m.n_rows = h[kRows];
@@ -318,7 +318,7 @@ Tiling view_tiling(const char* op, const at::Tensor& tiling, const at::Tensor& c
                   m.nnz == col_idx.numel() && m.kt >= 1 && m.ntiles >= 1 &&
                   tiling.numel() == kHeader + 2 * m.nseg() + 1 + m.nnz &&
                   h[kPrint] == fingerprint(row_ptr),
-              op, ": the tiling does not belong to this matrix (rebuild it with csr_tiling_cpu)");
+              op, ": the tiling does not belong to this matrix (rebuild it with _csr_tiling_cpu)");
   m.row_ptr = row_ptr.data_ptr<int32_t>();
   m.ptr = h + kHeader;
   m.src = m.ptr + m.nseg() + 1;
@@ -334,7 +334,7 @@ Tiling view_tiling(const char* op, const at::Tensor& tiling, const at::Tensor& c
   int32_t bad = 0;
 #pragma omp parallel for num_threads(team()) schedule(static) reduction(| : bad)
   for (int64_t q = 0; q < nnz; ++q) bad |= int32_t(uint32_t(col[q]) >= uint32_t(nc));
-  TORCH_CHECK(ok && !bad, op, ": the tiling is corrupt (rebuild it with csr_tiling_cpu)");
+  TORCH_CHECK(ok && !bad, op, ": the tiling is corrupt (rebuild it with _csr_tiling_cpu)");
   return m;
 }
 
@@ -685,7 +685,7 @@ void spmm_gather(const T* x, int64_t ldx, int64_t B, int64_t K, const T* values,
     for (int64_t b = 0; b < B; ++b)
       y[b * ldy + o] = row_ok ? gather_dot(x + b * ldx, K, values, col, lo, hi, ok) : T(0);
   }
-  TORCH_CHECK(ok, "csr_dsd_cpu: invalid CSR structure (need row_ptr rising from 0 to nnz and "
+  TORCH_CHECK(ok, "_csr_dsd_cpu: invalid CSR structure (need row_ptr rising from 0 to nnz and "
               "0 <= col_idx < ", K, ")");
 }
 
@@ -710,7 +710,7 @@ template <typename T>
 void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx,
                 const at::Tensor& row_ptr, const std::optional<at::Tensor>& tiling,
                 const std::optional<at::Tensor>& tiled_values, at::Tensor& y) {
-  constexpr const char* op = "csr_dsd_cpu";
+  constexpr const char* op = "_csr_dsd_cpu";
   const int64_t B = x.size(0), K = x.size(1), n_out = y.size(1);
   if (B < kMinBatch) {
     TORCH_CHECK(row_ptr.data_ptr<int32_t>()[n_out] == values.numel(), op,
@@ -744,7 +744,7 @@ template <typename T>
 void sddmm_linear(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                   const at::Tensor& col_idx, const std::optional<at::Tensor>& tiling,
                   at::Tensor& dv) {
-  constexpr const char* op = "csr_sddmm_cpu";
+  constexpr const char* op = "_csr_sddmm_cpu";
   const int64_t B = x.size(0), N = dy.size(1), K = x.size(1);
   if (B < kMinBatch) {
     check_csr_contents(op, col_idx, row_ptr, N, K);
@@ -1002,13 +1002,13 @@ void conv_weight_grad(const ConvGeom& g, const at::Tensor& dy, const at::Tensor&
 
 // ---- entry points ----------------------------------------------------------------------------
 // Y = X W^T. x: (B, K) any strides; W (n_out, K) in CSR. Returns (B, n_out), contiguous.
-// tiled_values: the values already in the tiling's order (csr_tile_values_cpu), for callers
+// tiled_values: the values already in the tiling's order (_csr_tile_values_cpu), for callers
 // that reuse unchanged values across calls (inference); requires the tiling.
-at::Tensor csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx,
+at::Tensor _csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx,
                        const at::Tensor& row_ptr, const std::optional<at::Tensor>& tiling,
                        int64_t n_out,
                        const std::optional<at::Tensor>& tiled_values) {
-  constexpr const char* op = "csr_dsd_cpu";
+  constexpr const char* op = "_csr_dsd_cpu";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (B, K), got shape ", x.sizes());
   check_float(op, x, values);
   check_csr_tensors(op, &values, col_idx, row_ptr, n_out);
@@ -1017,7 +1017,7 @@ at::Tensor csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at::
     check_float(op, x, *tiled_values);
     TORCH_CHECK(tiled_values->dim() == 1 && tiled_values->is_contiguous() &&
                     tiled_values->numel() == values.numel(),
-                op, ": tiled_values must be a contiguous (nnz,) tensor from csr_tile_values_cpu");
+                op, ": tiled_values must be a contiguous (nnz,) tensor from _csr_tile_values_cpu");
   }
   auto y = at::empty({x.size(0), n_out}, x.options());
   const TeamFor team_for(values.numel() * x.size(0));
@@ -1028,9 +1028,9 @@ at::Tensor csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at::
 }
 
 // dvalues[k] = sum_b dy[b, row(k)] * x[b, col_idx[k]]. dy: (B, N), x: (B, K). Returns (nnz,).
-at::Tensor csr_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+at::Tensor _csr_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, const std::optional<at::Tensor>& tiling) {
-  constexpr const char* op = "csr_sddmm_cpu";
+  constexpr const char* op = "_csr_sddmm_cpu";
   TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0), op,
               ": dy (B, N) and x (B, K) must be 2-D with the same B, got ", dy.sizes(), " and ",
               x.sizes());
@@ -1045,10 +1045,10 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Te
 }
 
 // values in the tiling's (tile-major) order.
-at::Tensor csr_tile_values_cpu(const at::Tensor& values, const at::Tensor& col_idx,
+at::Tensor _csr_tile_values_cpu(const at::Tensor& values, const at::Tensor& col_idx,
                                const at::Tensor& row_ptr, const at::Tensor& tiling,
                                int64_t n_cols) {
-  constexpr const char* op = "csr_tile_values_cpu";
+  constexpr const char* op = "_csr_tile_values_cpu";
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, op, ": row_ptr must be 1-D, non-empty");
   const int64_t n_rows = row_ptr.numel() - 1;
   check_float(op, values, values);
@@ -1062,8 +1062,8 @@ at::Tensor csr_tile_values_cpu(const at::Tensor& values, const at::Tensor& col_i
   return out;
 }
 
-at::Tensor csr_tiling_cpu(const at::Tensor& col_idx, const at::Tensor& row_ptr, int64_t n_cols) {
-  constexpr const char* op = "csr_tiling_cpu";
+at::Tensor _csr_tiling_cpu(const at::Tensor& col_idx, const at::Tensor& row_ptr, int64_t n_cols) {
+  constexpr const char* op = "_csr_tiling_cpu";
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, op, ": row_ptr must be 1-D, non-empty");
   const int64_t n_rows = row_ptr.numel() - 1;
   check_csr_tensors(op, nullptr, col_idx, row_ptr, n_rows);
@@ -1072,12 +1072,12 @@ at::Tensor csr_tiling_cpu(const at::Tensor& col_idx, const at::Tensor& row_ptr, 
   return build_tiling(op, col_idx, row_ptr, n_rows, n_cols);
 }
 
-at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
+at::Tensor _csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
                           const at::Tensor& col_idx, const at::Tensor& row_ptr,
                           const std::optional<at::Tensor>& tiling, at::IntArrayRef weight_shape,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation) {
-  constexpr const char* op = "csr_conv2d_cpu";
+  constexpr const char* op = "_csr_conv2d_cpu";
   const ConvGeom g = conv_geometry(op, x.sizes(), weight_shape, stride, padding, dilation);
   check_float(op, x, values);
   check_csr_tensors(op, &values, col_idx, row_ptr, g.Cout);
@@ -1095,13 +1095,13 @@ at::Tensor csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
 }
 
 // dX of the conv; t_* is the transposed CSR (C_in*kh*kw, C_out) of the weight.
-at::Tensor csr_conv2d_dx_cpu(const at::Tensor& dy, const at::Tensor& t_values,
+at::Tensor _csr_conv2d_dx_cpu(const at::Tensor& dy, const at::Tensor& t_values,
                                      const at::Tensor& t_col_idx, const at::Tensor& t_row_ptr,
                                      const std::optional<at::Tensor>& t_tiling,
                                      at::IntArrayRef weight_shape, at::IntArrayRef input_hw,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation) {
-  constexpr const char* op = "csr_conv2d_dx_cpu";
+  constexpr const char* op = "_csr_conv2d_dx_cpu";
   TORCH_CHECK(dy.dim() == 4 && input_hw.size() == 2, op,
               ": dy must be 4-D and input_hw must be (H, W)");
   TORCH_CHECK(weight_shape.size() == 4, op, ": weight_shape must be (C_out, C_in, kh, kw)");
@@ -1127,12 +1127,12 @@ at::Tensor csr_conv2d_dx_cpu(const at::Tensor& dy, const at::Tensor& t_values,
 }
 
 // dvalues of the conv weight at its kept positions (CSR order).
-at::Tensor csr_conv2d_dw_cpu(const at::Tensor& dy, const at::Tensor& x,
+at::Tensor _csr_conv2d_dw_cpu(const at::Tensor& dy, const at::Tensor& x,
                                       const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                       const std::optional<at::Tensor>& tiling,
                                       at::IntArrayRef weight_shape, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation) {
-  constexpr const char* op = "csr_conv2d_dw_cpu";
+  constexpr const char* op = "_csr_conv2d_dw_cpu";
   const ConvGeom g = conv_geometry(op, x.sizes(), weight_shape, stride, padding, dilation);
   TORCH_CHECK(dy.dim() == 4 && dy.size(0) == g.N && dy.size(1) == g.Cout && dy.size(2) == g.OH &&
                   dy.size(3) == g.OW,
@@ -1202,9 +1202,9 @@ void check_walk(const char* op, bool ok, int64_t n_cols) {
 }
 
 // The dense (n_rows, n_cols) matrix of a CSR.
-at::Tensor csr_to_dense_cpu(const at::Tensor& values, const at::Tensor& col_idx,
+at::Tensor _csr_to_dense_cpu(const at::Tensor& values, const at::Tensor& col_idx,
                             const at::Tensor& row_ptr, int64_t n_cols) {
-  constexpr const char* op = "csr_to_dense_cpu";
+  constexpr const char* op = "_csr_to_dense_cpu";
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, op, ": row_ptr must be 1-D, non-empty");
   const int64_t n_rows = row_ptr.numel() - 1;
   check_float(op, values, values);
@@ -1221,9 +1221,9 @@ at::Tensor csr_to_dense_cpu(const at::Tensor& values, const at::Tensor& col_idx,
 
 // Y = X W^T through dense GEMM: W densified into a per-thread workspace (no allocation and no
 // page faults per call: that halved the fallback's overhead on a 1024x1024 layer, batch 64).
-at::Tensor csr_dsd_dense_cpu(const at::Tensor& x, const at::Tensor& values,
+at::Tensor _csr_dsd_dense_cpu(const at::Tensor& x, const at::Tensor& values,
                              const at::Tensor& col_idx, const at::Tensor& row_ptr, int64_t n_out) {
-  constexpr const char* op = "csr_dsd_dense_cpu";
+  constexpr const char* op = "_csr_dsd_dense_cpu";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (B, K), got shape ", x.sizes());
   check_float(op, x, values);
   check_csr_tensors(op, &values, col_idx, row_ptr, n_out);
@@ -1241,9 +1241,9 @@ at::Tensor csr_dsd_dense_cpu(const at::Tensor& x, const at::Tensor& values,
 
 // out[k] = full[row(k), col_idx[k]]: a dense (n_rows, n_cols) matrix sampled at the kept
 // positions of the CSR.
-at::Tensor csr_sample_cpu(const at::Tensor& full, const at::Tensor& row_ptr,
+at::Tensor _csr_sample_cpu(const at::Tensor& full, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx) {
-  constexpr const char* op = "csr_sample_cpu";
+  constexpr const char* op = "_csr_sample_cpu";
   TORCH_CHECK(full.dim() == 2, op, ": full must be 2-D, got shape ", full.sizes());
   check_float(op, full, full);
   const int64_t n_rows = full.size(0), n_cols = full.size(1);
@@ -1313,9 +1313,9 @@ bool transpose_values(const T* values, const int32_t* col, const int32_t* rp,
   return ok;
 }
 
-at::Tensor csr_transpose_values_cpu(const at::Tensor& values, const at::Tensor& col_idx,
+at::Tensor _csr_transpose_values_cpu(const at::Tensor& values, const at::Tensor& col_idx,
                                     const at::Tensor& row_ptr, const at::Tensor& t_row_ptr) {
-  constexpr const char* op = "csr_transpose_values_cpu";
+  constexpr const char* op = "_csr_transpose_values_cpu";
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1 && t_row_ptr.dim() == 1 &&
                   t_row_ptr.numel() >= 1,
               op, ": row_ptr and t_row_ptr must be 1-D, non-empty");
@@ -1339,17 +1339,17 @@ at::Tensor csr_transpose_values_cpu(const at::Tensor& values, const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
-  m.impl("csr_to_dense_cpu", &csr_to_dense_cpu);
-  m.impl("csr_dsd_dense_cpu", &csr_dsd_dense_cpu);
-  m.impl("csr_sample_cpu", &csr_sample_cpu);
-  m.impl("csr_transpose_values_cpu", &csr_transpose_values_cpu);
-  m.impl("csr_tiling_cpu", &csr_tiling_cpu);
-  m.impl("csr_tile_values_cpu", &csr_tile_values_cpu);
-  m.impl("csr_dsd_cpu", &csr_dsd_cpu);
-  m.impl("csr_sddmm_cpu", &csr_sddmm_cpu);
-  m.impl("csr_conv2d_cpu", &csr_conv2d_cpu);
-  m.impl("csr_conv2d_dx_cpu", &csr_conv2d_dx_cpu);
-  m.impl("csr_conv2d_dw_cpu", &csr_conv2d_dw_cpu);
+  m.impl("_csr_to_dense_cpu", &_csr_to_dense_cpu);
+  m.impl("_csr_dsd_dense_cpu", &_csr_dsd_dense_cpu);
+  m.impl("_csr_sample_cpu", &_csr_sample_cpu);
+  m.impl("_csr_transpose_values_cpu", &_csr_transpose_values_cpu);
+  m.impl("_csr_tiling_cpu", &_csr_tiling_cpu);
+  m.impl("_csr_tile_values_cpu", &_csr_tile_values_cpu);
+  m.impl("_csr_dsd_cpu", &_csr_dsd_cpu);
+  m.impl("_csr_sddmm_cpu", &_csr_sddmm_cpu);
+  m.impl("_csr_conv2d_cpu", &_csr_conv2d_cpu);
+  m.impl("_csr_conv2d_dx_cpu", &_csr_conv2d_dx_cpu);
+  m.impl("_csr_conv2d_dw_cpu", &_csr_conv2d_dw_cpu);
 }
 
 }  // namespace sparsecore

@@ -2,7 +2,7 @@
 //
 // Two kernels, chosen per size by sparsecore/linalg.py from measurements (bench/linalg.py):
 //
-// 1. Golub-Kahan-Reinsch (svd_bidiag_cpu, eigh_bidiag_cpu; everything above ~16 x 16):
+// 1. Golub-Kahan-Reinsch (_svd_bidiag_cpu, _eigh_bidiag_cpu; everything above ~16 x 16):
 //    Householder bidiagonalisation M = Q_L B P_R^T, implicit-shift QR on the bidiagonal B
 //    (Wilkinson shift, deflation to eps * ||B||, zero diagonals chased out), the rotations
 //    accumulated into c x c factors, then U = Q_L Ub, V = P_R Vb. The QR iteration runs in
@@ -18,7 +18,7 @@
 //    (dot -> sqrt / div -> rotate) chains took ~1.1 ms per matrix for the values alone; this
 //    kernel takes ~0.4 ms with vectors (one thread).
 //
-// 2. One-sided Jacobi (svd_jacobi_cpu, eigh_jacobi_cpu), the Drmac-Veselic preconditioned
+// 2. One-sided Jacobi (_svd_jacobi_cpu, _eigh_jacobi_cpu), the Drmac-Veselic preconditioned
 //    scheme. Each matrix M (r x c, r >= c; a wide matrix is transposed) gets a Householder QR
 //    with column pivoting, M P = Q R; one-sided (Hestenes) Jacobi then orthogonalises the
 //    columns of X = R^T (c x c) with de Rijk's pivoting. Small matrices (<= 32) instead run
@@ -2186,30 +2186,30 @@ std::tuple<at::Tensor, at::Tensor> eigh_entry(const at::Tensor& A_, bool lower, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_jacobi(const at::Tensor& A, bool compute_uv) {
-  return svd_entry(A, compute_uv, "svd_jacobi_cpu",
+  return svd_entry(A, compute_uv, "_svd_jacobi_cpu",
                    [](auto tag, auto&&... args) { svd_batch<decltype(tag)>(args...); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_bidiag(const at::Tensor& A, bool compute_uv) {
-  return svd_entry(A, compute_uv, "svd_bidiag_cpu",
+  return svd_entry(A, compute_uv, "_svd_bidiag_cpu",
                    [](auto tag, auto&&... args) { svd_bidiag_batch<decltype(tag)>(args...); });
 }
 
 std::tuple<at::Tensor, at::Tensor> eigh_jacobi(const at::Tensor& A, bool lower) {
-  return eigh_entry(A, lower, "eigh_jacobi_cpu",
+  return eigh_entry(A, lower, "_eigh_jacobi_cpu",
                     [](auto tag, auto&&... args) { eigh_batch<decltype(tag)>(args...); });
 }
 
 std::tuple<at::Tensor, at::Tensor> eigh_bidiag(const at::Tensor& A, bool lower) {
-  return eigh_entry(A, lower, "eigh_bidiag_cpu",
+  return eigh_entry(A, lower, "_eigh_bidiag_cpu",
                     [](auto tag, auto&&... args) { eigh_bidiag_batch<decltype(tag)>(args...); });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
-  m.impl("svd_jacobi_cpu", &svd_jacobi);
-  m.impl("eigh_jacobi_cpu", &eigh_jacobi);
-  m.impl("svd_bidiag_cpu", &svd_bidiag);
-  m.impl("eigh_bidiag_cpu", &eigh_bidiag);
+  m.impl("_svd_jacobi_cpu", &svd_jacobi);
+  m.impl("_eigh_jacobi_cpu", &eigh_jacobi);
+  m.impl("_svd_bidiag_cpu", &svd_bidiag);
+  m.impl("_eigh_bidiag_cpu", &eigh_bidiag);
 }
