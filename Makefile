@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP) ext
 
 # Incremental in-place build of sparsecore._C (ninja); the lock keeps parallel builds apart.
+# It lives in the repository's own build/ (not a shared /tmp path another user could plant
+# or hold), and waits at most 20 minutes for another build before giving up.
 ext: $(STAMP)
-	flock /tmp/sparsecore-build.lock $(PY) setup.py -q build_ext --inplace -j 2
+	mkdir -p build
+	flock -w 1200 build/.sparsecore-build.lock $(PY) setup.py -q build_ext --inplace -j 2
 
 test: install
 	$(PY) -m ruff check sparsecore kernels bench tests setup.py
