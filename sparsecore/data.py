@@ -23,6 +23,7 @@ import os
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,12 +164,39 @@ def _digits(seed: int, image_size: int, channels: int) -> Splits:
                   image_size)
 
 
+# What a CIFAR-10 python batch holds: dicts, lists, bytes, ints and numpy arrays. Those
+# are the only globals its unpickler resolves; anything else (os.system, eval, a class with
+# a __reduce__ payload) is refused before it can run.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that admits only what the CIFAR-10 python format holds."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch "
+                                         "holds only dicts, lists, bytes and numpy arrays")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise ValueError(f"{path} is not a CIFAR-10 python pickle ({exc})") from exc
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError) as exc:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch ({exc})") from exc
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         keys = list(d) if isinstance(d, dict) else type(d).__name__
         raise ValueError(f"{path}: expected a dict with b'data' and b'labels', got {keys}")

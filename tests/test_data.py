@@ -72,7 +72,7 @@ def test_cifar10_errors_say_what_to_do(tmp_path) -> None:
         data.load("cifar10", root=str(tmp_path))
     with open(tmp_path / "data_batch_3", "wb") as f:
         f.write(b"not a pickle")
-    with pytest.raises(ValueError, match="not a CIFAR-10"):
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
         data.load("cifar10", root=str(tmp_path))
     with open(tmp_path / "data_batch_3", "wb") as f:
         pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, f)
@@ -110,3 +110,37 @@ def test_loader_shards_ranks_disjointly_and_covers_epoch() -> None:
     a = torch.cat([y for _, y in ld])
     ld.set_epoch(1)
     assert not torch.equal(a, torch.cat([y for _, y in ld]))
+
+
+class _Payload:
+    """Unpickling this would create the file `target` (a stand-in for arbitrary code)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar10_batch_never_runs_code(tmp_path, protocol: int) -> None:
+    _fake_cifar(str(tmp_path))
+    target = tmp_path / "pwned"
+    with open(tmp_path / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": _Payload(str(target)), b"labels": [0]}, f, protocol=protocol)
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch.*refusing to load"):
+        data.load("cifar10", root=str(tmp_path))
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar10_batch_any_protocol_loads(tmp_path, protocol: int) -> None:
+    # Batches re-pickled by other tools (protocol 2 stores bytes through _codecs.encode)
+    _fake_cifar(str(tmp_path))
+    path = tmp_path / "test_batch"
+    with open(path, "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    with open(path, "wb") as f:
+        pickle.dump(raw, f, protocol=protocol)
+    s = data.load("cifar10", root=str(tmp_path))
+    assert torch.equal(s.test.x.flatten(1), torch.from_numpy(raw[b"data"]))
