@@ -82,6 +82,7 @@ setup(
         "sparsecore.nn",
         "sparsecore.prune",
         "sparsecore.similarity",
+        "sparsecore.study",
         "sparsecore.models",
         "sparsecore.kernels",
     ],

@@ -1,7 +1,8 @@
 """Shared bench machinery: timing, the result table, JSON + PNG output under bench/results/.
 
-CPU times: median of repeated runs after warm-up (wall clock, torch's own threads).
-GPU times: triton.testing.do_bench (median), which flushes L2 between runs.
+`time_fn` is sparsecore's own timer (sparsecore._timing), the one the study's inference
+table uses too. CPU times: median of repeated runs after warm-up (wall clock, torch's own
+threads). GPU times: triton.testing.do_bench (median), which flushes L2 between runs.
 """
 
 from __future__ import annotations
@@ -10,50 +11,17 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from sparsecore.train import atomic_write_text
+from sparsecore._io import atomic_write_text
+from sparsecore._timing import time_fn
+
+__all__ = ["RESULTS_DIR", "time_fn", "machine_info", "format_table", "save_results", "speedup"]
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def time_fn(
-    fn: Callable[[], Any],
-    device: str = "cpu",
-    *,
-    warmup: int = 3,
-    reps: int = 10,
-    min_time: float = 0.2,
-    clock: str = "wall",
-) -> float:
-    """Median time of `fn()` in seconds.
-
-    CPU: `warmup` untimed calls, then at least `reps` timed calls and at least `min_time`
-    seconds in total; clock="thread" times the calling thread's CPU time instead of the wall
-    clock (with one torch thread: robust to other load on a shared machine). CUDA:
-    triton.testing.do_bench (ms -> s).
-    """
-    if device.startswith("cuda"):
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    now = {"wall": time.perf_counter, "thread": time.thread_time}[clock]
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < min_time:
-        t0 = now()
-        fn()
-        times.append(now() - t0)
-        if len(times) >= 200:
-            break
-    return statistics.median(times)
 
 
 def machine_info() -> dict[str, Any]:

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from bench.common import format_table, save_results, speedup, time_fn
+from bench.common import format_table, save_results, speedup
 from sparsecore import models, prune, study
 from sparsecore import train as T
 
@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     rows = []
     for name, sp, model, x in _pruned(args):
-        t = study.inference_times(model, x, args.device, timer=time_fn)
+        t = study.inference_times(model, x, args.device)
         row = {"model": name, "sparsity": round(sp, 4), "batch": t["batch"],
                "device": args.device, "dense_ms": 1e3 * t["dense_s"], "note": t.get("note")}
         if t["sparse_s"] is not None:

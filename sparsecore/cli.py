@@ -21,8 +21,10 @@ import sys
 
 import torch
 
+from sparsecore import hparams as H
 from sparsecore import prune
 from sparsecore import train as T
+from sparsecore._io import atomic_write_text
 
 
 class CLIError(Exception):
@@ -62,9 +64,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="target sparsity for --prune-method (e.g. 0.9)")
     p.add_argument("--fresh", action="store_true",
                    help="ignore an existing checkpoint in --out and start over")
-    T.add_arguments(p, T.DataHparams)
-    T.add_arguments(p, T.ModelHparams)
-    T.add_arguments(p, T.TrainHparams)
+    H.add_arguments(p, H.DataHparams)
+    H.add_arguments(p, H.ModelHparams)
+    H.add_arguments(p, H.TrainHparams)
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
@@ -73,12 +75,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = T.resolve_device(args.device)
     info = T.init_distributed(device)
     device = T.resolve_device(args.device, info)
-    hp = T.from_args(T.TrainHparams, args)
+    hp = H.from_args(H.TrainHparams, args)
     if args.init_from:
         model, data_hp, model_hp, _ = T.load_model(args.init_from)
         splits = data_hp.load()
     else:
-        data_hp, model_hp = T.from_args(T.DataHparams, args), T.from_args(T.ModelHparams, args)
+        data_hp, model_hp = H.from_args(H.DataHparams, args), H.from_args(H.ModelHparams, args)
         splits = data_hp.load()
         model = model_hp.build(splits, hp.seed)
     if args.prune_method:
@@ -96,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                      train_hparams=dataclasses.asdict(hp))
         final = {**r.final, "epochs": hp.epochs, "resumed_from_epoch": r.resumed_from,
                  "world_size": info.world, "density": prune.summary(r.model).masked_density}
-        T.atomic_write_text(os.path.join(args.out, "final.json"), json.dumps(final, indent=1))
+        atomic_write_text(os.path.join(args.out, "final.json"), json.dumps(final, indent=1))
         print(f"{model_hp.model} on {data_hp.dataset}: held-out accuracy {r.final['acc']:.4f}"
               f" (loss {r.final['loss']:.4f}); wrote {args.out}/model.pt")
     T.finish_distributed(info)

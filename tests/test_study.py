@@ -10,6 +10,7 @@ import re
 import pytest
 
 from sparsecore import study
+from sparsecore.study import runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,7 +56,7 @@ def test_study_end_to_end_and_resume_after_kill(tmp_path, monkeypatch) -> None:
     assert set(a["heatmap"]["matrices"]) == {"dense2", "magnitude-80", "reinit-80", "random-80"}
 
     # kill the run in its 5th stage, then resume it
-    real = study.run_stage
+    real = runner.run_stage
     calls = {"n": 0}
 
     def dying(*args, **kw):
@@ -64,11 +65,11 @@ def test_study_end_to_end_and_resume_after_kill(tmp_path, monkeypatch) -> None:
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(study, "run_stage", dying)
+    monkeypatch.setattr(runner, "run_stage", dying)
     run_dir = str(tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
         study.run(cfg, run_dir, progress=False)
-    monkeypatch.setattr(study, "run_stage", real)
+    monkeypatch.setattr(runner, "run_stage", real)
     resumed = study.run(cfg, run_dir, resume=True, progress=False)
     assert resumed.skipped == stages[:4] and resumed.executed == stages[4:]
     assert _same(_numbers(resumed.results), _numbers(full.results))
@@ -82,10 +83,10 @@ def test_study_end_to_end_and_resume_after_kill(tmp_path, monkeypatch) -> None:
 
 def test_resume_refuses_other_settings(tmp_path) -> None:
     cfg = study.preset_config("test", device="cpu")
-    study._prepare(cfg, str(tmp_path), resume=False)
+    runner._prepare(cfg, str(tmp_path), resume=False)
     other = study.preset_config("test", device="cpu", sparsities=[0.3])
     with pytest.raises(ValueError, match="sparsities"):
-        study._prepare(other, str(tmp_path), resume=True)
+        runner._prepare(other, str(tmp_path), resume=True)
 
 
 def test_presets_and_overrides() -> None:

@@ -14,16 +14,17 @@ import torch
 
 from sparsecore import prune
 from sparsecore import train as T
+from sparsecore.hparams import DataHparams, ModelHparams, TrainHparams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-DATA = T.DataHparams(dataset="synthetic", image_size=8, limit_train=400)
-HP = T.TrainHparams(epochs=3, batch_size=50, optimizer="adam", lr=3e-3, weight_decay=0.0)
+DATA = DataHparams(dataset="synthetic", image_size=8, limit_train=400)
+HP = TrainHparams(epochs=3, batch_size=50, optimizer="adam", lr=3e-3, weight_decay=0.0)
 
 
 def _model(splits):
-    return T.ModelHparams("conv2", 0.25).build(splits, seed=0)
+    return ModelHparams("conv2", 0.25).build(splits, seed=0)
 
 
 def test_loss_goes_down_and_metrics_are_written(tmp_path) -> None:
@@ -80,11 +81,11 @@ def test_resume_after_kill_redoes_no_epoch(tmp_path, monkeypatch) -> None:
 
 
 def test_lr_schedules() -> None:
-    hp = T.TrainHparams(epochs=4, schedule="step", milestones="2,3", gamma=0.1, warmup_epochs=1)
+    hp = TrainHparams(epochs=4, schedule="step", milestones="2,3", gamma=0.1, warmup_epochs=1)
     f = [T.lr_factor(hp, s, 10) for s in range(40)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[15] == 1.0 and f[25] == pytest.approx(0.1) and f[35] == pytest.approx(0.01)
-    cos = T.TrainHparams(epochs=2, schedule="cosine")
+    cos = TrainHparams(epochs=2, schedule="cosine")
     assert T.lr_factor(cos, 0, 10) == 1.0 and T.lr_factor(cos, 19, 10) < 0.01
 
 
@@ -106,8 +107,8 @@ def test_torchrun_two_processes_same_masks_and_accuracy(tmp_path) -> None:
     splits = DATA.load()
     model = _model(splits)
     prune.prune(model, "magnitude", sparsity=0.7)
-    one = T.train(model, splits, T.TrainHparams(epochs=2, batch_size=50, optimizer="adam",
-                                                lr=3e-3, weight_decay=0.0), progress=False)
+    one = T.train(model, splits, TrainHparams(epochs=2, batch_size=50, optimizer="adam",
+                                              lr=3e-3, weight_decay=0.0), progress=False)
     assert ddp["world_size"] == 2
     assert ddp["rank_mask_digests"][0] == ddp["rank_mask_digests"][1]
     assert ddp["mask_digest"] == one.final["mask_digest"]
@@ -120,7 +121,7 @@ def test_sparse_kernels_train_like_dense_and_resume(tmp_path, monkeypatch) -> No
     the masked dense run ends (float32 roundoff apart); checkpoints hold the masked dense
     form, so a killed sparse run resumes, and the returned model is the masked dense net."""
     splits = DATA.load()
-    hp_sparse = T.TrainHparams(**{**HP.__dict__, "kernels": "sparse"})
+    hp_sparse = TrainHparams(**{**HP.__dict__, "kernels": "sparse"})
 
     def pruned():
         model = _model(splits)

@@ -1,0 +1,57 @@
+"""The one wall-clock timer of the package and of bench/: the study's dense-vs-sparse
+inference table and every bench family measure with `time_fn`."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: str = "cpu",
+    *,
+    warmup: int = 3,
+    reps: int = 10,
+    min_time: float = 0.2,
+    clock: str = "wall",
+) -> float:
+    """Median time of `fn()` in seconds.
+
+    CPU: `warmup` untimed calls, then at least `reps` timed calls and at least `min_time`
+    seconds in total; clock="thread" times the calling thread's CPU time instead of the wall
+    clock (with one torch thread: robust to other load on a shared machine). CUDA:
+    triton.testing.do_bench (ms -> s), which flushes L2 between runs; without triton (an
+    optional dependency), the CPU loop with torch.cuda.synchronize after every call.
+    """
+    cuda = device.startswith("cuda")
+    if cuda:
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            pass
+        else:
+            return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    sync = torch.cuda.synchronize if cuda else _no_sync
+    now = {"wall": time.perf_counter, "thread": time.thread_time}[clock]
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time:
+        t0 = now()
+        fn()
+        sync()
+        times.append(now() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def _no_sync() -> None:
+    pass

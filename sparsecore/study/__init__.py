@@ -1,0 +1,56 @@
+"""The study of "Is Pruning Compression? Investigating Pruning via Network Layer Similarity"
+(Blakeney, Yan, Zong, WACV 2020), end to end.
+
+For every model of the preset (and every seed):
+
+1. train it dense, and a second time from another seed (dense-vs-dense is the baseline
+   that says how similar two equally good networks are);
+2. magnitude pruning with fine-tuning, iteratively: prune the dense net to the first
+   sparsity, fine-tune, prune further to the next, fine-tune, ...;
+3. post-pruning re-initialisation: the masks of step 2, a fresh random init, trained from
+   scratch for the full schedule;
+4. random sparse initialisation: random masks with the same per-layer densities, a fresh
+   init, trained from scratch;
+5. on held-out data, layer by layer: SVCCA and CKA of every network against the dense
+   original, a layer x layer similarity matrix, accuracy, and the inference time of each
+   pruned net on dense kernels vs sparsecore's sparse kernels.
+
+The run directory gets report.md (tables, and the paper's findings checked against the
+numbers measured here), results.json and PNG figures. Every stage is cached in
+RUN/stages/...: `--resume` after a kill redoes nothing that finished, and an interrupted
+training stage continues from its last finished epoch. Without --resume an existing run
+directory is started over.
+
+presets:
+  default   sklearn digits (8x8), Conv-2, VGG-11 and ResNet-20 at reduced width,
+            sparsities 50/75/90 %: a few minutes on a 2-core CPU
+  wacv2020  CIFAR-10 (--data PATH), ResNet-20, VGG-16 and Conv-4 with full schedules:
+            meant for a GPU (hours)
+  test      a tiny synthetic run that takes seconds (the test suite's)
+"""
+
+from __future__ import annotations
+
+from sparsecore.study._common import METHOD_TEXT, METHODS
+from sparsecore.study.analysis import Check, Finding, analyse, findings, layer_similarity
+from sparsecore.study.config import (
+    PRESETS,
+    ModelPlan,
+    Preset,
+    StudyConfig,
+    add_arguments,
+    config_from_args,
+    preset_config,
+)
+from sparsecore.study.inference import dense_twin, inference_times, sparse_twin, timing
+from sparsecore.study.report import write_report
+from sparsecore.study.runner import RunSummary, run, run_stage
+from sparsecore.study.stages import SEED_DENSE2, SEED_RANDOM, SEED_REINIT, Stage, plan_stages
+
+__all__ = [
+    "METHODS", "METHOD_TEXT", "SEED_DENSE2", "SEED_REINIT", "SEED_RANDOM",
+    "ModelPlan", "StudyConfig", "Preset", "PRESETS", "preset_config", "add_arguments",
+    "config_from_args", "Stage", "plan_stages", "run_stage", "layer_similarity", "analyse",
+    "Check", "Finding", "findings", "sparse_twin", "dense_twin", "inference_times", "timing",
+    "RunSummary", "run", "write_report",
+]

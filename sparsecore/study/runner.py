@@ -1,0 +1,234 @@
+"""Running the study: stages in order or in parallel worker processes, resume, progress
+lines, and results.json."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparsecore import train as T
+from sparsecore._io import atomic_write_text
+from sparsecore.study._common import _read_json
+from sparsecore.study.analysis import analyse
+from sparsecore.study.config import _RUNTIME_FIELDS, StudyConfig
+from sparsecore.study.inference import timing
+from sparsecore.study.report import write_report
+from sparsecore.study.stages import Stage, _done, _stage_dir, _train_stage, plan_stages
+
+
+def run_stage(cfg: StudyConfig, run: str, stage: Stage, device: str,
+              progress: bool = False) -> dict[str, Any]:
+    """Run one stage (resuming its own checkpoint) and write its result.json."""
+    t0 = time.perf_counter()
+    sdir = _stage_dir(run, stage.key)
+    if stage.kind == "analysis":
+        result = analyse(cfg, run, stage, device)
+    else:
+        result = _train_stage(cfg, run, stage, sdir, device, progress)
+    result["stage_seconds"] = time.perf_counter() - t0
+    atomic_write_text(os.path.join(sdir, "result.json"), json.dumps(result, indent=1))
+    return result
+
+
+def _worker_init(threads: int) -> None:
+    """Stage worker: its own thread count, and death with the parent (a killed study must
+    not leave orphans writing into the run directory)."""
+    torch.set_num_threads(threads)
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(cfg_dict: dict, run: str, stage: Stage, device: str) -> dict[str, Any]:
+    return run_stage(StudyConfig.from_dict(cfg_dict), run, stage, device)
+
+
+def _jobs(cfg: StudyConfig, device: str) -> int:
+    if cfg.jobs > 0:
+        return cfg.jobs
+    if device.startswith("cuda"):
+        return 1
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def _prepare(cfg: StudyConfig, out: str, resume: bool) -> None:
+    path = os.path.join(out, "study.json")
+    if os.path.exists(path):
+        old = _read_json(path)
+        if resume:
+            new = cfg.to_dict()
+            diff = [k for k in new if k not in _RUNTIME_FIELDS and old.get(k) != new[k]]
+            if diff:
+                raise ValueError(f"{out} holds a study with different settings ({', '.join(diff)}"
+                                 "); resume it with the same flags, or pick a new --out")
+            return
+        print(f"{out}: starting over (pass --resume to continue the run that is there)")
+        for name in ("stages", "results.json", "report.md"):
+            target = os.path.join(out, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.unlink(target)
+    elif os.path.isdir(out) and os.listdir(out):
+        raise ValueError(f"{out} exists and is not a study run directory; pick a new --out")
+    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=1))
+
+
+@dataclass
+class RunSummary:
+    run: str
+    executed: list[str]  # stages run (or finished) by this call
+    skipped: list[str]  # stages found finished
+    seconds: float
+    results: dict[str, Any]
+
+
+def run(cfg: StudyConfig, out: str, *, resume: bool = False, progress: bool = True,
+        timing_threads: int | None = 1) -> RunSummary:
+    """Run (or resume) the study into directory `out`; returns what was done.
+
+    timing_threads: torch CPU threads for the dense-vs-sparse inference timing (1 by
+    default: on a shared machine, OpenMP threads that wait on each other distort the
+    times of small models far more than the kernels differ)."""
+    t0 = time.perf_counter()
+    device = T.resolve_device(cfg.device)
+    _prepare(cfg, out, resume)
+    stages = plan_stages(cfg)
+    skipped = [s.key for s in stages if _done(out, s.key)]
+    todo = [s for s in stages if s.key not in skipped]
+    jobs = min(_jobs(cfg, device), max(1, len(todo)))
+    log = _Log(len(stages), len(skipped), progress)
+    if skipped:
+        log.write(f"resuming: {len(skipped)} of {len(stages)} stages already done")
+    executed: list[str] = []
+    try:
+        if jobs == 1:
+            for s in todo:
+                res = run_stage(cfg, out, s, device, progress=progress)
+                executed.append(s.key)
+                log.done(s, res)
+        else:
+            executed = _run_parallel(cfg, out, todo, device, jobs, log)
+    finally:
+        log.close()
+    path = os.path.join(out, "report.md")
+    if executed or not os.path.exists(path):
+        results = _aggregate(cfg, out, device, timing_threads)
+        results["wall_seconds"] = time.perf_counter() - t0
+        results["stages_resumed"] = len(skipped)
+        atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
+        write_report(out)
+    else:
+        results = _read_json(os.path.join(out, "results.json"))
+    log.write(f"{path} ({time.perf_counter() - t0:.0f} s)")
+    return RunSummary(out, executed, skipped, time.perf_counter() - t0, results)
+
+
+def _run_parallel(cfg: StudyConfig, out: str, todo: list[Stage], device: str, jobs: int,
+                  log: _Log) -> list[str]:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending = list(todo)
+    running: dict[cf.Future, Stage] = {}
+    executed: list[str] = []
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
+                                initargs=(threads,)) as pool:
+        try:
+            while pending or running:
+                for s in [s for s in pending if all(_done(out, d) for d in s.deps)]:
+                    if len(running) >= jobs:
+                        break
+                    pending.remove(s)
+                    running[pool.submit(_worker, cfg.to_dict(), out, s, device)] = s
+                if not running:
+                    raise RuntimeError(f"stages wait on unfinished dependencies: "
+                                       f"{[s.key for s in pending]}")
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    s = running.pop(fut)
+                    log.done(s, fut.result())
+                    executed.append(s.key)
+        except BaseException:
+            for fut in running:
+                fut.cancel()
+            raise
+    return executed
+
+
+class _Log:
+    """One line per finished stage (and a bar over all stages when progress is on)."""
+
+    def __init__(self, total: int, done: int, progress: bool) -> None:
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc="study", unit="stage",
+                            dynamic_ncols=True)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def done(self, stage: Stage, res: dict[str, Any]) -> None:
+        acc = f"acc {res['acc']:.4f}, " if "acc" in res else ""
+        self.write(f"{stage.key}: {acc}{res['stage_seconds']:.1f} s")
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _aggregate(cfg: StudyConfig, out: str, device: str,
+               timing_threads: int | None) -> dict[str, Any]:
+    """results.json: the analysis of every model and seed, timings, stage run times."""
+    per_model: dict[str, Any] = {}
+    stage_seconds: dict[str, float] = {}
+    for s in plan_stages(cfg):
+        res = _read_json(os.path.join(_stage_dir(out, s.key), "result.json"))
+        stage_seconds[s.key] = res["stage_seconds"]
+        if s.kind == "analysis":
+            per_model.setdefault(s.label, {"seeds": {}})["seeds"][str(s.seed)] = {
+                k: v for k, v in res.items() if k != "stage_seconds"}
+    for plan in cfg.models:
+        tpath = os.path.join(_stage_dir(out, f"{plan.label}/timing"), "result.json")
+        if not os.path.exists(tpath):
+            res = timing(cfg, out, plan.label, device, threads=timing_threads)
+            atomic_write_text(tpath, json.dumps(res, indent=1))
+        per_model[plan.label]["timing"] = _read_json(tpath)
+    return {"config": cfg.to_dict(), "machine": _machine(), "models": per_model,
+            "stage_seconds": stage_seconds,
+            "compute_seconds": sum(stage_seconds.values())}
