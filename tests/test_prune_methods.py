@@ -47,6 +47,49 @@ def test_snip_matches_finite_differences() -> None:
         torch.testing.assert_close(scores[name], fd.abs(), rtol=1e-5, atol=1e-9)
 
 
+def bn_net() -> nn.Module:
+    """A conv net with BatchNorm whose running statistics are far from one batch's."""
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(6 * 5 * 5, 4)).double()
+    with torch.no_grad():
+        net[1].running_mean.normal_(0.0, 2.0)
+        net[1].running_var.uniform_(0.2, 5.0)
+    return net
+
+
+def _snip_by_hand(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool
+                  ) -> dict[str, torch.Tensor]:
+    ref = copy.deepcopy(model).train(train)
+    names = prune.prunable(ref)
+    params = [ref.get_parameter(n) for n in names]
+    grads = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    return {n: (g * p).abs().detach() for n, g, p in zip(names, grads, params)}
+
+
+@pytest.mark.parametrize("was_training", [True, False])
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_snip_scores_batchnorm_nets_in_eval_mode(train_mode: bool, was_training: bool) -> None:
+    """SNIP scores in eval mode, BatchNorm using its running statistics, as the authors'
+    code (and Synaptic-Flow's) does; `train_mode=True` scores with batch statistics. The
+    model keeps its mode and its BatchNorm statistics."""
+    model = bn_net().train(was_training)
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,))
+    before = copy.deepcopy(model.state_dict())
+    kw = {"train_mode": True} if train_mode else {}
+    scores = prune.get("snip", **kw).scores(model, data=(x, y))
+    expected = _snip_by_hand(model, x, y, train=train_mode)
+    other = _snip_by_hand(model, x, y, train=not train_mode)
+    for n in expected:
+        torch.testing.assert_close(scores[n], expected[n], rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(scores["0.weight"], other["0.weight"])  # the mode matters
+    assert model.training == was_training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    prune.prune(model, "snip", density=0.3, data=(x, y), **kw)
+    assert model.training == was_training
+    assert torch.equal(model[1].running_mean, before["1.running_mean"])
+
+
 @pytest.mark.parametrize("temperature", [1.0, 200.0])
 def test_grasp_matches_explicit_hessian(temperature: float) -> None:
     """GraSP's theta * (H g) against the full Hessian of the loss in the prunable weights."""
