@@ -198,15 +198,44 @@ def test_erk_allocation() -> None:
     assert [dens[n] / raw[n] for n in sparse] == pytest.approx([eps] * len(sparse))
     assert all(eps * raw[n] >= 1.0 for n in shapes if n not in sparse)
 
+
+
+def _rigl_erk_counts(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, int]:
+    """Per-layer kept counts written out independently of the package: Erdos-Renyi-Kernel
+    densities as RigL's `get_sparsities` computes them (the layers with the largest raw
+    probability made dense, one group at a time, until eps * raw <= 1 everywhere), then
+    largest-remainder rounding of density * numel to the exact total round(density * N)."""
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        rhs = sum(numel[n] * density for n in shapes if n not in dense)
+        rhs -= sum(numel[n] * (1 - density) for n in dense)
+        raw = {n: sum(s) / numel[n] for n, s in shapes.items() if n not in dense}
+        eps = rhs / sum(raw[n] * numel[n] for n in raw)
+        top = max(raw.values())
+        if eps * top <= 1:
+            break
+        dense |= {n for n, r in raw.items() if r == top}
+    quota = {n: numel[n] * (1.0 if n in dense else eps * raw[n]) for n in shapes}
+    counts = {n: math.floor(q) for n, q in quota.items()}
+    left = round(density * sum(numel.values())) - sum(counts.values())
+    remainders = sorted(((q - math.floor(q), n) for n, q in quota.items()), reverse=True)
+    assert len({r for r, _ in remainders}) == len(remainders)  # no tie to break
+    for _, n in remainders[:left]:
+        counts[n] += 1
+    return counts
+
+
+@pytest.mark.parametrize("density", [0.1, 0.03])
+def test_erk_counts_exact(density: float) -> None:
+    """ERK keeps exactly the per-layer counts of RigL's allocation rounded by largest
+    remainders (reversing the rounding order moves a weight between layers)."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 64, 3), nn.ReLU(),
                           nn.Conv2d(64, 64, 3), nn.Flatten(), nn.LazyLinear(10))
     model(torch.randn(1, 3, 9, 9))
-    ms = prune.prune(model, "erk", density=0.1, seed=0)
-    total = sum(m.numel() for m in ms.values())
-    assert sum(int(m.sum()) for m in ms.values()) == round(0.1 * total)
-    want = prune.erk_densities({n: tuple(m.shape) for n, m in ms.items()}, 0.1)
-    for n, m in ms.items():
-        assert abs(int(m.sum()) - want[n] * m.numel()) < 1.0
+    ms = prune.prune(model, "erk", density=density, seed=0)
+    want = _rigl_erk_counts({n: tuple(m.shape) for n, m in ms.items()}, density)
+    assert {n: int(m.sum()) for n, m in ms.items()} == want
 
 
 def _names(model: nn.Module) -> list[str]:
