@@ -244,18 +244,18 @@ def _names(model: nn.Module) -> list[str]:
 
 @pytest.mark.parametrize("rewind", ["init", "step", "lr"])
 def test_imp_rewinding(rewind: str) -> None:
-    """A deterministic stand-in for training (adds 0.01 * steps to every weight) shows what
+    """A deterministic stand-in for training (adds 0.01 per step to every weight) shows what
     each round starts from."""
     model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
     names = _names(model)
     init = {n: model.get_parameter(n).detach().clone() for n in names}
     starts: list[dict[str, torch.Tensor]] = []
 
-    def train_fn(m: nn.Module, steps: int) -> None:
+    def train_fn(m: nn.Module, start: int, end: int) -> None:
         starts.append({n: get_tensor(m, n).detach().clone() for n in names})
         with torch.no_grad():
             for p in m.parameters():
-                p.add_(0.01 * steps)
+                p.add_(0.01 * (end - start))
 
     result = prune.imp(model, train_fn, rounds=3, steps=5, fraction=0.2, rewind=rewind,
                        rewind_steps=2)
@@ -283,15 +283,69 @@ def test_imp_rewinding(rewind: str) -> None:
     assert all(torch.equal(prune.masks(model)[n], result.masks[-1][n]) for n in names)
 
 
+def _lr_at(step: int) -> float:
+    """A step schedule: 0.1, halved every 3 steps."""
+    return 0.1 * 0.5 ** (step // 3)
+
+
+@pytest.mark.parametrize("rewind", ["init", "step", "lr"])
+def test_imp_train_fn_resumes_the_schedule(rewind: str) -> None:
+    """`train_fn(model, start, end)` trains steps start..end-1 of one T-step run with its
+    schedule at `start`. Lottery-ticket rewinding (open_lth's runner with rewinding steps)
+    trains the dense net from 0 to k, keeps that state, trains on from k to T with the
+    schedule resumed at k, and retrains every round from the state at k over k..T; the other
+    rewinds train 0..T each time. The learning rates each call sees are those of the one
+    schedule at the steps it trains."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    names = _names(model)
+    calls: list[tuple[int, int]] = []
+    lrs: list[list[float]] = []
+    after: list[dict[str, torch.Tensor]] = []
+    begin: list[dict[str, torch.Tensor]] = []
+
+    def train_fn(m: nn.Module, start: int, end: int) -> None:
+        calls.append((start, end))
+        begin.append({n: get_tensor(m, n).detach().clone() for n in names})
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(start + s) / 0.1)
+        seen = []
+        for _ in range(start, end):
+            seen.append(opt.param_groups[0]["lr"])
+            loss = F.mse_loss(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        lrs.append(seen)
+        after.append({n: get_tensor(m, n).detach().clone() for n in names})
+
+    k, steps = 2, 10
+    result = prune.imp(model, train_fn, rounds=3, steps=steps, rewind=rewind, rewind_steps=k)
+    schedule = [_lr_at(s) for s in range(steps)]
+    if rewind == "step":
+        assert calls == [(0, k), (k, steps)] + [(k, steps)] * 3
+        assert lrs[0] + lrs[1] == pytest.approx(schedule)  # one dense run, one schedule
+        assert all(seen == pytest.approx(schedule[k:]) for seen in lrs[2:])
+        state_at_k = after[0]
+        for start, ms in zip(begin[2:], result.masks):  # every round starts from step k
+            for n in names:
+                torch.testing.assert_close(start[n], state_at_k[n] * ms[n], rtol=0, atol=0)
+    else:
+        assert calls == [(0, steps)] * 4
+        assert all(seen == pytest.approx(schedule) for seen in lrs)
+
+
 def test_imp_with_real_training_keeps_masks() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
     x = torch.randn(64, 4)
     y = x.sum(dim=1, keepdim=True)
 
-    def train_fn(m: nn.Module, steps: int) -> None:
+    def train_fn(m: nn.Module, start: int, end: int) -> None:
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        for _ in range(steps):
+        for _ in range(start, end):
             loss = F.mse_loss(m(x), y)
             opt.zero_grad()
             loss.backward()
@@ -317,9 +371,10 @@ def test_presets() -> None:
         for p in trained.parameters():
             p.add_(torch.randn_like(p))
     calls = []
-    ms = prune.presets.magnitude(trained, sparsity=0.75, train_fn=lambda m, s: calls.append(s),
+    ms = prune.presets.magnitude(trained, sparsity=0.75,
+                                 train_fn=lambda m, start, end: calls.append((start, end)),
                                  steps=3)
-    assert calls == [3]
+    assert calls == [(0, 3)]
 
     for scale in (False, True):
         model = copy.deepcopy(trained)
