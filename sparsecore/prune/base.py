@@ -3,9 +3,9 @@
 
 A pruner computes one score per prunable weight; `Pruner.prune` turns scores into masks
 with an exact kept count (global: one threshold over all layers; layerwise: one per layer,
-never zero for a target above zero),
-applies them as parametrizations (`sparsecore.prune.masks`) and checks the achieved density
-against the target. Iterative methods repeat score -> mask along a schedule.
+never zero for a target above zero), applies them as parametrizations
+(`sparsecore.prune.masks`) and checks the achieved density against the target. Iterative
+methods repeat score -> mask along a schedule.
 """
 
 from __future__ import annotations
