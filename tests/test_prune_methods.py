@@ -47,6 +47,49 @@ def test_snip_matches_finite_differences() -> None:
         torch.testing.assert_close(scores[name], fd.abs(), rtol=1e-5, atol=1e-9)
 
 
+def bn_net() -> nn.Module:
+    """A conv net with BatchNorm whose running statistics are far from one batch's."""
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(6 * 5 * 5, 4)).double()
+    with torch.no_grad():
+        net[1].running_mean.normal_(0.0, 2.0)
+        net[1].running_var.uniform_(0.2, 5.0)
+    return net
+
+
+def _snip_by_hand(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool
+                  ) -> dict[str, torch.Tensor]:
+    ref = copy.deepcopy(model).train(train)
+    names = prune.prunable(ref)
+    params = [ref.get_parameter(n) for n in names]
+    grads = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    return {n: (g * p).abs().detach() for n, g, p in zip(names, grads, params)}
+
+
+@pytest.mark.parametrize("was_training", [True, False])
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_snip_scores_batchnorm_nets_in_eval_mode(train_mode: bool, was_training: bool) -> None:
+    """SNIP scores in eval mode, BatchNorm using its running statistics, as the authors'
+    code (and Synaptic-Flow's) does; `train_mode=True` scores with batch statistics. The
+    model keeps its mode and its BatchNorm statistics."""
+    model = bn_net().train(was_training)
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,))
+    before = copy.deepcopy(model.state_dict())
+    kw = {"train_mode": True} if train_mode else {}
+    scores = prune.get("snip", **kw).scores(model, data=(x, y))
+    expected = _snip_by_hand(model, x, y, train=train_mode)
+    other = _snip_by_hand(model, x, y, train=not train_mode)
+    for n in expected:
+        torch.testing.assert_close(scores[n], expected[n], rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(scores["0.weight"], other["0.weight"])  # the mode matters
+    assert model.training == was_training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    prune.prune(model, "snip", density=0.3, data=(x, y), **kw)
+    assert model.training == was_training
+    assert torch.equal(model[1].running_mean, before["1.running_mean"])
+
+
 @pytest.mark.parametrize("temperature", [1.0, 200.0])
 def test_grasp_matches_explicit_hessian(temperature: float) -> None:
     """GraSP's theta * (H g) against the full Hessian of the loss in the prunable weights."""
@@ -155,15 +198,44 @@ def test_erk_allocation() -> None:
     assert [dens[n] / raw[n] for n in sparse] == pytest.approx([eps] * len(sparse))
     assert all(eps * raw[n] >= 1.0 for n in shapes if n not in sparse)
 
+
+
+def _rigl_erk_counts(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, int]:
+    """Per-layer kept counts written out independently of the package: Erdos-Renyi-Kernel
+    densities as RigL's `get_sparsities` computes them (the layers with the largest raw
+    probability made dense, one group at a time, until eps * raw <= 1 everywhere), then
+    largest-remainder rounding of density * numel to the exact total round(density * N)."""
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        rhs = sum(numel[n] * density for n in shapes if n not in dense)
+        rhs -= sum(numel[n] * (1 - density) for n in dense)
+        raw = {n: sum(s) / numel[n] for n, s in shapes.items() if n not in dense}
+        eps = rhs / sum(raw[n] * numel[n] for n in raw)
+        top = max(raw.values())
+        if eps * top <= 1:
+            break
+        dense |= {n for n, r in raw.items() if r == top}
+    quota = {n: numel[n] * (1.0 if n in dense else eps * raw[n]) for n in shapes}
+    counts = {n: math.floor(q) for n, q in quota.items()}
+    left = round(density * sum(numel.values())) - sum(counts.values())
+    remainders = sorted(((q - math.floor(q), n) for n, q in quota.items()), reverse=True)
+    assert len({r for r, _ in remainders}) == len(remainders)  # no tie to break
+    for _, n in remainders[:left]:
+        counts[n] += 1
+    return counts
+
+
+@pytest.mark.parametrize("density", [0.1, 0.03])
+def test_erk_counts_exact(density: float) -> None:
+    """ERK keeps exactly the per-layer counts of RigL's allocation rounded by largest
+    remainders (reversing the rounding order moves a weight between layers)."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 64, 3), nn.ReLU(),
                           nn.Conv2d(64, 64, 3), nn.Flatten(), nn.LazyLinear(10))
     model(torch.randn(1, 3, 9, 9))
-    ms = prune.prune(model, "erk", density=0.1, seed=0)
-    total = sum(m.numel() for m in ms.values())
-    assert sum(int(m.sum()) for m in ms.values()) == round(0.1 * total)
-    want = prune.erk_densities({n: tuple(m.shape) for n, m in ms.items()}, 0.1)
-    for n, m in ms.items():
-        assert abs(int(m.sum()) - want[n] * m.numel()) < 1.0
+    ms = prune.prune(model, "erk", density=density, seed=0)
+    want = _rigl_erk_counts({n: tuple(m.shape) for n, m in ms.items()}, density)
+    assert {n: int(m.sum()) for n, m in ms.items()} == want
 
 
 def _names(model: nn.Module) -> list[str]:
@@ -172,18 +244,18 @@ def _names(model: nn.Module) -> list[str]:
 
 @pytest.mark.parametrize("rewind", ["init", "step", "lr"])
 def test_imp_rewinding(rewind: str) -> None:
-    """A deterministic stand-in for training (adds 0.01 * steps to every weight) shows what
+    """A deterministic stand-in for training (adds 0.01 per step to every weight) shows what
     each round starts from."""
     model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
     names = _names(model)
     init = {n: model.get_parameter(n).detach().clone() for n in names}
     starts: list[dict[str, torch.Tensor]] = []
 
-    def train_fn(m: nn.Module, steps: int) -> None:
+    def train_fn(m: nn.Module, start: int, end: int) -> None:
         starts.append({n: get_tensor(m, n).detach().clone() for n in names})
         with torch.no_grad():
             for p in m.parameters():
-                p.add_(0.01 * steps)
+                p.add_(0.01 * (end - start))
 
     result = prune.imp(model, train_fn, rounds=3, steps=5, fraction=0.2, rewind=rewind,
                        rewind_steps=2)
@@ -211,15 +283,69 @@ def test_imp_rewinding(rewind: str) -> None:
     assert all(torch.equal(prune.masks(model)[n], result.masks[-1][n]) for n in names)
 
 
+def _lr_at(step: int) -> float:
+    """A step schedule: 0.1, halved every 3 steps."""
+    return 0.1 * 0.5 ** (step // 3)
+
+
+@pytest.mark.parametrize("rewind", ["init", "step", "lr"])
+def test_imp_train_fn_resumes_the_schedule(rewind: str) -> None:
+    """`train_fn(model, start, end)` trains steps start..end-1 of one T-step run with its
+    schedule at `start`. Lottery-ticket rewinding (open_lth's runner with rewinding steps)
+    trains the dense net from 0 to k, keeps that state, trains on from k to T with the
+    schedule resumed at k, and retrains every round from the state at k over k..T; the other
+    rewinds train 0..T each time. The learning rates each call sees are those of the one
+    schedule at the steps it trains."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    names = _names(model)
+    calls: list[tuple[int, int]] = []
+    lrs: list[list[float]] = []
+    after: list[dict[str, torch.Tensor]] = []
+    begin: list[dict[str, torch.Tensor]] = []
+
+    def train_fn(m: nn.Module, start: int, end: int) -> None:
+        calls.append((start, end))
+        begin.append({n: get_tensor(m, n).detach().clone() for n in names})
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(start + s) / 0.1)
+        seen = []
+        for _ in range(start, end):
+            seen.append(opt.param_groups[0]["lr"])
+            loss = F.mse_loss(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        lrs.append(seen)
+        after.append({n: get_tensor(m, n).detach().clone() for n in names})
+
+    k, steps = 2, 10
+    result = prune.imp(model, train_fn, rounds=3, steps=steps, rewind=rewind, rewind_steps=k)
+    schedule = [_lr_at(s) for s in range(steps)]
+    if rewind == "step":
+        assert calls == [(0, k), (k, steps)] + [(k, steps)] * 3
+        assert lrs[0] + lrs[1] == pytest.approx(schedule)  # one dense run, one schedule
+        assert all(seen == pytest.approx(schedule[k:]) for seen in lrs[2:])
+        state_at_k = after[0]
+        for start, ms in zip(begin[2:], result.masks):  # every round starts from step k
+            for n in names:
+                torch.testing.assert_close(start[n], state_at_k[n] * ms[n], rtol=0, atol=0)
+    else:
+        assert calls == [(0, steps)] * 4
+        assert all(seen == pytest.approx(schedule) for seen in lrs)
+
+
 def test_imp_with_real_training_keeps_masks() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
     x = torch.randn(64, 4)
     y = x.sum(dim=1, keepdim=True)
 
-    def train_fn(m: nn.Module, steps: int) -> None:
+    def train_fn(m: nn.Module, start: int, end: int) -> None:
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        for _ in range(steps):
+        for _ in range(start, end):
             loss = F.mse_loss(m(x), y)
             opt.zero_grad()
             loss.backward()
@@ -245,9 +371,10 @@ def test_presets() -> None:
         for p in trained.parameters():
             p.add_(torch.randn_like(p))
     calls = []
-    ms = prune.presets.magnitude(trained, sparsity=0.75, train_fn=lambda m, s: calls.append(s),
+    ms = prune.presets.magnitude(trained, sparsity=0.75,
+                                 train_fn=lambda m, start, end: calls.append((start, end)),
                                  steps=3)
-    assert calls == [3]
+    assert calls == [(0, 3)]
 
     for scale in (False, True):
         model = copy.deepcopy(trained)

@@ -2,9 +2,10 @@
 (sparsity or SynFlow's compression ratio) and schedules.
 
 A pruner computes one score per prunable weight; `Pruner.prune` turns scores into masks
-with an exact kept count (global: one threshold over all layers; layerwise: one per layer),
-applies them as parametrizations (`sparsecore.prune.masks`) and checks the achieved density
-against the target. Iterative methods repeat score -> mask along a schedule.
+with an exact kept count (global: one threshold over all layers; layerwise: one per layer,
+never zero for a target above zero), applies them as parametrizations
+(`sparsecore.prune.masks`) and checks the achieved density against the target. Iterative
+methods repeat score -> mask along a schedule.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsecore.prune.masks import apply as apply_masks
-from sparsecore.prune.masks import get_tensor, has_tensor
+from sparsecore.prune.masks import get_tensor, has_tensor, holders
 from sparsecore.prune.masks import masks as get_masks
 from sparsecore.prune.safety import DensityMismatchError, check_counts
 
@@ -64,11 +65,17 @@ def _is_shortcut(name: str, module: nn.Module) -> bool:
 
 def prunable(model: nn.Module, selection: Selection | None = None) -> list[str]:
     """Qualified names ("features.0.weight") of the tensors `selection` makes prunable,
-    in `named_modules()` order. Works on masked and unmasked models alike."""
+    in `named_modules()` order. Works on masked and unmasked models alike.
+
+    A tensor shared by several modules (tied weights) is listed once, under its first
+    holder's name, when the selection takes any of its holders: it is one tensor with one
+    mask, and counting it twice would miss the target.
+    """
     sel = selection or Selection()
     weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
     first = weighted[0][0] if weighted else None
     last = weighted[-1][0] if weighted else None
+    canonical = {key: group[0][0] for key, group in holders(model).items()}
     names: list[str] = []
     for mname, m in model.named_modules():
         if sel.filter_fn is not None and not sel.filter_fn(mname, m):
@@ -84,7 +91,9 @@ def prunable(model: nn.Module, selection: Selection | None = None) -> list[str]:
             attrs = ["weight"] + (["bias"] if sel.bias else [])
         for a in attrs:
             if has_tensor(m, a):
-                names.append(f"{mname}.{a}" if mname else a)
+                name = canonical[id(get_tensor(m, a))]
+                if name not in names:
+                    names.append(name)
     return names
 
 
@@ -160,19 +169,41 @@ def _top_within(flat: Tensor, alive: Tensor | None, k: int) -> Tensor:
     return keep
 
 
+def layer_count(density: float, numel: int, floor: int = 0) -> int:
+    """Kept count of a tensor with a target of its own: round(density * numel), at least
+    `floor`, and at least one weight whenever density > 0, so that no target above zero
+    empties a layer (Synaptic-Flow's layerwise masks keep numel - int((1 - density) * numel),
+    never zero, for the same reason)."""
+    return max(round(density * numel), floor, 1 if density > 0 and numel > 0 else 0)
+
+
 def apportion(densities: dict[str, float], numels: dict[str, int], total: int) -> dict[str, int]:
     """Per-layer kept counts close to density * numel whose sum is exactly `total`
-    (largest-remainder rounding), each within [0, numel]."""
+    (largest-remainder rounding), each within [0, numel] and at least one where the density
+    is above zero; raises DensityMismatchError when `total` cannot give every such layer a
+    weight."""
+    lo = {n: 1 if densities[n] > 0 and numels[n] > 0 else 0 for n in densities}
+    if total < sum(lo.values()):
+        raise DensityMismatchError(
+            f"the target keeps {total} weights, fewer than one weight per layer for the "
+            f"{sum(lo.values())} layers whose target density is above zero"
+        )
     raw = {n: densities[n] * numels[n] for n in densities}
-    counts = {n: min(numels[n], math.floor(v)) for n, v in raw.items()}
+    counts = {n: min(numels[n], max(lo[n], math.floor(v))) for n, v in raw.items()}
     rest = total - sum(counts.values())
-    order = sorted(raw, key=lambda n: raw[n] - math.floor(raw[n]), reverse=True)
-    for n in order:
+    by_remainder = sorted(raw, key=lambda n: raw[n] - math.floor(raw[n]), reverse=True)
+    for n in by_remainder:  # largest remainders first get the weights left over
         if rest <= 0:
             break
         if counts[n] < numels[n]:
             counts[n] += 1
             rest -= 1
+    for n in reversed(by_remainder):  # the floors overshot: smallest remainders give back
+        if rest >= 0:
+            break
+        if counts[n] > lo[n]:
+            counts[n] -= 1
+            rest += 1
     return counts
 
 
@@ -190,6 +221,9 @@ def select(
     target) or name -> per-layer density (layerwise); min_density: each layer keeps at
     least ceil(min_density * numel) weights, taken from the global budget; alive: current
     masks -- entries already pruned are never chosen again (pruning does not regrow).
+    Kept counts: `layer_count` of the target, per layer where each has its own target (so
+    a target above zero never empties a layer), of the total in the global scope (whose one
+    threshold may empty a layer: the layer collapse that SynFlow was designed to avoid).
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
@@ -206,7 +240,7 @@ def select(
 
     if isinstance(density, dict) or scope == "layerwise":
         dens = density if isinstance(density, dict) else {n: density for n in names}
-        counts = {n: max(round(dens[n] * numels[n]), floor[n]) for n in names}
+        counts = {n: layer_count(dens[n], numels[n], floor[n]) for n in names}
         for n in names:
             if counts[n] > n_alive[n]:
                 raise DensityMismatchError(
@@ -217,7 +251,7 @@ def select(
                 raise ValueError(f"scores of {n} contain NaN")
         return out({n: _top_within(flat[n], live[n], counts[n]) for n in names})
 
-    k = round(density * sum(numels.values()))
+    k = layer_count(density, sum(numels.values()))
     if k > sum(n_alive.values()):
         raise DensityMismatchError(
             f"target keeps {k} weights but only {sum(n_alive.values())} are left; "
@@ -475,9 +509,9 @@ class Pruner:
         floor = {n: math.ceil(self.min_density * numels[n]) for n in numels}
         if per_layer is not None or self.scope == "layerwise":
             dens = per_layer or {n: target for n in numels}
-            want = {n: max(round(dens[n] * numels[n]), floor[n]) for n in numels}
+            want = {n: layer_count(dens[n], numels[n], floor[n]) for n in numels}
             check_counts(kept, want, tolerance=0)
         else:
-            want_total = round(target * sum(numels.values()))
+            want_total = layer_count(target, sum(numels.values()))
             check_counts({"total": sum(kept.values())}, {"total": want_total}, tolerance=0)
 

@@ -8,7 +8,9 @@ fresh model), `DistributedDataParallel` (buffers are broadcast) and optimizer st
 gradient of `original` is zero where the mask is, so momentum and Adam never move a pruned
 weight, and weight decay only shrinks an `original` entry that the mask zeroes anyway.
 
-Tensors are named by their logical name ("features.0.weight") whether masked or not.
+Tensors are named by their logical name ("features.0.weight") whether masked or not. A
+tensor that several modules share (tied weights) is one tensor with one mask: it goes by its
+first holder's name in `named_modules()` order, and every holder computes with the mask.
 """
 
 from __future__ import annotations
@@ -57,13 +59,32 @@ def _mask_module(module: nn.Module, attr: str) -> Mask | None:
     return None
 
 
+def _stored(module: nn.Module, attr: str) -> Tensor:
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return module._parameters[attr]
+
+
+def holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(stored tensor) -> every (logical name, module, attribute) that computes with it, in
+    `named_modules()` order; more than one for tied weights. The first name is the tensor's
+    name everywhere in this package."""
+    out: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, parametrize.ParametrizationList):
+            continue
+        attrs = [a for a, p in m._parameters.items() if p is not None]
+        if parametrize.is_parametrized(m):
+            attrs += list(m.parametrizations)
+        for a in attrs:
+            out.setdefault(id(_stored(m, a)), []).append((f"{mname}.{a}" if mname else a, m, a))
+    return out
+
+
 def get_tensor(model: nn.Module, name: str) -> Tensor:
     """The stored tensor behind a logical name: `original` when masked, else the parameter."""
     mod, attr = _split(name)
-    m = model.get_submodule(mod)
-    if parametrize.is_parametrized(m, attr):
-        return m.parametrizations[attr].original
-    return m._parameters[attr]
+    return _stored(model.get_submodule(mod), attr)
 
 
 def _own_class(module: nn.Module) -> None:
@@ -87,8 +108,11 @@ def apply(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Mask the named tensors of `model` in place (name -> bool/0-1 tensor of the same shape).
 
     A tensor already masked gets its mask buffer overwritten; otherwise a `Mask`
-    parametrization is registered. The pruned entries of `original` are zeroed too.
+    parametrization is registered. Every module that shares the tensor gets the same `Mask`
+    (one buffer), so tied weights stay tied and are pruned once. The pruned entries of
+    `original` are zeroed too.
     """
+    shared = holders(model)
     for name, mask in masks.items():
         mod, attr = _split(name)
         m = model.get_submodule(mod)
@@ -98,29 +122,31 @@ def apply(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         if tuple(mask.shape) != tuple(t.shape):
             raise ValueError(f"{name}: mask shape {tuple(mask.shape)} != {tuple(t.shape)}")
         mask = mask.detach().to(device=t.device).bool()
-        mk = _mask_module(m, attr)
-        if mk is None:
-            if parametrize.is_parametrized(m):
-                _own_class(m)
-            parametrize.register_parametrization(m, attr, Mask(mask))
-            mk = _mask_module(m, attr)
-        else:
-            mk.mask.copy_(mask)
-        if m.parametrizations[attr][0] is mk:  # original feeds the mask directly
-            with torch.no_grad():
-                m.parametrizations[attr].original.mul_(mask)
+        group = [(hm, ha) for _, hm, ha in shared[id(t)]]
+        found = [mk for hm, ha in group if (mk := _mask_module(hm, ha)) is not None]
+        mk = found[0] if found else Mask(mask)
+        mk.mask.copy_(mask)
+        for hm, ha in group:
+            own = _mask_module(hm, ha)
+            if own is None:
+                if parametrize.is_parametrized(hm):
+                    _own_class(hm)
+                parametrize.register_parametrization(hm, ha, mk)
+            elif own is not mk:
+                own.mask.copy_(mask)
+            if hm.parametrizations[ha][0] is _mask_module(hm, ha):  # original feeds the mask
+                with torch.no_grad():
+                    hm.parametrizations[ha].original.mul_(mask)
 
 
 def masks(model: nn.Module) -> dict[str, Tensor]:
-    """name -> copy of the bool mask, for every masked tensor of `model`."""
+    """name -> copy of the bool mask, for every masked tensor of `model` (a tensor shared by
+    several modules once, under its first holder's name)."""
     out: dict[str, Tensor] = {}
-    for mname, m in model.named_modules():
-        if not parametrize.is_parametrized(m):
-            continue
-        for attr in m.parametrizations:
-            mk = _mask_module(m, attr)
-            if mk is not None:
-                out[f"{mname}.{attr}" if mname else attr] = mk.mask.clone()
+    for group in holders(model).values():
+        found = [mk for _, m, a in group if (mk := _mask_module(m, a)) is not None]
+        if found:
+            out[group[0][0]] = found[0].mask.clone()
     return out
 
 

@@ -114,11 +114,20 @@ def _baked_copy(model: nn.Module) -> nn.Module:
 class SNIP(_DataPruner):
     """Connection sensitivity |g * theta| (Lee et al. 2019): the first-order change of the
     loss when a weight is removed; g is the loss gradient summed over `max_batches` batches
-    (one by default, as in the paper), with the model in train mode."""
+    (one by default, as in the paper).
+
+    The model is scored in eval mode (BatchNorm with its running statistics), as the
+    authors' code and Synaptic-Flow's do; train_mode=True scores with batch statistics.
+    Either way the model itself keeps its mode and statistics (a copy is scored).
+    """
+
+    def __init__(self, *, train_mode: bool = False, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.train_mode = train_mode
 
     def score(self, model: nn.Module, names: list[str], data: Any = None) -> dict[str, Tensor]:
         c = _baked_copy(model)
-        c.train()
+        c.train(self.train_mode)
         params = [c.get_parameter(n) for n in names]
         grads = [torch.zeros_like(p) for p in params]
         for x, y in self._batches(c, data):
@@ -132,7 +141,8 @@ class GraSP(_DataPruner):
     """Gradient signal preservation (Wang et al. 2020): score theta * (H g), keeping the
     largest (i.e. removing the largest -theta * Hg, as the paper does). g and H are of the
     loss on logits divided by `temperature` (200, as in the reference code); g is summed
-    over the batches and held fixed, Hg = grad(g_fixed . grad L)."""
+    over the batches and held fixed, Hg = grad(g_fixed . grad L). Scored in train mode
+    (BatchNorm with batch statistics), as the authors' code does."""
 
     def __init__(self, *, temperature: float = 200.0, **kw: Any) -> None:
         super().__init__(**kw)

@@ -7,7 +7,9 @@
 - `random_sparse`: random masks with the same per-layer kept counts, freshly initialised,
   trained from scratch.
 
-Each takes an optional `train_fn(model, steps)` (the IMP convention) and returns the masks.
+Each takes an optional `train_fn(model, start, end)` (the IMP convention; called as
+`train_fn(model, 0, steps)`, a full run from the start of its schedule) and returns the
+masks.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _train(model: nn.Module, train_fn: TrainFn | None, steps: int | None) -> Non
     if train_fn is not None:
         if steps is None:
             raise ValueError("train_fn needs steps=")
-        train_fn(model, steps)
+        train_fn(model, 0, steps)
 
 
 def magnitude(
