@@ -57,7 +57,8 @@ def time_fn(
 
 
 def machine_info() -> dict[str, Any]:
-    """What ran the bench: CPU model, cores, torch version, GPU name if any."""
+    """What ran the bench: CPU model, the SIMD level torch's CPU kernels use (isa: AVX2,
+    AVX512, ...), cores, torch threads and version, UTC date, GPU name if any."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -69,6 +70,7 @@ def machine_info() -> dict[str, Any]:
         pass
     info: dict[str, Any] = {
         "cpu": cpu,
+        "isa": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
