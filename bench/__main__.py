@@ -1,5 +1,6 @@
 """`python -m bench <family> [options]`: run one bench family, print its table, write JSON
-(and PNG plots) under bench/results/. Families register themselves in FAMILIES."""
+(and PNG plots) under bench/results/; `python -m bench report` regenerates bench/RESULTS.md
+from them. Families register themselves in FAMILIES."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ FAMILIES = {
     "similarity": "bench.similarity",
     "linalg": "bench.linalg",
     "prune": "bench.prune",
+    "report": "bench.report",  # not a bench: bench/RESULTS.md from bench/results/
 }
 
 

@@ -25,7 +25,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 def machine_info() -> dict[str, Any]:
-    """What ran the bench: CPU model, cores, torch version, GPU name if any."""
+    """What ran the bench: CPU model, the SIMD level torch's CPU kernels use (isa: AVX2,
+    AVX512, ...), cores, torch threads and version, UTC date, GPU name if any."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -37,6 +38,7 @@ def machine_info() -> dict[str, Any]:
         pass
     info: dict[str, Any] = {
         "cpu": cpu,
+        "isa": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

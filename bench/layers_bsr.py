@@ -15,9 +15,7 @@ a 2-core machine); `--full` runs every block size x density x shape, Transformer
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -75,8 +73,8 @@ def _cases(args: argparse.Namespace) -> Iterator[Case]:
                 modes = both if (full or main) else ("fwd",)
                 yield name, (n_in, n_out), batch, bs, DENSITIES, modes
     if "transformer" in only:
-        # CPU default: one token count per width (the 4096-wide MLP at 512 tokens is already
-        # ~1 s per dense call on 2 cores); --full: all of 512 / 2048 / 8192.
+        # CPU default: one token count per width (the 4096-wide MLP is slow to time on a
+        # small CPU already at 512 tokens); --full: all of 512 / 2048 / 8192.
         default = {768: 2048, 1024: 512, 4096: 512}
         for d in TRANSFORMER_D:
             for tokens in TRANSFORMER_TOKENS if full else (default[d],):
@@ -91,21 +89,22 @@ def _cases(args: argparse.Namespace) -> Iterator[Case]:
                 yield name, (c, side), batch, bs, DENSITIES if full else (0.5, 0.1), both
 
 
-_CPU_TIME = False  # set by --cpu-time
+Timer = Callable[..., float]
 
 
-def _time(fn, device: str, reps: int = 10) -> float:
-    """Median time in ms: bench.common.time_fn, or the thread's CPU time with --cpu-time."""
-    if _CPU_TIME and device == "cpu":
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.thread_time()
-            fn()
-            times.append(time.thread_time() - t0)
-        return statistics.median(times) * 1e3
-    return time_fn(fn, device, warmup=2 if device == "cpu" else 3, reps=reps) * 1e3
+def _timer(device: str, clock: str) -> Timer:
+    """timer(fn, reps=10): median time of fn() in ms, bench.common.time_fn on `clock`."""
+
+    def timer(fn: Callable[[], object], reps: int = 10) -> float:
+        warmup = 2 if device == "cpu" else 3
+        return time_fn(fn, device, warmup=warmup, reps=reps, clock=clock) * 1e3
+
+    return timer
+
+
+def _cpu_time(args: argparse.Namespace) -> bool:
+    """--cpu-time applies on the CPU only."""
+    return bool(getattr(args, "cpu_time", False)) and args.device == "cpu"
 
 
 def _fwd_bwd(module: nn.Module, x: torch.Tensor):
@@ -142,7 +141,8 @@ def _roofline(flops: float, nbytes: float, ms: float) -> float | None:
     return best_ms / ms
 
 
-def _semi_structured(dense: nn.Linear, x: torch.Tensor, device: str) -> float | None:
+def _semi_structured(dense: nn.Linear, x: torch.Tensor, device: str,
+                     timer: Timer) -> float | None:
     """2:4 semi-structured forward time (GPU, half precision) of a 50%-pruned copy."""
     if not device.startswith("cuda") or x.dtype not in (torch.float16, torch.bfloat16):
         return None
@@ -152,28 +152,27 @@ def _semi_structured(dense: nn.Linear, x: torch.Tensor, device: str) -> float | 
         w = dense.weight.detach().clone()
         w.view(-1, 4)[:, 2:] = 0  # a valid 2:4 pattern
         ws = to_sparse_semi_structured(w)
-        return _time(lambda: torch.nn.functional.linear(x, ws), device)
+        return timer(lambda: torch.nn.functional.linear(x, ws))
     except Exception:  # unsupported GPU / shape / torch build: no baseline
         return None
 
 
-def _torch_bsr(weight2d: torch.Tensor, x: torch.Tensor, bs: int, device: str) -> float | None:
+def _torch_bsr(weight2d: torch.Tensor, x: torch.Tensor, bs: int, timer: Timer) -> float | None:
     """torch.sparse BSR forward (y^T = W_bsr @ x^T), timed with few reps (it is slow on CPU)."""
     try:
         wb = weight2d.detach().to_sparse_bsr((bs, bs))
         xt = x.t().contiguous()
         wb @ xt
-        return _time(lambda: wb @ xt, device, reps=3)
+        return timer(lambda: wb @ xt, reps=3)
     except Exception:  # dtype/device combination torch does not implement
         return None
 
 
 def rows(args: argparse.Namespace) -> list[dict]:
-    global _CPU_TIME
     device = args.device
-    _CPU_TIME = bool(getattr(args, "cpu_time", False)) and device == "cpu"
-    if _CPU_TIME:
+    if _cpu_time(args):
         torch.set_num_threads(1)
+    timer = _timer(device, "thread" if _cpu_time(args) else "wall")
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.float32 if device == "cpu" else torch.bfloat16)
     out: list[dict] = []
@@ -202,25 +201,25 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 if key not in dense_cache:
                     if mode == "fwd":
                         with torch.no_grad():
-                            dense_cache[key] = _time(lambda twin=twin, x=x: twin(x), device)
+                            dense_cache[key] = timer(lambda twin=twin, x=x: twin(x))
                     else:
-                        dense_cache[key] = _time(_fwd_bwd(twin, x), device)
+                        dense_cache[key] = timer(_fwd_bwd(twin, x))
                 row = {"layer": layer, "shape": shape, "rows": nrows, "block": bs,
                        "density": density, "mode": mode, "dtype": str(dtype)[6:],
                        "device": device, "dense_ms": dense_cache[key]}
                 if mode == "fwd":
                     with torch.no_grad():
-                        row["bsr_ms"] = _time(lambda sparse=sparse, x=x: sparse(x), device)
+                        row["bsr_ms"] = timer(lambda sparse=sparse, x=x: sparse(x))
                         y = sparse(x)
                         row["max_abs_diff"] = (y - twin(x)).abs().max().item()
                     if layer != "conv":
-                        row["torch_bsr_ms"] = _torch_bsr(twin.weight, x, bs, device)
+                        row["torch_bsr_ms"] = _torch_bsr(twin.weight, x, bs, timer)
                         if density == 0.5:
-                            row["semi24_ms"] = _semi_structured(dense, x, device)
+                            row["semi24_ms"] = _semi_structured(dense, x, device, timer)
                     nbytes = x.element_size() * (x.numel() + sparse.blocks.numel() + y.numel())
                     row["roofline"] = _roofline(flops_full * sparse.density, nbytes, row["bsr_ms"])
                 else:
-                    row["bsr_ms"] = _time(_fwd_bwd(sparse, x), device)
+                    row["bsr_ms"] = timer(_fwd_bwd(sparse, x))
                 row["speedup"] = speedup(row["dense_ms"], row["bsr_ms"])
                 row["torch_bsr_x"] = speedup(row["dense_ms"], row.get("torch_bsr_ms"))
                 out.append(row)
@@ -262,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
     result = rows(args)
     print()
     print(format_table(result, COLUMNS))
-    extra = {"clock": "thread CPU time, 1 thread" if _CPU_TIME else "wall, median"}
+    extra = {"clock": "thread CPU time, 1 thread" if _cpu_time(args) else "wall, median"}
     path = save_results("layers-bsr", result, extra=extra, tag=args.tag)
     print(f"\nwrote {path}")
     if result:

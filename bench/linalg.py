@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
                    choices=["float32", "float64"])
     p.add_argument("--shapes", nargs="+", default=None,
-                   help="batch,m,n triples, e.g. 500,100,100 (default: the issue's five)")
+                   help="batch,m,n triples, e.g. 500,100,100 (default: the five of SHAPES)")
     p.add_argument("--tag", default=None, help="suffix of the results file name")
 
 

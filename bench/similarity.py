@@ -12,9 +12,9 @@ Phase columns split our time: factor (QR + small SVD per layer), cross (the GEMM
 small (the batched small SVDs); gemm_gflops is the rate of the cross phase.
 
 Threads: the JSON records the thread settings (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS) and
-torch's thread count. Under load from other processes two threads made both sides slower
-(SVCCA at n = 10,000: ours 34 s on two threads vs 7 s on one, the baseline 185 s vs 156 s);
-on a quiet machine both settings give similar ratios, so compare runs at equal settings.
+torch's thread count. Under load from other processes two threads made both sides slower,
+ours far more; on a quiet machine both settings give similar ratios, so compare runs at
+equal settings (see bench/RESULTS.md (similarity)).
 """
 
 from __future__ import annotations

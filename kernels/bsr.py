@@ -24,9 +24,9 @@ Input gradient: dX = dY W is `bsr_dsd` on the BSR of W^T, whose blocks are W's b
 transposed and reordered by block column: bsr_dsd(dy, blocks[perm].transpose(1, 2),
 col_idx_T, row_ptr_T, n_out=K). `blocks` may have any strides, so the transpose is a view.
 
-GPU speed has NOT been measured here (no device was lent to this task): the configs
-below are reasoned starting points, tested for correctness under TRITON_INTERPRET=1 and
-compiled ahead of time for sm_90 (see below), never timed.
+The configs below are reasoned starting points, tested for correctness under
+TRITON_INTERPRET=1 and compiled ahead of time for sm_90 (see below); GPU timings: see
+bench/RESULTS.md (layers-bsr).
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ hard to beat with an unstructured layout.
 SDDMM: one program per BLOCK_NZ nonzeros, looping over the batch BLOCK_B at a time with a
 float32 (BLOCK_NZ, BLOCK_B) accumulator reduced once at the end.
 
-GPU speed has NOT been measured here (no device was lent to this task): the configs
-below are reasoned starting points, tested for correctness under TRITON_INTERPRET=1 and
-compiled ahead of time for sm_90 (all of them compile with triton 3.9), never timed.
+The configs below are reasoned starting points, tested for correctness under
+TRITON_INTERPRET=1 and compiled ahead of time for sm_90 (all of them compile with triton
+3.9); GPU timings: see bench/RESULTS.md (layers).
 
 The transposed product (dX = dY W, the input gradient) is `spmm` on the transposed CSR of W
 (values permuted, col_idx/row_ptr of W^T, n_out = K): no separate kernel.
@@ -74,7 +74,7 @@ _SPMM_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_J": 32})
 _SDDMM_INTERPRETER_CONFIG = triton.Config({"BLOCK_NZ": 256, "BLOCK_B": 16})
 # X is handed to the kernels batch-contiguous ((K, B) in memory) from this batch size on:
 # a BLOCK_B run of one column is then one 32-byte sector instead of BLOCK_B sectors.
-# Reasoned from sector sizes, not measured (no GPU in this task).
+# Reasoned from sector sizes, not measured.
 _BATCH_CONTIGUOUS_FROM = 16
 
 

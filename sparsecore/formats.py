@@ -462,7 +462,7 @@ class CSRWeight:
     def transposed_values(self, values: Tensor | None = None) -> Tensor:
         """W^T's values in its CSR order: values[t_perm]. On the CPU (float32/float64, no
         autograd) the C++ helper streams them per column instead of gathering through
-        t_perm, which costs a cache miss per nonzero (10x slower on a 4096x4096 layer)."""
+        t_perm, which costs a cache miss per nonzero (see bench/RESULTS.md (layers))."""
         v = self.values if values is None else values
         from sparsecore import _ext
 

@@ -22,18 +22,18 @@ Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "triton" | "ref
   eigh shifts the symmetric matrix to a semi-definite one by its Gershgorin bound, whose SVD
   is its eigendecomposition (same two kernels, EIGH_JACOBI_MAX_SIZE; only left vectors are
   accumulated), and takes the eigenvalues as Rayleigh quotients with the unshifted matrix.
-  Singular values come out accurate to ~ eps * ||A|| (float32, bidiagonal kernel: ~1e-7 of
-  ||A|| up to 512, where LAPACK's float32 SVD is at ~2e-6); eigenvalues to ~ eps * ||S||.
-  Orthogonality of the vectors is about LAPACK's in float32 (100 x 100, 4000 random
-  matrices: svd median 1.4e-6, largest 6.9e-6; eigh median 1.2e-6, largest 4.0e-6; LAPACK
-  ~2e-6); above 128 the rotations are accumulated in double (in float the O(n) sequential
-  rotations through every vector entry took it to 1.2-1.6e-5 at 256-512), ~1e-6 there.
+  Singular values come out accurate to ~ eps * ||A|| (float32, bidiagonal kernel: the QR in
+  double puts them closer to the truth than LAPACK's float32 SVD); eigenvalues to
+  ~ eps * ||S||. Orthogonality of the vectors is about LAPACK's in float32; above 128 the
+  rotations are accumulated in double (in float the O(n) sequential rotations through every
+  vector entry lost an order of magnitude of it at 256-512). Measured errors per shape: see
+  bench/RESULTS.md (linalg).
   Non-convergence raises a RuntimeError naming the matrix (the QR kernel first retries that
   matrix with Jacobi).
 - "triton": kernels/linalg.py, one-sided Jacobi with one matrix per program (round-robin
   rotations, the matrix in registers), CUDA float32 / float64, m, n <= 32; sorting, the QR
   giving U and the sign convention are batch-level torch ops. Tested under
-  TRITON_INTERPRET=1; its GPU speed has not been measured (no device was lent).
+  TRITON_INTERPRET=1; GPU timings: see bench/RESULTS.md (linalg).
 - "reference": torch.linalg (LAPACK / cuSOLVER), with the sign convention applied. Used for
   what the kernels refuse: larger sizes, other devices, a missing extension.
 
@@ -57,21 +57,18 @@ from sparsecore._dispatch import Backend, Dispatcher, forced_backend, triton_rea
 
 __all__ = ["svd", "svdvals", "eigh", "CPP_MAX_SIZE", "CPP_AUTO_MAX_SIZE"]
 
-# Largest m, n the C++ kernel takes (the issue's range); larger matrices go to torch.linalg.
+# Largest m, n the C++ kernel takes (the small matrices it is built for); larger matrices go
+# to torch.linalg.
 CPP_MAX_SIZE = 512
-# Largest m, n it is chosen for automatically, per op, from `python -m bench linalg` on the
-# quiet 2-core Zen 3 (2026-12-02, wall clock, default threads; torch.linalg = MKL LAPACK), by
-# speed and by accuracy (the issue's float32 level: 1e-5 of ||A|| for values, reconstruction
-# and orthogonality):
-# - svd (vectors): faster up to 256 in float32 (6.7x at 100, 5.3x at 128, 1.4x at 256 with
-#   the rotations accumulated in double there, orthogonality ~1e-6; 0.3x at 512) and up to
-#   128 in float64 (3.4x at 100, 1.1-1.4x at 256, 0.45x at 512).
-# - svdvals: faster at every size up to 512 (2.5-7.3x float32, 1.9-5.6x float64); since the
-#   QR iteration runs in double, float32 values are within ~1e-7 of ||A|| there.
-# - eigh: faster up to 128 (float32 5.2x at 16, 2.9x at 100; float64 3.8x, 2.7x, 1.5x at
-#   128), not beyond (0.8-1.1x at 256, 0.2-0.5x at 512); float32 up to 128: eigenvalues
-#   <= 5.5e-6, orthogonality <= 5.8e-6 over 1200 random 128 x 128 matrices.
-# Forcing use_backend("cpp") still runs the kernel up to CPP_MAX_SIZE.
+# Largest m, n it is chosen for automatically, per op: where `python -m bench linalg` on the
+# 2-core Zen 3 (torch.linalg = MKL LAPACK) measured it faster than torch.linalg and within the
+# float32 accuracy target (1e-5 of ||A|| for values, reconstruction and orthogonality):
+# - svd (vectors): up to 256 in float32 (the rotations accumulated in double there), up to 128
+#   in float64 (its lead at 256 was too small to tell from run-to-run noise).
+# - svdvals: every size up to 512 (the QR iteration runs in double, float32 included).
+# - eigh: up to 128; LAPACK is faster beyond.
+# Ratios and errors per size: see bench/RESULTS.md (linalg). Forcing use_backend("cpp")
+# still runs the kernel up to CPP_MAX_SIZE.
 CPP_AUTO_MAX_SIZE = {
     "svd": {torch.float32: 256, torch.float64: 128},
     "svdvals": {torch.float32: 512, torch.float64: 512},
@@ -120,16 +117,11 @@ def _svd_reference(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 # Up to this size (max(m, n)) the C++ SVD runs one-sided Jacobi with SIMD across the batch;
-# above it, Householder bidiagonalisation + implicit-shift QR (csrc/cpu/linalg.cpp). Measured
-# on the 2-core Zen 3 (svd with vectors, 4000 matrices, best of 10, after the 2026-12-02
-# kernel changes; one thread / two threads, Jacobi vs bidiagonal): float32 16 x 16 17.4 vs
-# 25.9 ms, 20 x 20 36.9 vs 43.7 / 17.8 vs 21.4 ms, 24 x 24 76 vs 58 / 26.7 vs 29.2 ms (the
-# runs disagree at 24: bidiagonal from there); float64 12 x 12 19.1 vs 20.6 ms, 16 x 16
-# 40.9 vs 33.9 ms.
+# above it, Householder bidiagonalisation + implicit-shift QR (csrc/cpu/linalg.cpp): the
+# largest size where Jacobi was faster on one and on two threads (the timings: see
+# bench/RESULTS.md (linalg)).
 JACOBI_MAX_SIZE = {torch.float32: 20, torch.float64: 12}
-# The same for eigh (Jacobi on the shifted matrix vs the bidiagonal kernel on it), same
-# runs: float32 12 x 12 11.3 vs 16.0 / 6.0 vs 7.7 ms, 16 x 16 23.5 vs 24.0 / 11.0 vs 12.8 ms;
-# float64 8 x 8 6.5 vs 9.0 / 3.6 vs 4.7 ms, 12 x 12 23.6 vs 19.3 / 11.3 vs 9.5 ms.
+# The same for eigh (Jacobi on the shifted matrix vs the bidiagonal kernel on it).
 EIGH_JACOBI_MAX_SIZE = {torch.float32: 16, torch.float64: 8}
 
 
@@ -165,7 +157,7 @@ def _eigh_cpp(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]
 # --- Triton (GPU; CPU only under TRITON_INTERPRET=1 when forced) ---------------------------
 # kernels/linalg.py: one-sided Jacobi, one matrix per program, round-robin rotations. Up to
 # TRITON_MAX_SIZE; the sorting, the QR that gives U and the sign convention are batch-level
-# torch ops here. GPU speed not measured (no device was lent to this task).
+# torch ops here. GPU timings: see bench/RESULTS.md (linalg).
 TRITON_MAX_SIZE = 32
 
 

@@ -263,7 +263,7 @@ def test_bfloat16_refused_under_interpreter() -> None:
         bsr.bsr_dsd(a["x"].bfloat16(), a["blocks"].bfloat16(), a["col_idx"], a["row_ptr"], 48)
 
 
-# ---------------------------------------------------------------- GPU shapes of issue 3
+# ------------------------------------------------ GPU shapes: Transformer projections
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRETED, reason=NO_GPU)
 @pytest.mark.parametrize("block", [16, 32, 64, 128])

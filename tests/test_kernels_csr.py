@@ -249,7 +249,7 @@ def test_sddmm_rejects_bad_input() -> None:
         csr.sddmm(dy, x.to("meta"), idx, idx)
 
 
-# ---------------------------------------------------------------- GPU shapes of issue 2
+# ------------------------------------------------------- GPU shapes: an LLM MLP layer
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRETED, reason=NO_GPU)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

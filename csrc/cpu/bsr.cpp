@@ -25,10 +25,9 @@
 //        through per-pixel origins + per-column offsets; the input gradient adds each
 //        register tile of dY W straight into the padded gradient.
 //
-// Measured (2-core Zen3, one thread, thread CPU time, float32, 4096x4096, batch 256,
-// block 32): dense torch 73 GFLOP/s; dsd 72 GFLOP/s at density 0.5 and ~65 at 0.1 (the
-// packing of X is a fixed cost), i.e. 1.98x and 9.0x faster than dense; forward+backward at
-// 0.1: 8.7x. Prefetching the next block's X rows was worth ~15% at density 0.1.
+// The dsd runs kept blocks at about dense torch's FLOP rate (packing X is a fixed cost, felt
+// at low density), and prefetching the next block's X rows pays at low density; the numbers:
+// see bench/RESULTS.md (layers-bsr).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -219,7 +218,8 @@ int threads_for(int64_t work) { return work >= (int64_t(1) << 20) ? at::get_num_
 
 // Xp[c][b][t] = x[b, c * w + t] for t < w, zero up to wpad: column-block panels, so that
 // the rows a micro-tile reads from one block are contiguous (and prefetchable).
-// (A plain x.view(B, C, w).transpose(0, 1).contiguous() was 5x slower than this copy.)
+// (A plain x.view(B, C, w).transpose(0, 1).contiguous() was several times slower than this
+// copy; see bench/RESULTS.md (layers-bsr).)
 template <typename T>
 at::Tensor block_panels(const at::Tensor& x_in, int64_t w, int64_t wpad) {
   const at::Tensor x = x_in.contiguous();

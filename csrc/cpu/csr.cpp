@@ -10,16 +10,17 @@
 //   spmm   YT[o, b] = sum_k values[k] * XT[col[k], b]        (Y = X W^T, as YT = W XT)
 //   sddmm  dv[k]    = sum_b DYT[row(k), b] * XT[col[k], b]   (dW at the kept positions)
 //
-// Layout and blocking, measured on an AMD EPYC (Zen 3, 32 KiB L1d, 512 KiB L2), Linear
-// 4096x4096, batch 256, 90% sparse, one thread (dense sgemm there: 4.6 G FMA instructions/s):
+// Layout and blocking, chosen by measurement on an AMD EPYC (Zen 3, 32 KiB L1d, 512 KiB L2),
+// Linear 4096x4096, batch 256, 90% sparse, one thread (the numbers: see bench/RESULTS.md
+// (layers)):
 //  - The batch is cut into chunks of 8 SIMD vectors (64 floats / 32 doubles, 256 bytes): the
 //    spmm keeps one row's chunk in 8 accumulators, 8 independent FMA chains. Operands are packed
 //    chunk-major, XT[chunk][k][0:64), 64-byte aligned, so a chunk's panel is dense in memory
 //    (plain (K, B) rows put one chunk at a 1 KiB stride, in a quarter of the cache sets).
 //  - K is cut into tiles of kt columns whose panel stays in cache while the rows pass over it,
 //    and the nonzeros are laid out tile-major (tile, row, column) in a "tiling", so the kernel
-//    streams them sequentially: 2.6 G FMA/s, against 1.1 G FMA/s (1.6 with software prefetch)
-//    walking each row's tile segment in place, where every segment costs a cache miss. The
+//    streams them sequentially, far faster than walking each row's tile segment in place
+//    (software prefetch included), where every segment costs a cache miss. The
 //    tiling depends only on the sparsity pattern: _csr_tiling_cpu builds it once (the formats
 //    cache it) and each call only copies the values into tile-major order (inference keeps
 //    that copy too: _csr_tile_values_cpu / tiled_values).
@@ -27,7 +28,7 @@
 //    chunk's dY vectors, one accumulator each, reduced together by one transposing hsum.
 //  - Rows are walked in their natural order, which streams the weight and the output rows:
 //    walking them longest first (CSRWeight.row_order, the GPU kernels' schedule) scatters
-//    both and ran 20-35% slower here, and 2x slower at batch 1. Threads take contiguous row
+//    both and ran slower here, most of all at batch 1. Threads take contiguous row
 //    ranges balanced by nonzero count (no barriers: a row always belongs to one thread); the
 //    small-batch kernels take 16-row blocks under a dynamic schedule.
 //
@@ -126,9 +127,9 @@ constexpr int64_t kChunk = kChunkVecs * Simd<T>::V::W;
 // K tile: at least kMinTileCols columns, wider at high sparsity so that a row's segment still
 // holds about kSegNnz nonzeros (a segment's fixed cost, accumulators in and out, stays small).
 // A chunk row is 256 bytes in float32 and float64 alike, so the same widths hold for both.
-// Measured (the setting of the header, spmm, ms, best of 7): kt = 64: 30, 96: 33, 128: 21,
-// 160 (this rule at 90%): 20.5, 256: 24, 512: 26; whole K (no tiles): 35. The sddmm prefers
-// longer segments (kt = 512: 38 ms against 40 at 160) but shares the tiling.
+// Measured in the setting of the header: this rule (160 columns at 90%) was the fastest spmm
+// of the widths tried, 64 to 512 and whole K; the sddmm prefers slightly longer segments but
+// shares the tiling (see bench/RESULTS.md (layers)).
 constexpr int64_t kMinTileCols = 128;
 constexpr double kSegNnz = 16.0;
 // Below this batch the packed layout has too few lanes; Linear uses the gather kernels.
@@ -159,7 +160,7 @@ T* workspace(int slot, int64_t n) {
 
 // Team size for the call being served: small products run on fewer threads (waking a team
 // costs tens of microseconds on an idle machine and a whole time slice per sleeping thread on
-// a loaded one). kWorkPerThread is ~0.1 ms of kernel work (lane FMAs) per thread.
+// a loaded one). kWorkPerThread is the kernel work (lane FMAs) that pays for one more thread.
 constexpr int64_t kWorkPerThread = int64_t(2) << 20;
 thread_local int tl_team = 0;
 
@@ -640,8 +641,8 @@ inline T gather_dot(const T* x, int64_t K, const T* values, const int32_t* col, 
   T sum = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<T, float>) {
-    // 8 nonzeros per step with a masked gather: 0.35 ms -> 0.1 ms for a 1024x1024 layer at
-    // 90% and batch 1 (the scalar loop was latency-bound on the gathered loads).
+    // 8 nonzeros per step with a masked gather: the scalar loop was latency-bound on the
+    // gathered loads (several times slower at batch 1; see bench/RESULTS.md (layers)).
     const __m256i kv = _mm256_set1_epi32(int32_t(K)), neg = _mm256_set1_epi32(-1);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int bad = 0;
@@ -773,8 +774,8 @@ void sddmm_linear(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& r
 
 // ---- Conv2d: im2col + spmm, per sample -----------------------------------------------------
 // Measured against direct convolution plans: for a sample, the im2col of a zero-padded copy
-// of the input is contiguous runs (stride 1), cheap next to the spmm from about 50% sparsity
-// on the shapes of the bench (VGG/ResNet CIFAR layers), and it reuses the Linear kernels with
+// of the input is contiguous runs (stride 1), cheap next to the spmm at the sparsities where
+// the bench's shapes (VGG/ResNet CIFAR layers) run sparse, and it reuses the Linear kernels with
 // the sample's output pixels as the vector dimension. Samples run in parallel (each thread
 // packs its own columns) when the batch has at least as many samples as threads; a smaller
 // batch runs its samples one after another with the rows shared by the team.
@@ -843,14 +844,14 @@ template <typename T>
 void im2col_packed(const ConvGeom& g, const T* xp, T* cols, int64_t k0, int64_t k1) {
   if (g.OH * g.OW <= kChunk<T> && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1) {
     // A whole sample in one chunk (8x8 outputs and smaller), unit stride: row k is OH
-    // contiguous runs of OW, with none of for_each_run's per-run chunk arithmetic (which
-    // was a third of the forward's time for 256 channels at 8x8 and 90% sparsity).
+    // contiguous runs of OW, with none of for_each_run's per-run chunk arithmetic (a large
+    // part of the forward's time at 8x8 outputs; see bench/RESULTS.md (layers)).
     const int64_t khw = g.kh * g.kw;
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t ci = k / khw, i = (k % khw) / g.kw, j = k % g.kw;
       const T* src = xp + (ci * g.Hp + i) * g.Wp + j;
       T* dst = cols + k * kChunk<T>;
-      if (g.OW == 8) {  // a fixed-size copy: 4.8 vs 6.7 ms of the 256@8x8 forward's fixed cost
+      if (g.OW == 8) {  // a fixed-size copy: cuts the 8x8 forward's fixed cost
         for (int64_t oh = 0; oh < g.OH; ++oh)
           std::memcpy(dst + oh * 8, src + oh * g.Wp, 8 * sizeof(T));
       } else {
@@ -1271,7 +1272,7 @@ bool transpose_values(const T* values, const int32_t* col, const int32_t* rp,
   if (!ok) return false;
   // Tiles of kRows rows x kCols columns keep the pages touched at once (the rows read, the
   // column streams written) within the TLB; untiled, a 4096-column layer wrote to 4096 pages
-  // in turn and ran 3x slower.
+  // in turn and ran several times slower.
   constexpr int64_t kRows = 256, kCols = 256;
   const int threads = team();
 #pragma omp parallel num_threads(threads) reduction(&& : ok)

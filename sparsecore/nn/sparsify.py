@@ -46,8 +46,8 @@ LAYOUTS = ("csr", "bsr")
 
 # Below this sparsity sparsify() leaves a layer on dense kernels by default. CSR: the measured
 # CPU crossovers in ops.CSR_DENSE_BELOW. BSR: 0.5, the least sparse point of the block bench
-# (python -m bench layers-bsr: 4096x4096 Linear, block 32, batch 256, 2.1x faster than dense
-# at density 0.5, one thread); sparser than that was not measured, so not claimed.
+# (python -m bench layers-bsr), where block-sparse Linear already beats dense; less sparse
+# was not measured, so not claimed. See bench/RESULTS.md (layers-bsr).
 BSR_DENSE_BELOW = 0.5
 
 

@@ -50,8 +50,8 @@ def gram(x: Tensor) -> Tensor:
     """X^T X (..., p, p) of x (..., n, p).
 
     On CPU, for one float32/float64 matrix, BLAS syrk computes only one triangle: half a
-    GEMM's flops (measured 2.0x faster than torch's x.mT @ x at n = 10,000, p = 128 and 512,
-    one thread); torch has no syrk. Elsewhere, a plain matmul.
+    GEMM's flops, and measured faster than torch's x.mT @ x (see bench/RESULTS.md
+    (similarity)); torch has no syrk. Elsewhere, a plain matmul.
     """
     syrk = {torch.float64: blas.dsyrk, torch.float32: blas.ssyrk}.get(x.dtype)
     if x.ndim != 2 or x.device.type != "cpu" or syrk is None or x.requires_grad:

@@ -13,12 +13,9 @@ values down to sqrt(4 sqrt(p) eps) s_max (about 1e-7 relative in float64); the i
 Fused kernel, measured and not kept: the accumulation is one GEMM per chunk (all pairs'
 layers concatenated, see `cross_blocks`) plus column sums. A hand-written C++ kernel that
 fuses the shift into an AVX2-FMA, OpenMP accumulation of (X - a)^T (Y - b) was timed
-against torch's (X - a).mT @ (Y - b) (MKL dgemm), float64, n = 10,000 rows, on this
-project's 2-core AVX2 CPU (shared and loaded, one thread, median of 5):
-p = q = 16: 0.56 ms vs 2.2 ms; 64: 21 vs 34 ms; 256: 282 vs 96 ms; 512: 1.31 vs 0.68 s;
-the concatenated all-pairs product (n = 4,096, 3,000 x 3,000): 22.9 vs 4.7 s. With two
-threads the kernel lost everywhere. It wins only on tiny per-pair products that cost
-milliseconds and loses 2-5x where the time goes, so plain torch is kept.
+against torch's (X - a).mT @ (Y - b) (MKL dgemm): it won only on tiny per-pair products
+that cost milliseconds, lost where the time goes (wide layers, the all-pairs product) and
+lost everywhere on two threads, so plain torch is kept (see bench/RESULTS.md (similarity)).
 """
 
 from __future__ import annotations
