@@ -35,7 +35,7 @@ def _fresh_seed() -> int:
 def one_thread():
     """One torch thread for the test (use with `pytestmark =
     pytest.mark.usefixtures("one_thread")`): under `pytest -n 2` on a shared 2-core machine,
-    OpenMP threads that wait on each other make small ops up to 100x slower."""
+    OpenMP threads that wait on each other make small ops far slower."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
