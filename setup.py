@@ -80,6 +80,7 @@ setup(
     packages=[
         "sparsecore",
         "sparsecore.nn",
+        "sparsecore.ops",
         "sparsecore.prune",
         "sparsecore.similarity",
         "sparsecore.models",
