@@ -41,7 +41,11 @@ Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "triton" | "ref
 first k columns). NaN or Inf input raises ValueError.
 
 Autograd: gradients of S, U, Vh, L and Q follow torch.linalg's formulas (values always; the
-vector terms are gauge-dependent where values repeat, as in torch).
+vector terms are gauge-dependent where values repeat, as in torch). They are registered on
+the custom ops with `register_autograd`, since each is a formula of the op's input and
+outputs alone; the sparse layers use `autograd.Function` instead, because their backward
+needs the weight's structure object and a choice made in the forward (see the module
+docstring of sparsecore.nn.functional).
 """
 
 from __future__ import annotations
