@@ -2,8 +2,7 @@
 
 - `sparsecore._C`: a CppExtension, always (OpenMP, -O3, AVX2/FMA when the build machine's
   compiler and CPU support them; every kernel also has a scalar path that is always correct).
-- `sparsecore._C_cuda`: a CUDAExtension, only when torch was built with CUDA and nvcc exists.
-- `SPARSECORE_BUILD_EXT=0` builds neither (the package then runs on its reference ops).
+- `SPARSECORE_BUILD_EXT=0` builds none (the package then runs on its reference ops).
 """
 
 from __future__ import annotations
@@ -41,8 +40,7 @@ def _cpu_has(flag: str) -> bool:
 def _ext_modules() -> tuple[list, dict]:
     if os.environ.get("SPARSECORE_BUILD_EXT", "1") == "0":
         return [], {}
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]
     # SIMD: only where this machine runs it; the portable build is the scalar path.
@@ -58,18 +56,6 @@ def _ext_modules() -> tuple[list, dict]:
             extra_link_args=["-fopenmp"],
         )
     ]
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    if torch.version.cuda and shutil.which("nvcc") and cuda_sources:
-        exts.append(
-            CUDAExtension(
-                "sparsecore._C_cuda",
-                cuda_sources,
-                extra_compile_args={
-                    "cxx": ["-O3", "-std=c++20"],
-                    "nvcc": ["-O3", "--use_fast_math"],
-                },
-            )
-        )
     use_ninja = shutil.which("ninja") is not None
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}
 
@@ -80,6 +66,7 @@ setup(
     packages=[
         "sparsecore",
         "sparsecore.nn",
+        "sparsecore.ops",
         "sparsecore.prune",
         "sparsecore.similarity",
         "sparsecore.study",

@@ -135,11 +135,11 @@ def _path(module: nn.Module, x: torch.Tensor) -> str:
     w = module.weight_csr()
     tiling, _ = w.cpu_tilings()
     if isinstance(module, SparseLinear):
-        return ops._csr_dsd_dispatch.select(x, w.values, w.col_idx, w.row_ptr, w.row_order,
-                                            tiling, w.n_rows).name
-    return ops._csr_conv2d_dispatch.select(x, w.values, w.col_idx, w.row_ptr, tiling,
-                                           list(w.shape), list(module.stride),
-                                           list(module.padding), list(module.dilation)).name
+        return ops.csr._csr_dsd_dispatch.select(x, w.values, w.col_idx, w.row_ptr,
+                                                w.row_order, tiling, w.n_rows).name
+    return ops.csr._csr_conv2d_dispatch.select(x, w.values, w.col_idx, w.row_ptr, tiling,
+                                               list(w.shape), list(module.stride),
+                                               list(module.padding), list(module.dilation)).name
 
 
 def run(args: argparse.Namespace) -> list[dict]:

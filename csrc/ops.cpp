@@ -1,7 +1,7 @@
 // Schemas of the C++ kernels, one TORCH_LIBRARY for the whole extension. Implementations
-// live in csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(sparsecore, CPU, m)) and, where built,
-// csrc/cuda/<op>.cu (TORCH_LIBRARY_IMPL(sparsecore, CUDA, m)). The public ops are the Python
-// custom ops in sparsecore/ops.py (and sparsecore/linalg.py), which dispatch to these.
+// live in csrc/cpu/<family>.cpp (TORCH_LIBRARY_IMPL(sparsecore, CPU, m)). The public ops are
+// the Python custom ops in the sparsecore/ops package (and sparsecore/linalg.py), which
+// dispatch to these.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -76,5 +76,4 @@ TORCH_LIBRARY(sparsecore, m) {
   m.def("_eigh_jacobi_cpu(Tensor A, bool lower) -> (Tensor, Tensor)");
   m.def("_svd_bidiag_cpu(Tensor A, bool compute_uv) -> (Tensor, Tensor, Tensor)");
   m.def("_eigh_bidiag_cpu(Tensor A, bool lower) -> (Tensor, Tensor)");
-  // --- similarity (centered Gram / cross-covariance accumulation) ---
 }

@@ -7,8 +7,8 @@ the ops fall back to their pure-PyTorch references.
 
 from sparsecore import _ext
 from sparsecore._dispatch import NotSupportedError, use_backend
-from sparsecore._ext import has_cpu_ext, has_cuda_ext
+from sparsecore._ext import has_cpu_ext
 
 __version__ = "0.1.0"
 
-__all__ = ["NotSupportedError", "use_backend", "has_cpu_ext", "has_cuda_ext", "_ext", "__version__"]
+__all__ = ["NotSupportedError", "use_backend", "has_cpu_ext", "_ext", "__version__"]

@@ -1,10 +1,12 @@
 """Backend selection shared by every op family (xformers' `not_supported_reasons` pattern).
 
-An op has an ordered list of `Backend`s. Each backend's `check(*args)` returns the reasons
-it cannot run these inputs (an empty list means it can). `Dispatcher.select` picks the
-first backend with no reasons, or the one the user forced with `use_backend(...)` or the
-environment variable SPARSECORE_BACKEND; when nothing can run, `NotSupportedError` lists
-every backend's reasons.
+An op has an ordered list of `Backend`s and a record type of its arguments (a frozen
+dataclass): a call's arguments become one record, and each backend's `check(args)` and
+`run(args)` read its fields by name, so adding an argument to an op cannot silently shift what
+a backend reads. `check` returns the reasons the backend cannot run these inputs (an empty
+list means it can). `Dispatcher.select` picks the first backend with no reasons, or the one
+the user forced with `use_backend(...)` or the environment variable SPARSECORE_BACKEND; when
+nothing can run, `NotSupportedError` lists every backend's reasons.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
+from sparsecore import _ext
+
 _state = threading.local()
+A = TypeVar("A")
+# The dtypes every C++ CPU kernel takes.
+CPP_DTYPES = (torch.float32, torch.float64)
 
 
 class NotSupportedError(RuntimeError):
@@ -26,12 +33,13 @@ class NotSupportedError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Backend:
-    """One implementation of an op: `check` returns reasons it cannot run; `run` runs it."""
+class Backend(Generic[A]):
+    """One implementation of an op: `check(args)` returns reasons it cannot run the call whose
+    arguments are the record `args`; `run(args)` runs it."""
 
     name: str
-    check: Callable[..., list[str]]
-    run: Callable[..., Any]
+    check: Callable[[A], list[str]]
+    run: Callable[[A], Any]
 
 
 def forced_backend() -> str | None:
@@ -45,7 +53,10 @@ def forced_backend() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force a backend by name ("cpp", "triton", "cuda", "reference") inside the block.
+    """Force a backend by name inside the block: "cpp" (the C++ CPU kernels), "dense" (the
+    CSR ops' dense product on the CPU, below their crossover sparsity), "triton" (GPU, or
+    CPU under TRITON_INTERPRET=1) or "reference" (plain torch). An op without a backend of
+    that name chooses automatically.
 
     `None` restores automatic selection inside the block.
     """
@@ -59,19 +70,30 @@ def use_backend(name: str | None) -> Iterator[None]:
         stack.pop()
 
 
-class Dispatcher:
-    """Chooses among `backends` (in priority order) for the op called `op_name`."""
+class Dispatcher(Generic[A]):
+    """Chooses among `backends` (in priority order) for the op called `op_name`, whose
+    arguments `args(*call_args, **call_kwargs)` gathers into one record."""
 
-    def __init__(self, op_name: str, backends: Sequence[Backend]) -> None:
+    def __init__(self, op_name: str, args: Callable[..., A], backends: Sequence[Backend[A]]
+                 ) -> None:
         self.op_name = op_name
+        self.args = args
         self.backends = list(backends)
 
-    def reasons(self, *args: Any) -> dict[str, list[str]]:
+    def reasons(self, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
         """Every backend's reasons for refusing these inputs ([] = would run)."""
-        return {b.name: b.check(*args) for b in self.backends}
+        record = self.args(*args, **kwargs)
+        return {b.name: b.check(record) for b in self.backends}
 
-    def select(self, *args: Any) -> Backend:
+    def select(self, *args: Any, **kwargs: Any) -> Backend[A]:
         """The backend that will run these inputs; raises NotSupportedError with reasons."""
+        return self._select(self.args(*args, **kwargs))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        record = self.args(*args, **kwargs)
+        return self._select(record).run(record)
+
+    def _select(self, record: A) -> Backend[A]:
         forced = forced_backend()
         names = [b.name for b in self.backends]
         if forced is not None and forced not in names:
@@ -82,7 +104,7 @@ class Dispatcher:
         for b in self.backends:
             if forced is not None and b.name != forced:
                 continue
-            why = b.check(*args)
+            why = b.check(record)
             if not why:
                 return b
             collected[b.name] = why
@@ -92,9 +114,6 @@ class Dispatcher:
         for name, why in collected.items():
             lines.append(f"  {name}: " + "; ".join(why))
         raise NotSupportedError("\n".join(lines))
-
-    def __call__(self, *args: Any) -> Any:
-        return self.select(*args).run(*args)
 
 
 def tensor_reasons(
@@ -115,6 +134,13 @@ def tensor_reasons(
             why.append(f"dtype {str(t.dtype).replace('torch.', '')} not in {names}")
             break
     return why
+
+
+def cpp_reasons(tensors: Sequence[torch.Tensor]) -> list[str]:
+    """Why a C++ CPU kernel cannot run: the extension not loaded, or tensors not on the CPU
+    or (floating ones) not of CPP_DTYPES."""
+    why = [] if _ext.has_cpu_ext() else [f"C++ extension not loaded ({_ext.cpu_ext_error()})"]
+    return why + tensor_reasons(tensors, devices=("cpu",), dtypes=CPP_DTYPES)
 
 
 def triton_reasons(tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> list[str]:

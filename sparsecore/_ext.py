@@ -1,4 +1,4 @@
-"""Loads the compiled extension `sparsecore._C` (and `sparsecore._C_cuda` where built).
+"""Loads the compiled extension `sparsecore._C` (the C++ CPU kernels).
 
 Import never crashes and never initialises CUDA: a missing or broken extension gives a
 single warning, and every op then runs on its pure-PyTorch reference.
@@ -11,10 +11,7 @@ import os
 import warnings
 
 _cpu_error: str | None = None
-_cuda_error: str | None = None
 _cpu_loaded = False
-_cuda_tried = False
-_cuda_loaded = False
 _warned = False
 
 
@@ -48,27 +45,6 @@ def has_cpu_ext() -> bool:
 def cpu_ext_error() -> str | None:
     """Why the CPU extension is not loaded (None when it is)."""
     return _cpu_error
-
-
-def has_cuda_ext() -> bool:
-    """True when `sparsecore._C_cuda` is loaded. Loaded lazily, on the first CUDA call."""
-    global _cuda_tried, _cuda_loaded, _cuda_error
-    if not _cuda_tried:
-        _cuda_tried = True
-        if not _cpu_loaded:
-            _cuda_error = "the CPU extension (which defines the op schemas) is not loaded"
-        else:
-            try:
-                importlib.import_module("sparsecore._C_cuda")
-                _cuda_loaded = True
-            except Exception as exc:
-                _cuda_error = f"{type(exc).__name__}: {exc}"
-    return _cuda_loaded
-
-
-def cuda_ext_error() -> str | None:
-    """Why the CUDA extension is not loaded (None when it is, or before it was tried)."""
-    return _cuda_error
 
 
 _load_cpu()

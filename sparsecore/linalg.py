@@ -41,7 +41,11 @@ Backends (sparsecore._dispatch, forced with `use_backend("cpp" | "triton" | "ref
 first k columns). NaN or Inf input raises ValueError.
 
 Autograd: gradients of S, U, Vh, L and Q follow torch.linalg's formulas (values always; the
-vector terms are gauge-dependent where values repeat, as in torch).
+vector terms are gauge-dependent where values repeat, as in torch). They are registered on
+the custom ops with `register_autograd`, since each is a formula of the op's input and
+outputs alone; the sparse layers use `autograd.Function` instead, because their backward
+needs the weight's structure object and a choice made in the forward (see the module
+docstring of sparsecore.nn.functional).
 """
 
 from __future__ import annotations
@@ -49,11 +53,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from sparsecore import _ext
-from sparsecore._dispatch import Backend, Dispatcher, forced_backend, triton_reasons
+from sparsecore._dispatch import Backend, Dispatcher, cpp_reasons, forced_backend, triton_reasons
 
 __all__ = ["svd", "svdvals", "eigh", "CPP_MAX_SIZE", "CPP_AUTO_MAX_SIZE"]
 
@@ -77,14 +81,24 @@ CPP_AUTO_MAX_SIZE = {
 _DTYPES = (torch.float32, torch.float64)
 
 
+@dataclass(frozen=True)
+class _MatrixArgs:
+    """The argument of one svd / svdvals call: a batch A (b, m, n)."""
+
+    A: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _EighArgs:
+    """The arguments of one eigh call: a batch A (b, n, n), read from its lower triangle when
+    `lower` (else the upper)."""
+
+    A: torch.Tensor
+    lower: bool
+
+
 def _cpp_reasons(op: str, A: torch.Tensor) -> list[str]:
-    why: list[str] = []
-    if not _ext.has_cpu_ext():
-        why.append(f"C++ extension not loaded ({_ext.cpu_ext_error()})")
-    if A.device.type != "cpu":
-        why.append(f"device {A.device.type} is not cpu")
-    if A.dtype not in _DTYPES:
-        why.append(f"dtype {str(A.dtype).replace('torch.', '')} not in [float32, float64]")
+    why = cpp_reasons([A])
     size = tuple(A.shape[-2:])
     if A.dim() == 3 and max(size) > CPP_MAX_SIZE:
         why.append(f"matrix size {size} above {CPP_MAX_SIZE} (torch.linalg runs those)")
@@ -95,9 +109,9 @@ def _cpp_reasons(op: str, A: torch.Tensor) -> list[str]:
     return why
 
 
-def _reference_reasons(A: torch.Tensor, *_: object) -> list[str]:
-    if A.dtype not in _DTYPES:
-        return [f"dtype {str(A.dtype).replace('torch.', '')} not in [float32, float64]"]
+def _reference_reasons(a: _MatrixArgs | _EighArgs) -> list[str]:
+    if a.A.dtype not in _DTYPES:
+        return [f"dtype {str(a.A.dtype).replace('torch.', '')} not in [float32, float64]"]
     return []
 
 
@@ -110,8 +124,8 @@ def _sign_fix(V: torch.Tensor) -> torch.Tensor:
     return torch.where(top < 0, -1.0, 1.0).to(V.dtype)
 
 
-def _svd_reference(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+def _svd_reference(a: _MatrixArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    U, S, Vh = torch.linalg.svd(a.A, full_matrices=False)
     sg = _sign_fix(U)
     return U * sg.unsqueeze(-2), S, Vh * sg.unsqueeze(-1)
 
@@ -137,21 +151,25 @@ def _cpp_op(op: str, A: torch.Tensor):
     return getattr(torch.ops.sparsecore, f"_{family}_{cpp_kernel(op, A.shape, A.dtype)}_cpu")
 
 
-def _svd_cpp(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _cpp_op("svd", A)(A, True)
+def _svd_cpp(a: _MatrixArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cpp_op("svd", a.A)(a.A, True)
 
 
-def _svdvals_cpp(A: torch.Tensor) -> torch.Tensor:
-    return _cpp_op("svdvals", A)(A, False)[1]
+def _svdvals_cpp(a: _MatrixArgs) -> torch.Tensor:
+    return _cpp_op("svdvals", a.A)(a.A, False)[1]
 
 
-def _eigh_reference(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    L, Q = torch.linalg.eigh(A, UPLO="L" if lower else "U")
+def _svdvals_reference(a: _MatrixArgs) -> torch.Tensor:
+    return torch.linalg.svdvals(a.A)
+
+
+def _eigh_reference(a: _EighArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    L, Q = torch.linalg.eigh(a.A, UPLO="L" if a.lower else "U")
     return L, Q * _sign_fix(Q).unsqueeze(-2)
 
 
-def _eigh_cpp(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cpp_op("eigh", A)(A, lower)
+def _eigh_cpp(a: _EighArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cpp_op("eigh", a.A)(a.A, a.lower)
 
 
 # --- Triton (GPU; CPU only under TRITON_INTERPRET=1 when forced) ---------------------------
@@ -161,11 +179,11 @@ def _eigh_cpp(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]
 TRITON_MAX_SIZE = 32
 
 
-def _triton_linalg_reasons(A: torch.Tensor) -> list[str]:
-    why = triton_reasons([A], _DTYPES)
-    if A.dim() == 3 and max(A.shape[-2:]) > TRITON_MAX_SIZE:
-        why.append(f"matrix size {tuple(A.shape[-2:])} above {TRITON_MAX_SIZE} (one matrix per "
-                   "Triton program in registers)")
+def _triton_linalg_reasons(a: _MatrixArgs | _EighArgs) -> list[str]:
+    why = triton_reasons([a.A], _DTYPES)
+    if a.A.dim() == 3 and max(a.A.shape[-2:]) > TRITON_MAX_SIZE:
+        why.append(f"matrix size {tuple(a.A.shape[-2:])} above {TRITON_MAX_SIZE} (one matrix "
+                   "per Triton program in registers)")
     return why
 
 
@@ -181,7 +199,8 @@ def _jacobi_triton(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return X, S, V
 
 
-def _svd_triton(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _svd_triton(a: _MatrixArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    A = a.A
     X, S, V = _jacobi_triton(A)
     # Orthonormal left vectors even where a singular value is zero: a QR of the orthogonal
     # columns, signs aligned with them.
@@ -193,15 +212,16 @@ def _svd_triton(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return U * sg.unsqueeze(-2), S, Vh * sg.unsqueeze(-1)
 
 
-def _svdvals_triton(A: torch.Tensor) -> torch.Tensor:
-    return _jacobi_triton(A)[1]
+def _svdvals_triton(a: _MatrixArgs) -> torch.Tensor:
+    return _jacobi_triton(a.A)[1]
 
 
-def _eigh_triton(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _eigh_triton(a: _EighArgs) -> tuple[torch.Tensor, torch.Tensor]:
     # B = S + c I (Gershgorin: positive semi-definite); its right singular vectors from the
     # Jacobi rotations are eigenvectors (orthogonal by construction); eigenvalues are their
     # Rayleigh quotients with S.
-    S = A.tril() + A.tril(-1).mT if lower else A.triu() + A.triu(1).mT
+    A = a.A
+    S = A.tril() + A.tril(-1).mT if a.lower else A.triu() + A.triu(1).mT
     diag = torch.diagonal(S, dim1=-2, dim2=-1)
     off = S.abs().sum(-1) - diag.abs()
     shift = (off - diag).amax(-1).clamp_min(0)
@@ -213,32 +233,31 @@ def _eigh_triton(A: torch.Tensor, lower: bool) -> tuple[torch.Tensor, torch.Tens
     return L, Q * _sign_fix(Q).unsqueeze(-2)
 
 
-def _eigh_cpp_reasons(A: torch.Tensor, lower: bool) -> list[str]:
-    return _cpp_reasons("eigh", A)
-
-
 _svd_dispatch = Dispatcher(
     "linalg.svd",
+    _MatrixArgs,
     [
-        Backend("cpp", lambda A: _cpp_reasons("svd", A), _svd_cpp),
+        Backend("cpp", lambda a: _cpp_reasons("svd", a.A), _svd_cpp),
         Backend("triton", _triton_linalg_reasons, _svd_triton),
         Backend("reference", _reference_reasons, _svd_reference),
     ],
 )
 _svdvals_dispatch = Dispatcher(
     "linalg.svdvals",
+    _MatrixArgs,
     [
-        Backend("cpp", lambda A: _cpp_reasons("svdvals", A), _svdvals_cpp),
+        Backend("cpp", lambda a: _cpp_reasons("svdvals", a.A), _svdvals_cpp),
         Backend("triton", _triton_linalg_reasons, _svdvals_triton),
-        Backend("reference", _reference_reasons, torch.linalg.svdvals),
+        Backend("reference", _reference_reasons, _svdvals_reference),
     ],
 )
 _eigh_dispatch = Dispatcher(
     "linalg.eigh",
+    _EighArgs,
     [
-        Backend("cpp", _eigh_cpp_reasons, _eigh_cpp),
-        Backend("triton", lambda A, lower: _triton_linalg_reasons(A), _eigh_triton),
-        Backend("reference", lambda A, lower: _reference_reasons(A), _eigh_reference),
+        Backend("cpp", lambda a: _cpp_reasons("eigh", a.A), _eigh_cpp),
+        Backend("triton", _triton_linalg_reasons, _eigh_triton),
+        Backend("reference", _reference_reasons, _eigh_reference),
     ],
 )
 

@@ -208,12 +208,12 @@ def test_dispatcher_explains_refusals() -> None:
     # automatic choice: the reference takes float16 on the CPU
     y = ops.csr_dsd(x, m.values, m.col_idx, m.row_ptr, m.row_order, None, 5)
     assert y.dtype == torch.float16
-    reasons = ops._csr_dsd_dispatch.reasons(x, m.values, m.col_idx, m.row_ptr, m.row_order,
-                                            None, 5)
+    dispatch = ops.csr._csr_dsd_dispatch
+    reasons = dispatch.reasons(x, m.values, m.col_idx, m.row_ptr, m.row_order, None, 5)
     assert reasons["reference"] == [] and "float16" in reasons["dense"][-1]
     m32, x32 = m.to(torch.float32), x.float()
-    reasons = ops._csr_dsd_dispatch.reasons(x32, m32.values, m32.col_idx, m32.row_ptr,
-                                            m32.row_order, None, 5)
+    reasons = dispatch.reasons(x32, m32.values, m32.col_idx, m32.row_ptr, m32.row_order, None,
+                               5)
     assert "crossover" in reasons["dense"][0] if has_cpu_ext() else reasons["dense"]
 
 
@@ -221,7 +221,7 @@ def test_dense_crossover_choice() -> None:
     """Below the crossover sparsity the CPU runs the dense product; above it the kernel."""
     lo, hi = random_csr((16, 32), 0.2), random_csr((16, 32), 0.95)
     x = torch.randn(32, 32)
-    pick = ops._csr_dsd_dispatch.select
+    pick = ops.csr._csr_dsd_dispatch.select
     assert pick(x, lo.values, lo.col_idx, lo.row_ptr, lo.row_order, None, 16).name == (
         "dense" if has_cpu_ext() else "reference")
     chosen = pick(x, hi.values, hi.col_idx, hi.row_ptr, hi.row_order, None, 16).name
@@ -238,10 +238,10 @@ def test_conv_crossover_depends_on_the_shape() -> None:
     for side, expect in ((16, "cpp"), (2, "dense")):
         x = torch.randn(4, 64, side, side)
         dy = torch.randn(4, 64, side, side)
-        fwd = ops._csr_conv2d_dispatch.select(x, w.values, w.col_idx, w.row_ptr, None, shape,
-                                              *geom)
-        dw = ops._csr_conv2d_dw_dispatch.select(dy, x, w.row_ptr, w.col_idx, w.row_idx, None,
-                                                shape, *geom)
+        fwd = ops.csr._csr_conv2d_dispatch.select(x, w.values, w.col_idx, w.row_ptr, None,
+                                                  shape, *geom)
+        dw = ops.csr._csr_conv2d_dw_dispatch.select(dy, x, w.row_ptr, w.col_idx, w.row_idx,
+                                                    None, shape, *geom)
         assert (fwd.name, dw.name) == (expect, expect), side
     assert ops.csr_conv_crossover(shape, 4) == 1.0
     assert ops.csr_conv_crossover(shape, 256) == ops.CSR_DENSE_BELOW["conv"]

@@ -1152,7 +1152,7 @@ at::Tensor _csr_conv2d_dw_cpu(const at::Tensor& dy, const at::Tensor& x,
   return dv;
 }
 
-// ---- the dense fallback (ops.py runs it below the crossover sparsity) ----------------------
+// ---- the dense fallback (sparsecore/ops/csr.py runs it below the crossover sparsity) ------------
 // Each helper checks the CSR rows as it walks them (no separate pass): a bad row is skipped
 // and reported, never read or written out of bounds.
 template <typename T>

@@ -28,6 +28,7 @@ from torch.nn.modules.utils import _pair
 
 from sparsecore import ops
 from sparsecore.formats import BSRWeight
+from sparsecore.ops._common import conv_out_hw
 
 __all__ = ["BlockSparseLinear", "BlockSparseConv2d", "BSRLinearFunction", "BSRConv2dFunction"]
 
@@ -99,9 +100,8 @@ class BSRConv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(x, blocks)
         ctx.s, ctx.geom = s, geom
         ctx.has_bias = bias is not None
-        b, _, h, w = x.shape
-        ho, wo = _out_size((h, w), *geom)
-        return y2.view(b, ho, wo, s.n_out).permute(0, 3, 1, 2)
+        ho, wo = conv_out_hw(x.shape[2:], *geom)
+        return y2.view(x.shape[0], ho, wo, s.n_out).permute(0, 3, 1, 2)
 
     @staticmethod
     @once_differentiable
@@ -120,13 +120,6 @@ class BSRConv2dFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2.sum(0)
         return dx, dblocks, dbias, None, None
-
-
-def _out_size(hw: tuple[int, int], k: tuple[int, int], stride: tuple[int, int],
-              padding: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
-    return tuple(  # type: ignore[return-value]
-        (hw[i] + 2 * padding[i] - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1 for i in range(2)
-    )
 
 
 class _BlockSparseBase(nn.Module):

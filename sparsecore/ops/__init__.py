@@ -1,0 +1,40 @@
+"""The one op surface: torch.library custom ops with fake (meta) kernels and pure-PyTorch
+references, each dispatched among backends by sparsecore._dispatch (forced with
+`use_backend(...)`; refusals list every backend's reasons).
+
+- `sparsecore.ops.csr`: unstructured sparse (CSR) dsd, SDDMM and Conv2d with its gradients,
+  and the CPU dense crossover (CSR_DENSE_BELOW, csr_conv_crossover, csr_runs_dense).
+- `sparsecore.ops.bsr`: block-sparse (BSR) dsd, block SDDMM and Conv2d with its gradients.
+
+Every public name of both is importable from here.
+"""
+
+from sparsecore.ops.bsr import bsr_conv2d, bsr_conv2d_dw, bsr_conv2d_dx, bsr_dsd, bsr_sddmm
+from sparsecore.ops.csr import (
+    CSR_DENSE_BELOW,
+    csr_conv2d,
+    csr_conv2d_dw,
+    csr_conv2d_dx,
+    csr_conv_crossover,
+    csr_dsd,
+    csr_runs_dense,
+    csr_sddmm,
+    csr_tile_values,
+)
+
+__all__ = [
+    "CSR_DENSE_BELOW",
+    "bsr_conv2d",
+    "bsr_conv2d_dw",
+    "bsr_conv2d_dx",
+    "bsr_dsd",
+    "bsr_sddmm",
+    "csr_conv2d",
+    "csr_conv2d_dw",
+    "csr_conv2d_dx",
+    "csr_conv_crossover",
+    "csr_dsd",
+    "csr_runs_dense",
+    "csr_sddmm",
+    "csr_tile_values",
+]

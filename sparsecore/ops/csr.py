@@ -1,0 +1,596 @@
+"""CSR ops: unstructured sparse x dense (dsd), SDDMM, and Conv2d on the CSR matrix view.
+
+Backends: "dense" (dense torch on the weight densified in C++, chosen on the CPU below the
+measured crossover sparsity, where MKL's dense product beats the sparse kernel), "cpp"
+(csrc/cpu/csr.cpp: tile-major CSR walk over feature-major packed operands, OpenMP; conv as
+im2col + the same walk, sample by sample; CPU float32/float64), "triton" (kernels/csr.py;
+CUDA float32/float16/bfloat16, or CPU under TRITON_INTERPRET=1 when forced; conv through an
+im2col matrix), "reference" (dense torch on the densified weight: the fallback and the
+oracle of every test).
+
+`tiling` arguments are the C++ kernels' tile-major layouts (CSRWeight.cpu_tilings()); None
+makes the C++ backend build one per call, and the other backends ignore them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparsecore._dispatch import (
+    Backend,
+    Dispatcher,
+    cpp_reasons,
+    forced_backend,
+    triton_reasons,
+)
+from sparsecore.ops._common import (
+    TRITON_DTYPES,
+    always,
+    col2im_rows,
+    conv_out_hw,
+    im2col_rows,
+    rows_of,
+)
+
+__all__ = [
+    "CSR_DENSE_BELOW",
+    "csr_conv_crossover",
+    "csr_runs_dense",
+    "csr_tile_values",
+    "csr_dsd",
+    "csr_sddmm",
+    "csr_conv2d",
+    "csr_conv2d_dx",
+    "csr_conv2d_dw",
+]
+
+# Dense crossover on the CPU: the sparse kernels run from this sparsity up (below it the
+# "dense" backend runs the reference, i.e. MKL/oneDNN on the densified weight). Measured
+# with `python -m bench layers` on an AMD EPYC (Zen 3, 2 cores), float32, fwd and fwd+bwd:
+# see the bench's crossover note; the product reaches parity with dense around these
+# sparsities (a batch below 8 runs the gather kernel, which beats dense GEMV from ~30%).
+CSR_DENSE_BELOW = {"linear": 0.6, "linear_small_batch": 0.3, "conv": 0.6}
+
+
+def csr_conv_crossover(weight_shape: Sequence[int], out_pixels: int) -> float:
+    """The sparsity from which the CSR Conv2d kernels beat dense on the CPU, by shape.
+
+    Few output pixels per sample (deep layers of CIFAR nets) or a short reduction (few input
+    channels) leave the kernel too little reuse per gathered weight. Measured on the 2-core
+    Zen 3, batch 64, 3x3, float32, fwd and fwd+bwd vs torch (oneDNN), with the kernel forced:
+    2x2 outputs lose at every sparsity up to 95% (0.5x there); 4x4 (256/512 channels) reach
+    parity between 80% and 90% (1.1-1.2x at 90%); 16 or 32 input channels at 16x16 / 32x32
+    between 80% and 90%; 64 channels at 8x8 between 70% and 80%; 64 channels from 16x16 and
+    128+ channels from 8x8 at or below 60% (CSR_DENSE_BELOW["conv"]).
+    """
+    reduction = math.prod(weight_shape[1:])
+    if out_pixels < 16:
+        return 1.0  # never chosen automatically (use_backend("cpp") still forces it)
+    if out_pixels < 64 or reduction < 576:
+        return 0.9
+    if out_pixels * reduction < 64 * 1152:
+        return 0.8
+    return CSR_DENSE_BELOW["conv"]
+
+
+def _dense_reasons(kind: str, tensor: Tensor, nnz: int, n_rows: int, n_cols: int,
+                   crossover: float | None = None) -> list[str]:
+    """Why the dense fallback is not chosen: no C++ helpers for these tensors, or sparse
+    enough for the kernels (that part is waived when forced with use_backend("dense"))."""
+    why = cpp_reasons([tensor])
+    if why or forced_backend() == "dense":
+        return why
+    total = n_rows * n_cols
+    sparsity = 1.0 - nnz / total if total else 1.0
+    crossover = CSR_DENSE_BELOW[kind] if crossover is None else crossover
+    if sparsity >= crossover:
+        return [f"sparsity {sparsity:.2f} is at or above the {kind} crossover "
+                f"{crossover:.2f} (the sparse kernels win there)"]
+    return []
+
+
+def _csr_dense(values: Tensor, col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> Tensor:
+    """The dense (n_rows, n_cols) matrix of a CSR."""
+    rows = rows_of(row_ptr, values.numel())
+    out = values.new_zeros(row_ptr.numel() - 1, n_cols)
+    return out.index_put_((rows, col_idx.long()), values)
+
+
+def _check_same(op: str, a: Tensor, b: Tensor, what: str) -> None:
+    if a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"sparsecore.{op}: {what} are {a.dtype} on {a.device} and {b.dtype} on "
+                         f"{b.device}; they must match")
+
+
+def _densify(values: Tensor, col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> Tensor:
+    return torch.ops.sparsecore._csr_to_dense_cpu(values.contiguous(), col_idx, row_ptr, n_cols)
+
+
+def _sample(full: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
+    return torch.ops.sparsecore._csr_sample_cpu(full, row_ptr, col_idx)
+
+
+# ---- csr_dsd
+@dataclass(frozen=True)
+class _DsdArgs:
+    """The arguments of one csr_dsd call (see csr_dsd)."""
+
+    x: Tensor
+    values: Tensor
+    col_idx: Tensor
+    row_ptr: Tensor
+    row_order: Tensor
+    tiling: Tensor | None
+    n_out: int
+    tiled_values: Tensor | None = None
+
+
+def _dsd_dense(a: _DsdArgs) -> Tensor:
+    return torch.ops.sparsecore._csr_dsd_dense_cpu(a.x, a.values.contiguous(), a.col_idx,
+                                                   a.row_ptr, a.n_out)
+
+
+def _dsd_cpp(a: _DsdArgs) -> Tensor:
+    return torch.ops.sparsecore._csr_dsd_cpu(a.x, a.values.contiguous(), a.col_idx, a.row_ptr,
+                                             a.tiling, a.n_out, a.tiled_values)
+
+
+def _dsd_reference(a: _DsdArgs) -> Tensor:
+    return a.x @ _csr_dense(a.values, a.col_idx, a.row_ptr, a.x.shape[1]).t()
+
+
+def _dsd_triton(a: _DsdArgs) -> Tensor:
+    from sparsecore.kernels.csr import spmm
+
+    return spmm(a.x, a.values, a.col_idx, a.row_ptr, a.n_out, a.row_order)
+
+
+def _dsd_dense_reasons(a: _DsdArgs) -> list[str]:
+    kind = "linear" if a.x.shape[0] >= 8 else "linear_small_batch"
+    return _dense_reasons(kind, a.x, a.values.numel(), a.row_ptr.numel() - 1, a.x.shape[1])
+
+
+_csr_dsd_dispatch = Dispatcher(
+    "csr_dsd",
+    _DsdArgs,
+    [
+        Backend("dense", _dsd_dense_reasons, _dsd_dense),
+        Backend("cpp", lambda a: cpp_reasons([a.x, a.values]), _dsd_cpp),
+        Backend("triton", lambda a: triton_reasons([a.x, a.values], TRITON_DTYPES), _dsd_triton),
+        Backend("reference", always, _dsd_reference),
+    ],
+)
+
+
+def csr_runs_dense(op: str, *args: object) -> Tensor | None:
+    """The dense weight matrix (n_rows, n_cols) when `op`'s dispatcher ("csr_dsd" or
+    "csr_conv2d", with that op's arguments) picks the dense fallback, else None. The layers
+    ask once per forward and reuse the matrix for the input gradient, instead of densifying
+    W and W^T op by op."""
+    dispatch = _csr_dsd_dispatch if op == "csr_dsd" else _csr_conv2d_dispatch
+    if dispatch.select(*args).name != "dense":
+        return None
+    a = dispatch.args(*args)
+    n_cols = a.x.shape[1] if isinstance(a, _DsdArgs) else math.prod(a.weight_shape[1:])
+    return _densify(a.values, a.col_idx, a.row_ptr, n_cols)
+
+
+def _check_dsd(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_order: Tensor,
+               n_out: int, tiled_values: Tensor | None) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"sparsecore.csr_dsd: x must be 2-D (B, K), got shape {tuple(x.shape)}")
+    _check_same("csr_dsd", x, values, "x and values")
+    if col_idx.shape != values.shape or row_ptr.shape != (n_out + 1,) or \
+            row_order.shape != (n_out,):
+        raise ValueError(
+            f"sparsecore.csr_dsd: expected col_idx {tuple(values.shape)}, row_ptr ({n_out + 1},) "
+            f"and row_order ({n_out},); got {tuple(col_idx.shape)}, {tuple(row_ptr.shape)}, "
+            f"{tuple(row_order.shape)}"
+        )
+    if tiled_values is not None and tiled_values.shape != values.shape:
+        raise ValueError(f"sparsecore.csr_dsd: tiled_values must have the shape of values, "
+                         f"{tuple(values.shape)}; got {tuple(tiled_values.shape)}")
+
+
+@torch.library.custom_op("sparsecore::csr_dsd", mutates_args=())
+def csr_dsd(
+    x: Tensor,
+    values: Tensor,
+    col_idx: Tensor,
+    row_ptr: Tensor,
+    row_order: Tensor,
+    tiling: Tensor | None,
+    n_out: int,
+    tiled_values: Tensor | None = None,
+) -> Tensor:
+    """Y = X W^T, (B, n_out), for x (B, K) (any strides) and W (n_out, K) in CSR (values,
+    col_idx, row_ptr, row_order as in CSRWeight; tiling from CSRWeight.cpu_tilings() or None).
+    With the transpose's arrays (values[t_perm], t_col_idx, t_row_ptr, t_row_order, t_tiling,
+    n_out=K) it is the input gradient dX = dY W. tiled_values: values already in the tiling's
+    order (csr_tile_values), which the C++ backend then uses as they are (callers that keep
+    values unchanged across calls, such as inference, lay them out once)."""
+    _check_dsd(x, values, col_idx, row_ptr, row_order, n_out, tiled_values)
+    return _csr_dsd_dispatch(x, values, col_idx, row_ptr, row_order, tiling, n_out, tiled_values)
+
+
+@csr_dsd.register_fake
+def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_order: Tensor,
+      tiling: Tensor | None, n_out: int, tiled_values: Tensor | None = None) -> Tensor:
+    _check_dsd(x, values, col_idx, row_ptr, row_order, n_out, tiled_values)
+    return x.new_empty(x.shape[0], n_out)
+
+
+def csr_tile_values(values: Tensor, col_idx: Tensor, row_ptr: Tensor, tiling: Tensor,
+                    n_cols: int) -> Tensor:
+    """values (CSR order) laid out in the order of a C++ tiling (CSRWeight.cpu_tilings()), for
+    csr_dsd's tiled_values."""
+    return torch.ops.sparsecore._csr_tile_values_cpu(values.contiguous(), col_idx, row_ptr,
+                                                    tiling, n_cols)
+
+
+# ---- csr_sddmm
+@dataclass(frozen=True)
+class _SddmmArgs:
+    """The arguments of one csr_sddmm call (see csr_sddmm)."""
+
+    dy: Tensor
+    x: Tensor
+    row_ptr: Tensor
+    col_idx: Tensor
+    row_idx: Tensor
+    row_order: Tensor
+    tiling: Tensor | None
+
+
+def _sddmm_dense(a: _SddmmArgs) -> Tensor:
+    return _sample(a.dy.t() @ a.x, a.row_ptr, a.col_idx)
+
+
+def _sddmm_cpp(a: _SddmmArgs) -> Tensor:
+    return torch.ops.sparsecore._csr_sddmm_cpu(a.dy, a.x, a.row_ptr, a.col_idx, a.tiling)
+
+
+def _sddmm_reference(a: _SddmmArgs) -> Tensor:
+    return (a.dy.t() @ a.x)[a.row_idx.long(), a.col_idx.long()]
+
+
+def _sddmm_triton(a: _SddmmArgs) -> Tensor:
+    from sparsecore.kernels.csr import sddmm
+
+    return sddmm(a.dy, a.x, a.row_idx, a.col_idx)
+
+
+def _sddmm_dense_reasons(a: _SddmmArgs) -> list[str]:
+    kind = "linear" if a.x.shape[0] >= 8 else "linear_small_batch"
+    return _dense_reasons(kind, a.x, a.col_idx.numel(), a.dy.shape[1], a.x.shape[1])
+
+
+_csr_sddmm_dispatch = Dispatcher(
+    "csr_sddmm",
+    _SddmmArgs,
+    [
+        Backend("dense", _sddmm_dense_reasons, _sddmm_dense),
+        Backend("cpp", lambda a: cpp_reasons([a.dy, a.x]), _sddmm_cpp),
+        Backend("triton", lambda a: triton_reasons([a.dy, a.x], TRITON_DTYPES), _sddmm_triton),
+        Backend("reference", always, _sddmm_reference),
+    ],
+)
+
+
+def _check_sddmm(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
+                 row_order: Tensor) -> None:
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"sparsecore.csr_sddmm: dy (B, N) and x (B, K) must be 2-D with one B, "
+                         f"got {tuple(dy.shape)} and {tuple(x.shape)}")
+    _check_same("csr_sddmm", dy, x, "dy and x")
+    n = dy.shape[1]
+    if row_ptr.shape != (n + 1,) or row_idx.shape != col_idx.shape or row_order.shape != (n,):
+        raise ValueError(
+            f"sparsecore.csr_sddmm: expected row_ptr ({n + 1},), row_idx like col_idx "
+            f"{tuple(col_idx.shape)} and row_order ({n},); got {tuple(row_ptr.shape)}, "
+            f"{tuple(row_idx.shape)}, {tuple(row_order.shape)}"
+        )
+
+
+@torch.library.custom_op("sparsecore::csr_sddmm", mutates_args=())
+def csr_sddmm(
+    dy: Tensor,
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    row_idx: Tensor,
+    row_order: Tensor,
+    tiling: Tensor | None,
+) -> Tensor:
+    """Gradient of W's values, (nnz,): out[k] = sum_b dy[b, row_idx[k]] * x[b, col_idx[k]] for
+    dy (B, N), x (B, K); the CSR arrays as in CSRWeight."""
+    _check_sddmm(dy, x, row_ptr, col_idx, row_idx, row_order)
+    return _csr_sddmm_dispatch(dy, x, row_ptr, col_idx, row_idx, row_order, tiling)
+
+
+@csr_sddmm.register_fake
+def _(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
+      row_order: Tensor, tiling: Tensor | None) -> Tensor:
+    _check_sddmm(dy, x, row_ptr, col_idx, row_idx, row_order)
+    return dy.new_empty(col_idx.shape[0])
+
+
+# ---- csr_conv2d (forward), csr_conv2d_dx, csr_conv2d_dw (its gradients)
+# The C++ backend runs im2col + the CSR walk per sample, with the sample's output pixels as
+# the vector dimension (chosen by measurement against direct convolution: see
+# csrc/cpu/csr.cpp); the others go through an im2col matrix of the whole batch.
+@dataclass(frozen=True)
+class _ConvArgs:
+    """The arguments of one csr_conv2d call (see csr_conv2d); geometry as lists."""
+
+    x: Tensor
+    values: Tensor
+    col_idx: Tensor
+    row_ptr: Tensor
+    tiling: Tensor | None
+    weight_shape: list[int]
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+
+
+@dataclass(frozen=True)
+class _ConvDxArgs:
+    """The arguments of one csr_conv2d_dx call (see csr_conv2d_dx); geometry as lists."""
+
+    dy: Tensor
+    t_values: Tensor
+    t_col_idx: Tensor
+    t_row_ptr: Tensor
+    t_tiling: Tensor | None
+    weight_shape: list[int]
+    input_hw: list[int]
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+
+
+@dataclass(frozen=True)
+class _ConvDwArgs:
+    """The arguments of one csr_conv2d_dw call (see csr_conv2d_dw); geometry as lists."""
+
+    dy: Tensor
+    x: Tensor
+    row_ptr: Tensor
+    col_idx: Tensor
+    row_idx: Tensor
+    tiling: Tensor | None
+    weight_shape: list[int]
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+
+
+def _conv_dense(densify: Callable[..., Tensor]) -> Callable[[_ConvArgs], Tensor]:
+    """The conv forward on the weight densified by `densify`."""
+
+    def run(a: _ConvArgs) -> Tensor:
+        w = densify(a.values, a.col_idx, a.row_ptr, math.prod(a.weight_shape[1:]))
+        return torch.nn.functional.conv2d(a.x, w.view(a.weight_shape), None, a.stride,
+                                          a.padding, a.dilation)
+
+    return run
+
+
+def _conv_dx_dense(densify: Callable[..., Tensor]) -> Callable[[_ConvDxArgs], Tensor]:
+    """The conv input gradient on the weight densified (from its transpose) by `densify`."""
+
+    def run(a: _ConvDxArgs) -> Tensor:
+        wt = densify(a.t_values, a.t_col_idx, a.t_row_ptr, a.weight_shape[0])
+        x_shape = [a.dy.shape[0], a.weight_shape[1], *a.input_hw]
+        return torch.nn.grad.conv2d_input(x_shape, wt.t().reshape(a.weight_shape), a.dy,
+                                          a.stride, a.padding, a.dilation)
+
+    return run
+
+
+def _conv_dw_dense(a: _ConvDwArgs) -> Tensor:
+    dw = torch.nn.grad.conv2d_weight(a.x, a.weight_shape, a.dy, a.stride, a.padding,
+                                     a.dilation)
+    return _sample(dw.view(a.weight_shape[0], -1), a.row_ptr, a.col_idx)
+
+
+def _conv_dw_reference(a: _ConvDwArgs) -> Tensor:
+    dw = torch.nn.grad.conv2d_weight(a.x, a.weight_shape, a.dy, a.stride, a.padding,
+                                     a.dilation)
+    return dw.reshape(a.weight_shape[0], -1)[a.row_idx.long(), a.col_idx.long()]
+
+
+def _conv_cpp(a: _ConvArgs) -> Tensor:
+    return torch.ops.sparsecore._csr_conv2d_cpu(a.x, a.values.contiguous(), a.col_idx,
+                                                a.row_ptr, a.tiling, a.weight_shape, a.stride,
+                                                a.padding, a.dilation)
+
+
+def _conv_dx_cpp(a: _ConvDxArgs) -> Tensor:
+    return torch.ops.sparsecore._csr_conv2d_dx_cpu(a.dy, a.t_values.contiguous(), a.t_col_idx,
+                                                   a.t_row_ptr, a.t_tiling, a.weight_shape,
+                                                   a.input_hw, a.stride, a.padding, a.dilation)
+
+
+def _conv_dw_cpp(a: _ConvDwArgs) -> Tensor:
+    return torch.ops.sparsecore._csr_conv2d_dw_cpu(a.dy, a.x, a.row_ptr, a.col_idx, a.tiling,
+                                                   a.weight_shape, a.stride, a.padding,
+                                                   a.dilation)
+
+
+def _conv_triton(a: _ConvArgs) -> Tensor:
+    from sparsecore.kernels.csr import spmm
+
+    n_out = a.weight_shape[0]
+    cols = im2col_rows(a.x, a.weight_shape[2:], a.stride, a.padding, a.dilation)
+    ho, wo = conv_out_hw(a.x.shape[2:], a.weight_shape[2:], a.stride, a.padding, a.dilation)
+    y2 = spmm(cols, a.values, a.col_idx, a.row_ptr, n_out)
+    return y2.view(a.x.shape[0], ho, wo, n_out).permute(0, 3, 1, 2).contiguous()
+
+
+def _conv_dx_triton(a: _ConvDxArgs) -> Tensor:
+    from sparsecore.kernels.csr import spmm
+
+    dy2 = a.dy.permute(0, 2, 3, 1).reshape(-1, a.weight_shape[0])
+    dcols = spmm(dy2, a.t_values, a.t_col_idx, a.t_row_ptr, a.t_row_ptr.numel() - 1)
+    x_shape = [a.dy.shape[0], a.weight_shape[1], *a.input_hw]
+    return col2im_rows(dcols, x_shape, a.weight_shape[2:], a.stride, a.padding, a.dilation)
+
+
+def _conv_dw_triton(a: _ConvDwArgs) -> Tensor:
+    from sparsecore.kernels.csr import sddmm
+
+    cols = im2col_rows(a.x, a.weight_shape[2:], a.stride, a.padding, a.dilation)
+    dy2 = a.dy.permute(0, 2, 3, 1).reshape(-1, a.weight_shape[0])
+    return sddmm(dy2, cols, a.row_idx, a.col_idx)
+
+
+def _conv_dense_reasons(t: Tensor, nnz: int, weight_shape: Sequence[int],
+                        out_hw: Sequence[int]) -> list[str]:
+    return _dense_reasons("conv", t, nnz, weight_shape[0], math.prod(weight_shape[1:]),
+                          csr_conv_crossover(weight_shape, out_hw[0] * out_hw[1]))
+
+
+def _conv_fwd_dense_reasons(a: _ConvArgs) -> list[str]:
+    out_hw = conv_out_hw(a.x.shape[-2:], a.weight_shape[2:], a.stride, a.padding, a.dilation)
+    return _conv_dense_reasons(a.x, a.values.numel(), a.weight_shape, out_hw)
+
+
+_csr_conv2d_dispatch = Dispatcher(
+    "csr_conv2d",
+    _ConvArgs,
+    [
+        Backend("dense", _conv_fwd_dense_reasons, _conv_dense(_densify)),
+        Backend("cpp", lambda a: cpp_reasons([a.x, a.values]), _conv_cpp),
+        Backend("triton", lambda a: triton_reasons([a.x, a.values], TRITON_DTYPES), _conv_triton),
+        Backend("reference", always, _conv_dense(_csr_dense)),
+    ],
+)
+_csr_conv2d_dx_dispatch = Dispatcher(
+    "csr_conv2d_dx",
+    _ConvDxArgs,
+    [
+        Backend("dense", lambda a: _conv_dense_reasons(a.dy, a.t_values.numel(), a.weight_shape,
+                                                       a.dy.shape[-2:]),
+                _conv_dx_dense(_densify)),
+        Backend("cpp", lambda a: cpp_reasons([a.dy, a.t_values]), _conv_dx_cpp),
+        Backend("triton", lambda a: triton_reasons([a.dy, a.t_values], TRITON_DTYPES),
+                _conv_dx_triton),
+        Backend("reference", always, _conv_dx_dense(_csr_dense)),
+    ],
+)
+_csr_conv2d_dw_dispatch = Dispatcher(
+    "csr_conv2d_dw",
+    _ConvDwArgs,
+    [
+        Backend("dense", lambda a: _conv_dense_reasons(a.x, a.col_idx.numel(), a.weight_shape,
+                                                       a.dy.shape[-2:]),
+                _conv_dw_dense),
+        Backend("cpp", lambda a: cpp_reasons([a.dy, a.x]), _conv_dw_cpp),
+        Backend("triton", lambda a: triton_reasons([a.dy, a.x], TRITON_DTYPES), _conv_dw_triton),
+        Backend("reference", always, _conv_dw_reference),
+    ],
+)
+
+
+def _check_conv(op: str, t: Tensor, values_or_x: Tensor, weight_shape: Sequence[int],
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"sparsecore.{op}: expected a 4-D (N, C, H, W) tensor, "
+                         f"got shape {tuple(t.shape)}")
+    _check_same(op, t, values_or_x, "the operands")
+    if len(weight_shape) != 4 or not (len(stride) == len(padding) == len(dilation) == 2):
+        raise ValueError(f"sparsecore.{op}: weight_shape must have 4 entries and stride, padding, "
+                         "dilation 2 each")
+
+
+@torch.library.custom_op("sparsecore::csr_conv2d", mutates_args=())
+def csr_conv2d(
+    x: Tensor,
+    values: Tensor,
+    col_idx: Tensor,
+    row_ptr: Tensor,
+    tiling: Tensor | None,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """conv2d(x, W) (groups=1, zero padding) for x (N, C, H, W) and the weight of shape
+    weight_shape (C_out, C, kh, kw) whose matrix view (C_out, C*kh*kw) is in CSR. Returns
+    (N, C_out, Ho, Wo), contiguous."""
+    _check_conv("csr_conv2d", x, values, weight_shape, stride, padding, dilation)
+    return _csr_conv2d_dispatch(x, values, col_idx, row_ptr, tiling, list(weight_shape),
+                                list(stride), list(padding), list(dilation))
+
+
+@csr_conv2d.register_fake
+def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, tiling: Tensor | None,
+      weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+      dilation: Sequence[int]) -> Tensor:
+    _check_conv("csr_conv2d", x, values, weight_shape, stride, padding, dilation)
+    ho, wo = conv_out_hw(x.shape[2:], weight_shape[2:], stride, padding, dilation)
+    return x.new_empty(x.shape[0], weight_shape[0], ho, wo)
+
+
+@torch.library.custom_op("sparsecore::csr_conv2d_dx", mutates_args=())
+def csr_conv2d_dx(
+    dy: Tensor,
+    t_values: Tensor,
+    t_col_idx: Tensor,
+    t_row_ptr: Tensor,
+    t_tiling: Tensor | None,
+    weight_shape: Sequence[int],
+    input_hw: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """Input gradient (N, C, H, W) of csr_conv2d from dy (N, C_out, Ho, Wo), through the
+    transposed CSR of the weight's matrix view (t_values = values[t_perm], t_col_idx,
+    t_row_ptr, t_tiling)."""
+    _check_conv("csr_conv2d_dx", dy, t_values, weight_shape, stride, padding, dilation)
+    return _csr_conv2d_dx_dispatch(dy, t_values, t_col_idx, t_row_ptr, t_tiling,
+                                   list(weight_shape), list(input_hw), list(stride),
+                                   list(padding), list(dilation))
+
+
+@csr_conv2d_dx.register_fake
+def _(dy: Tensor, t_values: Tensor, t_col_idx: Tensor, t_row_ptr: Tensor,
+      t_tiling: Tensor | None, weight_shape: Sequence[int], input_hw: Sequence[int],
+      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    _check_conv("csr_conv2d_dx", dy, t_values, weight_shape, stride, padding, dilation)
+    return dy.new_empty(dy.shape[0], weight_shape[1], *input_hw)
+
+
+@torch.library.custom_op("sparsecore::csr_conv2d_dw", mutates_args=())
+def csr_conv2d_dw(
+    dy: Tensor,
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    row_idx: Tensor,
+    tiling: Tensor | None,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """Gradient (nnz,) of the kept weights of csr_conv2d, from dy (N, C_out, Ho, Wo) and x."""
+    _check_conv("csr_conv2d_dw", dy, x, weight_shape, stride, padding, dilation)
+    return _csr_conv2d_dw_dispatch(dy, x, row_ptr, col_idx, row_idx, tiling, list(weight_shape),
+                                   list(stride), list(padding), list(dilation))
+
+
+@csr_conv2d_dw.register_fake
+def _(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
+      tiling: Tensor | None, weight_shape: Sequence[int], stride: Sequence[int],
+      padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    _check_conv("csr_conv2d_dw", dy, x, weight_shape, stride, padding, dilation)
+    return dy.new_empty(col_idx.shape[0])
