@@ -50,10 +50,10 @@ __all__ = [
 ]
 
 # Dense crossover on the CPU: the sparse kernels run from this sparsity up (below it the
-# "dense" backend runs the reference, i.e. MKL/oneDNN on the densified weight). Measured
-# with `python -m bench layers` on an AMD EPYC (Zen 3, 2 cores), float32, fwd and fwd+bwd:
-# see the bench's crossover note; the product reaches parity with dense around these
-# sparsities (a batch below 8 runs the gather kernel, which beats dense GEMV from ~30%).
+# "dense" backend runs the reference, i.e. MKL/oneDNN on the densified weight). Chosen where
+# the product reached parity with dense in `python -m bench layers` (fwd and fwd+bwd; a batch
+# below 8 runs the gather kernel, which beats dense GEMV at a lower sparsity): see
+# bench/RESULTS.md (layers, crossover).
 CSR_DENSE_BELOW = {"linear": 0.6, "linear_small_batch": 0.3, "conv": 0.6}
 
 
@@ -61,12 +61,10 @@ def csr_conv_crossover(weight_shape: Sequence[int], out_pixels: int) -> float:
     """The sparsity from which the CSR Conv2d kernels beat dense on the CPU, by shape.
 
     Few output pixels per sample (deep layers of CIFAR nets) or a short reduction (few input
-    channels) leave the kernel too little reuse per gathered weight. Measured on the 2-core
-    Zen 3, batch 64, 3x3, float32, fwd and fwd+bwd vs torch (oneDNN), with the kernel forced:
-    2x2 outputs lose at every sparsity up to 95% (0.5x there); 4x4 (256/512 channels) reach
-    parity between 80% and 90% (1.1-1.2x at 90%); 16 or 32 input channels at 16x16 / 32x32
-    between 80% and 90%; 64 channels at 8x8 between 70% and 80%; 64 channels from 16x16 and
-    128+ channels from 8x8 at or below 60% (CSR_DENSE_BELOW["conv"]).
+    channels) leave the kernel too little reuse per gathered weight. The bands below follow
+    the per-shape crossover measured with the kernel forced (batch 64, 3x3, float32, fwd and
+    fwd+bwd vs oneDNN): see bench/RESULTS.md (layers, conv crossover by shape). 2x2 outputs
+    never reached parity, so they are never chosen automatically.
     """
     reduction = math.prod(weight_shape[1:])
     if out_pixels < 16:
