@@ -152,10 +152,10 @@ def run_case(
 
 def sim_kept(acts: dict[str, torch.Tensor], metric: str) -> list[int]:
     """Directions each layer keeps (SVCCA's 99 % variance; the full rank otherwise)."""
-    from sparsecore.similarity.cca import factor
+    from sparsecore.similarity.cca import Reduction, factor
 
-    keep = 0.99 if metric == "svcca" else None
-    return [int(factor(x.double(), keep=keep).count) for x in acts.values()]
+    reduce = Reduction(fraction=0.99) if metric == "svcca" else None
+    return [int(factor(x.double(), reduce=reduce).count) for x in acts.values()]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -63,9 +63,9 @@ def test_debiased_feature_space_equals_gram_space() -> None:
     assert S.linear_cka(x, y, debiased=True).item() == pytest.approx(ref.item(), abs=1e-12)
     wide_x, wide_y = xt[:8], yt[:8]  # n = 8 < p + q: the example-space route
     ref = gram_cka(wide_x @ wide_x.T, wide_y @ wide_y.T, debiased=True)
-    assert S.linear_cka(wide_x, wide_y, debiased=True).item() == pytest.approx(
-        ref.item(), abs=1e-12
-    )
+    with pytest.warns(RuntimeWarning, match="fewer data points"):
+        got = S.linear_cka(wide_x, wide_y, debiased=True).item()
+    assert got == pytest.approx(ref.item(), abs=1e-12)
 
 
 # -- identities --------------------------------------------------------------------------
@@ -157,31 +157,50 @@ def test_svcca_keep(gen: torch.Generator) -> None:
     qx, _ = np.linalg.qr(rx)
     qy, _ = np.linalg.qr(ry)
     ref = np.linalg.svd(qx.T @ qy, compute_uv=False).mean()
-    assert S.cca(xs, y, keep=12).mean().item() == pytest.approx(ref, abs=1e-9)
+    with pytest.warns(RuntimeWarning, match="keep=12 directions asked, but Y has only 9"):
+        assert S.cca(xs, y, keep=12).mean().item() == pytest.approx(ref, abs=1e-9)
     # A variance fraction keeps the fewest directions reaching it.
     s = np.linalg.svd(xn - xn.mean(0), compute_uv=False)
     frac = np.cumsum(s**2) / np.sum(s**2)
     k = int(np.argmax(frac >= 0.9)) + 1
-    res = S.cca(x, x, keep=0.9)
+    res = S.cca(x, x, variance=0.9)
     assert int(res.kept_x) == k
     with pytest.raises(ValueError, match="keep"):
         S.svcca(x, y, keep=1.5)
     with pytest.raises(ValueError, match="keep"):
         S.svcca(x, y, keep=0)
+    with pytest.raises(ValueError, match="variance"):
+        S.svcca(x, y, variance=1.5)
 
 
-def test_pwcca_against_definition(gen: torch.Generator) -> None:
-    x, y = _correlated(200, 6, 8, gen)
+def _pwcca_reference(x: torch.Tensor, y: torch.Tensor) -> tuple[float, np.ndarray]:
+    """Morcos et al.'s PWCCA, weights from X's canonical variates: (value, weights)."""
     xc = (x - x.mean(0)).numpy()
     yc = (y - y.mean(0)).numpy()
     qx, _ = np.linalg.qr(xc)
     qy, _ = np.linalg.qr(yc)
     u, rho, _ = np.linalg.svd(qx.T @ qy, full_matrices=False)
-    h = qx @ u  # canonical variates of X (fewer channels): unit norm, orthogonal
+    h = qx @ u  # canonical variates of X: unit norm, orthogonal
     alpha = np.abs(h.T @ xc).sum(1)
-    ref = (alpha * rho).sum() / alpha.sum()
+    return (alpha * rho).sum() / alpha.sum(), alpha / alpha.sum()
+
+
+def test_pwcca_against_definition(gen: torch.Generator) -> None:
+    x, y = _correlated(200, 6, 8, gen)
+    ref, weights = _pwcca_reference(x, y)
     assert S.pwcca(x, y).item() == pytest.approx(ref, abs=1e-10)
     assert S.pwcca(y, x).item() == pytest.approx(ref, abs=1e-10)  # weights from the smaller side
+    details = S.pwcca(x, y, return_details=True)
+    assert details.value.item() == pytest.approx(ref, abs=1e-10)
+    np.testing.assert_allclose(details.weights.numpy(), weights, atol=1e-10)
+    # Equal widths: the weights come from X, so swapping the sides changes the value.
+    x, y = _correlated(200, 6, 6, gen)
+    y = y * torch.tensor([3.0, 1, 0.3, 0.1, 1, 1], dtype=torch.float64)  # Y's own spread
+    ref_x, _ = _pwcca_reference(x, y)
+    ref_y, _ = _pwcca_reference(y, x)
+    assert abs(ref_x - ref_y) > 1e-3
+    assert S.pwcca(x, y).item() == pytest.approx(ref_x, abs=1e-10)
+    assert S.pwcca(y, x).item() == pytest.approx(ref_y, abs=1e-10)
 
 
 # -- edge cases ----------------------------------------------------------------------------
@@ -211,9 +230,11 @@ def test_dead_channels_dropped_and_reported(gen: torch.Generator) -> None:
 
 def test_all_dead_is_nan(gen: torch.Generator) -> None:
     _, y = _correlated(30, 3, 4, gen)
-    res = S.cca(torch.ones(30, 3, dtype=torch.float64), y)
+    with pytest.warns(RuntimeWarning, match="X has no variance"):
+        res = S.cca(torch.ones(30, 3, dtype=torch.float64), y)
     assert int(res.count) == 0 and torch.isnan(res.mean())
-    assert torch.isnan(S.linear_cka(torch.ones(30, 3), y))
+    with pytest.warns(RuntimeWarning, match="X has no variance"):
+        assert torch.isnan(S.linear_cka(torch.ones(30, 3), y))
 
 
 def test_nan_inf_raise(gen: torch.Generator) -> None:

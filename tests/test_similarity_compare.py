@@ -75,7 +75,8 @@ def test_all_pairs_equals_pair_loop(metric: str, opts: dict, gen: torch.Generato
 def test_diagonal_and_explicit_pairs(gen: torch.Generator) -> None:
     a, b = _layer_sets(gen)
     a3 = {k: a[k] for k in list(a)[:3]}
-    diag = S.compare(a3, b, "svcca")  # pairs="diagonal" by default
+    with pytest.warns(RuntimeWarning, match="by position"):
+        diag = S.compare(a3, b, "svcca")  # pairs="diagonal" by default
     full = S.compare(a3, b, "svcca", pairs="all")
     torch.testing.assert_close(diag.diagonal(), full.diagonal(), atol=1e-12, rtol=0)
     assert torch.isnan(diag.values[0, 1]) and diag["a2", "b2"] == pytest.approx(full["a2", "b2"])

@@ -19,10 +19,20 @@ scales six decades apart (cond 1e6) the QR route stays within 1e-5 of float64 wh
 float32 covariance route is off by O(1); float32 keeps directions down to 4 sqrt(p) eps32
 (~1e-5 of the largest, after scaling channels to unit norm), so for layers whose spectrum
 goes below that, ask for float64. Channels are
-centered; dead (constant) channels are dropped and reported; n <= p + q warns (the
-correlations become trivially 1); NaN/Inf inputs raise ValueError. Bounded metrics are
-clamped to their range: CCA-family and biased CKA to [0, 1], debiased CKA to [-1, 1],
-Procrustes to [0, 2].
+centered; dead (constant) channels are dropped and reported; a side with no live channel
+gives NaN with a warning; n <= p + q warns (the correlations become trivially 1); NaN/Inf
+inputs raise ValueError. Each side is first scaled by a power of two (exact, and invisible
+to every metric), so no metric overflows or underflows whatever the activations' scale.
+Bounded metrics are clamped to their range: CCA-family and biased CKA to [0, 1], debiased
+CKA to [-1, 1], Procrustes to [0, 2].
+
+Rows are data points: activations laid out as (neurons, data points), as google/svcca's
+code takes them, must be transposed. SVCCA's reduction is `keep=k` (a number of
+directions) or `variance=f` (the fewest directions explaining that fraction of the
+variance, i.e. of the squared singular values; `spectrum="singular_values"` takes the
+fraction of plain singular values, as google/svcca's tutorial does). `svcca` and `pwcca`
+with `return_details=True` return the `CCAResult` (directions kept, correlations, PWCCA
+weights) instead of the value.
 """
 
 from sparsecore.similarity._allpairs import SimilarityMatrix

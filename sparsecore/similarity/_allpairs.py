@@ -4,6 +4,7 @@ factorizations that turn cross products into metric values."""
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from sparsecore.similarity.cca import Factor, cca_from_cross
+from sparsecore.similarity.cca import Factor, Reduction, cca_from_cross, reduction
 from sparsecore.similarity.procrustes import procrustes_from_cross
 
 Pairs = Literal["diagonal", "all"] | Sequence[tuple[str, str]]
@@ -20,6 +21,7 @@ Pair = tuple[int, int]
 
 CCA_METRICS = ("cca", "svcca", "pwcca")
 MOMENT_METRICS = ("linear_cka", "procrustes")
+REDUCTION_OPTIONS = ("keep", "variance", "spectrum")
 
 
 @dataclass
@@ -73,7 +75,12 @@ class SimilarityMatrix:
 
 
 def resolve_pairs(names_a: list[str], names_b: list[str], pairs: Pairs) -> list[Pair]:
-    """Index pairs for "diagonal" (i with i: equal layer counts), "all", or explicit names."""
+    """Index pairs for "diagonal" (i with i: equal layer counts), "all", or explicit names.
+
+    "diagonal" pairs by position; it warns when several layers are paired and the names
+    differ (layers listed in another order, or other architectures): explicit name pairs
+    say what is meant and silence it.
+    """
     if isinstance(pairs, str):
         if pairs == "all":
             return [(i, j) for i in range(len(names_a)) for j in range(len(names_b))]
@@ -82,6 +89,16 @@ def resolve_pairs(names_a: list[str], names_b: list[str], pairs: Pairs) -> list[
                 raise ValueError(
                     f'pairs="diagonal" needs as many layers on both sides, got '
                     f"{len(names_a)} and {len(names_b)}"
+                )
+            differ = [(a, b) for a, b in zip(names_a, names_b) if a != b]
+            if len(names_a) > 1 and differ:
+                warnings.warn(
+                    f'pairs="diagonal" pairs layers by position, and {len(differ)} of the '
+                    f"{len(names_a)} pairs have different names (e.g. {differ[0][0]!r} with "
+                    f"{differ[0][1]!r}); pass pairs=[(name_a, name_b), ...] to say which "
+                    "layers to pair",
+                    RuntimeWarning,
+                    stacklevel=3,
                 )
             return [(i, i) for i in range(len(names_a))]
         raise ValueError(f'pairs must be "diagonal", "all" or a list of name pairs, got {pairs!r}')
@@ -175,16 +192,56 @@ def cca_values(
         m = torch.stack([blocks[pr] for pr in group])
         cx = torch.stack([fa[i].count for i, _ in group])
         cy = torch.stack([fb[j].count for _, j in group])
-        coords = None
+        coords, bases = None, None
         if pw:
             coords = (
                 torch.stack([fa[i].coords for i, _ in group]),
                 torch.stack([fb[j].coords for _, j in group]),
             )
-        corrs, count, value = cca_from_cross(m, cx, cy, coords)
+            if all(fa[i].u is not None and fb[j].u is not None for i, j in group):
+
+                def bases(idx: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+                    i, j = group[idx[0]]
+                    return fa[i].u, fb[j].u
+
+        corrs, count, value, _ = cca_from_cross(m, cx, cy, coords, bases)
         return value if pw else corrs.sum(-1) / count.to(corrs.dtype)
 
     return batched_by_shape(pairs, key, run)
+
+
+def reduction_of(metric: str, options: dict[str, Any]) -> Reduction | None:
+    """SVCCA's reduction from the options of compare / StreamingCompare: "svcca" reduces to
+    variance=0.99 unless told otherwise, "cca" only when told, "pwcca" never."""
+    if metric not in ("cca", "svcca"):
+        return None
+    return reduction(
+        options.get("keep"),
+        options.get("variance"),
+        options.get("spectrum", "variance"),
+        default_variance=0.99 if metric == "svcca" else None,
+    )
+
+
+def warn_layers(
+    empty: list[str], short: dict[str, int], reduce: Reduction | None, what: str, level: int
+) -> None:
+    """One warning for the layers with no live channel (empty: their similarities are NaN),
+    one for those holding fewer directions than keep asked (short: name -> directions)."""
+    if empty:
+        warnings.warn(
+            f"{what}: layers with no variance (every channel constant up to rounding: dead or "
+            f"pruned channels, or a constant input): {empty}; their similarities are NaN.",
+            RuntimeWarning,
+            stacklevel=level,
+        )
+    if short and reduce is not None and reduce.count is not None:
+        warnings.warn(
+            f"{what}: keep={reduce.count} directions asked, but these layers hold fewer (their "
+            f"numerical rank) and keep all they have: {short}",
+            RuntimeWarning,
+            stacklevel=level,
+        )
 
 
 def procrustes_values(

@@ -24,18 +24,21 @@ from sparsecore.similarity._allpairs import (
     check_options,
     check_points,
     cross_blocks,
+    reduction_of,
     resolve_pairs,
     to_matrix,
+    warn_layers,
 )
 from sparsecore.similarity._common import (
     as_activations,
     center,
     compute_dtype,
     dead_channels,
+    rescale,
     warn_few_points,
 )
-from sparsecore.similarity.cca import Factor, check_keep, factor
-from sparsecore.similarity.cka import gram_cka, rbf_gram
+from sparsecore.similarity.cca import Factor, factor
+from sparsecore.similarity.cka import check_threshold, gram_cka, rbf_gram
 from sparsecore.similarity.conv import ConvMode, num_points, to_points
 from sparsecore.similarity.streaming import STREAMING_METRICS, StreamingCompare
 
@@ -73,12 +76,14 @@ def compare(
 ) -> SimilarityMatrix:
     """Compare layer activations of two models (dicts name -> (n, p) or (N, C, H, W)).
 
-    metric: "svcca" (option keep=0.99: variance fraction or number of directions), "cca"
-    (mean canonical correlation), "pwcca", "linear_cka" / "rbf_cka" (options debiased,
-    threshold), or "procrustes" (a distance in [0, 2]). pairs: "diagonal" (layer i with
-    layer i), "all", or a list of (name_a, name_b). conv: how conv activations become data
-    points (see `sparsecore.similarity.conv`). dtype: float64 on CPU, float32 on GPU by
-    default. timings: if given, filled with seconds per phase (factor, cross, small).
+    metric: "svcca" (options keep / variance / spectrum as in `svcca`; variance=0.99 by
+    default), "cca" (mean canonical correlation; the same options reduce first), "pwcca",
+    "linear_cka" / "rbf_cka" (options debiased, threshold), or "procrustes" (a distance in
+    [0, 2]). pairs: "diagonal" (layer i with layer i, by position: it warns when the names
+    differ), "all", or a list of (name_a, name_b); `StreamingCompare` has the same default.
+    conv: how conv activations become data points (see `sparsecore.similarity.conv`).
+    dtype: float64 on CPU, float32 on GPU by default. timings: if given, filled with
+    seconds per phase (factor, cross, small).
     """
     check_options(metric, options, METRICS)
     names_a, names_b = list(acts_a), list(acts_b)
@@ -110,7 +115,7 @@ def compare(
 def _points(
     acts: Mapping[str, Tensor], name: str, conv: ConvMode, dtype: torch.dtype | None
 ) -> Tensor:
-    return as_activations(to_points(torch.as_tensor(acts[name]), conv), name, dtype)
+    return rescale(as_activations(to_points(torch.as_tensor(acts[name]), conv), name, dtype))
 
 
 def _compare_cca(
@@ -123,8 +128,7 @@ def _compare_cca(
     timings: dict[str, float] | None,
     options: dict,
 ) -> SimilarityMatrix:
-    keep = options.get("keep", 0.99) if metric == "svcca" else None
-    check_keep(keep)
+    reduce = reduction_of(metric, options)
     names_a, names_b = list(acts_a), list(acts_b)
     device = torch.as_tensor(next(iter(acts_a.values()))).device
     fa: list[Factor | None] = [None] * len(names_a)
@@ -132,9 +136,19 @@ def _compare_cca(
     with _phase(timings, "factor", device):
         # Each layer is factored once, then its float64 copy is freed before the next one.
         for i in sorted({i for i, _ in pairs}):
-            fa[i] = factor(_points(acts_a, names_a[i], conv, dtype), keep=keep)
+            fa[i] = factor(_points(acts_a, names_a[i], conv, dtype), reduce=reduce)
         for j in sorted({j for _, j in pairs}):
-            fb[j] = factor(_points(acts_b, names_b[j], conv, dtype), keep=keep)
+            fb[j] = factor(_points(acts_b, names_b[j], conv, dtype), reduce=reduce)
+    named = [(f"{nm} (first set)", f) for nm, f in zip(names_a, fa) if f] + [
+        (f"{nm} (second set)", f) for nm, f in zip(names_b, fb) if f
+    ]
+    warn_layers(
+        [nm for nm, f in named if bool(f.dead.all())],
+        {nm: int(f.count) for nm, f in named if bool(f.rank_limited)},
+        reduce,
+        f"compare ({metric})",
+        level=4,
+    )
     crowded = [(i, j) for i, j in pairs if fa[i].n <= int(fa[i].count) + int(fb[j].count)]
     if crowded:
         i, j = crowded[0]
@@ -143,6 +157,7 @@ def _compare_cca(
             int(fa[i].count),
             int(fb[j].count),
             f"compare ({len(crowded)} layer pairs, e.g. {names_a[i]} vs {names_b[j]})",
+            widths=(fa[i].dead.shape[-1], fb[j].dead.shape[-1]),
         )
     with _phase(timings, "cross", device):
         blocks = cross_blocks(
@@ -171,7 +186,7 @@ def _compare_rbf(
     options: dict,
 ) -> SimilarityMatrix:
     """RBF CKA: one n x n Gram per layer (the second set's are kept; memory O(L n^2))."""
-    threshold = float(options.get("threshold", 1.0))
+    threshold = check_threshold(options.get("threshold", 1.0))
     debiased = bool(options.get("debiased", False))
     names_a, names_b = list(acts_a), list(acts_b)
     dead_a: dict[str, int] = {}
@@ -181,7 +196,7 @@ def _compare_rbf(
         x = _points(acts, name, conv, dtype)
         norm = torch.linalg.vector_norm(center(x), dim=-2)
         dead[name] = int(dead_channels(norm, x.abs().amax(dim=-2), x.shape[-2]).sum())
-        return rbf_gram(x, threshold)
+        return rbf_gram(x, threshold, name, "compare (rbf_cka)")
 
     grams_b = {j: gram(acts_b, names_b[j], dead_b) for j in sorted({j for _, j in pairs})}
     values = {}

@@ -12,11 +12,17 @@ import torch
 from torch import Tensor
 
 from sparsecore.similarity._common import as_activations, compute_dtype
-from sparsecore.similarity.cca import CCAResult, Keep, cca
+from sparsecore.similarity.cca import CCAResult, Spectrum, cca
 
 
 def dft_cca(
-    x: Tensor, y: Tensor, *, keep: Keep = None, dtype: torch.dtype | None = None
+    x: Tensor,
+    y: Tensor,
+    *,
+    keep: int | None = None,
+    variance: float | None = None,
+    spectrum: Spectrum = "variance",
+    dtype: torch.dtype | None = None,
 ) -> CCAResult:
     """Per-frequency CCA of conv activations x (N, C, H, W) and y (N, D, H, W).
 
@@ -24,7 +30,8 @@ def dft_cca(
     correlations at spatial frequency (u, v) (the unitary DFT; for real inputs frequency
     (u, v) and (-u, -v) agree). The overall mean correlation is
     result.corrs.sum() / result.count.sum(). Layers of different spatial size must be
-    resized first (e.g. torch.nn.functional.interpolate), as Raghu et al. do.
+    resized first (e.g. torch.nn.functional.interpolate), as Raghu et al. do. keep /
+    variance / spectrum: SVCCA's reduction per frequency (see `svcca`); none by default.
     """
     if x.ndim != 4 or y.ndim != 4:
         raise ValueError(
@@ -42,4 +49,4 @@ def dft_cca(
     x, y = as_activations(x, "X", dt), as_activations(y, "Y", dt)
     fx = torch.fft.fft2(x, norm="ortho").permute(2, 3, 0, 1)  # (H, W, N, C)
     fy = torch.fft.fft2(y, norm="ortho").permute(2, 3, 0, 1)
-    return cca(fx, fy, keep=keep)
+    return cca(fx, fy, keep=keep, variance=variance, spectrum=spectrum)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from sparsecore.similarity import _linalg
-from sparsecore.similarity._common import center, prepare_pair
+from sparsecore.similarity._common import centered_live, prepare_pair, warn_wide
 
 
 def procrustes_from_cross(c: Tensor, norm_x: Tensor, norm_y: Tensor) -> Tensor:
@@ -25,9 +25,12 @@ def procrustes_from_cross(c: Tensor, norm_x: Tensor, norm_y: Tensor) -> Tensor:
 
 
 def procrustes(x: Tensor, y: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
-    """Orthogonal Procrustes distance between x (..., n, p) and y (..., n, q) -> (...,)."""
+    """Orthogonal Procrustes distance between x (..., n, p) and y (..., n, q) -> (...,).
+    Dead (constant) channels count as exactly zero; NaN, with a warning, for a side without
+    a live channel."""
     x, y = prepare_pair(x, y, dtype)
-    xc, yc = center(x), center(y)
+    warn_wide(x, y, "procrustes")
+    xc, yc = centered_live(x, "X", "procrustes"), centered_live(y, "Y", "procrustes")
     return procrustes_from_cross(
         xc.mT @ yc,
         torch.linalg.vector_norm(xc, dim=(-2, -1)),

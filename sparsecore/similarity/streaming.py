@@ -6,9 +6,14 @@ debiased CKA need), then computes linear CKA, Procrustes, CCA, SVCCA or PWCCA fr
 Memory is O(sum of p q over pairs), independent of the number of data points.
 
 Numerics: moments are accumulated in float64 around a shift (the first chunk's channel
-means), so centering afterwards cancels little. CCA from a covariance resolves singular
-values down to sqrt(4 sqrt(p) eps) s_max (about 1e-7 relative in float64); the in-memory
-`compare`, which factors the data by QR, resolves far smaller ones.
+means), so centering afterwards cancels little, and each layer is first scaled by the power
+of two that brings the first chunk's largest |entry| into [0.5, 1) (exact, and invisible to
+every metric), so the moments neither overflow nor underflow whatever the activations'
+scale. CCA from a covariance resolves singular values down to sqrt(4 sqrt(p) eps) s_max
+(about 1e-7 relative in float64); the in-memory `compare`, which factors the data by QR,
+resolves far smaller ones. For the same reason PWCCA's canonical variates of correlations
+near 1 come from the cosine matrix here, not from the sine matrix as in memory (which needs
+the data).
 
 Fused kernel, measured and not kept: the accumulation is one GEMM per chunk (all pairs'
 layers concatenated, see `cross_blocks`) plus column sums. A hand-written C++ kernel that
@@ -29,6 +34,7 @@ from torch import Tensor
 from sparsecore.similarity import _linalg
 from sparsecore.similarity._allpairs import (
     CCA_METRICS,
+    REDUCTION_OPTIONS,
     Pair,
     Pairs,
     SimilarityMatrix,
@@ -37,32 +43,35 @@ from sparsecore.similarity._allpairs import (
     check_points,
     cross_blocks,
     procrustes_values,
+    reduction_of,
     resolve_pairs,
     to_matrix,
+    warn_layers,
 )
-from sparsecore.similarity._common import as_activations, dead_channels
-from sparsecore.similarity.cca import check_keep, factor_from_gram
+from sparsecore.similarity._common import as_activations, dead_channels, pow2_scale
+from sparsecore.similarity.cca import factor_from_gram
 from sparsecore.similarity.cka import cka_from_moments
 from sparsecore.similarity.conv import ConvMode, to_points
 
 STREAMING_METRICS: dict[str, tuple[str, ...]] = {
     "linear_cka": ("debiased",),
     "procrustes": (),
-    "cca": (),
-    "svcca": ("keep",),
+    "cca": REDUCTION_OPTIONS,
+    "svcca": REDUCTION_OPTIONS,
     "pwcca": (),
 }
 
 
 @dataclass
 class _Layer:
-    """Moments of one layer's shifted data x' = x - shift over the rows seen so far."""
+    """Moments of one layer's shifted data x' = scale x - shift over the rows seen so far."""
 
+    scale: Tensor  # () power of two (see the module docstring)
     shift: Tensor  # (p,)
     n: int
     s: Tensor  # (p,) sum x'
     gram: Tensor  # (p, p) sum x' x'^T
-    absmax: Tensor  # (p,) max |x| (dead-channel test)
+    absmax: Tensor  # (p,) max |scale x| (dead-channel test)
     r_sum: Tensor  # () sum |x'_i|^2
     r2_sum: Tensor  # () sum |x'_i|^4
     u: Tensor  # (p,) sum |x'_i|^2 x'_i
@@ -114,12 +123,13 @@ class StreamingCompare:
 
     `capture([model_a, model_b], loader, stream=acc.update)` feeds it from two models.
     Every chunk must hold the same data points for both sets (row i of a compared pair is
-    the same input). dtype: float64 unless told otherwise.
+    the same input). pairs: as in `compare`, "diagonal" by default. dtype: float64 unless
+    told otherwise.
     """
 
     def __init__(
         self,
-        pairs: Pairs = "all",
+        pairs: Pairs = "diagonal",
         *,
         dtype: torch.dtype = torch.float64,
         conv: ConvMode = "positions",
@@ -145,9 +155,11 @@ class StreamingCompare:
             if k == len(layers):
                 p = x.shape[-1]
                 z = x.new_zeros(())
-                shift = x.mean(0) if x.shape[0] else x.new_zeros(p)
+                scale = pow2_scale(x.abs().amax()) if x.numel() else z + 1
+                shift = (scale * x).mean(0) if x.shape[0] else x.new_zeros(p)
                 layers.append(
                     _Layer(
+                        scale,
                         shift,
                         0,
                         x.new_zeros(p),
@@ -161,6 +173,7 @@ class StreamingCompare:
             st = layers[k]
             if x.shape[-1] != st.shift.shape[0]:
                 raise ValueError(f"{name}: width changed from {st.shift.shape[0]} to {x.shape[-1]}")
+            x = st.scale * x
             xp = x - st.shift
             r = xp.square().sum(-1)
             st.n += x.shape[0]
@@ -203,8 +216,9 @@ class StreamingCompare:
             pm.w += w[(i, j)]
 
     def result(self, metric: str = "linear_cka", **options: bool | int | float) -> SimilarityMatrix:
-        """The metric for every pair from the moments so far. Options: debiased (linear_cka),
-        keep (svcca, default 0.99)."""
+        """The metric for every pair from the moments so far. Options: debiased (linear_cka);
+        keep / variance / spectrum (svcca, default variance=0.99; cca), as in `svcca`. NaN,
+        with a warning, for pairs with a layer that has no live channel."""
         check_options(metric, options, STREAMING_METRICS)
         if self.names is None:
             raise RuntimeError("StreamingCompare.result() before any update()")
@@ -217,6 +231,7 @@ class StreamingCompare:
             (i, j): pm.cross - torch.outer(la[i].s, lb[j].s) / la[i].n
             for (i, j), pm in self.cross.items()
         }
+        reduce, short = None, {}
         if metric == "linear_cka":
             values = self._cka(gca, gcb, cc, bool(options.get("debiased", False)))
         elif metric == "procrustes":
@@ -225,13 +240,29 @@ class StreamingCompare:
             values = procrustes_values(self.pairs, cc, norm_a, norm_b)
         else:
             assert metric in CCA_METRICS
-            keep = options.get("keep", 0.99) if metric == "svcca" else None
-            check_keep(keep)
-            fa = [factor_from_gram(g, st.n, d, keep=keep) for g, st, d in zip(gca, la, dead_a)]
-            fb = [factor_from_gram(g, st.n, d, keep=keep) for g, st, d in zip(gcb, lb, dead_b)]
+            reduce = reduction_of(metric, options)
+            fa = [factor_from_gram(g, st.n, d, reduce=reduce) for g, st, d in zip(gca, la, dead_a)]
+            fb = [factor_from_gram(g, st.n, d, reduce=reduce) for g, st, d in zip(gcb, lb, dead_b)]
             blocks = {(i, j): fa[i].whiten.mT @ c @ fb[j].whiten for (i, j), c in cc.items()}
             values = cca_values(metric, self.pairs, blocks, fa, fb)
+            short = {
+                self._label(side, k): int(f.count)
+                for side, fs in enumerate((fa, fb))
+                for k, f in enumerate(fs)
+                if bool(f.rank_limited)
+            }
         names_a, names_b = self.names
+        # Centering a constant channel leaves rounding noise in the moments; a layer with no
+        # live channel has no variance, and its similarities are 0/0.
+        empty = {(0, i) for i, d in enumerate(dead_a) if bool(d.all())}
+        empty |= {(1, j) for j, d in enumerate(dead_b) if bool(d.all())}
+        nan = torch.tensor(float("nan"), dtype=la[0].gram.dtype, device=la[0].gram.device)
+        for i, j in values:
+            if (0, i) in empty or (1, j) in empty:
+                values[(i, j)] = nan
+        used = {(0, i) for i, _ in self.pairs} | {(1, j) for _, j in self.pairs}
+        empty_names = [self._label(side, k) for side, k in sorted(empty & used)]
+        warn_layers(empty_names, short, reduce, f"StreamingCompare ({metric})", level=3)
         return SimilarityMatrix(
             metric,
             names_a,
@@ -240,6 +271,10 @@ class StreamingCompare:
             {nm: int(d.sum()) for nm, d in zip(names_a, dead_a)},
             {nm: int(d.sum()) for nm, d in zip(names_b, dead_b)},
         )
+
+    def _label(self, side: int, k: int) -> str:
+        """Layer k of the first (side 0) or second set, for messages."""
+        return f"{self.names[side][k]} ({('first', 'second')[side]} set)"
 
     def _cka(
         self, gca: list[Tensor], gcb: list[Tensor], cc: dict[Pair, Tensor], debiased: bool
