@@ -53,7 +53,7 @@ def gen(_fresh_seed: int) -> torch.Generator:
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These matrices are tiny: on a loaded 2-core machine, OpenMP's second thread made
-    this file ~10x slower (32 s vs 3 s measured), so run it on one and restore after."""
+    this file several times slower, so run it on one and restore after."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
