@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: install ext test lint demo bench clean
+.PHONY: install ext test lint demo bench bench-baselines clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,21 @@ test: install
 demo: install
 	$(PY) -m sparsecore study --preset default --out runs/demo
 
+# onnx: torch.onnx.export needs it for the ONNX Runtime / DeepSparse columns of `bench models`
+# (a bench tool, not a dependency of the package).
 bench: install
+	$(PY) -m pip install -q onnx
 	$(PY) -m bench layers
+
+# The baselines of `python -m bench models`, each in a venv of its own (never dependencies of
+# sparsecore): ONNX Runtime, and DeepSparse 1.8.0, which needs numpy<2 and onnx<1.17 and a
+# Python of at most 3.11 (1.9.0 does not build). The bench uses them when they exist.
+DS_PYTHON ?= $(PYTHON)
+bench-baselines:
+	test -x .venv-ort/bin/python || $(PYTHON) -m venv .venv-ort
+	.venv-ort/bin/python -m pip install -q onnxruntime numpy
+	test -x .venv-deepsparse/bin/python || $(DS_PYTHON) -m venv .venv-deepsparse
+	.venv-deepsparse/bin/python -m pip install -q "deepsparse==1.8.0" "numpy<2" "onnx<1.17"
 
 clean:
 	rm -rf build sparsecore/_C*.so *.egg-info

@@ -1,79 +1,347 @@
-"""Inference time of pruned models: dense kernels vs sparsecore's sparse kernels.
+"""Whole-model inference of pruned nets: torch dense, ONNX Runtime, DeepSparse, sparsecore.
 
-Each row: a model magnitude-pruned (global) to a sparsity, one forward pass of a batch in
-eval mode; "dense" runs the pruned weights (zeros baked in) on torch's dense kernels,
-"sparse" the same weights after `sparsecore.nn.sparsify`. By default the models are
-CIFAR-shaped (32x32x3, width 1) and freshly initialised (timing does not depend on
-training); `--run DIR` times the magnitude-pruned nets of a study run instead.
+Each row is one model magnitude-pruned to one sparsity (global: one threshold over all
+layers; every-layer: each layer at that sparsity), one batch and one thread count ("all":
+torch's default), timed on every engine in the same run and on the same pruned weights.
+torch runs the masked dense model eagerly with the zeros baked in (prune.remove); ONNX
+Runtime and DeepSparse run that model exported to ONNX (TorchScript exporter, opset 17,
+eval mode: BatchNorm is folded into the convolutions, which keeps the zeros), each in its
+own virtual environment through bench/_onnx_runner.py (`make bench-baselines` creates
+.venv-ort and .venv-deepsparse, used when present; neither engine is a dependency of
+sparsecore); sparsecore is `sparsecore_model`. Every engine's output is compared to torch's
+(max abs diff). Models are freshly initialised: timing does not depend on training.
+
+Rows of record: VGG-16 and ResNet-18 (CIFAR, 32x32, batch 1 and 64), ResNet-50 (ImageNet,
+224x224, batch 1 and 64), and the project's Transformer at 4 layers x 512 (8 heads, 128
+tokens, vocabulary 256, batch 1 and 8; its Linear layers are the prunable ones), at 80, 90
+and 95 %. `--run DIR` times the magnitude-pruned nets of a study run instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
+import json
 import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
-from bench.common import format_table, save_results, speedup
-from sparsecore import models, prune, study
+from bench.common import format_table, save_results, speedup, time_fn
+from sparsecore import models, prune
 from sparsecore import train as T
+from sparsecore.nn import sparsify
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "bench", "_onnx_runner.py")
+DEFAULT_PYTHON = {"ort": os.path.join(ROOT, ".venv-ort", "bin", "python"),
+                  "deepsparse": os.path.join(ROOT, ".venv-deepsparse", "bin", "python")}
+ENGINES = ("ort", "deepsparse")
+# --pruning name -> sparsecore.prune scope
+SCOPES = {"global": "global", "every-layer": "layerwise"}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default="conv4,vgg16,resnet20",
-                   help="comma-separated model names (default: conv4,vgg16,resnet20)")
-    p.add_argument("--sparsities", default="0.5,0.75,0.9,0.95",
-                   help="comma-separated sparsities (default: 0.5,0.75,0.9,0.95)")
-    p.add_argument("--batch", type=int, default=64, help="batch size (default: 64)")
-    p.add_argument("--input-size", type=int, default=32, help="image side (default: 32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--run", default=None,
-                   help="time the magnitude-pruned nets of this study run directory instead")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--tag", default=None, help="suffix of the results file name")
+def _images(size: int) -> Callable[[int], Tensor]:
+    return lambda batch: torch.randn(batch, 3, size, size)
 
 
-def _pruned(args: argparse.Namespace):
-    """(model name, sparsity, masked model, example input) to time."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """How the bench builds a model (models.create keywords) and a batch of its input."""
+
+    kwargs: dict[str, Any]
+    example: Callable[[int], Tensor] = field(default=_images(32))  # batch -> input
+    batches: tuple[int, ...] = (1, 64)
+
+
+_CIFAR = {"num_classes": 10, "in_channels": 3, "input_size": 32}
+SPECS: dict[str, ModelSpec] = {
+    "vgg16": ModelSpec(_CIFAR),
+    "resnet18": ModelSpec(_CIFAR),
+    "resnet50": ModelSpec({"num_classes": 1000, "in_channels": 3, "input_size": 224},
+                          _images(224)),
+    "transformer": ModelSpec(
+        {"num_classes": 256, "input_size": 128, "d_model": 512, "depth": 4, "heads": 8},
+        lambda batch: torch.randint(256, (batch, 128)), batches=(1, 8)),
+}
+
+FULL = {"models": "vgg16,resnet18,resnet50,transformer", "sparsities": "0.8,0.9,0.95",
+        "pruning": "global,every-layer", "threads": "1,all"}
+QUICK = {"models": "resnet8", "sparsities": "0.9", "pruning": "global", "threads": "1",
+         "batches": "1", "reps": 3, "warmup": 1, "tag": "quick"}
+
+
+def spec(name: str) -> ModelSpec:
+    """The bench's spec of a model; other registered models run CIFAR-shaped."""
+    return SPECS.get(name, ModelSpec(_CIFAR))
+
+
+def sparsecore_model(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, str]:
+    """The sparsecore engine: a copy of the masked `model` on sparsecore's kernels, to be
+    called on inputs shaped like `example_input`, and a note on what it holds. Today this is
+    sparsify(), which leaves layers below the measured crossover sparsity on dense kernels."""
+    del example_input  # sparsify() does not specialise on the input
+    twin = copy.deepcopy(model)
+    report = sparsify(twin)
+    n = len(report.swapped) + len(report.skipped)
+    return twin.eval(), f"sparsify: {len(report.swapped)}/{n} layers sparse"
+
+
+def export_onnx(model: nn.Module, x: Tensor, path: str) -> None:
+    """The dense `model` (zeros baked in) for input `x` as ONNX (opset 17, static shapes)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
+        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
+
+
+def run_onnx(python: str, engine: str, onnx_path: str, inputs: list[str], threads: int, *,
+             output: str, warmup: int = 3, reps: int = 10, min_time: float = 0.2,
+             runner: str = RUNNER) -> dict[str, Any]:
+    """Time `onnx_path` on `engine` ("ort" or "deepsparse") under another Python: `runner`
+    in a subprocess, inputs as .npy files, the first output saved to `output`. Returns the
+    runner's JSON; raises RuntimeError with the tail of its stderr when it fails."""
+    cmd = [python, runner, "--engine", engine, "--model", onnx_path, "--threads", str(threads),
+           "--warmup", str(warmup), "--reps", str(reps), "--min-time", str(min_time),
+           "--output", output]
+    for path in inputs:
+        cmd += ["--input", path]
+    # NM_DISABLE_ANALYTICS: DeepSparse would otherwise send usage events (and look up the
+    # country first) from the timed process.
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), NM_DISABLE_ANALYTICS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"{engine} runner exited with {proc.returncode}: {tail}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{engine} runner printed no JSON")
+    return json.loads(lines[-1])
+
+
+def max_abs_diff(ref: Tensor, out: Tensor | np.ndarray) -> float | None:
+    """Largest |ref - out|, or None when the shapes differ."""
+    out = torch.as_tensor(np.asarray(out)) if not isinstance(out, Tensor) else out
+    if tuple(out.shape) != tuple(ref.shape):
+        return None
+    return float((ref.detach().double() - out.detach().double()).abs().max())
+
+
+@dataclass
+class Case:
+    """One pruned model to time at several batches."""
+
+    model: str
+    pruning: str
+    sparsity: float
+    net: nn.Module  # masked (prune parametrizations), eval mode
+    example: Callable[[int], Tensor]
+    batches: tuple[int, ...]
+
+
+def _cases(args: argparse.Namespace) -> Iterator[Case]:
+    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else None
     if args.run:
         paths = sorted(glob.glob(os.path.join(args.run, "stages", "*", "s*", "magnitude-*",
                                               "model.pt")))
         if not paths:
             raise SystemExit(f"no magnitude-pruned models under {args.run}/stages")
         for path in paths:
-            model, data_hp, model_hp, _ = T.load_model(path)
-            x, _ = next(iter(T.data_lib.Loader.for_split(data_hp.load(), "heldout", args.batch)))
-            yield model_hp.model, 1 - prune.summary(model).masked_density, model, x
+            net, data_hp, model_hp, _ = T.load_model(path)
+            splits = data_hp.load()
+
+            def example(b: int, splits=splits) -> Tensor:
+                return next(iter(T.data_lib.Loader.for_split(splits, "heldout", b)))[0]
+
+            yield Case(model_hp.model, "study", 1 - prune.summary(net).masked_density,
+                       net.eval(), example, batches or (1, 64))
         return
     for name in args.models.split(","):
-        for sp in [float(s) for s in args.sparsities.split(",")]:
-            torch.manual_seed(0)
-            model = models.create(name, num_classes=10, in_channels=3,
-                                  input_size=args.input_size)
-            prune.prune(model, "magnitude", sparsity=sp)
-            yield name, sp, model, torch.randn(args.batch, 3, args.input_size, args.input_size)
+        s = spec(name)
+        for pruning in args.pruning.split(","):
+            if pruning not in SCOPES:
+                raise SystemExit(f"--pruning: {pruning!r} is not one of {', '.join(SCOPES)}")
+            for sp in (float(v) for v in args.sparsities.split(",")):
+                torch.manual_seed(0)
+                net = models.create(name, **s.kwargs).eval()
+                prune.prune(net, "magnitude", sparsity=sp, scope=SCOPES[pruning])
+                yield Case(name, pruning, sp, net, s.example, batches or s.batches)
 
 
-COLUMNS = ["model", "sparsity", "batch", "device", "dense_ms", "sparse_ms", "speedup",
-           "max_abs_diff", "note"]
+def _threads(text: str) -> list[int]:
+    """"1,all" -> [1, torch's default thread count]."""
+    return [torch.get_num_threads() if t == "all" else int(t) for t in text.split(",")]
+
+
+def _engines(args: argparse.Namespace) -> dict[str, str]:
+    """engine -> Python to run it with, for the engines that run; prints why others do not."""
+    chosen = {"ort": (args.ort, args.ort_python), "deepsparse": (args.deepsparse,
+                                                                 args.deepsparse_python)}
+    out: dict[str, str] = {}
+    for engine, (on, python) in chosen.items():
+        python = python or DEFAULT_PYTHON[engine]
+        if not on:
+            print(f"{engine}: off")
+        elif args.device != "cpu":
+            print(f"{engine}: CPU only, not run on {args.device}")
+        elif not os.path.exists(python):
+            print(f"{engine}: no Python at {python} (make bench-baselines, or "
+                  f"--{'ort' if engine == 'ort' else 'deepsparse'}-python PATH)")
+        else:
+            out[engine] = python
+    return out
+
+
+COLUMNS = ["model", "pruning", "sparsity", "batch", "threads", "torch_ms", "ort_ms",
+           "deepsparse_ms", "sparsecore_ms", "sparsecore_x", "deepsparse_x", "max_diff", "note"]
+
+
+def _ms(module: nn.Module, x: Tensor, args: argparse.Namespace) -> float:
+    """Median forward time of module(x) in milliseconds."""
+    return 1e3 * time_fn(lambda: module(x), args.device, warmup=args.warmup, reps=args.reps)
+
+
+def _baseline(engine: str, python: str, onnx_path: str, x_path: str, threads: int,
+              ref: Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """Row cells of one ONNX engine: times, output difference, what the engine reported."""
+    out_path = os.path.join(os.path.dirname(onnx_path), f"{engine}-out.npy")
+    res = run_onnx(python, engine, onnx_path, [x_path], threads, output=out_path,
+                   warmup=args.warmup, reps=args.reps)
+    cells = {f"{engine}_ms": res["median_ms"], f"{engine}_p10_ms": res["p10_ms"],
+             f"{engine}_p90_ms": res["p90_ms"],
+             f"{engine}_diff": max_abs_diff(ref.cpu(), np.load(out_path)),
+             f"{engine}_version": res.get("version")}
+    if "fraction_of_supported_ops" in res:
+        cells[f"{engine}_supported_ops"] = res["fraction_of_supported_ops"]
+    if res.get("isa"):
+        cells[f"{engine}_isa"] = res["isa"]
+    return cells
+
+
+@torch.no_grad()
+def _rows(case: Case, threads: list[int | None], engines: dict[str, str],
+          args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """Rows of one pruned model: for each batch and thread count, every engine timed."""
+    dense = copy.deepcopy(case.net)
+    prune.remove(dense)
+    dense = dense.to(args.device).eval()
+    achieved = 1 - prune.summary(case.net).masked_density
+    for batch in case.batches:
+        torch.manual_seed(1)
+        x = case.example(batch).to(args.device)
+        ref = dense(x)
+        notes: list[str] = []
+        sc: nn.Module | None = None
+        sc_cells: dict[str, Any] = {}
+        try:
+            sc, sc_note = sparsecore_model(case.net.to(args.device), x)
+            sc_cells = {"sparsecore_diff": max_abs_diff(ref, sc(x)), "sparsecore_note": sc_note}
+        except Exception as exc:  # reported in the row; the other engines still run
+            notes.append(f"sparsecore failed: {type(exc).__name__}: {exc}")
+        with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
+            onnx_path, x_path = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "x.npy")
+            runnable = dict(engines)
+            if runnable:
+                try:
+                    export_onnx(dense, x, onnx_path)
+                    np.save(x_path, x.cpu().numpy())
+                except Exception as exc:
+                    notes.append(f"ONNX export failed: {type(exc).__name__}: {exc}")
+                    runnable = {}
+            for t in threads:
+                if t is not None:
+                    torch.set_num_threads(t)
+                row: dict[str, Any] = {
+                    "model": case.model, "pruning": case.pruning, "sparsity": case.sparsity,
+                    "achieved_sparsity": round(achieved, 6), "batch": batch, "threads": t,
+                    "device": args.device, "output_max_abs": float(ref.abs().max()),
+                    "torch_ms": _ms(dense, x, args)}
+                if sc is not None:
+                    row.update(sparsecore_ms=_ms(sc, x, args), **sc_cells)
+                row_notes = list(notes)
+                for engine, python in runnable.items():
+                    try:
+                        row.update(_baseline(engine, python, onnx_path, x_path, t or 1, ref,
+                                             args))
+                    except Exception as exc:  # a baseline's failure is reported, not fatal
+                        row_notes.append(f"{engine}: {type(exc).__name__}: {exc}")
+                for engine in ("sparsecore", *ENGINES):
+                    row[f"{engine}_x"] = speedup(row["torch_ms"], row.get(f"{engine}_ms"))
+                diffs = [row.get(f"{e}_diff") for e in ("sparsecore", *ENGINES)]
+                row["max_diff"] = max((d for d in diffs if d is not None), default=None)
+                row["note"] = "; ".join(row_notes) or None
+                yield row
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default=None,
+                   help=f"comma-separated model names (default: {FULL['models']})")
+    p.add_argument("--sparsities", default=None,
+                   help=f"comma-separated sparsities (default: {FULL['sparsities']})")
+    p.add_argument("--pruning", default=None,
+                   help="global (one threshold over all layers) and/or every-layer (each "
+                        f"layer at the sparsity), comma-separated (default: {FULL['pruning']})")
+    p.add_argument("--batches", default=None,
+                   help="comma-separated batch sizes (default: each model's own; 1,64, the "
+                        "Transformer 1,8 sequences of 128 tokens)")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated CPU thread counts, 'all' for torch's default count, "
+                        f"used by every engine (default: {FULL['threads']})")
+    p.add_argument("--ort", action=argparse.BooleanOptionalAction, default=True,
+                   help="time ONNX Runtime (default: on, when its Python exists)")
+    p.add_argument("--ort-python", default=None,
+                   help="Python with onnxruntime + numpy (default: .venv-ort/bin/python)")
+    p.add_argument("--deepsparse", action=argparse.BooleanOptionalAction, default=True,
+                   help="time DeepSparse (default: on, when its Python exists)")
+    p.add_argument("--deepsparse-python", default=None,
+                   help="Python with deepsparse + numpy (default: .venv-deepsparse/bin/python)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs, at least (default: 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 3)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda; on cuda only torch and sparsecore run (default: cpu)")
+    p.add_argument("--run", default=None,
+                   help="time the magnitude-pruned nets of this study run directory instead")
+    p.add_argument("--quick", action="store_true",
+                   help="one small row (ResNet-8, 90%%, global, batch 1, 1 thread, 3 runs) to "
+                        "check the plumbing; results go to models-quick-*.json")
+    p.add_argument("--tag", default=None, help="suffix of the results file name")
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    """Fill the options left unset from --quick's or the full bench's defaults."""
+    defaults = {**FULL, "batches": None, "reps": 10, "warmup": 3, "tag": None}
+    if args.quick:
+        defaults.update(QUICK)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = []
-    for name, sp, model, x in _pruned(args):
-        t = study.inference_times(model, x, args.device)
-        row = {"model": name, "sparsity": round(sp, 4), "batch": t["batch"],
-               "device": args.device, "dense_ms": 1e3 * t["dense_s"], "note": t.get("note")}
-        if t["sparse_s"] is not None:
-            row.update(sparse_ms=1e3 * t["sparse_s"], max_abs_diff=t["max_abs_diff"],
-                       speedup=speedup(t["dense_s"], t["sparse_s"]))
-        rows.append(row)
-        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+    _resolve(args)
+    threads: list[int | None] = _threads(args.threads) if args.device == "cpu" else [None]
+    all_threads = torch.get_num_threads()
+    engines = _engines(args)
+    rows: list[dict[str, Any]] = []
+    try:
+        for case in _cases(args):
+            for row in _rows(case, threads, engines, args):
+                rows.append(row)
+                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+    finally:
+        torch.set_num_threads(all_threads)
     print()
     print(format_table(rows, COLUMNS))
-    print(f"wrote {save_results('models', rows, tag=args.tag)}")
+    extra = {"isa": torch.backends.cpu.get_cpu_capability(), "all_threads": all_threads,
+             "engines": engines, "settings": {k: getattr(args, k) for k in (
+                 "models", "sparsities", "pruning", "batches", "threads", "reps", "warmup",
+                 "device", "run")}}
+    print(f"wrote {save_results('models', rows, extra=extra, tag=args.tag)}")
     return 0

@@ -27,9 +27,27 @@ def test_parameter_counts_match_published(name: str) -> None:
 
 
 def test_exact_counts_of_the_stated_variants() -> None:
-    exact = {"resnet20": 272_474, "vgg16": 14_724_042, "conv6": 2_262_602}
+    exact = {"resnet20": 272_474, "vgg16": 14_724_042, "conv6": 2_262_602,
+             "resnet18": 11_173_962}
     for name, n in exact.items():
         assert models.count_parameters(models.create(name)) == n
+
+
+def test_resnet50_is_the_imagenet_net() -> None:
+    # torchvision's resnet50 (v1.5) has 25,557,032 parameters with 1000 classes.
+    net = models.create("resnet50", num_classes=1000, input_size=224).eval()
+    assert models.count_parameters(net) == 25_557_032
+    assert net.stem[0].kernel_size == (7, 7) and isinstance(net.stem[3], torch.nn.MaxPool2d)
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_resnet18_has_the_cifar_stem_at_32() -> None:
+    net = models.create("resnet18", num_classes=10, input_size=32).eval()
+    conv = net.stem[0]
+    assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and len(net.stem) == 3
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name", [n for n in models.names() if n != "transformer"])
