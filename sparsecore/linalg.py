@@ -120,7 +120,7 @@ def _svd_reference(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 # Up to this size (max(m, n)) the C++ SVD runs one-sided Jacobi with SIMD across the batch;
-# above it, Householder bidiagonalisation + implicit-shift QR (csrc/cpu/linalg.cpp). Measured
+# above it, Householder bidiagonalisation + implicit-shift QR (csrc/cpu/bidiag.h). Measured
 # on the 2-core Zen 3 (svd with vectors, 4000 matrices, best of 10, after the 2026-12-02
 # kernel changes; one thread / two threads, Jacobi vs bidiagonal): float32 16 x 16 17.4 vs
 # 25.9 ms, 20 x 20 36.9 vs 43.7 / 17.8 vs 21.4 ms, 24 x 24 76 vs 58 / 26.7 vs 29.2 ms (the
