@@ -48,10 +48,15 @@ def _ext_modules() -> tuple[list, dict]:
         if _compiler_accepts(["-mavx2", "-mfma", "-mf16c"]):
             cxx_flags += ["-mavx2", "-mfma", "-mf16c"]
     cpu_sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # Headers (csrc/cpu/*.h): with ninja, BuildExtension rebuilds every time and
+    # ninja's depfiles recompile the objects whose includes changed; `depends` covers the
+    # fallback without ninja, where setuptools skips an extension newer than these files.
+    cpu_headers = sorted(glob.glob("csrc/**/*.h", recursive=True))
     exts = [
         CppExtension(
             "sparsecore._C",
             cpu_sources,
+            depends=cpu_headers,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )

@@ -131,7 +131,7 @@ def _svd_reference(a: _MatrixArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 # Up to this size (max(m, n)) the C++ SVD runs one-sided Jacobi with SIMD across the batch;
-# above it, Householder bidiagonalisation + implicit-shift QR (csrc/cpu/linalg.cpp): the
+# above it, Householder bidiagonalisation + implicit-shift QR (csrc/cpu/bidiag.h): the
 # largest size where Jacobi was faster on one and on two threads (the timings: see
 # bench/RESULTS.md (linalg)).
 JACOBI_MAX_SIZE = {torch.float32: 20, torch.float64: 12}
