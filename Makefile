@@ -2,6 +2,8 @@
 # that lies on these machines (torch==2.13.0), triton, test deps, and the package (editable,
 # extension built in place and rebuilt incrementally with ninja when csrc/ changes).
 PYTHON ?= python3
+# The PATH make was called with: gpu-check runs the machine's own python, never .venv's.
+CALLER_PATH := $(PATH)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsecore-installed
@@ -9,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: install ext test lint demo bench bench-baselines clean
+.PHONY: install ext test lint demo bench bench-baselines gpu-check clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +52,13 @@ bench-baselines:
 	.venv-ort/bin/python -m pip install -q onnxruntime numpy
 	test -x .venv-deepsparse/bin/python || $(DS_PYTHON) -m venv .venv-deepsparse
 	.venv-deepsparse/bin/python -m pip install -q "deepsparse==1.8.0" "numpy<2" "onnx<1.17"
+
+# On a GPU machine: install into its python, gpu tests, GPU bench rows (bench/gpu_check.py).
+# DRY_RUN=1 stops before the first step that needs CUDA; SKIP_INSTALL=1 reuses the install;
+# GPU_CHECK_ARGS: more flags (e.g. --budget tests=240).
+gpu-check:
+	env PATH="$(CALLER_PATH)" $(PYTHON) bench/gpu_check.py $(if $(filter 1,$(DRY_RUN)),--dry-run) \
+		$(if $(filter 1,$(SKIP_INSTALL)),--skip-install) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build sparsecore/_C*.so *.egg-info

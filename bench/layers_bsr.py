@@ -7,9 +7,9 @@ training step of the layer, input and weight gradients). Columns: dense torch ti
 (`to_sparse_bsr` + matmul, forward only, where torch runs it), and on GPU the 2:4
 semi-structured baseline and the fraction of the bf16 roofline the sparse forward reaches.
 
-CPU run time is kept sane by a default subset (documented in SUITES below; about 5-10 min on
-a 2-core machine); `--full` runs every block size x density x shape, Transformer tokens to
-8192 included.
+CPU run time is kept sane by a default subset (see _cases; about 5-10 min on a 2-core
+machine); `--full` (the default on a GPU) runs every block size x density x shape,
+Transformer tokens to 8192 included; `--quick` runs one case per layer kind on any device.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ TRANSFORMER_D = (768, 1024, 4096)
 TRANSFORMER_TOKENS = (512, 2048, 8192)
 # (name, channels, side, batch): CIFAR VGG/ResNet 3x3 layers, as the CSR bench.
 CONV = [("conv", 64, 32, 64), ("conv", 128, 16, 64), ("conv", 256, 8, 128), ("conv", 512, 4, 128)]
+# --quick: (kind, layer, dims, rows, block): the 4096-wide Linear, a Transformer MLP
+# up-projection and a 256-channel conv, each at two densities, fwd and fwd+bwd.
+QUICK = [("linear", "linear", (4096, 4096), 256, 32),
+         ("transformer", "tf1024.mlp_up", (1024, 4096), 2048, 64),
+         ("conv", "conv", (256, 8), 128, 32)]
+QUICK_DENSITIES = (0.5, 0.1)
 
 COLUMNS = ["layer", "shape", "rows", "block", "density", "mode", "dtype", "device", "dense_ms",
            "bsr_ms", "speedup", "torch_bsr_ms", "torch_bsr_x", "semi24_ms", "roofline",
@@ -50,11 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="float32 / float16 / bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--full", action="store_true",
                    help="every block size, density and shape (long on a CPU)")
+    p.add_argument("--quick", action="store_true",
+                   help="one case per layer kind, two densities (checks that the bench runs)")
     p.add_argument("--only", default=None,
                    help="comma-separated layer kinds to run: linear, transformer, conv")
     p.add_argument("--cpu-time", action="store_true",
                    help="CPU: one thread, timed by the thread's CPU time (time.thread_time): "
                         "the per-core ratio, robust to other load on a shared machine")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--tag", default=None, help="suffix of the results file name")
 
 
@@ -66,6 +75,11 @@ def _cases(args: argparse.Namespace) -> Iterator[Case]:
     full = args.full or args.device != "cpu"
     only = set(args.only.split(",")) if args.only else {"linear", "transformer", "conv"}
     both = ("fwd", "fwd+bwd")
+    if args.quick:
+        for kind, layer, dims, nrows, bs in QUICK:
+            if kind in only:
+                yield layer, dims, nrows, bs, QUICK_DENSITIES, both
+        return
     if "linear" in only:
         for name, n_in, n_out, batch in LINEAR_FULL:
             main = (n_in, n_out, batch) == (4096, 4096, 256)
@@ -264,7 +278,7 @@ def main(args: argparse.Namespace) -> int:
     extra = {"clock": "thread CPU time, 1 thread" if _cpu_time(args) else "wall, median"}
     path = save_results("layers-bsr", result, extra=extra, tag=args.tag)
     print(f"\nwrote {path}")
-    if result:
+    if result and not args.no_plot:
         png = path.replace(".json", ".png")
         plot(result, png)
         print(f"wrote {png}")

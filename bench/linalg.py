@@ -2,7 +2,8 @@
 
 Rows: op, shape (batch, m, n), dtype; torch.linalg time, the C++ kernel's time (forced;
 `kernel` says which of the two runs at that size, jacobi or bidiag, and `backend` what the
-automatic choice between C++ and torch.linalg would be), speedup, and the accuracy reached:
+automatic choice between C++ and torch.linalg would be) or with `--device cuda` the Triton
+Jacobi kernel's (matrices up to 32 x 32), speedup, and the accuracy reached:
 max error of the values relative to the largest one against float64 LAPACK, reconstruction
 ||U S V^T - A|| / ||A|| (or ||Q L Q^T - S|| / ||S||) and orthogonality max |U^T U - I|, both
 for the sparsecore result.
@@ -22,16 +23,22 @@ from sparsecore._dispatch import use_backend
 
 SHAPES = [(4000, 16, 16), (500, 100, 100), (400, 64, 64), (100, 256, 256), (20, 512, 512)]
 QUICK_SHAPES = [(4000, 16, 16), (500, 100, 100), (400, 64, 64)]
+# CUDA: the Triton kernel keeps one matrix per program in registers (up to 32 x 32).
+GPU_SHAPES = [(4000, 8, 8), (4000, 16, 16), (4000, 32, 32), (20000, 32, 32)]
+GPU_QUICK_SHAPES = [(4000, 16, 16), (4000, 32, 32)]
 OPS = ["svd", "svdvals", "eigh"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="three shapes, fewer repetitions")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu: the C++ kernels; cuda: the Triton kernel (default: cpu)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes, fewer repetitions")
     p.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
     p.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
                    choices=["float32", "float64"])
     p.add_argument("--shapes", nargs="+", default=None,
-                   help="batch,m,n triples, e.g. 500,100,100 (default: the five of SHAPES)")
+                   help="batch,m,n triples, e.g. 500,100,100 (default: SHAPES, on CUDA "
+                        "GPU_SHAPES)")
     p.add_argument("--tag", default=None, help="suffix of the results file name")
 
 
@@ -72,11 +79,20 @@ def _input(op: str, shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Te
 def main(args: argparse.Namespace) -> int:
     from sparsecore import linalg
 
-    shapes = (
-        [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-        if args.shapes
-        else (QUICK_SHAPES if args.quick else SHAPES)
-    )
+    device = args.device
+    on_gpu = device == "cuda"
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    elif on_gpu:
+        shapes = GPU_QUICK_SHAPES if args.quick else GPU_SHAPES
+    else:
+        shapes = QUICK_SHAPES if args.quick else SHAPES
+    too_big = [s for s in shapes if on_gpu and max(s[1:]) > linalg.TRITON_MAX_SIZE]
+    if too_big:
+        print(f"--device cuda: the Triton kernel takes matrices up to {linalg.TRITON_MAX_SIZE}"
+              f" x {linalg.TRITON_MAX_SIZE}, not {too_big}")
+        return 2
+    forced = "triton" if on_gpu else "cpp"  # the kernel itself, whatever auto would pick
     reps, min_time, warmup = (1, 0.0, 1) if args.quick else (3, 0.5, 1)
     rows: list[dict[str, Any]] = []
     ours = {"svd": linalg.svd, "svdvals": linalg.svdvals, "eigh": linalg.eigh}
@@ -91,28 +107,31 @@ def main(args: argparse.Namespace) -> int:
         for shape in shapes:
             for op in args.ops:
                 torch.manual_seed(0)
-                A = _input(op, shape, dtype)
+                A_cpu = _input(op, shape, dtype)
+                A = A_cpu.to(device)
                 f_torch, f_ours = partial(theirs[op], A), partial(ours[op], A)
-                t_torch = time_fn(f_torch, warmup=warmup, reps=reps, min_time=min_time)
-                with use_backend("cpp"):  # the C++ kernel itself, whatever auto would pick
-                    t_ours = time_fn(f_ours, warmup=warmup, reps=reps, min_time=min_time)
+                timing = {"warmup": warmup, "reps": reps, "min_time": min_time}
+                t_torch = time_fn(f_torch, device, **timing)
+                with use_backend(forced):
+                    t_ours = time_fn(f_ours, device, **timing)
                     out = ours[op](A)
                 if op == "eigh":
                     backend = linalg._eigh_dispatch.select(A.reshape(-1, *shape[1:]), True).name
                 else:
                     backend = dispatch[op].select(A).name
-                kernel = linalg.cpp_kernel(op, shape, dtype)
+                kernel = "jacobi" if on_gpu else linalg.cpp_kernel(op, shape, dtype)
+                out = out.cpu() if op == "svdvals" else tuple(t.cpu() for t in out)
                 row = {
                     "op": op,
                     "shape": "x".join(map(str, shape)),
                     "dtype": dname,
-                    "device": "cpu",
+                    "device": device,
                     "backend": backend,
                     "kernel": kernel,
                     "torch_ms": t_torch * 1e3,
                     "sparsecore_ms": t_ours * 1e3,
                     "speedup": speedup(t_torch, t_ours),
-                    **_accuracy(op, A, out),
+                    **_accuracy(op, A_cpu, out),
                 }
                 rows.append(row)
                 print(format_table([row], list(row)).splitlines()[-1], flush=True)
@@ -123,3 +142,9 @@ def main(args: argparse.Namespace) -> int:
     path = save_results("linalg", rows, tag=args.tag or ("quick" if args.quick else None))
     print(f"\nwrote {path}")
     return 0
+
+
+if __name__ == "__main__":  # python -m bench.linalg
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    raise SystemExit(main(parser.parse_args()))

@@ -58,18 +58,21 @@ def dense_products(bsr: BSRWeight, x: torch.Tensor, dy: torch.Tensor) -> dict[st
             "dw": full[bsr.block_row.long(), bsr.col_idx.long()]}
 
 
-def check_products(bsr: BSRWeight, batch: int, dtype: torch.dtype) -> None:
+def check_products(bsr: BSRWeight, batch: int, dtype: torch.dtype, device: str = "cpu") -> None:
+    """The three products in `dtype` on `device` against float64 on the CPU."""
     x = torch.randn(batch, bsr.shape[1], dtype=torch.float64)
     dy = torch.randn(batch, bsr.shape[0], dtype=torch.float64)
     bsr64 = BSRWeight(bsr.shape, bsr.block_size, bsr.blocks.double(), bsr.col_idx, bsr.row_ptr,
                       bsr.block_row, bsr.t_perm, bsr.t_col_idx, bsr.t_row_ptr)
     ref = dense_products(bsr64, x, dy)
-    low = BSRWeight(bsr.shape, bsr.block_size, bsr.blocks.to(dtype), bsr.col_idx, bsr.row_ptr,
-                    bsr.block_row, bsr.t_perm, bsr.t_col_idx, bsr.t_row_ptr)
-    got = products(low, x.to(dtype), dy.to(dtype))
-    dense = dense_products(low, x.to(dtype), dy.to(dtype))
+    index = {n: getattr(bsr, n).to(device)
+             for n in ("col_idx", "row_ptr", "block_row", "t_perm", "t_col_idx", "t_row_ptr")}
+    low = BSRWeight(bsr.shape, bsr.block_size, bsr.blocks.to(device, dtype), **index)
+    x, dy = x.to(device, dtype), dy.to(device, dtype)
+    got = products(low, x, dy)
+    dense = dense_products(low, x, dy)
     for name in ref:
-        assert_error_within(got[name], ref[name], dense[name], what=name)
+        assert_error_within(got[name].cpu(), ref[name], dense[name].cpu(), what=name)
 
 
 # ---------------------------------------------------------------- format
@@ -409,17 +412,48 @@ def test_triton_products_interpreter(block: tuple[int, int]) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layers_gpu(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (16, 8), (16, 1), (1, 16)])
+def test_triton_products_gpu(dtype: torch.dtype, block: tuple[int, int]) -> None:
+    """bsr_dsd (Y and, on the transposed view, dX) and bsr_sddmm (dW) on the Triton kernels."""
     _triton_or_skip()
-    m = BlockSparseLinear(256, 128, block_size=32, density=0.25, device="cuda", dtype=dtype)
-    x = torch.randn(300, 256, device="cuda", dtype=dtype, requires_grad=True)
-    y = m(x)
-    y.float().sum().backward()
-    ref = m.to_dense()
-    xr = x.detach().clone().requires_grad_(True)
-    yr = ref(xr)
-    yr.float().sum().backward()
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
-    assert torch.allclose(y.float(), yr.float(), atol=tol * 10, rtol=tol)
-    assert torch.allclose(x.grad.float(), xr.grad.float(), atol=tol * 10, rtol=tol)
+    with use_backend("triton"):
+        check_products(random_bsr((5, 3), block, 0.5), 37, dtype, device="cuda")
+
+
+def _kept_blocks(m: BlockSparseLinear | BlockSparseConv2d, weight: torch.Tensor) -> torch.Tensor:
+    """The blocks (nnzb, bs_r, bs_c) of a dense weight (or its gradient) that `m` keeps."""
+    (r, c), (br, bc) = m.weight_bsr().grid, m.block_size
+    return weight.reshape(r, br, c, bc).transpose(1, 2)[m.block_row.long(), m.col_idx.long()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_layers_gpu(dtype: torch.dtype, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BlockSparseLinear / BlockSparseConv2d on the Triton kernels (bsr_dsd, bsr_sddmm,
+    bsr_conv2d and its gradients): output and input, block and bias gradients against the
+    float64 dense layer (the float32 dense conv that sets the bound without TF32)."""
+    _triton_or_skip()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    if kind == "linear":
+        m = BlockSparseLinear(256, 128, block_size=32, density=0.25, device="cuda", dtype=dtype)
+        x = torch.randn(300, 256, device="cuda", dtype=dtype)
+    else:
+        m = BlockSparseConv2d(32, 64, 3, stride=(2, 1), padding=1, block_size=(16, 32),
+                              density=0.4, device="cuda", dtype=dtype)
+        x = torch.randn(4, 32, 9, 10, device="cuda", dtype=dtype)
+    dense = m.to_dense()
+    ref = m.to_dense().double()
+    dy = torch.randn_like(dense(x))
+    runs = {}
+    for name, mod in (("sparse", m), ("dense", dense), ("ref", ref)):
+        xg = x.detach().to(next(mod.parameters()).dtype).requires_grad_(True)
+        with use_backend("triton"):
+            y = mod(xg)
+            y.backward(dy.to(y.dtype))
+        weight = mod.blocks.grad if name == "sparse" else _kept_blocks(m, mod.weight.grad)
+        runs[name] = {"y": y, "dx": xg.grad, "dw": weight, "db": mod.bias.grad}
+    for what in runs["ref"]:
+        assert_error_within(runs["sparse"][what], runs["ref"][what], runs["dense"][what],
+                            what=what)

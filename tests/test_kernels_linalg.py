@@ -13,12 +13,13 @@ import torch
 from sparsecore import linalg
 from sparsecore._dispatch import NotSupportedError, use_backend
 from sparsecore.testing import LINALG_TOL as TOL
+from sparsecore.testing import assert_error_within, device_dtype_params, run_uninterpreted
 from sparsecore.testing import check_eigh as _check_eigh
 from sparsecore.testing import check_svd as _check_svd
-from sparsecore.testing import device_dtype_params, run_uninterpreted
 from sparsecore.testing import orth_err as _orth_err
 from sparsecore.testing import random_symmetric as _random_symmetric
 from sparsecore.testing import special_matrices as _special_matrices
+from sparsecore.testing import with_singular_values as _with_singular_values
 
 tk = pytest.importorskip("sparsecore.kernels.linalg")
 _launch = pytest.importorskip("sparsecore.kernels._launch")
@@ -86,6 +87,58 @@ def test_eigh_repeated(device: str, dtype: torch.dtype) -> None:
     A = ((Q * lam) @ Q.mT).to(dtype)
     with use_backend("triton"):
         _check_eigh(A, *[t.cpu() for t in linalg.eigh(A.to(device))])
+
+
+def _svd_loss(svd, A: torch.Tensor) -> torch.Tensor:
+    """Through U, S and Vh, invariant to the sign of each singular pair."""
+    U, S, Vh = svd(A)
+    w = torch.linspace(1.0, 2.0, S.shape[-1], dtype=A.dtype, device=A.device)
+    return ((U * w) @ Vh).pow(2).sum() + (U[..., :1, :] * Vh[..., :, :1].mT).sum() + S.sum()
+
+
+def _eigh_loss(eigh, A: torch.Tensor) -> torch.Tensor:
+    """Through L and Q, invariant to the sign of each eigenvector."""
+    L, Q = eigh(A)
+    w = torch.linspace(-1.0, 1.0, L.shape[-1], dtype=A.dtype, device=A.device)
+    return ((Q * w) @ Q.mT).pow(2).sum() + (L * w).sum()
+
+
+def _svdvals_loss(svdvals, A: torch.Tensor) -> torch.Tensor:
+    S = svdvals(A)
+    return (S * torch.linspace(1.0, 2.0, S.shape[-1], dtype=A.dtype, device=A.device)).sum()
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_gradients(device: str, dtype: torch.dtype) -> None:
+    """Backward of svd / svdvals / eigh on the Triton forward against torch.linalg's float64
+    gradients (float32: within the bound set by torch.linalg's float32 gradients).
+    Well-separated spectra: the vector gradients divide by the gaps."""
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(2, 5, 5, dtype=torch.float64))
+    sym = (Q * torch.tensor([-2.0, -0.5, 1.0, 2.5, 4.0], dtype=torch.float64)) @ Q.mT
+    cases = [
+        ("svd", _svd_loss, linalg.svd, lambda a: torch.linalg.svd(a, full_matrices=False),
+         _with_singular_values(s, 6, 4, batch=2)),
+        ("svd wide", _svd_loss, linalg.svd, lambda a: torch.linalg.svd(a, full_matrices=False),
+         _with_singular_values(s, 4, 6, batch=2)),
+        ("svdvals", _svdvals_loss, linalg.svdvals, torch.linalg.svdvals,
+         _with_singular_values(s, 6, 4, batch=2)),
+        ("eigh", _eigh_loss, linalg.eigh, torch.linalg.eigh, sym),
+    ]
+
+    def grad(loss, f, A: torch.Tensor) -> torch.Tensor:
+        A = A.detach().requires_grad_(True)
+        return torch.autograd.grad(loss(f, A), A)[0].cpu()
+
+    for what, loss, ours, theirs, A64 in cases:
+        A = A64.to(device, dtype)
+        with use_backend("triton"):
+            g = grad(loss, ours, A)
+        g64 = grad(loss, theirs, A.double().cpu())
+        if dtype == torch.float64:
+            torch.testing.assert_close(g, g64, msg=what)
+        else:
+            assert_error_within(g, g64, grad(loss, theirs, A), what=f"{what} gradient")
 
 
 @pytest.mark.interpreter

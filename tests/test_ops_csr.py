@@ -290,6 +290,26 @@ def test_triton_gpu(dtype: torch.dtype) -> None:
     w = random_csr((300, 257), 0.9, dtype).to("cuda")
     x, dy = torch.randn(33, 257, dtype=dtype, device="cuda"), torch.randn(33, 300, dtype=dtype,
                                                                           device="cuda")
-    got = linear_products(w, x, dy)
+    with use_backend("triton"):
+        got = linear_products(w, x, dy)
     check_all(got, dense_linear(w.to(torch.float64), x.double(), dy.double()),
               dense_linear(w, x, dy))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [CONVS[0], CONVS[1], CONVS[4]])
+def test_triton_conv_gpu(dtype: torch.dtype, case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """csr_conv2d and its two gradients (3x3, strided / padded / dilated 3x2, 5x5 stride 3)
+    on the Triton kernels against the float64 dense conv (the float32 one without TF32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    n, c, h, wd, c_out, kh, kw, *geom = case
+    w = random_csr((c_out, c, kh, kw), 0.7, dtype).to("cuda")
+    x = torch.randn(n, c, h, wd, dtype=dtype, device="cuda")
+    y_shape = F.conv2d(x.float(), torch.zeros(c_out, c, kh, kw, device="cuda"), None,
+                       *geom).shape
+    dy = torch.randn(y_shape, dtype=dtype, device="cuda")
+    with use_backend("triton"):
+        got = conv_products(w, x, dy, geom)
+    check_all(got, dense_conv(w.to(torch.float64), x.double(), dy.double(), geom),
+              dense_conv(w, x, dy, geom))
