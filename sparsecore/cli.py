@@ -9,6 +9,9 @@
 
 `train` also runs under torchrun (DDP; gloo on CPU, NCCL on GPU):
     torchrun --nproc_per_node 2 -m sparsecore train --dataset digits --out runs/ddp
+
+A value out of range stops the command before any work, with one line saying which and exit
+status 2 (argparse's usage line before it for a single flag's value).
 """
 
 from __future__ import annotations
@@ -24,17 +27,24 @@ import torch
 from sparsecore import hparams as H
 from sparsecore import prune
 from sparsecore import train as T
-from sparsecore._io import atomic_write_text
+from sparsecore._io import atomic_write_text, check_writable, remove_stale_tmp
 
 
 class CLIError(Exception):
     """A user error: printed as one line with what to do, exit status 2."""
 
 
+def _device(text: str) -> str:
+    try:
+        return T.check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", default="auto", type=_device,
                    help="cpu, cuda, cuda:N or auto (cuda when available) (default: auto)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=H.arg_type(int, H.number(1)), default=None,
                    help="torch CPU threads (default: torch's choice; study: also the threads "
                         "of its inference timing, 1 when not given)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -54,16 +64,17 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         description="Train a model and write DIR/checkpoint.pt (resumable: run the same "
                     "command again after a kill), DIR/metrics.jsonl, DIR/model.pt and "
                     "DIR/final.json. Runs under torchrun for DDP.")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True, type=H.path_arg, help="run directory")
     p.add_argument("--init-from", default=None,
                    help="start from this model file (e.g. the output of `prune`, to "
                         "fine-tune); its model and data flags are used")
     p.add_argument("--prune-method", default=None, choices=prune.available(),
                    help="prune at initialisation with this method before training")
-    p.add_argument("--sparsity", type=float, default=None,
+    p.add_argument("--sparsity", type=H.arg_type(float, H.FRACTION), default=None,
                    help="target sparsity for --prune-method (e.g. 0.9)")
     p.add_argument("--fresh", action="store_true",
-                   help="ignore an existing checkpoint in --out and start over")
+                   help="delete the checkpoint in --out and start over (a run is resumed only "
+                        "with the flags it was started with)")
     H.add_arguments(p, H.DataHparams)
     H.add_arguments(p, H.ModelHparams)
     H.add_arguments(p, H.TrainHparams)
@@ -72,10 +83,16 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.prune_method and args.sparsity is None:
+        raise CLIError("--prune-method needs --sparsity (e.g. --sparsity 0.9)")
+    if args.sparsity is not None and not args.prune_method:
+        raise CLIError("--sparsity needs --prune-method (e.g. --prune-method magnitude); to "
+                       "prune a trained model use `python -m sparsecore prune`")
+    hp = H.from_args(H.TrainHparams, args)
+    check_writable(args.out)
     device = T.resolve_device(args.device)
     info = T.init_distributed(device)
     device = T.resolve_device(args.device, info)
-    hp = H.from_args(H.TrainHparams, args)
     if args.init_from:
         model, data_hp, model_hp, _ = T.load_model(args.init_from)
         splits = data_hp.load()
@@ -84,15 +101,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         splits = data_hp.load()
         model = model_hp.build(splits, hp.seed)
     if args.prune_method:
-        if args.sparsity is None:
-            raise CLIError("--prune-method needs --sparsity (e.g. --sparsity 0.9)")
         _prune(model, splits, args.prune_method, args.sparsity, hp.seed)
     if args.fresh and info.is_main:
         for f in ("checkpoint.pt", "metrics.jsonl"):
             if os.path.exists(os.path.join(args.out, f)):
                 os.unlink(os.path.join(args.out, f))
+    # what else makes the run: a checkpoint is resumed only under the same settings
+    settings = {"data": dataclasses.asdict(data_hp), "model": dataclasses.asdict(model_hp),
+                "init_from": os.path.abspath(args.init_from) if args.init_from else None,
+                "prune_method": args.prune_method, "sparsity": args.sparsity}
     r = T.train(model, splits, hp, out_dir=args.out, device=device,
-                progress=not args.no_progress, info=info)
+                progress=not args.no_progress, info=info, settings=settings)
     if info.is_main:
         T.save_model(os.path.join(args.out, "model.pt"), r.model, data_hp, model_hp,
                      train_hparams=dataclasses.asdict(hp))
@@ -113,10 +132,12 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
                        description="Prune MODEL (a model.pt from `train`) and write --out; "
                                    "fine-tune it with `train --init-from OUT`.")
     p.add_argument("model", help="model file (DIR/model.pt of a `train` run)")
-    p.add_argument("--out", required=True, help="where to write the pruned model file")
+    p.add_argument("--out", required=True, type=H.path_arg,
+                   help="where to write the pruned model file")
     p.add_argument("--method", default="magnitude", choices=prune.available(),
                    help="pruning method (default: magnitude)")
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of weights removed")
+    p.add_argument("--sparsity", type=H.arg_type(float, H.FRACTION), required=True,
+                   help="fraction of weights removed, in [0, 1)")
     p.add_argument("--scope", default="global", choices=prune.SCOPES,
                    help="one threshold over all layers, or the same sparsity per layer "
                         "(default: global)")
@@ -134,6 +155,12 @@ def _prune(model: torch.nn.Module, splits, method: str, sparsity: float, seed: i
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out} is a directory; give the model file to write, e.g. "
+                       f"{os.path.join(args.out, 'pruned.pt')}")
+    folder = os.path.dirname(args.out) or "."
+    check_writable(folder, "the folder of --out")
+    remove_stale_tmp(folder, os.path.basename(args.out))
     model, data_hp, model_hp, _ = T.load_model(args.model)
     _prune(model, data_hp.load(), args.method, args.sparsity, args.seed, scope=args.scope)
     print(prune.summary(model))
@@ -149,16 +176,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    from sparsecore.study import config as study
+
     p = sub.add_parser("compare", help="layer-by-layer similarity of two model files",
                        description="SVCCA and CKA between the representations of two models "
                                    "on held-out data, layer by layer (both models must be the "
                                    "same architecture on the same data).")
     p.add_argument("a", help="model file A")
     p.add_argument("b", help="model file B")
-    p.add_argument("--metrics", default="svcca,linear_cka",
+    p.add_argument("--metrics", default=["svcca", "linear_cka"], type=study.METRIC_LIST,
                    help="comma-separated similarity metrics (default: svcca,linear_cka)")
-    p.add_argument("--points", type=int, default=2000,
-                   help="held-out data points per layer (default: 2000)")
+    p.add_argument("--points", type=study.POINTS, default=2000,
+                   help=f"held-out data points per layer, at least {study.MIN_POINTS} "
+                        "(default: 2000)")
     p.add_argument("--all-pairs", action="store_true",
                    help="print the full layer x layer matrix of the first metric too")
     _add_common(p)
@@ -176,7 +206,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                        f"{model_hp_b.model} x{model_hp_b.width}: compare two models of the "
                        "same architecture")
     device = T.resolve_device(args.device)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    metrics = args.metrics
     table = study.layer_similarity(model_a, model_b, splits, metrics, points=args.points,
                                    device=device, all_pairs=args.all_pairs)
     layers = model_a.feature_layers
@@ -209,7 +239,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from sparsecore import study
 
     cfg = study.config_from_args(args)
-    study.run(cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
+    study.run(cfg, out=args.out, fresh=args.fresh, progress=not args.no_progress,
               timing_threads=args.threads or 1)
     return 0
 
@@ -250,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup(args)
     try:
         return args.func(args)
-    except (CLIError, FileNotFoundError, ValueError) as exc:
+    except (CLIError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,6 +35,9 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 _CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 _CIFAR_TEST = "test_batch"
+# Resized images are held in memory as float32: a larger --image-size is refused up front
+# rather than filling the machine's memory.
+MAX_IMAGE_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -146,6 +149,14 @@ def _images(x: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
     """(N, 1, h, w) float -> (N, channels, image_size, image_size)."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    size = x.shape[0] * channels * image_size**2 * 4
+    if size > MAX_IMAGE_BYTES:
+        raise ValueError(f"image size {image_size}: the {x.shape[0]} images would take "
+                         f"{size / 2**30:.1f} GiB of memory as float32 (at most "
+                         f"{MAX_IMAGE_BYTES / 2**30:g} GiB); use a smaller image size "
+                         f"(these images are {x.shape[-1]}x{x.shape[-1]})")
     if image_size != x.shape[-1]:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return x.expand(-1, channels, -1, -1).contiguous()
@@ -262,6 +273,10 @@ def _text(seed: int, block_size: int) -> Splits:
     lookup = {ch: i for i, ch in enumerate(vocab)}
     ids = torch.tensor([lookup[ch] for ch in text], dtype=torch.int64)
     n = (len(ids) - 1) // (block_size + 1)
+    if block_size < 1 or n < 2:
+        raise ValueError(f"block size {block_size}: the text ({len(text)} characters) needs at "
+                         "least two windows of block_size + 1 characters, one to train on and "
+                         "one to test; use a smaller block size")
     chunks = ids[: n * (block_size + 1)].view(n, block_size + 1)
     chunks = chunks[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
     n_test = max(1, n // 10)

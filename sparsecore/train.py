@@ -2,11 +2,15 @@
 metrics as JSON lines, atomic per-epoch checkpoints with resume, and DDP through torchrun.
 
 A run directory holds `checkpoint.pt` (written atomically after every epoch: model,
-optimizer, schedule, RNG state and the metrics so far) and `metrics.jsonl` (one line per
-epoch). Restarting a killed run with the same directory continues after the last finished
-epoch; a finished run returns at once. Under `torchrun`, each process trains on its shard
-of every batch (the batch size is the global one), rank 0 writes the files, and the pruning
-masks (buffers) are broadcast from rank 0 so they stay identical on all ranks.
+optimizer, schedule, RNG state, the metrics so far and the settings of the run) and
+`metrics.jsonl` (one line per epoch). Restarting a killed run with the same directory and
+the same settings continues after the last finished epoch; a finished run returns at once;
+other settings are refused (start over with `resume=False`, the CLI's --fresh).
+Checkpoints and model files hold only tensors and plain data and load with
+weights_only=True (sparsecore._io.load_checkpoint): loading one runs no code.
+Under `torchrun`, each process trains on its shard of every batch (the batch size is the
+global one), rank 0 writes the files, and the pruning masks (buffers) are broadcast from
+rank 0 so they stay identical on all ranks.
 The hyperparameters are the dataclasses of sparsecore.hparams.
 """
 
@@ -30,7 +34,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sparsecore import data as data_lib
 from sparsecore import prune
-from sparsecore._io import atomic_save, atomic_write_text
+from sparsecore._io import (
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_tmp,
+)
 from sparsecore.hparams import DataHparams, ModelHparams, TrainHparams
 
 # ---------------------------------------------------------------------------- distributed
@@ -78,10 +88,32 @@ def finish_distributed(info: DistInfo) -> None:
     os._exit(0)
 
 
+def check_device(device: str) -> str:
+    """`device` if it names a device this machine has ('auto', 'cpu', 'cuda', 'cuda:N', ...),
+    else ValueError saying what is there."""
+    if device == "auto":
+        return device
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {device!r}: this machine has no CUDA device (torch "
+                             f"{torch.__version__}, cuda {torch.version.cuda}); use cpu or auto")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {device!r}: this machine has {n} CUDA device(s), "
+                             f"cuda:0 to cuda:{n - 1}")
+    return device
+
+
 def resolve_device(device: str, info: DistInfo | None = None) -> str:
-    """'auto' -> cuda when available, else cpu; under DDP, cuda -> cuda:<local rank>."""
+    """'auto' -> cuda when available, else cpu; under DDP, cuda -> cuda:<local rank>.
+    A device the machine does not have raises ValueError."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     if device == "cuda" and info is not None and info.world > 1:
         device = f"cuda:{info.local_rank}"
     return device
@@ -192,25 +224,31 @@ def train(
     desc: str = "train",
     info: DistInfo | None = None,
     resume: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model` on `splits.train`, evaluating on the held-out split after each epoch.
 
     out_dir: where checkpoint.pt and metrics.jsonl go; with `resume`, a checkpoint there is
-    continued (or returned at once when finished). info: the DDP process group facts
-    (`init_distributed`); None means one process. Returns the trained (unwrapped) model.
+    continued (or returned at once when finished) when it was written with the same `hp`
+    (eval_batch_size apart) and `settings` (what else made the run: data, model, where it
+    started; plain data), and refused with ResumeError otherwise. info: the DDP process
+    group facts (`init_distributed`); None means one process. Returns the trained
+    (unwrapped) model.
     """
     info = info or DistInfo()
     model = model.to(device)
-    if hp.kernels not in ("dense", "sparse"):
-        raise ValueError(f"kernels must be 'dense' or 'sparse', got {hp.kernels!r}")
     loader = data_lib.Loader.for_split(splits, "train", hp.batch_size, train=True, seed=hp.seed,
                                        device=device, rank=info.rank, world=info.world)
     eval_loader = data_lib.Loader.for_split(splits, "heldout", hp.eval_batch_size,
                                             device=device, rank=info.rank, world=info.world)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
     state = None
+    if out_dir and info.is_main:
+        remove_stale_tmp(out_dir)
     if resume and ckpt_path and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt_path, keys=_CHECKPOINT_KEYS, map_location=device,
+                                hint=_FRESH_HINT)
+        _check_same_run(ckpt_path, state, hp, settings)
         # masks first: they change the parameter order the optimizer state refers to
         prune.load(model, state["model"])
     if hp.kernels == "sparse":
@@ -225,7 +263,7 @@ def train(
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # mapped to `device` with the rest
         metrics, start = state["metrics"], state["epoch"]
     net: nn.Module = model
     if info.world > 1:
@@ -265,7 +303,8 @@ def train(
             atomic_save({"epoch": epoch + 1, "model": dense_state(model),
                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "rng": torch.get_rng_state(), "metrics": metrics,
-                         "hparams": dataclasses.asdict(hp)}, ckpt_path)
+                         "hparams": dataclasses.asdict(hp), "settings": settings or {}},
+                        ckpt_path)
             atomic_write_text(os.path.join(out_dir, "metrics.jsonl"),
                               "".join(json.dumps(m) + "\n" for m in metrics))
         _barrier(info)
@@ -282,6 +321,43 @@ def train(
         dist.all_gather_object(digests, final["mask_digest"])
         final["rank_mask_digests"] = digests
     return TrainResult(model, metrics, final, start, time.perf_counter() - t_start)
+
+
+_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "metrics", "hparams")
+_FRESH_HINT = "; delete it, or pass --fresh to start over"
+# Hyperparameters that do not change what is trained: a resumed run may differ in these.
+_RESUMABLE = ("eval_batch_size",)
+
+
+class ResumeError(ValueError):
+    """A checkpoint belongs to a run with other settings than the one asked for."""
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"data": {"limit_train": 200}} -> {"data.limit_train": 200}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _check_same_run(path: str, state: dict[str, Any], hp: TrainHparams,
+                    settings: dict[str, Any] | None) -> None:
+    """Refuse to continue a checkpoint written with other hyperparameters or settings (it
+    would go on with the old ones, or fail on another optimizer's state)."""
+    old, new = dict(state["hparams"]), dataclasses.asdict(hp)
+    if "settings" in state:  # checkpoints of earlier versions did not record them
+        old.update(_flat(state["settings"]))
+        new.update(_flat(settings or {}))
+    diff = [f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted({*old, *new})
+            if k not in _RESUMABLE and old.get(k) != new.get(k)]
+    if diff:
+        raise ResumeError(f"{path} was written by a run with other settings ({'; '.join(diff)})"
+                          ": rerun with the same flags to resume it, pass --fresh to start "
+                          "over, or pick another --out")
 
 
 def mask_digest(model: nn.Module) -> str:
@@ -316,12 +392,14 @@ def load_model(path: str, splits: data_lib.Splits | None = None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such model file (write one with "
                                 "`python -m sparsecore train --out DIR`: DIR/model.pt)")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(blob, dict) or "state_dict" not in blob or "model_hparams" not in blob:
-        raise ValueError(f"{path} is not a sparsecore model file (expected the output of "
-                         "`python -m sparsecore train` or `prune`)")
-    data_hp = DataHparams(**blob["data_hparams"])
-    model_hp = ModelHparams(**blob["model_hparams"])
+    hint = " (expected a model file written by `python -m sparsecore train` or `prune`)"
+    blob = load_checkpoint(path, keys=("state_dict", "model_hparams", "data_hparams"),
+                           hint=hint)
+    try:
+        data_hp = DataHparams(**blob["data_hparams"])
+        model_hp = ModelHparams(**blob["model_hparams"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a sparsecore checkpoint ({exc}){hint}") from exc
     splits = splits or data_hp.load()
     model = model_hp.build(splits, seed=0)
     prune.load(model, blob["state_dict"])

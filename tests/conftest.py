@@ -40,3 +40,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class _Payload:
+    """Pickles as a call of open(path, "w"): a full unpickler creates the file, which is how
+    a crafted checkpoint would run code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def write_payload():
+    """write_payload(path, marker): a checkpoint-shaped file whose loading with
+    weights_only=False would create `marker`."""
+
+    def write(path, marker) -> None:
+        torch.save({"epoch": 1, "model": {"w": torch.zeros(2)}, "state_dict": {},
+                    "model_hparams": _Payload(str(marker))}, path)
+
+    return write

@@ -1,10 +1,12 @@
 """The study end to end on the tiny `test` preset: outputs, findings, and a kill followed by
---resume that redoes nothing finished and ends with the same numbers."""
+the same command, which redoes nothing finished and ends with the same numbers; the run
+directory's lock, settings check and --fresh."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -70,23 +72,72 @@ def test_study_end_to_end_and_resume_after_kill(tmp_path, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         study.run(cfg, run_dir, progress=False)
     monkeypatch.setattr(runner, "run_stage", real)
-    resumed = study.run(cfg, run_dir, resume=True, progress=False)
+    resumed = study.run(cfg, run_dir, progress=False)
     assert resumed.skipped == stages[:4] and resumed.executed == stages[4:]
     assert _same(_numbers(resumed.results), _numbers(full.results))
 
-    again = study.run(cfg, run_dir, resume=True, progress=False)
+    again = study.run(cfg, run_dir, progress=False)
     assert again.executed == [] and again.skipped == stages
     assert _same(_numbers(again.results), _numbers(full.results))
     with open(tmp_path / "killed" / "results.json") as f:
         assert json.load(f)["config"]["preset"] == "test"
 
 
-def test_resume_refuses_other_settings(tmp_path) -> None:
+def test_resume_refuses_other_settings_and_fresh_starts_over(tmp_path, capsys) -> None:
     cfg = study.preset_config("test", device="cpu")
-    runner._prepare(cfg, str(tmp_path), resume=False)
+    out = str(tmp_path)
+    with study.open_run_dir(cfg, out):
+        pass
+    finished = tmp_path / "stages" / "conv2-w0.125" / "s0" / "dense" / "result.json"
+    finished.parent.mkdir(parents=True)
+    finished.write_text("{}")
+    with study.open_run_dir(study.preset_config("test", device="cpu", jobs=2), out):
+        pass  # the device and the number of jobs may differ
+    assert finished.exists()
     other = study.preset_config("test", device="cpu", sparsities=[0.3])
-    with pytest.raises(ValueError, match="sparsities"):
-        runner._prepare(other, str(tmp_path), resume=True)
+    with pytest.raises(ValueError, match=r"other settings \(sparsities\).*--fresh"):
+        with study.open_run_dir(other, out):
+            pass
+    assert finished.exists()  # refused: nothing deleted
+    with study.open_run_dir(other, out, fresh=True):
+        pass
+    assert not (tmp_path / "stages").exists()
+    assert json.loads((tmp_path / "study.json").read_text())["sparsities"] == [0.3]
+    assert "--fresh" in capsys.readouterr().out
+
+
+def test_run_dir_lock_empty_dir_and_foreign_dir(tmp_path) -> None:
+    cfg = study.preset_config("test", device="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with study.open_run_dir(cfg, str(empty)):
+        assert (empty / "study.json").exists()
+        # a second study on the same directory stops at once, whatever its settings
+        with pytest.raises(ValueError, match="in use by another study"):
+            study.run(cfg, str(empty), progress=False)
+        with pytest.raises(ValueError, match="in use by another study"):
+            study.run(cfg, str(empty), fresh=True, progress=False)
+    assert (empty / "study.json").exists()
+    with study.open_run_dir(cfg, str(empty)):  # released with the first study
+        pass
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for fresh in (False, True):
+        with pytest.raises(ValueError, match="not a study run directory"):
+            study.run(cfg, str(foreign), fresh=fresh, progress=False)
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_config_checks_metrics_and_points() -> None:
+    with pytest.raises(ValueError, match="unknown similarity metric 'foo'"):
+        study.preset_config("test", metrics=["svcca", "foo"])
+    with pytest.raises(ValueError, match="points must be >= 10"):
+        study.preset_config("test", points=1)
+    with pytest.raises(ValueError, match="epochs"):
+        study.preset_config("test", epochs=0)
+    with pytest.raises(ValueError, match="unknown similarity metric"):
+        study.layer_similarity(None, None, None, ["nope"])
 
 
 def test_presets_and_overrides() -> None:

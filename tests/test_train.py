@@ -64,7 +64,7 @@ def test_resume_after_kill_redoes_no_epoch(tmp_path, monkeypatch) -> None:
     calls = _die_at_second_evaluation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         T.train(model, splits, HP, out_dir=str(tmp_path), progress=False)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
     calls["n"] = 10
     fresh = _model(splits)  # a new process: fresh model, masks come from the checkpoint
@@ -149,7 +149,7 @@ def test_sparse_kernels_train_like_dense_and_resume(tmp_path, monkeypatch) -> No
     calls = _die_at_second_evaluation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         T.train(pruned(), splits, hp_sparse, out_dir=str(tmp_path), progress=False)
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     assert any(k.endswith("parametrizations.weight.original") for k in saved)
     calls["n"] = 10
     resumed = T.train(_model(splits), splits, hp_sparse, out_dir=str(tmp_path), progress=False)
@@ -157,3 +157,78 @@ def test_sparse_kernels_train_like_dense_and_resume(tmp_path, monkeypatch) -> No
     assert [m["train_loss"] for m in resumed.metrics] == pytest.approx(losses_s, rel=1e-5)
     for (k, a), b in zip(resumed.model.state_dict().items(), sparse.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+TINY_HP = TrainHparams(epochs=1, batch_size=50, optimizer="adam", lr=3e-3, weight_decay=0.0)
+
+
+def test_checkpoint_payload_runs_no_code(tmp_path, write_payload) -> None:
+    marker = tmp_path / "pwned"
+    write_payload(tmp_path / "checkpoint.pt", marker)
+    splits = DATA.load()
+    with pytest.raises(ValueError, match="not a sparsecore checkpoint.*--fresh"):
+        T.train(_model(splits), splits, TINY_HP, out_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="not a sparsecore checkpoint"):
+        T.load_model(str(tmp_path / "checkpoint.pt"))
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_says_fresh(tmp_path) -> None:
+    splits = DATA.load()
+    T.train(_model(splits), splits, TINY_HP, out_dir=str(tmp_path), progress=False)
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=f"{ckpt} is not a sparsecore checkpoint.*--fresh"):
+        T.train(_model(splits), splits, TINY_HP, out_dir=str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("change", [{"lr": 1e-2}, {"seed": 1}, {"optimizer": "sgd"},
+                                    {"epochs": 2}, {"kernels": "sparse"}])
+def test_resume_refuses_other_hparams(tmp_path, change) -> None:
+    """Another --lr / --seed would silently go on with the old ones, another optimizer died
+    with KeyError: 'step'."""
+    splits = DATA.load()
+    T.train(_model(splits), splits, TINY_HP, out_dir=str(tmp_path), progress=False,
+            settings={"data": {"limit_train": 400}})
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    other = TrainHparams(**{**TINY_HP.__dict__, **change})
+    name = next(iter(change))
+    with pytest.raises(T.ResumeError, match=f"{name} .* there, .* now.*--fresh"):
+        T.train(_model(splits), splits, other, out_dir=str(tmp_path), progress=False,
+                settings={"data": {"limit_train": 400}})
+    with pytest.raises(T.ResumeError, match="data.limit_train 400 there, 300 now"):
+        T.train(_model(splits), splits, TINY_HP, out_dir=str(tmp_path), progress=False,
+                settings={"data": {"limit_train": 300}})
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    same = TrainHparams(**{**TINY_HP.__dict__, "eval_batch_size": 100})
+    r = T.train(_model(splits), splits, same, out_dir=str(tmp_path), progress=False,
+                settings={"data": {"limit_train": 400}})
+    assert r.resumed_from == 1  # the evaluation batch size changes nothing trained
+
+
+def test_hparams_refuse_values_out_of_range() -> None:
+    for bad in ({"batch_size": 0}, {"epochs": 0}, {"epochs": -1}, {"lr": float("nan")},
+                {"lr": float("inf")}, {"label_smoothing": 2.0}, {"optimizer": "lbfgs"},
+                {"milestones": "a"}, {"eval_batch_size": 0}, {"weight_decay": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainHparams(**bad)
+    for bad in ({"block_size": 0}, {"image_size": 0}, {"limit_train": 0}, {"channels": 2}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DataHparams(**bad)
+    with pytest.raises(ValueError, match="width"):
+        ModelHparams("conv2", 0.0)
+
+
+def test_huge_image_size_is_refused_before_resizing() -> None:
+    with pytest.raises(ValueError, match="GiB of memory"):
+        DataHparams(dataset="digits", image_size=1000).load()
+    with pytest.raises(ValueError, match="block size"):
+        DataHparams(dataset="text", block_size=10**7).load()
+
+
+def test_stale_tmp_files_are_removed_on_start(tmp_path) -> None:
+    (tmp_path / ".checkpoint.pt.abcd1234.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "tmpabcd1234.tmp").write_bytes(b"half a checkpoint")
+    splits = DATA.load()
+    T.train(_model(splits), splits, TINY_HP, out_dir=str(tmp_path), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "metrics.jsonl"]

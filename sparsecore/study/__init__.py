@@ -17,9 +17,10 @@ For every model of the preset (and every seed):
 
 The run directory gets report.md (tables, and the paper's findings checked against the
 numbers measured here), results.json and PNG figures. Every stage is cached in
-RUN/stages/...: `--resume` after a kill redoes nothing that finished, and an interrupted
-training stage continues from its last finished epoch. Without --resume an existing run
-directory is started over.
+RUN/stages/...: the same command after a kill redoes nothing that finished, and an
+interrupted training stage continues from its last finished epoch. A run directory that
+holds a study with other settings is refused (--fresh deletes it and starts over), and
+while a study runs it holds RUN/.study.lock: a second study on the same --out stops at once.
 
 presets:
   default   sklearn digits (8x8), Conv-2, VGG-11 and ResNet-20 at reduced width,
@@ -34,23 +35,27 @@ from __future__ import annotations
 from sparsecore.study._common import METHOD_TEXT, METHODS
 from sparsecore.study.analysis import Check, Finding, analyse, findings, layer_similarity
 from sparsecore.study.config import (
+    MIN_POINTS,
     PRESETS,
     ModelPlan,
     Preset,
     StudyConfig,
     add_arguments,
+    check_metrics,
+    check_points,
     config_from_args,
     preset_config,
 )
 from sparsecore.study.inference import dense_twin, inference_times, sparse_twin, timing
 from sparsecore.study.report import write_report
-from sparsecore.study.runner import RunSummary, run, run_stage
+from sparsecore.study.runner import RunSummary, open_run_dir, run, run_stage
 from sparsecore.study.stages import SEED_DENSE2, SEED_RANDOM, SEED_REINIT, Stage, plan_stages
 
 __all__ = [
     "METHODS", "METHOD_TEXT", "SEED_DENSE2", "SEED_REINIT", "SEED_RANDOM",
     "ModelPlan", "StudyConfig", "Preset", "PRESETS", "preset_config", "add_arguments",
-    "config_from_args", "Stage", "plan_stages", "run_stage", "layer_similarity", "analyse",
-    "Check", "Finding", "findings", "sparse_twin", "dense_twin", "inference_times", "timing",
-    "RunSummary", "run", "write_report",
+    "config_from_args", "check_metrics", "check_points", "MIN_POINTS", "Stage", "plan_stages",
+    "run_stage", "layer_similarity", "analyse", "Check", "Finding", "findings", "sparse_twin",
+    "dense_twin", "inference_times", "timing", "RunSummary", "run", "open_run_dir",
+    "write_report",
 ]

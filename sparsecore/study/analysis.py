@@ -11,7 +11,7 @@ from torch import nn
 
 from sparsecore import data as data_lib
 from sparsecore.study._common import METHODS, _mean, _pct, _read_json, _seed_mean
-from sparsecore.study.config import StudyConfig
+from sparsecore.study.config import StudyConfig, check_metrics, check_points
 from sparsecore.study.stages import Stage, _load, _splits, _stage_dir
 
 
@@ -28,8 +28,12 @@ def layer_similarity(model_a: nn.Module, model_b: nn.Module, splits, metrics: li
                      all_pairs: bool = False) -> dict[str, Any]:
     """Per-layer similarity of two models of the same architecture on held-out data:
     {metric: [value per feature layer]} (+ "all_pairs": the layer x layer matrix of
-    metrics[0] on spatially pooled activations). Layers: model_a.feature_layers."""
+    metrics[0] on spatially pooled activations). Layers: model_a.feature_layers. Unknown
+    metrics and fewer than MIN_POINTS points raise ValueError before any work."""
     from sparsecore import similarity
+
+    check_metrics(metrics)
+    check_points(points)
 
     loader = data_lib.Loader.for_split(splits, "heldout", 500, device=device)
     layers = list(model_a.feature_layers)

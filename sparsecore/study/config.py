@@ -13,7 +13,72 @@ from typing import Any
 
 from sparsecore import data as data_lib
 from sparsecore import prune
-from sparsecore.hparams import DataHparams, TrainHparams
+from sparsecore.hparams import POSITIVE, DataHparams, TrainHparams, arg_type, number, path_arg
+
+# Fewer held-out data points than this leave the centred activations of a layer with rank
+# below it: every similarity metric is then NaN or trivially 1.
+MIN_POINTS = 10
+
+
+def check_metrics(metrics: list[str]) -> list[str]:
+    """`metrics` if it is a non-empty list of sparsecore.similarity's metric names, else
+    ValueError listing them."""
+    from sparsecore.similarity import METRICS
+
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        what = f"unknown similarity metric {', '.join(map(repr, unknown))}" if unknown \
+            else "no similarity metric given"
+        raise ValueError(f"{what}; choose from {', '.join(METRICS)}")
+    return metrics
+
+
+def check_points(points: int) -> int:
+    """`points` if there are enough held-out data points per layer, else ValueError."""
+    if points < MIN_POINTS:
+        raise ValueError(f"points must be >= {MIN_POINTS} (held-out data points per layer; "
+                         f"with fewer every similarity is NaN or trivially 1), got {points}")
+    return points
+
+
+def _argtype(parse: Any, name: str) -> Any:
+    """An argparse `type` from a parser that raises ValueError with what is wrong."""
+    def conv(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    conv.__name__ = name
+    return conv
+
+
+def _metric_list(text: str) -> list[str]:
+    return check_metrics([m.strip() for m in text.split(",") if m.strip()])
+
+
+def _fraction_list(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or not all(0 < v < 1 for v in vals):
+        raise ValueError(f"sparsities must lie in (0, 1), got {text!r}")
+    return vals
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise ValueError("expected at least one integer")
+    return vals
+
+
+METRIC_LIST = _argtype(_metric_list, "metric list")
+POINTS = _argtype(lambda t: check_points(int(t)), "points")
 
 
 @dataclass
@@ -25,6 +90,14 @@ class ModelPlan:
     train: TrainHparams  # the dense run, and the from-scratch runs of reinit / random
     finetune_epochs: int
     finetune_lr: float  # peak LR of each fine-tuning round after a pruning step
+
+    def __post_init__(self) -> None:
+        if POSITIVE(self.width):
+            raise ValueError(f"model {self.model}: width must be > 0, got {self.width}")
+        if self.finetune_epochs < 1:
+            raise ValueError(f"finetune_epochs must be >= 1, got {self.finetune_epochs}")
+        if POSITIVE(self.finetune_lr):
+            raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
 
     @property
     def label(self) -> str:
@@ -46,6 +119,24 @@ class StudyConfig:
     device: str = "auto"
     jobs: int = 0  # parallel stage processes; 0 = auto
     kernels: str = "dense"  # what the pruned nets train on
+
+    def __post_init__(self) -> None:
+        check_metrics(self.metrics)
+        check_points(self.points)
+        if not self.sparsities or not all(0 < p < 1 for p in self.sparsities):
+            raise ValueError(f"sparsities must lie in (0, 1), got {self.sparsities}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one")
+        if self.scope not in prune.SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(prune.SCOPES)}, got "
+                             f"{self.scope!r}")
+        if self.kernels not in ("dense", "sparse"):
+            raise ValueError(f"kernels must be dense or sparse, got {self.kernels!r}")
+        for name, v, lo in (("spatial_samples", self.spatial_samples, 1),
+                            ("jobs", self.jobs, 0), ("accuracy_tolerance",
+                                                    self.accuracy_tolerance, 0)):
+            if not v >= lo:
+                raise ValueError(f"{name} must be >= {lo}, got {v}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,15 +236,18 @@ def preset_config(name: str, *, models: list[str] | None = None,
 
         if mname not in registry.names():
             raise ValueError(f"unknown model {mname!r}; choose from {', '.join(registry.names())}")
-        plan = pre.plan(mname, float(w) if w else None)
+        try:
+            width = float(w) if w else None
+        except ValueError:
+            raise ValueError(f"model {spec!r}: the width after ':' must be a number") from None
+        plan = pre.plan(mname, width)
         if epochs is not None:
-            plan.train.epochs = epochs
+            plan = dataclasses.replace(plan, train=dataclasses.replace(plan.train,
+                                                                       epochs=epochs))
         if finetune_epochs is not None:
-            plan.finetune_epochs = finetune_epochs
+            plan = dataclasses.replace(plan, finetune_epochs=finetune_epochs)
         plans.append(plan)
     sp = sorted(sparsities or pre.sparsities)
-    if not sp or sp[0] <= 0 or sp[-1] >= 1:
-        raise ValueError(f"sparsities must lie in (0, 1), got {sp}")
     kw = {**pre.extra, **{k: v for k, v in overrides.items() if v is not None}}
     data = copy.deepcopy(pre.data)
     for k in ("dataset", "data", "image_size", "channels", "limit_train"):
@@ -162,36 +256,41 @@ def preset_config(name: str, *, models: list[str] | None = None,
     return StudyConfig(name, data, plans, sp, seeds or [0], **kw)
 
 
-def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",") if v.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="which study (default: default)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out: finished stages are not redone")
+    p.add_argument("--out", default=None, type=path_arg,
+                   help="run directory (default: runs/<preset>); a run with the same "
+                        "settings in it is resumed: finished stages are not redone")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--fresh", action="store_true",
+                       help="delete the study in --out (its stages, results and report) and "
+                            "start over")
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (what happens anyway when its "
+                            "settings match; kept for older scripts)")
     p.add_argument("--data", default=None,
                    help="dataset directory (wacv2020: the extracted CIFAR-10 python folder)")
     p.add_argument("--dataset", default=None, help="override the preset's dataset")
-    p.add_argument("--limit-train", type=int, default=None,
+    p.add_argument("--limit-train", type=arg_type(int, number(1)), default=None,
                    help="use only the first N training examples (quick trials)")
     p.add_argument("--models", default=None,
                    help="comma-separated models, NAME or NAME:WIDTH (e.g. conv4,resnet20:0.5)")
-    p.add_argument("--sparsities", default=None, help="comma-separated, e.g. 0.5,0.75,0.9")
-    p.add_argument("--seeds", default=None, help="comma-separated model seeds (default: 0)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--sparsities", default=None, type=_argtype(_fraction_list, "sparsities"),
+                   help="comma-separated, each in (0, 1), e.g. 0.5,0.75,0.9")
+    p.add_argument("--seeds", default=None, type=_argtype(_int_list, "seeds"),
+                   help="comma-separated model seeds (default: 0)")
+    p.add_argument("--epochs", type=arg_type(int, number(1)), default=None,
                    help="epochs of the dense and from-scratch runs, for every model")
-    p.add_argument("--finetune-epochs", type=int, default=None,
+    p.add_argument("--finetune-epochs", type=arg_type(int, number(1)), default=None,
                    help="fine-tuning epochs after each pruning step, for every model")
     p.add_argument("--scope", default=None, choices=prune.SCOPES,
                    help="magnitude pruning threshold: global (default) or per layer")
-    p.add_argument("--metrics", default=None,
+    p.add_argument("--metrics", default=None, type=METRIC_LIST,
                    help="comma-separated similarity metrics (default: svcca,linear_cka)")
-    p.add_argument("--points", type=int, default=None,
-                   help="held-out data points per layer for similarity")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--points", type=POINTS, default=None,
+                   help=f"held-out data points per layer for similarity (at least {MIN_POINTS})")
+    p.add_argument("--jobs", type=arg_type(int, number(0)), default=None,
                    help="stages run in parallel processes (default: CPU cores up to 4, 1 on "
                         "GPU)")
     p.add_argument("--kernels", default=None, choices=("dense", "sparse"),
@@ -199,16 +298,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     cfg = preset_config(
         args.preset,
         models=[m.strip() for m in args.models.split(",")] if args.models else None,
-        sparsities=_floats(args.sparsities) if args.sparsities else None,
-        seeds=seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-        data=args.data, dataset=args.dataset, limit_train=args.limit_train,
-        scope=args.scope, points=args.points, jobs=args.jobs, kernels=args.kernels,
-        device=args.device,
-        metrics=[m.strip() for m in args.metrics.split(",")] if args.metrics else None,
+        sparsities=args.sparsities, seeds=args.seeds, epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs, data=args.data, dataset=args.dataset,
+        limit_train=args.limit_train, scope=args.scope, points=args.points, jobs=args.jobs,
+        kernels=args.kernels, device=args.device, metrics=args.metrics,
     )
     if cfg.data.dataset == "cifar10":
         data_lib.cifar10_dir(cfg.data.data)  # fail now, with what to do, not in a worker

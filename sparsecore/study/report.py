@@ -22,7 +22,7 @@ def write_report(run: str) -> str:
     path = os.path.join(run, "results.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run `python -m sparsecore study --out {run}`"
-                                " (with --resume to finish an interrupted run) first")
+                                " first (the same command finishes an interrupted run)")
     results = _read_json(path)
     cfg = results["config"]
     sps, metrics = cfg["sparsities"], cfg["metrics"]

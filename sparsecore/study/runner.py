@@ -1,22 +1,25 @@
-"""Running the study: stages in order or in parallel worker processes, resume, progress
-lines, and results.json."""
+"""Running the study: the run directory (its lock, resume, --fresh), stages in order or in
+parallel worker processes, progress lines, and results.json."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import fcntl
 import json
 import multiprocessing
 import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sparsecore import train as T
-from sparsecore._io import atomic_write_text
+from sparsecore._io import atomic_write_text, check_writable, remove_stale_tmp
 from sparsecore.study._common import _read_json
 from sparsecore.study.analysis import analyse
 from sparsecore.study.config import _RUNTIME_FIELDS, StudyConfig
@@ -64,27 +67,77 @@ def _jobs(cfg: StudyConfig, device: str) -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def _prepare(cfg: StudyConfig, out: str, resume: bool) -> None:
+LOCK = ".study.lock"  # held (flock) by the study running in a run directory
+
+
+def _check_foreign(out: str) -> None:
+    """Refuse a directory that holds files but no study (an empty one is fine)."""
+    if os.path.exists(os.path.join(out, "study.json")) or not os.path.isdir(out):
+        return
+    if [n for n in os.listdir(out) if n != LOCK]:
+        raise ValueError(f"{out} exists and is not a study run directory (no study.json); "
+                         "pick another --out")
+
+
+@contextlib.contextmanager
+def _locked(out: str) -> Iterator[None]:
+    """Hold the run directory's lock: a second study on the same directory fails at once
+    instead of overwriting the first one's files. The kernel drops the lock when the
+    process dies, so a killed study never leaves a stale one."""
+    fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            raise ValueError(f"{out} is in use by another study (process {holder}); wait for "
+                             "it to finish, or pick another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare(cfg: StudyConfig, out: str, fresh: bool) -> None:
+    """Make `out` hold `cfg`'s study: resume the one there when its settings match (only
+    the device and the number of jobs may differ), start over with `fresh`, refuse other
+    settings."""
+    _check_foreign(out)
     path = os.path.join(out, "study.json")
     if os.path.exists(path):
         old = _read_json(path)
-        if resume:
-            new = cfg.to_dict()
-            diff = [k for k in new if k not in _RUNTIME_FIELDS and old.get(k) != new[k]]
+        new = cfg.to_dict()
+        diff = [k for k in new if k not in _RUNTIME_FIELDS and old.get(k) != new[k]]
+        if not fresh:
             if diff:
-                raise ValueError(f"{out} holds a study with different settings ({', '.join(diff)}"
-                                 "); resume it with the same flags, or pick a new --out")
+                raise ValueError(
+                    f"{out} holds a study with other settings ({', '.join(diff)}): rerun with "
+                    "its flags to resume it, pass --fresh to delete it and start over, or "
+                    "pick another --out")
+            for folder, _, _ in os.walk(out):
+                remove_stale_tmp(folder)
             return
-        print(f"{out}: starting over (pass --resume to continue the run that is there)")
+        print(f"{out}: --fresh: deleting the study that is there and starting over")
         for name in ("stages", "results.json", "report.md"):
             target = os.path.join(out, name)
             if os.path.isdir(target):
                 shutil.rmtree(target)
             elif os.path.exists(target):
                 os.unlink(target)
-    elif os.path.isdir(out) and os.listdir(out):
-        raise ValueError(f"{out} exists and is not a study run directory; pick a new --out")
+    remove_stale_tmp(out)
     atomic_write_text(path, json.dumps(cfg.to_dict(), indent=1))
+
+
+@contextlib.contextmanager
+def open_run_dir(cfg: StudyConfig, out: str, fresh: bool = False) -> Iterator[None]:
+    """Create (or check) the run directory, hold its lock and prepare it for `cfg` (see
+    _prepare); the lock is held until the block ends."""
+    _check_foreign(out)
+    check_writable(out)
+    with _locked(out):
+        _prepare(cfg, out, fresh)
+        yield
 
 
 @dataclass
@@ -96,16 +149,24 @@ class RunSummary:
     results: dict[str, Any]
 
 
-def run(cfg: StudyConfig, out: str, *, resume: bool = False, progress: bool = True,
+def run(cfg: StudyConfig, out: str, *, fresh: bool = False, progress: bool = True,
         timing_threads: int | None = 1) -> RunSummary:
-    """Run (or resume) the study into directory `out`; returns what was done.
+    """Run the study into directory `out`, or resume the one there (same settings: no
+    finished stage is redone); returns what was done. fresh: delete the study in `out` and
+    start over; without it a study with other settings there is refused (ValueError), as is
+    a directory that holds other files, or one that another study is using.
 
     timing_threads: torch CPU threads for the dense-vs-sparse inference timing (1 by
     default: on a shared machine, OpenMP threads that wait on each other distort the
     times of small models far more than the kernels differ)."""
     t0 = time.perf_counter()
     device = T.resolve_device(cfg.device)
-    _prepare(cfg, out, resume)
+    with open_run_dir(cfg, out, fresh):
+        return _run(cfg, out, device, progress, timing_threads, t0)
+
+
+def _run(cfg: StudyConfig, out: str, device: str, progress: bool,
+         timing_threads: int | None, t0: float) -> RunSummary:
     stages = plan_stages(cfg)
     skipped = [s.key for s in stages if _done(out, s.key)]
     todo = [s for s in stages if s.key not in skipped]
