@@ -32,6 +32,13 @@ def _fresh_seed() -> int:
 
 
 @pytest.fixture
+def gen(_fresh_seed: int) -> torch.Generator:
+    """A generator seeded with the test's fresh seed, for data drawn apart from the global
+    RNG."""
+    return torch.Generator().manual_seed(_fresh_seed)
+
+
+@pytest.fixture
 def one_thread():
     """One torch thread for the test (use with `pytestmark =
     pytest.mark.usefixtures("one_thread")`): under `pytest -n 2` on a shared 2-core machine,

@@ -10,6 +10,9 @@ import torch
 from sparsecore import similarity as S
 from sparsecore.similarity.cka import gram_cka
 
+# Tiny matrices: OpenMP's second thread only slows them on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _kornblith_demo() -> tuple[np.ndarray, np.ndarray]:
     """The data of Kornblith et al.'s CKA notebook: np.random.seed(1337)."""
@@ -26,21 +29,6 @@ def _correlated(n: int, p: int, q: int, g: torch.Generator, shared: int = 5) -> 
     y = z @ torch.randn(shared, q, generator=g, dtype=torch.float64)
     y += 0.5 * torch.randn(n, q, generator=g, dtype=torch.float64)
     return x, y
-
-
-@pytest.fixture
-def gen(_fresh_seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_fresh_seed)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny: on a loaded 2-core machine, OpenMP's second thread made
-    this file several times slower, so run it on one and restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- published values (Kornblith et al. 2019, the CKA demo notebook) ------------------------

@@ -10,6 +10,9 @@ from torch import nn
 
 from sparsecore import similarity as S
 
+# Tiny matrices: OpenMP's second thread only slows them on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAIRWISE = {
     "svcca": lambda x, y, **kw: S.svcca(x, y, **kw),
     "cca": lambda x, y: S.cca(x, y).mean(),
@@ -43,21 +46,6 @@ def _layer_sets(g: torch.Generator, n: int = 120, offset: float = 0.0) -> tuple[
     a["a1"][:, 2] = 1.5
     b["b2"][:, 0] = 0.0
     return ({k: v + offset for k, v in a.items()}, {k: v + offset for k, v in b.items()})
-
-
-@pytest.fixture
-def gen(_fresh_seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_fresh_seed)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny: on a loaded 2-core machine, OpenMP's second thread made
-    this file several times slower, so run it on one and restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("metric", "opts"), CASES)

@@ -14,10 +14,8 @@ import torch
 
 from sparsecore import similarity as S
 
-
-@pytest.fixture
-def gen(_fresh_seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_fresh_seed)
+# Tiny matrices: OpenMP's second thread only slows them on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True, scope="module")
