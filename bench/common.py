@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+import sparsecore._ext
 from sparsecore._io import atomic_write_text
 from sparsecore._timing import time_fn
 
@@ -26,7 +27,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 def machine_info() -> dict[str, Any]:
     """What ran the bench: CPU model, the SIMD level torch's CPU kernels use (isa: AVX2,
-    AVX512, ...), cores, torch threads and version, UTC date, GPU name if any."""
+    AVX512, ...), the build of sparsecore's C++ kernels that ran (kernels_isa: avx512, avx2,
+    scalar), cores, torch threads and version, UTC date, GPU name if any."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -39,6 +41,7 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu,
         "isa": torch.backends.cpu.get_cpu_capability(),
+        "kernels_isa": sparsecore._ext.cpu_isa(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

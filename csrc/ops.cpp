@@ -5,9 +5,16 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// The module only carries the op registrations above; importing it runs them.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// The module only carries the op registrations below; importing it runs them. The same
+// sources build one module per instruction set (_C, _C_avx2, _C_avx512: see setup.py), and
+// sparsecore/_ext.py imports exactly one, so the ops are registered once.
+#define SPARSECORE_CONCAT2(a, b) a##b
+#define SPARSECORE_CONCAT(a, b) SPARSECORE_CONCAT2(a, b)
+#define SPARSECORE_STR2(a) #a
+#define SPARSECORE_STR(a) SPARSECORE_STR2(a)
+extern "C" PyObject* SPARSECORE_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, SPARSECORE_STR(TORCH_EXTENSION_NAME),
+                                   nullptr, -1, nullptr};
   return PyModule_Create(&def);
 }
 
