@@ -164,6 +164,25 @@ def test_cpu_tilings_are_cached_and_checked() -> None:
 
 
 @CPP
+def test_tiling_is_tied_to_the_column_indices() -> None:
+    """A tiling of another pattern with the same row lengths (the same row_ptr), or of this
+    one before its col_idx was edited in place, is refused, never used."""
+    w, mask = masked((40, 300), 0.9)
+    csr = CSRWeight.from_dense(w, mask)
+    tiling = csr.cpu_tilings()[0]
+    shifted = CSRWeight.from_dense(w, mask.roll(1, dims=1))  # same counts per row
+    assert torch.equal(shifted.row_ptr, csr.row_ptr) and not torch.equal(shifted.col_idx,
+                                                                         csr.col_idx)
+    x = torch.randn(16, 300, dtype=torch.float64)
+    op = torch.ops.sparsecore._csr_dsd_cpu
+    with pytest.raises(RuntimeError, match="does not belong to this matrix"):
+        op(x, shifted.values, shifted.col_idx, shifted.row_ptr, tiling, 40)
+    csr.col_idx.copy_(shifted.col_idx)  # an in-place edit: the cached tiling is stale
+    with pytest.raises(RuntimeError, match="does not belong to this matrix"):
+        op(x, csr.values, csr.col_idx, csr.row_ptr, tiling, 40)
+
+
+@CPP
 @pytest.mark.parametrize("batch", [3, 16])
 def test_cpp_op_rejects_bad_indices(batch: int) -> None:
     """The raw C++ ops check index contents too: an error, never an out-of-bounds read."""
