@@ -3,6 +3,7 @@ gradcheck, fixed masks under training, state_dict round trips, and the errors ba
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -173,7 +174,7 @@ def test_state_dict_round_trip(cls: str) -> None:
     assert torch.equal(a(x), b(x)) and torch.equal(a.mask(), b.mask())
     assert set(a.state_dict()) == {"values", "bias", "col_idx", "row_ptr"}
     torch.testing.assert_close(a.to_dense()(x), a(x))
-    with torch.no_grad():  # fills the inference cache of a below-crossover layer
+    with torch.no_grad():  # a below-crossover layer (the dense path)
         dense_ish = type(a).from_dense(a.to_dense(), sparsity=0.3)
         y = dense_ish(x)
     buf = io.BytesIO()
@@ -182,7 +183,7 @@ def test_state_dict_round_trip(cls: str) -> None:
     assert torch.equal(torch.load(buf, weights_only=False)(x), y)
     assert torch.equal(copy.deepcopy(dense_ish)(x), y)
     with torch.no_grad():
-        dense_ish.values.mul_(2)  # an in-place change invalidates the cache
+        dense_ish.values.mul_(2)  # an in-place change is seen
         torch.testing.assert_close(dense_ish(x) - dense_ish.bias.view(-1, *[1] * (y.dim() - 2)),
                                    2 * (y - dense_ish.bias.view(-1, *[1] * (y.dim() - 2))))
     bad = a.state_dict()
@@ -191,20 +192,117 @@ def test_state_dict_round_trip(cls: str) -> None:
         b.load_state_dict(bad)
 
 
-@pytest.mark.parametrize("sparsity", [0.3, 0.9])
-def test_inference_caches_follow_values(sparsity: float) -> None:
-    """Inference keeps the densified (below the crossover) or re-laid-out (kernel) weight
-    between calls; an in-place change of the values, or another values tensor, is seen."""
-    dense = nn.Linear(40, 24)
-    sparse = SparseLinear.from_dense(dense, sparsity=sparsity)
-    x = torch.randn(16, 40)
+def _layer(kind: str, sparsity: float, dtype: torch.dtype = torch.float32) -> nn.Module:
+    if kind == "linear":
+        return SparseLinear.from_dense(nn.Linear(150, 24).to(dtype), sparsity=sparsity)
+    return SparseConv2d.from_dense(nn.Conv2d(6, 10, 3, padding=(1, 0), stride=(1, 2)).to(dtype),
+                                   sparsity=sparsity)
+
+
+def _input(kind: str, batch: int = 16, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(batch, 150, dtype=dtype) if kind == "linear" else \
+        torch.randn(batch, 6, 9, 11, dtype=dtype)
+
+
+def _dense_forward(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense layer with the sparse layer's current weights, in `dtype`."""
+    w, b = layer.dense_weight().to(dtype), layer.bias.detach().to(dtype)
+    if isinstance(layer, SparseLinear):
+        return F.linear(x.to(dtype), w, b)
+    return F.conv2d(x.to(dtype), w, b, layer.stride, layer.padding, layer.dilation)
+
+
+def assert_current_weights(layer: nn.Module, x: torch.Tensor) -> None:
+    """layer(x), with and without autograd, equals the dense layer with its current values
+    (float64 reference, the dense float32 computation's error allowed twice)."""
+    ref64, dense = _dense_forward(layer, x, torch.float64), _dense_forward(layer, x, x.dtype)
+    assert_error_within(layer(x), ref64, dense, what="y (autograd)")
     with torch.no_grad():
-        for _ in range(2):
-            torch.testing.assert_close(sparse(x), sparse.to_dense()(x))
-        sparse.values.mul_(-3)
-        torch.testing.assert_close(sparse(x), sparse.to_dense()(x))
-        sparse.values = nn.Parameter(torch.randn_like(sparse.values))
-        torch.testing.assert_close(sparse(x), sparse.to_dense()(x))
+        assert_error_within(layer(x), ref64, dense, what="y (no_grad)")
+
+
+EDITS = {
+    # optimizers and edits that change the values without bumping their version counter
+    "adam_fused": lambda p: torch.optim.Adam([p], lr=0.1, fused=True),
+    "adamw_fused": lambda p: torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=True),
+    "data_copy": lambda p: p.data.copy_(torch.randn_like(p)),
+    "data_mul": lambda p: p.data.mul_(-3),
+    "copy_": lambda p: p.detach().copy_(torch.randn_like(p)),
+    "data_assign": lambda p: setattr(p, "data", torch.randn_like(p)),
+}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.95])  # the dense path and the kernel's
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_forward_reads_the_current_values(kind: str, sparsity: float, edit: str) -> None:
+    """Training steps (fused Adam / AdamW) and in-place edits of the values that leave
+    autograd's version counter alone are all seen by the next forward, in training and in
+    inference alike (nothing derived from the values outlives a call)."""
+    layer, x = _layer(kind, sparsity), _input(kind)
+    assert_current_weights(layer, x)  # a forward before the change
+    if edit.endswith("_fused"):
+        opt = EDITS[edit](layer.values)
+        target = torch.randn_like(layer(x))
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(layer(x), target).backward()
+            opt.step()
+            assert_current_weights(layer, x)
+    else:
+        with torch.no_grad():
+            EDITS[edit](layer.values)
+    assert_current_weights(layer, x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_fused_adam_training_loss_is_the_real_one(kind: str) -> None:
+    """Each step's loss equals the dense loss at the weights that step started from."""
+    layer, x = _layer(kind, 0.9), _input(kind)
+    target = torch.randn_like(layer(x))
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05, fused=True)
+    for _ in range(5):
+        ref = F.mse_loss(_dense_forward(layer, x, torch.float64), target.double()).item()
+        opt.zero_grad()
+        loss = F.mse_loss(layer(x), target)
+        loss.backward()
+        opt.step()
+        assert loss.item() == pytest.approx(ref, rel=1e-4)
+
+
+def _dense_grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Output, input gradient and kept-weight gradient of the dense twin in `dtype`."""
+    w = layer.dense_weight().to(dtype).requires_grad_()
+    xd = x.detach().to(dtype).requires_grad_()
+    if isinstance(layer, SparseLinear):
+        y = F.linear(xd, w)
+    else:
+        y = F.conv2d(xd, w, None, layer.stride, layer.padding, layer.dilation)
+    y.backward(dy.to(dtype))
+    return {"y": y.detach(), "dx": xd.grad, "dw": w.grad[layer.mask()]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_half_precision_on_cpu(dtype: torch.dtype, kind: str, backend: str | None) -> None:
+    """float16 / bfloat16 layers run on the CPU (on the reference backend: the C++ kernels
+    take float32/float64), in inference and in training, against the float64 dense layer."""
+    layer, x = _layer(kind, 0.9, dtype), _input(kind, 16, dtype)
+    layer.bias = None
+    with use_backend(backend) if backend else contextlib.nullcontext():
+        with torch.no_grad():
+            y = layer(x)
+        xg = x.clone().requires_grad_()
+        yg = layer(xg)
+        dy = torch.randn_like(yg)
+        yg.backward(dy)
+    got = {"y": y, "dx": xg.grad, "dw": layer.values.grad}
+    assert y.dtype == dtype and torch.equal(y, yg.detach())
+    ref64, dense = _dense_grads(layer, x, dy, torch.float64), _dense_grads(layer, x, dy, dtype)
+    for key in got:
+        assert_error_within(got[key], ref64[key], dense[key], what=key)
 
 
 def test_repr_and_constructor() -> None:

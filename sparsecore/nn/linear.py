@@ -80,15 +80,7 @@ class _CSRModule(nn.Module):
                       derived={n: getattr(self, n) for n in CSR_INDEX_FIELDS},
                       tilings=(self.tiling, self.t_tiling))
         self.tiling, self.t_tiling = w.cpu_tilings()
-        # Inference below the dense crossover reuses the densified weight (functional.py).
-        w.dense_cache = self.__dict__.setdefault("_dense_cache", {})
         return w
-
-    def __getstate__(self) -> dict:
-        # The dense cache holds a weakref (not picklable) and is rebuilt on demand.
-        state = dict(super().__getstate__())
-        state.pop("_dense_cache", None)
-        return state
 
     @property
     def nnz(self) -> int:
