@@ -436,6 +436,33 @@ def test_state_dict_round_trip() -> None:
         b.load_state_dict(bad)
 
 
+@pytest.mark.parametrize("corrupt", ["t_perm", "col_idx", "blocks", "bias", "wider"])
+def test_failed_load_leaves_the_layer_unchanged(corrupt: str) -> None:
+    """load_state_dict is all or nothing: a state it refuses changes no tensor of the layer
+    (here the incoming state has another nnzb, so a partial load would resize some)."""
+    lin = nn.Linear(64, 32)
+    a = BlockSparseLinear.from_dense(lin, density=0.5, block_size=16)
+    b = BlockSparseLinear.from_dense(lin, density=0.25, block_size=16)
+    bad = a.state_dict()
+    if corrupt == "wider":  # a layer with more inputs: a longer t_row_ptr, wider grid
+        bad = BlockSparseLinear.from_dense(nn.Linear(96, 32), density=0.5,
+                                           block_size=16).state_dict()
+    elif corrupt == "blocks":
+        bad["blocks"] = bad["blocks"][:-1]
+    elif corrupt == "bias":
+        bad["bias"] = torch.randn(33)
+    else:
+        bad[corrupt] = bad[corrupt].flip(0)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    x = torch.randn(5, 64)
+    y = b(x)
+    with pytest.raises(RuntimeError, match="BSR state|bias has shape"):
+        b.load_state_dict(bad)
+    after = b.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(b(x), y)
+
+
 def test_layer_bad_input() -> None:
     m = BlockSparseLinear(32, 16, block_size=8, density=0.5)
     with pytest.raises(ValueError, match="in_features=32"):
@@ -447,6 +474,15 @@ def test_layer_bad_input() -> None:
     with pytest.raises(ValueError, match="groups=1"):
         BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3, groups=2), block_size=4)
     assert "density=0.500" in repr(m)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace itself
+def test_jit_trace_is_refused_clearly() -> None:
+    lin = BlockSparseLinear(16, 8, block_size=4, density=0.5)
+    conv = BlockSparseConv2d(2, 4, 3, block_size=(2, 6), density=0.5)
+    for layer, x in ((lin, torch.randn(9, 16)), (conv, torch.randn(1, 2, 5, 5))):
+        with pytest.raises(RuntimeError, match="torch.jit.trace"):
+            torch.jit.trace(layer, x)
 
 
 # ---------------------------------------------------------------- triton (interpreter / GPU)

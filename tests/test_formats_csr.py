@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsecore import has_cpu_ext
+from sparsecore import formats, has_cpu_ext
 from sparsecore.formats import CSRWeight, csr_structure
 
 CPP = pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
@@ -180,6 +180,21 @@ def test_tiling_is_tied_to_the_column_indices() -> None:
     csr.col_idx.copy_(shifted.col_idx)  # an in-place edit: the cached tiling is stale
     with pytest.raises(RuntimeError, match="does not belong to this matrix"):
         op(x, csr.values, csr.col_idx, csr.row_ptr, tiling, 40)
+
+
+def test_from_dense_checks_int32_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnz, rows and columns must fit the int32 index arrays (checked before the casts; the
+    limit is lowered here instead of allocating 2^31 entries)."""
+    monkeypatch.setattr(formats, "_INT32_MAX", 20)
+    w = torch.randn(4, 10)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[torch.randperm(40)[:21]] = True
+    with pytest.raises(ValueError, match="must fit int32.*got 21"):
+        CSRWeight.from_dense(w, mask.view(4, 10))
+    mask[mask.nonzero()[0]] = False  # 20 kept: fits
+    assert CSRWeight.from_dense(w, mask.view(4, 10)).nnz == 20
+    with pytest.raises(ValueError, match="must fit int32"):  # 21 columns
+        CSRWeight.from_dense(torch.randn(2, 21), torch.zeros(2, 21, dtype=torch.bool))
 
 
 @CPP

@@ -172,7 +172,8 @@ def test_state_dict_round_trip(cls: str) -> None:
     buf.seek(0)
     b.load_state_dict(torch.load(buf))
     assert torch.equal(a(x), b(x)) and torch.equal(a.mask(), b.mask())
-    assert set(a.state_dict()) == {"values", "bias", "col_idx", "row_ptr"}
+    assert set(a.state_dict()) == {"values", "bias", "col_idx", "row_ptr", "weight_shape"}
+    assert a.state_dict()["weight_shape"].tolist() == list(a.weight_shape)
     torch.testing.assert_close(a.to_dense()(x), a(x))
     with torch.no_grad():  # a below-crossover layer (the dense path)
         dense_ish = type(a).from_dense(a.to_dense(), sparsity=0.3)
@@ -190,6 +191,70 @@ def test_state_dict_round_trip(cls: str) -> None:
     bad["col_idx"] = bad["col_idx"].flip(0)
     with pytest.raises(RuntimeError, match="inconsistent CSR state"):
         b.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+@pytest.mark.parametrize("corrupt", ["col_idx", "row_ptr", "values", "bias", "weight_shape"])
+def test_failed_load_leaves_the_layer_unchanged(cls: str, corrupt: str) -> None:
+    """load_state_dict is all or nothing: a state it refuses changes no tensor of the layer
+    (the incoming state has another nnz, so a partial load would resize some)."""
+    if cls == "linear":
+        a = SparseLinear.from_dense(nn.Linear(30, 20), sparsity=0.7)
+        b = SparseLinear.from_dense(nn.Linear(30, 20), sparsity=0.9)
+        x = torch.randn(4, 30)
+    else:
+        a = SparseConv2d.from_dense(nn.Conv2d(3, 5, 3, padding=1), sparsity=0.7)
+        b = SparseConv2d.from_dense(nn.Conv2d(3, 5, 3, padding=1), sparsity=0.9)
+        x = torch.randn(2, 3, 6, 7)
+    bad = a.state_dict()
+    if corrupt == "col_idx":
+        bad["col_idx"] = bad["col_idx"].flip(0)
+    elif corrupt == "row_ptr":
+        bad["row_ptr"] = bad["row_ptr"].flip(0)
+    elif corrupt == "values":
+        bad["values"] = bad["values"][:-1]
+    elif corrupt == "bias":
+        bad["bias"] = torch.randn(21)
+    else:
+        bad["weight_shape"] = torch.tensor([20, 31] if cls == "linear" else [5, 3, 3, 4])
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    y = b(x)
+    with pytest.raises(RuntimeError, match="CSR state|bias has shape|holds a weight of shape"):
+        b.load_state_dict(bad)
+    after = b.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(b(x), y)
+
+
+def test_state_dict_of_another_shape_is_refused() -> None:
+    """The state dict carries the weight's shape: a wider layer whose kept columns all fall
+    inside this one's, or a conv of another kernel with the same matrix view, is refused."""
+    wide = nn.Linear(60, 20)
+    mask = torch.zeros(20, 60, dtype=torch.bool)
+    mask[:, :30] = torch.rand(20, 30) > 0.5  # every kept column < 30
+    state = SparseLinear.from_dense(wide, mask).state_dict()
+    with pytest.raises(RuntimeError, match=r"shape \(20, 60\), this layer's is \(20, 30\)"):
+        SparseLinear(30, 20).load_state_dict(state)
+    conv = SparseConv2d.from_dense(nn.Conv2d(4, 8, 3), sparsity=0.5)  # matrix view 8 x 36
+    with pytest.raises(RuntimeError, match="holds a weight of shape"):
+        SparseConv2d(9, 8, 2).load_state_dict(conv.state_dict())  # 8 x 36 as well
+    # without the key: strict loading reports it missing; non-strict checks the CSR alone
+    lin = SparseLinear.from_dense(nn.Linear(30, 20), sparsity=0.5)
+    old = {k: v for k, v in lin.state_dict().items() if k != "weight_shape"}
+    with pytest.raises(RuntimeError, match="Missing key.*weight_shape"):
+        SparseLinear(30, 20).load_state_dict(old)
+    fresh = SparseLinear(30, 20)
+    fresh.load_state_dict(old, strict=False)
+    assert torch.equal(fresh.mask(), lin.mask())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace itself
+def test_jit_trace_is_refused_clearly() -> None:
+    lin = SparseLinear.from_dense(nn.Linear(12, 5), sparsity=0.5)
+    conv = SparseConv2d.from_dense(nn.Conv2d(2, 3, 3), sparsity=0.5)
+    for layer, x in ((lin, torch.randn(9, 12)), (conv, torch.randn(1, 2, 5, 5))):
+        with pytest.raises(RuntimeError, match="torch.jit.trace"):
+            torch.jit.trace(layer, x)
 
 
 def _layer(kind: str, sparsity: float, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -37,6 +37,17 @@ from sparsecore.formats import CSRWeight
 __all__ = ["CSRLinearFunction", "CSRConv2dFunction", "sparse_linear", "sparse_conv2d"]
 
 
+def refuse_jit_trace(name: str) -> None:
+    """RuntimeError under torch.jit.trace: it cannot record the sparse layers' autograd
+    Functions (they take the weight's structure as a Python object) and would otherwise fail
+    deep inside with an unhelpful `unordered_map::at`."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            f"{name}: torch.jit.trace cannot record sparsecore's sparse layers; use "
+            "torch.compile, or trace the dense twin (to_dense())"
+        )
+
+
 def _check_operands(name: str, x: Tensor, weight: CSRWeight, bias: Tensor | None) -> None:
     for what, t in (("weight", weight.values), ("bias", bias)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
@@ -128,6 +139,7 @@ class CSRConv2dFunction(torch.autograd.Function):
 def sparse_linear(x: Tensor, weight: CSRWeight, bias: Tensor | None = None) -> Tensor:
     """F.linear with a CSR weight (out, in): x (..., in) -> (..., out), any leading shape and
     strides."""
+    refuse_jit_trace("sparse_linear")
     if len(weight.shape) != 2:
         raise ValueError(f"sparse_linear: weight must be 2-D (out, in), got shape {weight.shape}")
     n_out, n_in = weight.shape
@@ -145,6 +157,7 @@ def sparse_conv2d(x: Tensor, weight: CSRWeight, bias: Tensor | None = None,
                   dilation: int | Sequence[int] = 1) -> Tensor:
     """F.conv2d (groups=1, zero padding) with a CSR weight (C_out, C_in, kh, kw); x (N, C_in,
     H, W) or unbatched (C_in, H, W)."""
+    refuse_jit_trace("sparse_conv2d")
     if len(weight.shape) != 4:
         raise ValueError(f"sparse_conv2d: weight must be 4-D (C_out, C_in, kh, kw), "
                          f"got shape {weight.shape}")
