@@ -53,9 +53,10 @@ def _check_operands(name: str, x: Tensor, weight: CSRWeight, bias: Tensor | None
 def _inference_cached(weight: CSRWeight, values: Tensor, what: str,
                       make: Callable[[], Tensor | None]) -> Tensor | None:
     """make(), a function of `values`; without autograd (inference) kept in weight.dense_cache
-    (a dict the layers own) and reused while `values` is the same object, unmodified."""
+    (a dict the layers own) and reused while `values` is the same object, unmodified. A
+    traced forward (torch.compile / export) recomputes it: the key reads data pointers."""
     cache = getattr(weight, "dense_cache", None)
-    if cache is None or torch.is_grad_enabled():
+    if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return make()
     key = (values.data_ptr(), values._version, values.dtype, values.device)
     ref, old_key, old = cache.get(what, (None, None, None))
