@@ -482,14 +482,18 @@ class CSRWeight:
 
     def cpu_tilings(self) -> tuple[Tensor | None, Tensor | None]:
         """The C++ kernels' tile-major layouts of W and W^T, built once (None off the CPU or
-        without the extension)."""
+        without the extension). A traced call (torch.compile / export) builds them without
+        keeping them: tracing must not store its placeholder tensors on this object."""
         if self.tiling is None and self.device.type == "cpu":
             from sparsecore import _ext
 
             if _ext.has_cpu_ext():
                 tile = torch.ops.sparsecore._csr_tiling_cpu
-                self.tiling = tile(self.col_idx, self.row_ptr, self.n_cols)
-                self.t_tiling = tile(self.t_col_idx, self.t_row_ptr, self.n_rows)
+                tilings = (tile(self.col_idx, self.row_ptr, self.n_cols),
+                           tile(self.t_col_idx, self.t_row_ptr, self.n_rows))
+                if torch.compiler.is_compiling():
+                    return tilings
+                self.tiling, self.t_tiling = tilings
         return self.tiling, self.t_tiling
 
     def with_values(self, values: Tensor) -> CSRWeight:

@@ -68,17 +68,22 @@ class _CSRModule(nn.Module):
         self.values = nn.Parameter(csr.values.detach().clone())
         for name in CSR_INDEX_FIELDS:
             self.register_buffer(name, getattr(csr, name).clone(), persistent=name in _SAVED)
-        self.register_buffer("tiling", None, persistent=False)
-        self.register_buffer("t_tiling", None, persistent=False)
+        # The C++ tilings are built here and on load, not in forward, so that a traced
+        # forward (torch.compile / export) reads them as plain buffers.
+        tiling, t_tiling = csr.cpu_tilings()
+        self.register_buffer("tiling", tiling, persistent=False)
+        self.register_buffer("t_tiling", t_tiling, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def weight_csr(self) -> CSRWeight:
         """The weight as a CSRWeight sharing this module's tensors (values is the Parameter).
-        On the CPU this builds the C++ kernels' tilings once and keeps them as buffers."""
+        On the CPU the C++ kernels' tilings are buffers, built on construction and on load, or
+        here when missing (a layer moved to the CPU; a traced forward builds them per call)."""
         w = CSRWeight(self.values, self.col_idx, self.row_ptr, self.weight_shape, check=False,
                       derived={n: getattr(self, n) for n in CSR_INDEX_FIELDS},
                       tilings=(self.tiling, self.t_tiling))
-        self.tiling, self.t_tiling = w.cpu_tilings()
+        if not torch.compiler.is_compiling():  # a traced forward must not set module state
+            self.tiling, self.t_tiling = w.cpu_tilings()
         return w
 
     @property
@@ -155,6 +160,7 @@ class _CSRModule(nn.Module):
         for name in _DERIVED:
             setattr(self, name, derived[name])
         self.tiling = self.t_tiling = None
+        self.weight_csr()  # the loaded pattern's tilings
 
     def _density_repr(self) -> str:
         return f"density={self.density:.3f}, nnz={self.nnz}, bias={self.bias is not None}"
