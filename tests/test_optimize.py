@@ -96,6 +96,20 @@ def test_conv_bn_relu_every_kernel(kernel: str) -> None:
     assert not os.path.exists(cache_path())  # a fixed choice times nothing
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_through_the_ops(kernel: str, monkeypatch) -> None:
+    """Where the C++ ops do not take the tensors (CUDA, no extension) the kernels go through
+    sparsecore.ops' automatic choice: the same results."""
+    from sparsecore.nn import fused
+
+    monkeypatch.setattr(fused, "has_cpu_ext", lambda: False)
+    model = nn.Sequential(_block_masked_conv(16, 16), nn.Flatten(), nn.Linear(16 * 16, 16))
+    prune.apply(model, {"2.weight": expand_block_mask(torch.rand(2, 32) < 0.5, (8, 8))})
+    optimized = sparsecore.optimize(model.eval(), torch.randn(4, 16, 4, 4), choose=kernel)
+    assert optimized[0][0].kernel.name == kernel
+    _assert_same(model, optimized, (9, 16, 4, 4))
+
+
 @pytest.mark.parametrize("kernel", ["dense", "csr", "bsr"])
 def test_linear_bn1d_relu(kernel: str) -> None:
     model = nn.Sequential(nn.Linear(48, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16))

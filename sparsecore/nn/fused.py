@@ -18,15 +18,17 @@ nothing here has gradients):
   per-sample conv kernel mostly idle;
 - "bsr": the block-sparse kernels (ops.bsr_conv2d / ops.bsr_dsd), for block-aligned masks.
 
-The sparse kernels run on the C++ backend wherever it takes the tensors (the choice among
-kernels was measured, so the CSR ops' own dense crossover is bypassed) and otherwise on the
-ops' automatic choice. Conv kernels return NCHW-shaped tensors; "csr_unfold" and "bsr" return
-them channels-last in memory (the product writes rows of channels).
+The sparse kernels call the C++ ops (torch.ops.sparsecore._*_cpu, what the ops' "cpp"
+backends run) directly wherever they take the tensors: the choice among kernels was
+measured, so the CSR ops' own dense crossover must not overrule it, and the custom-op
+wrapper's per-call cost is a visible share of a small layer. Elsewhere (CUDA, other
+dtypes, no extension) they go through the ops' automatic choice. Conv kernels return
+NCHW-shaped tensors; "csr_unfold" and "bsr" return them channels-last in memory (the
+product writes rows of channels).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +39,8 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from sparsecore import ops
-from sparsecore._dispatch import cpp_reasons, use_backend
+from sparsecore._dispatch import CPP_DTYPES
+from sparsecore._ext import has_cpu_ext
 from sparsecore.formats import BSRWeight, CSRWeight
 from sparsecore.ops._common import conv_out_hw
 
@@ -47,11 +50,10 @@ __all__ = ["KERNELS", "FusedConv2d", "FusedLinear", "FusedResidual", "epilogue",
 KERNELS = ("dense", "csr", "csr_unfold", "bsr")
 
 
-def _backend(*tensors: Tensor) -> contextlib.AbstractContextManager:
-    """Force the C++ backend where it takes these tensors, else leave the choice to the op."""
-    if cpp_reasons(list(tensors)):
-        return contextlib.nullcontext()
-    return use_backend("cpp")
+def _on_cpp(x: Tensor, weight: Tensor) -> bool:
+    """Whether the C++ kernels take x with this weight (checked per call: cheap tests only)."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in CPP_DTYPES
+            and weight.device.type == "cpu" and has_cpu_ext())
 
 
 def epilogue(y: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool) -> Tensor:
@@ -112,6 +114,16 @@ def _csr_buffers(module: nn.Module, matrix: Tensor, mask: Tensor, *, tiled: bool
     module.register_buffer("tiled_values", tiled_values)
 
 
+def _csr_dsd(kernel: nn.Module, x: Tensor, n_out: int) -> Tensor:
+    """x (M, K) times the CSR weight held by `kernel` (its _csr_buffers) -> (M, n_out)."""
+    if _on_cpp(x, kernel.values):
+        return torch.ops.sparsecore._csr_dsd_cpu(x, kernel.values, kernel.col_idx,
+                                                 kernel.row_ptr, kernel.tiling, n_out,
+                                                 kernel.tiled_values)
+    return ops.csr_dsd(x, kernel.values, kernel.col_idx, kernel.row_ptr, kernel.row_order,
+                       kernel.tiling, n_out, kernel.tiled_values)
+
+
 class _ConvGeom(nn.Module):
     """A conv kernel's geometry: weight_shape (C_out, C_in, kh, kw) and stride / padding /
     dilation pairs."""
@@ -155,9 +167,11 @@ class CSRConv(_ConvGeom, _Kernel):
                      tiled=False)
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        with _backend(x, self.values):
-            return ops.csr_conv2d(x, self.values, self.col_idx, self.row_ptr, self.tiling,
-                                  self.weight_shape, self.stride, self.padding, self.dilation)
+        args = (x, self.values, self.col_idx, self.row_ptr, self.tiling, self.weight_shape,
+                self.stride, self.padding, self.dilation)
+        if _on_cpp(x, self.values):
+            return torch.ops.sparsecore._csr_conv2d_cpu(*args)
+        return ops.csr_conv2d(*args)
 
 
 def im2col_nhwc(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
@@ -195,9 +209,7 @@ class CSRUnfoldConv(_ConvGeom, _Kernel):
         ho, wo = self.out_hw(x)
         cols = im2col_nhwc(x, self.weight_shape[2:], self.stride, self.padding, self.dilation)
         n_out = self.weight_shape[0]
-        with _backend(cols, self.values):
-            y = ops.csr_dsd(cols, self.values, self.col_idx, self.row_ptr, self.row_order,
-                            self.tiling, n_out, self.tiled_values)
+        y = _csr_dsd(self, cols, n_out)
         return y.view(x.shape[0], ho, wo, n_out).permute(0, 3, 1, 2)
 
 
@@ -222,8 +234,10 @@ class BSRConv(_ConvGeom, _Kernel):
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         ho, wo = self.out_hw(x)
-        y = ops.bsr_conv2d(x, self.blocks, self.col_idx, self.row_ptr, self.weight_shape[2:],
-                           self.stride, self.padding, self.dilation)
+        args = (x, self.blocks, self.col_idx, self.row_ptr, self.weight_shape[2:], self.stride,
+                self.padding, self.dilation)
+        y = (torch.ops.sparsecore._bsr_conv2d_cpu(*args) if _on_cpp(x, self.blocks)
+             else ops.bsr_conv2d(*args))
         return y.view(x.shape[0], ho, wo, self.weight_shape[0]).permute(0, 3, 1, 2)
 
 
@@ -247,9 +261,7 @@ class CSRLinear(_Kernel):
         _csr_buffers(self, weight, mask, tiled=True)
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        with _backend(x, self.values):
-            return ops.csr_dsd(x, self.values, self.col_idx, self.row_ptr, self.row_order,
-                               self.tiling, self.n_out, self.tiled_values)
+        return _csr_dsd(self, x, self.n_out)
 
 
 class BSRLinear(_Kernel):
@@ -261,7 +273,10 @@ class BSRLinear(_Kernel):
         _bsr_buffers(self, weight, mask, block_size)
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        return ops.bsr_dsd(x, self.blocks, self.col_idx, self.row_ptr, None, False, self.n_out)
+        args = (x, self.blocks, self.col_idx, self.row_ptr, None, False, self.n_out)
+        if _on_cpp(x, self.blocks):
+            return torch.ops.sparsecore._bsr_dsd_cpu(*args)
+        return ops.bsr_dsd(*args)
 
 
 # ---- fused layers ---------------------------------------------------------------------
