@@ -238,7 +238,7 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-shape", default=None,
                    help="time a random normal input of this comma-separated shape, e.g. "
                         "64,3,32,32 (default: a held-out batch of the model's data)")
-    p.add_argument("--batch", type=int, default=64,
+    p.add_argument("--batch", type=H.arg_type(int, H.number(1)), default=64,
                    help="held-out examples per batch when no --input-shape (default: 64)")
     p.add_argument("--layouts", default="dense,csr,bsr",
                    help="comma-separated weight layouts to consider (default: dense,csr,bsr)")
@@ -252,13 +252,17 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_explain(args: argparse.Namespace) -> int:
     from sparsecore.nn.explain import explain
 
-    model, data_hp, _, _ = T.load_model(args.model)
+    shape = None
     if args.input_shape:
         try:
             shape = [int(s) for s in args.input_shape.split(",")]
         except ValueError:
-            raise CLIError(f"--input-shape must be comma-separated integers, e.g. 64,3,32,32; "
-                           f"got {args.input_shape!r}") from None
+            shape = []
+        if not shape or min(shape) < 1:
+            raise CLIError(f"--input-shape must be comma-separated positive integers, e.g. "
+                           f"64,3,32,32; got {args.input_shape!r}")
+    model, data_hp, _, _ = T.load_model(args.model)
+    if shape:
         x = torch.randn(shape)
     else:
         x, _ = next(iter(T.data_lib.Loader.for_split(data_hp.load(), "heldout", args.batch)))
@@ -268,7 +272,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         report = explain(model.to(device), x.to(device), layouts=layouts,
                          cache=not args.no_cache)
     except RuntimeError as exc:
-        if not args.input_shape:
+        if not shape:
             raise
         raise CLIError(f"the model does not take an input of shape {tuple(shape)} "
                        f"(--input-shape): {str(exc).splitlines()[0]}") from None

@@ -55,10 +55,9 @@ def test_train_prune_finetune_compare(tmp_path, capsys) -> None:
     assert "svcca" in out and "classifier.fc3" in out
 
 
-def test_explain(tmp_path, capsys, monkeypatch) -> None:
+def test_explain(tmp_path, capsys) -> None:
     """explain prints one row per layer of the pruned model, with every column, and the
     whole-model speedups (no assertion on the times)."""
-    monkeypatch.setenv("SPARSECORE_CACHE_DIR", str(tmp_path / "cache"))
     d = str(tmp_path)
     assert cli.main(["train", *TINY, "--out", f"{d}/dense"]) == 0
     assert cli.main(["prune", f"{d}/dense/model.pt", "--sparsity", "0.9", "--out",
