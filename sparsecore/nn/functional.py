@@ -21,8 +21,8 @@ dilation)` take a CSRWeight whose `values` may be a Parameter (the layers pass t
 
 Why `autograd.Function` here and `torch.library.register_autograd` in sparsecore.linalg: a
 layer's gradient is not a formula of one op's inputs and outputs. It needs the CSRWeight
-itself (the transposed structure and the C++ tilings it builds lazily, the layer's
-dense_cache) and a per-step choice, made once in the forward, between the sparse ops and
+itself (the transposed structure and the C++ tilings it builds lazily) and a per-step
+choice, made once in the forward, between the sparse ops and
 one densified weight reused by the input gradient; a custom op's schema carries only
 tensors and scalars, and its registered backward sees only the op's inputs and outputs.
 So each layer kind is a Function over the custom ops, which stay opaque ops with fake
