@@ -213,8 +213,8 @@ def _engines(args: argparse.Namespace) -> dict[str, str]:
 
 
 COLUMNS = ["model", "pruning", "sparsity", "batch", "threads", "torch_ms", "ort_ms",
-           "deepsparse_ms", "sparsecore_ms", "sparsecore_x", "sparsify_x", "deepsparse_x",
-           "max_diff", "note"]
+           "deepsparse_ms", "sparsecore_ms", "sparsecore_x", "sparsify_x", "ort_x",
+           "deepsparse_x", "vs_deepsparse", "max_diff", "note"]
 
 
 def _ms(module: nn.Module, x: Tensor, args: argparse.Namespace) -> float:
@@ -289,6 +289,9 @@ def _rows(case: Case, threads: list[int | None], engines: dict[str, str],
                         row_notes.append(f"{engine}: {type(exc).__name__}: {exc}")
                 for engine in ("sparsecore", "sparsify", *ENGINES):
                     row[f"{engine}_x"] = speedup(row["torch_ms"], row.get(f"{engine}_ms"))
+                # sparsecore's speed as a fraction of DeepSparse's (1: as fast)
+                row["vs_deepsparse"] = speedup(row.get("deepsparse_ms"),
+                                               row.get("sparsecore_ms"))
                 diffs = [row.get(f"{e}_diff") for e in ("sparsecore", "sparsify", *ENGINES)]
                 row["max_diff"] = max((d for d in diffs if d is not None), default=None)
                 row["note"] = "; ".join(row_notes) or None
