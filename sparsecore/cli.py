@@ -296,10 +296,12 @@ def _study_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from sparsecore import study
+    from sparsecore.study.executors import make_executor
 
     cfg = study.config_from_args(args)
+    executor = make_executor(args.executor, args.address)
     study.run(cfg, out=args.out, fresh=args.fresh, progress=not args.no_progress,
-              timing_threads=args.threads or 1)
+              timing_threads=args.threads or 1, executor=executor)
     return 0
 
 
