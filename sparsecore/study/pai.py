@@ -233,7 +233,8 @@ def _mark(cell: dict[str, Any]) -> str:
 def _fmt(v: float, pct: bool = False) -> str:
     if v is None or math.isnan(v):
         return "-"
-    return f"{100 * v:.2f}" if pct else f"{v:.3f}"
+    text = f"{100 * v:.2f}" if pct else f"{v:.3f}"
+    return "0.000" if text == "-0.000" else text
 
 
 def _spearman(xs: list[float], ys: list[float]) -> tuple[float, int]:
@@ -417,7 +418,10 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
             ax.set_xlabel(f"{name} (mean over layers; marker size: compression)")
             ax.set_ylabel("held-out accuracy (%)")
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    ax = axes[0][-1]
+    ax.plot([], [], "x", color="black", ms=8, label="a layer empty")
+    ax.plot([], [], "X", color="black", ms=9, label="collapse: no path left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(run, "ramanujan_vs_accuracy.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
