@@ -30,6 +30,10 @@ presets:
             sparsities 50/75/90 %: a few minutes on a 2-core CPU
   wacv2020  CIFAR-10 (--data PATH), ResNet-20, VGG-16 and Conv-4 with full schedules:
             meant for a GPU (hours)
+  pai       pruning at initialisation (magnitude, random, random rescaled, ERK, SNIP, GraSP,
+            SynFlow) of VGG-16 and ResNet-20 at reduced width on digits, compressions
+            10^0.5 .. 10^3, each trained from scratch: accuracy vs compression with layer
+            collapse marked, and the Ramanujan-graph metrics of each mask (study.pai)
   test      a tiny synthetic run that takes seconds (the test suite's)
 """
 

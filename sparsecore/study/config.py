@@ -203,6 +203,14 @@ def _test_plan(name: str, width: float | None = None) -> ModelPlan:
     return ModelPlan(name, width or 0.125, hp, 1, lr)
 
 
+def _pai_plan(name: str, width: float | None = None) -> ModelPlan:
+    # Pruned at initialisation and trained once from scratch: the digits schedule, shorter,
+    # so that the 84 pruned nets fit the preset's time.
+    plan = _digits_plan(name, width)
+    return dataclasses.replace(plan, train=dataclasses.replace(plan.train, epochs=10),
+                               finetune_epochs=1)
+
+
 @dataclass
 class Preset:
     data: DataHparams
@@ -217,6 +225,8 @@ PRESETS: dict[str, Preset] = {
                       "resnet20"], _digits_plan, [0.5, 0.75, 0.9]),
     "wacv2020": Preset(DataHparams(dataset="cifar10"), ["resnet20", "vgg16", "conv4"],
                        _cifar_plan, [0.5, 0.75, 0.9, 0.95], {"points": 10000}),
+    "pai": Preset(DataHparams(dataset="digits"), ["vgg16", "resnet20"], _pai_plan,
+                  [1 - 10 ** -(k / 2) for k in range(1, 7)]),  # compressions 10^0.5 .. 10^3
     "test": Preset(DataHparams(dataset="synthetic", image_size=8, limit_train=400),
                    ["conv2"], _test_plan, [0.5, 0.8],
                    {"points": 300, "spatial_samples": 2, "jobs": 1}),

@@ -21,7 +21,7 @@ import torch
 
 from sparsecore import train as T
 from sparsecore._io import atomic_write_text, check_writable, remove_stale_tmp
-from sparsecore.study import cache
+from sparsecore.study import cache, pai
 from sparsecore.study._common import _read_json
 from sparsecore.study.analysis import analyse
 from sparsecore.study.config import _RUNTIME_FIELDS, StudyConfig
@@ -46,6 +46,8 @@ def run_stage(cfg: StudyConfig, run: str, stage: Stage, device: str,
         cache.write_record(sdir, cache.run_keys(run)[stage.key])
         if stage.kind == "analysis":
             result = analyse(cfg, run, stage, device)
+        elif stage.kind.startswith(pai.KIND):
+            result = pai.run_stage(cfg, run, stage, device, progress)
         else:
             result = _train_stage(cfg, run, stage, sdir, device, progress)
         result["stage_seconds"] = time.perf_counter() - t0
@@ -291,6 +293,8 @@ TIMING_BATCH = 256  # held-out examples per timed forward pass
 def _aggregate(cfg: StudyConfig, out: str, device: str,
                timing_threads: int | None) -> dict[str, Any]:
     """results.json: the analysis of every model and seed, timings, stage run times."""
+    if cfg.preset == pai.PRESET:
+        return {**pai.aggregate(cfg, out), "machine": _machine()}
     per_model: dict[str, Any] = {}
     stage_seconds: dict[str, float] = {}
     for s in plan_stages(cfg):

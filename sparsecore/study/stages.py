@@ -35,6 +35,10 @@ class Stage:
 
 def plan_stages(cfg: StudyConfig) -> list[Stage]:
     """Every stage of the study in an order that respects dependencies."""
+    if cfg.preset == "pai":
+        from sparsecore.study import pai
+
+        return pai.plan_stages(cfg)
     out: list[Stage] = []
     for plan in cfg.models:
         for seed in cfg.seeds:
