@@ -1,6 +1,7 @@
 # make test / make demo set everything up on a fresh machine: a .venv, the CPU torch wheel
-# that lies on these machines (torch==2.13.0), triton, test deps, and the package (editable,
-# extension built in place and rebuilt incrementally with ninja when csrc/ changes).
+# that lies on these machines (torch==2.13.0), triton, test deps (dask[distributed]: the study
+# on a local cluster), and the package (editable, extension built in place and rebuilt
+# incrementally with ninja when csrc/ changes).
 PYTHON ?= python3
 # The PATH make was called with: gpu-check runs the machine's own python, never .venv's.
 CALLER_PATH := $(PATH)
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q triton numpy scipy tqdm matplotlib scikit-learn \
-		pytest pytest-xdist ruff==0.17.6 ninja setuptools wheel
+		pytest pytest-xdist ruff==0.17.6 ninja setuptools wheel "dask[distributed]"
 	SPARSECORE_BUILD_EXT=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -8,8 +8,10 @@ Runtime and DeepSparse run that model exported to ONNX (TorchScript exporter, op
 eval mode: BatchNorm is folded into the convolutions, which keeps the zeros), each in its
 own virtual environment through bench/_onnx_runner.py (`make bench-baselines` creates
 .venv-ort and .venv-deepsparse, used when present; neither engine is a dependency of
-sparsecore); sparsecore is `sparsecore_model`. Every engine's output is compared to torch's
-(max abs diff). Models are freshly initialised: timing does not depend on training.
+sparsecore); sparsecore is `sparsecore_model` (sparsecore.optimize, per thread count), and
+"sparsify" the same weights after sparsecore.nn.sparsify alone. Every engine's output is
+compared to torch's (max abs diff). Models are freshly initialised: timing does not depend
+on training.
 
 Rows of record: VGG-16 and ResNet-18 (CIFAR, 32x32, batch 1 and 64), ResNet-50 (ImageNet,
 224x224, batch 1 and 64), and the project's Transformer at 4 layers x 512 (8 heads, 128
@@ -27,6 +29,7 @@ import os
 import subprocess
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,10 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import sparsecore
 from bench.common import format_table, save_results, speedup, time_fn
 from sparsecore import models, prune
 from sparsecore import train as T
 from sparsecore.nn import sparsify
+from sparsecore.nn.optimize import fused_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "bench", "_onnx_runner.py")
@@ -85,10 +90,18 @@ def spec(name: str) -> ModelSpec:
 
 
 def sparsecore_model(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, str]:
-    """The sparsecore engine: a copy of the masked `model` on sparsecore's kernels, to be
-    called on inputs shaped like `example_input`, and a note on what it holds. Today this is
-    sparsify(), which leaves layers below the measured crossover sparsity on dense kernels."""
-    del example_input  # sparsify() does not specialise on the input
+    """The sparsecore engine: sparsecore.optimize(model, example_input) (BatchNorm folded,
+    ReLU fused, each layer's kernel timed on example_input's activation at the current thread
+    count), to be called on inputs shaped like `example_input`, and a note on the kernels it
+    chose."""
+    fast = sparsecore.optimize(model, example_input)
+    kinds = Counter(layer.info.choice for _, layer in fused_layers(fast))
+    return fast, "optimize: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+
+
+def sparsify_model(model: nn.Module) -> tuple[nn.Module, str]:
+    """sparsify() alone, for comparison: a copy of the masked `model` with the layers at or
+    above the measured crossover sparsity on sparsecore's kernels."""
     twin = copy.deepcopy(model)
     report = sparsify(twin)
     n = len(report.swapped) + len(report.skipped)
@@ -200,7 +213,8 @@ def _engines(args: argparse.Namespace) -> dict[str, str]:
 
 
 COLUMNS = ["model", "pruning", "sparsity", "batch", "threads", "torch_ms", "ort_ms",
-           "deepsparse_ms", "sparsecore_ms", "sparsecore_x", "deepsparse_x", "max_diff", "note"]
+           "deepsparse_ms", "sparsecore_ms", "sparsecore_x", "sparsify_x", "ort_x",
+           "deepsparse_x", "vs_deepsparse", "max_diff", "note"]
 
 
 def _ms(module: nn.Module, x: Tensor, args: argparse.Namespace) -> float:
@@ -238,13 +252,6 @@ def _rows(case: Case, threads: list[int | None], engines: dict[str, str],
         x = case.example(batch).to(args.device)
         ref = dense(x)
         notes: list[str] = []
-        sc: nn.Module | None = None
-        sc_cells: dict[str, Any] = {}
-        try:
-            sc, sc_note = sparsecore_model(case.net.to(args.device), x)
-            sc_cells = {"sparsecore_diff": max_abs_diff(ref, sc(x)), "sparsecore_note": sc_note}
-        except Exception as exc:  # reported in the row; the other engines still run
-            notes.append(f"sparsecore failed: {type(exc).__name__}: {exc}")
         with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
             onnx_path, x_path = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "x.npy")
             runnable = dict(engines)
@@ -263,18 +270,29 @@ def _rows(case: Case, threads: list[int | None], engines: dict[str, str],
                     "achieved_sparsity": round(achieved, 6), "batch": batch, "threads": t,
                     "device": args.device, "output_max_abs": float(ref.abs().max()),
                     "torch_ms": _ms(dense, x, args)}
-                if sc is not None:
-                    row.update(sparsecore_ms=_ms(sc, x, args), **sc_cells)
                 row_notes = list(notes)
+                net = case.net.to(args.device)
+                for engine in ("sparsecore", "sparsify"):
+                    try:  # built per thread count: optimize() times at the current one
+                        sc, sc_note = (sparsecore_model(net, x) if engine == "sparsecore"
+                                       else sparsify_model(net))
+                        row.update({f"{engine}_ms": _ms(sc, x, args),
+                                    f"{engine}_diff": max_abs_diff(ref, sc(x)),
+                                    f"{engine}_note": sc_note})
+                    except Exception as exc:  # reported in the row; the others still run
+                        row_notes.append(f"{engine} failed: {type(exc).__name__}: {exc}")
                 for engine, python in runnable.items():
                     try:
                         row.update(_baseline(engine, python, onnx_path, x_path, t or 1, ref,
                                              args))
                     except Exception as exc:  # a baseline's failure is reported, not fatal
                         row_notes.append(f"{engine}: {type(exc).__name__}: {exc}")
-                for engine in ("sparsecore", *ENGINES):
+                for engine in ("sparsecore", "sparsify", *ENGINES):
                     row[f"{engine}_x"] = speedup(row["torch_ms"], row.get(f"{engine}_ms"))
-                diffs = [row.get(f"{e}_diff") for e in ("sparsecore", *ENGINES)]
+                # sparsecore's speed as a fraction of DeepSparse's (1: as fast)
+                row["vs_deepsparse"] = speedup(row.get("deepsparse_ms"),
+                                               row.get("sparsecore_ms"))
+                diffs = [row.get(f"{e}_diff") for e in ("sparsecore", "sparsify", *ENGINES)]
                 row["max_diff"] = max((d for d in diffs if d is not None), default=None)
                 row["note"] = "; ".join(row_notes) or None
                 yield row

@@ -65,10 +65,17 @@ TABLES: dict[str, tuple[Table, ...]] = {
         ("layer", "shape", "rows", "block", "density", "mode", "dtype", "dense_ms", "bsr_ms",
          "speedup", "torch_bsr_ms", "torch_bsr_x", "semi24_ms", "roofline", "max_abs_diff"),
         ("layer", "shape", "rows", "block", "density", "mode", "dtype", "device"), "speedup"),),
-    "models": (Table(
-        ("model", "sparsity", "batch", "device", "dense_ms", "sparse_ms", "speedup",
-         "max_abs_diff", "note"),
-        ("model", "sparsity", "batch", "device"), "speedup"),),
+    "models": (
+        Table(("model", "pruning", "sparsity", "batch", "threads", "torch_ms", "ort_ms",
+               "deepsparse_ms", "sparsecore_ms", "sparsecore_x", "sparsify_x", "ort_x",
+               "deepsparse_x", "vs_deepsparse", "max_diff", "note"),
+              ("model", "pruning", "sparsity", "batch", "threads", "device"), "sparsecore_x",
+              when="torch_ms", title="torch dense, ONNX Runtime, DeepSparse and sparsecore"),
+        Table(("model", "sparsity", "batch", "device", "dense_ms", "sparse_ms", "speedup",
+               "max_abs_diff", "note"),
+              ("model", "sparsity", "batch", "device"), "speedup", when="dense_ms",
+              title="dense vs sparsify() (earlier bench)"),
+    ),
     "similarity": (Table(
         ("metric", "n", "widths", "pairs", "ours_s", "baseline_s", "baseline", "speedup",
          "max_abs_diff", "factor_s", "cross_s", "small_s", "gemm_gflops", "kept"),
@@ -95,7 +102,9 @@ LEGEND = {
               "(dense below the crossover sparsity).",
     "layers-bsr": "speedup, torch_bsr_x: dense time / block-sparse time; roofline (GPU): the "
                   "fraction of the bf16 roofline the sparse forward reaches.",
-    "models": "speedup: dense kernels' time / sparse kernels' time, one forward of a batch.",
+    "models": "*_x: torch dense eager's time / that engine's, one forward of a batch on the "
+              "same pruned weights (sparsecore: optimize(); sparsify: sparsify() alone); "
+              "vs_deepsparse: sparsecore's speed as a fraction of DeepSparse's.",
     "similarity": "speedup: the per-pair numpy baseline's time / ours, all layer pairs.",
     "linalg": "speedup: torch.linalg's time / the C++ kernel's (forced); backend: what the "
               "automatic choice runs at that size (reference = torch.linalg); errors relative "

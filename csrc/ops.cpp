@@ -75,6 +75,11 @@ TORCH_LIBRARY(sparsecore, m) {
         "int[2] dilation) -> Tensor");
   m.def("_bsr_conv2d_dw_cpu(Tensor dy2, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, "
         "int bs_c, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // --- threads (csrc/cpu/threads.cpp) ---
+  // The work per OpenMP thread below which the kernels run fewer threads (each family's own
+  // default while this is 0); returns the previous setting. For tests: small shapes then run
+  // the threaded paths.
+  m.def("_set_min_work_per_thread(int work) -> int");
   // --- linalg (batched SVD / eigh) ---
   // Many small matrices (batch, m, n), float32/float64 (csrc/cpu/linalg.cpp): one-sided
   // Jacobi, and Householder bidiagonalisation + implicit-shift QR. U, Vh are empty when

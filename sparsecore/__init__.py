@@ -11,4 +11,18 @@ from sparsecore._ext import has_cpu_ext
 
 __version__ = "0.1.0"
 
-__all__ = ["NotSupportedError", "use_backend", "has_cpu_ext", "_ext", "__version__"]
+__all__ = ["NotSupportedError", "use_backend", "has_cpu_ext", "optimize", "explain", "_ext",
+           "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # optimize / explain import the layers and ops on first use, not with the package.
+    if name == "optimize":
+        from sparsecore.nn.optimize import optimize
+
+        return optimize
+    if name == "explain":
+        from sparsecore.nn.explain import explain
+
+        return explain
+    raise AttributeError(f"module 'sparsecore' has no attribute {name!r}")

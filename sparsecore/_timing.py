@@ -1,5 +1,6 @@
-"""The one wall-clock timer of the package and of bench/: the study's dense-vs-sparse
-inference table and every bench family measure with `time_fn`."""
+"""The wall-clock timers of the package and of bench/: the study's dense-vs-sparse inference
+table and every bench family measure with `time_fn`; `sparsecore.optimize` compares a
+layer's candidate kernels with `time_interleaved`."""
 
 from __future__ import annotations
 
@@ -51,6 +52,37 @@ def time_fn(
         if len(times) >= 200:
             break
     return statistics.median(times)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    device: str = "cpu",
+    *,
+    warmup: int = 1,
+    rounds: int = 5,
+    min_time: float = 0.05,
+    max_rounds: int = 50,
+) -> dict[str, float]:
+    """Median time in seconds of each of `fns`, timed in rounds of one call of each (wall
+    clock), so that a change of load on a shared machine hits every function alike: `warmup`
+    untimed calls of each, then at least `rounds` rounds and `min_time` seconds in all (at
+    most `max_rounds` rounds). CUDA: synchronised around every call."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else _no_sync
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for done in range(max_rounds):
+        if done >= rounds and time.perf_counter() - start >= min_time:
+            break
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in samples.items() if ts}
 
 
 def _no_sync() -> None:

@@ -1,10 +1,11 @@
-"""`python -m sparsecore <command>`: train, prune, compare, study, report.
+"""`python -m sparsecore <command>`: train, prune, compare, explain, study, report.
 
     python -m sparsecore study --preset default --out runs/demo     # the whole study
     python -m sparsecore train --dataset digits --model conv4 --out runs/c4
     python -m sparsecore prune runs/c4/model.pt --sparsity 0.9 --out runs/c4-90.pt
     python -m sparsecore train --init-from runs/c4-90.pt --epochs 5 --out runs/c4-90ft
     python -m sparsecore compare runs/c4/model.pt runs/c4-90ft/model.pt
+    python -m sparsecore explain runs/c4-90ft/model.pt               # kernels per layer, speed
     python -m sparsecore report runs/demo                           # redo report.md + figures
 
 `train` also runs under torchrun (DDP; gloo on CPU, NCCL on GPU):
@@ -221,6 +222,64 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- explain
+
+
+def _explain_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="per-layer kernels and speed of a model after "
+                                       "sparsecore.optimize",
+                       description="Optimize MODEL for inference (sparsecore.optimize: "
+                                   "BatchNorm folded, ReLU fused, each layer's kernel chosen "
+                                   "by timing) and print per layer: shape, density, FLOPs, "
+                                   "the time of every candidate kernel and the one chosen; "
+                                   "then the predicted and measured whole-model speedup over "
+                                   "dense kernels.")
+    p.add_argument("model", help="model file (from `train` or `prune`)")
+    p.add_argument("--input-shape", default=None,
+                   help="time a random normal input of this comma-separated shape, e.g. "
+                        "64,3,32,32 (default: a held-out batch of the model's data)")
+    p.add_argument("--batch", type=H.arg_type(int, H.number(1)), default=64,
+                   help="held-out examples per batch when no --input-shape (default: 64)")
+    p.add_argument("--layouts", default="dense,csr,bsr",
+                   help="comma-separated weight layouts to consider (default: dense,csr,bsr)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="time every kernel again instead of reading the timing cache "
+                        "(~/.cache/sparsecore or $SPARSECORE_CACHE_DIR)")
+    _add_common(p)
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from sparsecore.nn.explain import explain
+
+    shape = None
+    if args.input_shape:
+        try:
+            shape = [int(s) for s in args.input_shape.split(",")]
+        except ValueError:
+            shape = []
+        if not shape or min(shape) < 1:
+            raise CLIError(f"--input-shape must be comma-separated positive integers, e.g. "
+                           f"64,3,32,32; got {args.input_shape!r}")
+    model, data_hp, _, _ = T.load_model(args.model)
+    if shape:
+        x = torch.randn(shape)
+    else:
+        x, _ = next(iter(T.data_lib.Loader.for_split(data_hp.load(), "heldout", args.batch)))
+    device = T.resolve_device(args.device)
+    layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
+    try:
+        report = explain(model.to(device), x.to(device), layouts=layouts,
+                         cache=not args.no_cache)
+    except RuntimeError as exc:
+        if not shape:
+            raise
+        raise CLIError(f"the model does not take an input of shape {tuple(shape)} "
+                       f"(--input-shape): {str(exc).splitlines()[0]}") from None
+    print(report)
+    return 0
+
+
 # ---------------------------------------------------------------------------- study, report
 
 
@@ -237,10 +296,12 @@ def _study_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from sparsecore import study
+    from sparsecore.study.executors import make_executor
 
     cfg = study.config_from_args(args)
+    executor = make_executor(args.executor, args.address)
     study.run(cfg, out=args.out, fresh=args.fresh, progress=not args.no_progress,
-              timing_threads=args.threads or 1)
+              timing_threads=args.threads or 1, executor=executor)
     return 0
 
 
@@ -269,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sparsecore", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_train_parser, _prune_parser, _compare_parser, _study_parser, _report_parser):
+    for add in (_train_parser, _prune_parser, _compare_parser, _explain_parser, _study_parser,
+                _report_parser):
         add(sub)
     return parser
 

@@ -324,6 +324,13 @@ def csr_structure(col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> dict[str, Te
     }
 
 
+def _check_int32_sizes(nnz: int, n_rows: int, n_cols: int) -> None:
+    """ValueError unless nnz, rows and columns all fit the int32 index arrays."""
+    if max(nnz, n_cols, n_rows) > _INT32_MAX:
+        raise ValueError(f"nnz, rows and columns must fit int32 (at most {_INT32_MAX}), got "
+                         f"{nnz}, {n_rows} and {n_cols}")
+
+
 def _check_csr(values: Tensor, col_idx: Tensor, row_ptr: Tensor, shape: tuple[int, ...]) -> None:
     """ValueError naming the field when values / col_idx / row_ptr do not form a CSR matrix."""
     for name, t in (("values", values), ("col_idx", col_idx), ("row_ptr", row_ptr)):
@@ -341,8 +348,7 @@ def _check_csr(values: Tensor, col_idx: Tensor, row_ptr: Tensor, shape: tuple[in
     if len(shape) < 2 or min(shape) < 0:
         raise ValueError(f"shape must have 2+ non-negative dims, got {shape}")
     n_rows, n_cols, nnz = shape[0], math.prod(shape[1:]), values.numel()
-    if max(nnz, n_cols, n_rows) > _INT32_MAX:
-        raise ValueError(f"nnz, rows and columns must fit int32 (got {nnz}, {n_rows}, {n_cols})")
+    _check_int32_sizes(nnz, n_rows, n_cols)
     if col_idx.numel() != nnz:
         raise ValueError(f"col_idx has {col_idx.numel()} entries but values has {nnz}")
     if row_ptr.numel() != n_rows + 1:
@@ -395,7 +401,8 @@ class CSRWeight:
 
         mask: bool (or 0/1) of the weight's shape; the kept positions are stored even where
         the weight is 0 (they keep training). Without a mask the nonzeros are kept. Raises
-        ValueError for a mask of another shape or device, and for NaN/Inf kept weights.
+        ValueError for a mask of another shape or device, for NaN/Inf kept weights, and when
+        nnz, rows or columns do not fit the int32 index arrays.
         """
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             raise ValueError(f"weight must be a floating-point tensor, got {type(weight).__name__}"
@@ -413,10 +420,11 @@ class CSRWeight:
             if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
                 raise ValueError("mask must be bool or hold only 0 and 1")
             keep = mask.reshape(w.shape) != 0
+        counts = keep.sum(1)
+        _check_int32_sizes(int(counts.sum()), *w.shape)  # before the int32 casts below
         values = w[keep]
         if not bool(torch.isfinite(values).all()):
             raise ValueError("weight has NaN or Inf at kept positions")
-        counts = keep.sum(1)
         row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
         col_idx = keep.nonzero()[:, 1].to(torch.int32)  # row-major: columns ascend per row
         return cls(values.contiguous(), col_idx, row_ptr, weight.shape, check=False)
@@ -474,14 +482,18 @@ class CSRWeight:
 
     def cpu_tilings(self) -> tuple[Tensor | None, Tensor | None]:
         """The C++ kernels' tile-major layouts of W and W^T, built once (None off the CPU or
-        without the extension)."""
+        without the extension). A traced call (torch.compile / export) builds them without
+        keeping them: tracing must not store its placeholder tensors on this object."""
         if self.tiling is None and self.device.type == "cpu":
             from sparsecore import _ext
 
             if _ext.has_cpu_ext():
                 tile = torch.ops.sparsecore._csr_tiling_cpu
-                self.tiling = tile(self.col_idx, self.row_ptr, self.n_cols)
-                self.t_tiling = tile(self.t_col_idx, self.t_row_ptr, self.n_rows)
+                tilings = (tile(self.col_idx, self.row_ptr, self.n_cols),
+                           tile(self.t_col_idx, self.t_row_ptr, self.n_rows))
+                if torch.compiler.is_compiling():
+                    return tilings
+                self.tiling, self.t_tiling = tilings
         return self.tiling, self.t_tiling
 
     def with_values(self, values: Tensor) -> CSRWeight:

@@ -7,6 +7,9 @@ computation (plus a tiny absolute floor, so that exact float64 paths compare san
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -47,6 +50,23 @@ def assert_error_within(
             f"{what}: max error {err:.3e} exceeds {factor} x dense error {dense_err:.3e} "
             f"+ atol {atol:.1e} (dtype {out.dtype})"
         )
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int) -> Iterator[None]:
+    """Run the C++ kernels on n OpenMP threads however small the work: sets torch's thread
+    count and lowers the kernels' minimum work per thread (csrc/cpu/threads.h) to one
+    multiply-add, so that small test shapes take every threaded path; both are restored on
+    exit. Needs the C++ extension."""
+    set_min_work = torch.ops.sparsecore._set_min_work_per_thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    previous = set_min_work(1)
+    try:
+        yield
+    finally:
+        set_min_work(previous)
+        torch.set_num_threads(threads)
 
 
 # --- sparsecore.linalg: results against float64 LAPACK ---------------------------------

@@ -31,6 +31,15 @@ def _fresh_seed() -> int:
     return seed
 
 
+@pytest.fixture(autouse=True)
+def _kernel_cache(tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """sparsecore.optimize's kernel timing cache goes to the session's temporary folder,
+    never to the user's ~/.cache."""
+    monkeypatch.setenv("SPARSECORE_CACHE_DIR",
+                       str(tmp_path_factory.getbasetemp() / "kernel-cache"))
+
+
 @pytest.fixture
 def gen(_fresh_seed: int) -> torch.Generator:
     """A generator seeded with the test's fresh seed, for data drawn apart from the global

@@ -22,7 +22,7 @@ from sparsecore.formats import (
     expand_block_mask,
 )
 from sparsecore.nn.blocksparse import BlockSparseConv2d, BlockSparseLinear
-from sparsecore.testing import assert_error_within
+from sparsecore.testing import assert_error_within, kernel_threads
 
 CPP = pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
 # square, rectangular (row / column structure), below the SIMD width, not a power of two
@@ -176,6 +176,16 @@ def test_cpp_big_blocks_and_empty_batch() -> None:
         assert torch.equal(out["dw"], torch.zeros(bsr.nnzb, 8, 8))
 
 
+@CPP
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("block", [(16, 16), (3, 5), (32, 8)])
+def test_cpp_products_threaded(threads: int, block: tuple[int, int]) -> None:
+    """Block rows shared by the team (forward, input gradient, block SDDMM)."""
+    with use_backend("cpp"), kernel_threads(threads):
+        for grid, batch, density in [((7, 5), 29, 0.6), ((9, 4), 8, 1.0), ((5, 6), 3, 0.4)]:
+            check_products(random_bsr(grid, block, density), batch, torch.float32)
+
+
 def test_reference_products() -> None:
     with use_backend("reference"):
         check_products(random_bsr((4, 3), (8, 16), 0.5, torch.float64), 9, torch.float64)
@@ -231,6 +241,66 @@ def test_opcheck_conv(geom: tuple) -> None:
                                               8, 6, *geom))
 
 
+def conv_products(bsr: BSRWeight, x: torch.Tensor, dy2: torch.Tensor, geom: tuple) -> dict:
+    """The BSR conv ops (whatever backend is active): y2 (B*Ho*Wo, C_out), dx, dblocks."""
+    br, bc = bsr.block_size
+    return {
+        "y": ops.bsr_conv2d(x, bsr.blocks, bsr.col_idx, bsr.row_ptr, *geom),
+        "dx": ops.bsr_conv2d_dx(dy2, bsr.blocks, bsr.t_col_idx, bsr.t_row_ptr, bsr.t_perm,
+                                list(x.shape), *geom),
+        "dw": ops.bsr_conv2d_dw(dy2, x, bsr.row_ptr, bsr.col_idx, bsr.block_row, br, bc,
+                                *geom),
+    }
+
+
+def dense_conv_products(bsr: BSRWeight, x: torch.Tensor, dy2: torch.Tensor,
+                        geom: tuple) -> dict:
+    """The same through dense torch on the densified weight."""
+    kernel, stride, padding, dilation = geom
+    w = bsr.to_dense().view(bsr.shape[0], x.shape[1], *kernel)
+    y = nn.functional.conv2d(x, w, None, stride, padding, dilation)
+    b, c_out, ho, wo = y.shape
+    dy = dy2.view(b, ho, wo, c_out).permute(0, 3, 1, 2)
+    dw = torch.nn.grad.conv2d_weight(x, w.shape, dy, stride, padding, dilation)
+    (r, c), (br, bc) = bsr.grid, bsr.block_size
+    dw = dw.reshape(r, br, c, bc).transpose(1, 2)[bsr.block_row.long(), bsr.col_idx.long()]
+    return {"y": y.permute(0, 2, 3, 1).reshape(-1, c_out),
+            "dx": torch.nn.grad.conv2d_input(x.shape, w, dy, stride, padding, dilation),
+            "dw": dw}
+
+
+BSR_CONVS = [
+    # (B, C, H, W, C_out, kernel, stride, padding, dilation, block): batches of several
+    # work items, non-square inputs, asymmetric stride / padding / dilation
+    (8, 4, 5, 5, 16, (3, 3), (1, 1), (1, 1), (1, 1), (8, 6)),  # 5x5 outputs: 3 images an item
+    (8, 4, 9, 7, 16, (3, 3), (1, 1), (2, 1), (2, 1), (8, 12)),
+    (8, 3, 7, 10, 32, (3, 2), (1, 2), (1, 0), (2, 1), (16, 6)),
+    (5, 6, 11, 9, 8, (2, 3), (2, 1), (0, 2), (1, 2), (8, 9)),
+    (2, 4, 12, 14, 16, (3, 3), (1, 1), (1, 1), (1, 1), (16, 12)),
+]
+
+
+@CPP
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", BSR_CONVS)
+def test_cpp_conv_products(threads: int, case: tuple) -> None:
+    """The C++ conv, its input gradient and its block gradient against dense torch in
+    float64, on one thread and on several (per-thread block gradients, then their sum)."""
+    b, c, h, w, c_out, kernel, *geom, block = case
+    geom = (kernel, *geom)
+    weight = torch.randn(c_out, c, *kernel, dtype=torch.float64)
+    bsr = BSRWeight.from_dense(weight, density=0.6, block_size=block)
+    x = torch.randn(b, c, h, w, dtype=torch.float64)
+    y_shape = nn.functional.conv2d(x, weight, None, *geom[1:]).shape
+    dy2 = torch.randn(y_shape[0] * y_shape[2] * y_shape[3], c_out, dtype=torch.float64)
+    with use_backend("cpp"), kernel_threads(threads):
+        got = conv_products(bsr, x, dy2, geom)
+    ref = dense_conv_products(bsr, x, dy2, geom)
+    for key in got:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
 # ---------------------------------------------------------------- layers
 def _masked_linear(m: BlockSparseLinear) -> nn.Linear:
     d = m.to_dense()
@@ -264,7 +334,8 @@ def test_linear_matches_dense(backend: str, density: float) -> None:
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=CPP), "reference"])
 @pytest.mark.parametrize(
-    "geom", [dict(), dict(stride=2, padding=1), dict(padding=2, dilation=2), dict(stride=(2, 1))]
+    "geom", [dict(), dict(stride=2, padding=1), dict(padding=2, dilation=2), dict(stride=(2, 1)),
+             dict(stride=(1, 2), padding=(2, 1), dilation=(2, 1))]
 )
 def test_conv_matches_dense(backend: str, geom: dict) -> None:
     conv = nn.Conv2d(6, 16, 3, **geom).double()
@@ -368,6 +439,33 @@ def test_state_dict_round_trip() -> None:
         b.load_state_dict(bad)
 
 
+@pytest.mark.parametrize("corrupt", ["t_perm", "col_idx", "blocks", "bias", "wider"])
+def test_failed_load_leaves_the_layer_unchanged(corrupt: str) -> None:
+    """load_state_dict is all or nothing: a state it refuses changes no tensor of the layer
+    (here the incoming state has another nnzb, so a partial load would resize some)."""
+    lin = nn.Linear(64, 32)
+    a = BlockSparseLinear.from_dense(lin, density=0.5, block_size=16)
+    b = BlockSparseLinear.from_dense(lin, density=0.25, block_size=16)
+    bad = a.state_dict()
+    if corrupt == "wider":  # a layer with more inputs: a longer t_row_ptr, wider grid
+        bad = BlockSparseLinear.from_dense(nn.Linear(96, 32), density=0.5,
+                                           block_size=16).state_dict()
+    elif corrupt == "blocks":
+        bad["blocks"] = bad["blocks"][:-1]
+    elif corrupt == "bias":
+        bad["bias"] = torch.randn(33)
+    else:
+        bad[corrupt] = bad[corrupt].flip(0)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    x = torch.randn(5, 64)
+    y = b(x)
+    with pytest.raises(RuntimeError, match="BSR state|bias has shape"):
+        b.load_state_dict(bad)
+    after = b.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(b(x), y)
+
+
 def test_layer_bad_input() -> None:
     m = BlockSparseLinear(32, 16, block_size=8, density=0.5)
     with pytest.raises(ValueError, match="in_features=32"):
@@ -379,6 +477,15 @@ def test_layer_bad_input() -> None:
     with pytest.raises(ValueError, match="groups=1"):
         BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3, groups=2), block_size=4)
     assert "density=0.500" in repr(m)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace itself
+def test_jit_trace_is_refused_clearly() -> None:
+    lin = BlockSparseLinear(16, 8, block_size=4, density=0.5)
+    conv = BlockSparseConv2d(2, 4, 3, block_size=(2, 6), density=0.5)
+    for layer, x in ((lin, torch.randn(9, 16)), (conv, torch.randn(1, 2, 5, 5))):
+        with pytest.raises(RuntimeError, match="torch.jit.trace"):
+            torch.jit.trace(layer, x)
 
 
 # ---------------------------------------------------------------- triton (interpreter / GPU)

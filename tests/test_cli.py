@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_flag_has_help() -> None:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"train", "prune", "compare", "study", "report"}
+    assert set(sub.choices) == {"train", "prune", "compare", "explain", "study", "report"}
     for name, p in sub.choices.items():
         for action in p._actions:
             if action.option_strings and action.dest != "help":
@@ -53,6 +53,29 @@ def test_train_prune_finetune_compare(tmp_path, capsys) -> None:
                      "--points", "300"]) == 0
     out = capsys.readouterr().out
     assert "svcca" in out and "classifier.fc3" in out
+
+
+def test_explain(tmp_path, capsys) -> None:
+    """explain prints one row per layer of the pruned model, with every column, and the
+    whole-model speedups (no assertion on the times)."""
+    d = str(tmp_path)
+    assert cli.main(["train", *TINY, "--out", f"{d}/dense"]) == 0
+    assert cli.main(["prune", f"{d}/dense/model.pt", "--sparsity", "0.9", "--out",
+                     f"{d}/p.pt"]) == 0
+    capsys.readouterr()
+    assert cli.main(["explain", f"{d}/p.pt", "--batch", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["layer", "kind", "shape", "density"]
+    assert lines[0].split()[-1] == "chosen"
+    layers = ["features.conv1", "features.conv2", "classifier.fc1", "classifier.fc2",
+              "classifier.fc3"]
+    assert [ln.split()[0] for ln in lines[1:6]] == layers
+    assert any(ln.startswith("predicted speedup") for ln in lines)
+    assert any(ln.startswith("measured speedup") for ln in lines)
+    assert cli.main(["explain", f"{d}/p.pt", "--input-shape", "2,3", "--no-cache"]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    assert cli.main(["explain", f"{d}/p.pt", "--input-shape", "a,b"]) == 2
+    assert "--input-shape" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,needle", [

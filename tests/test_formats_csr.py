@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsecore import has_cpu_ext
+from sparsecore import formats, has_cpu_ext
 from sparsecore.formats import CSRWeight, csr_structure
 
 CPP = pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
@@ -161,6 +161,40 @@ def test_cpu_tilings_are_cached_and_checked() -> None:
     corrupt[-1] = 10**6  # a column index out of range
     with pytest.raises(RuntimeError, match="corrupt"):
         op(x, csr.values, csr.col_idx, csr.row_ptr, corrupt, 40)
+
+
+@CPP
+def test_tiling_is_tied_to_the_column_indices() -> None:
+    """A tiling of another pattern with the same row lengths (the same row_ptr), or of this
+    one before its col_idx was edited in place, is refused, never used."""
+    w, mask = masked((40, 300), 0.9)
+    csr = CSRWeight.from_dense(w, mask)
+    tiling = csr.cpu_tilings()[0]
+    shifted = CSRWeight.from_dense(w, mask.roll(1, dims=1))  # same counts per row
+    assert torch.equal(shifted.row_ptr, csr.row_ptr) and not torch.equal(shifted.col_idx,
+                                                                         csr.col_idx)
+    x = torch.randn(16, 300, dtype=torch.float64)
+    op = torch.ops.sparsecore._csr_dsd_cpu
+    with pytest.raises(RuntimeError, match="does not belong to this matrix"):
+        op(x, shifted.values, shifted.col_idx, shifted.row_ptr, tiling, 40)
+    csr.col_idx.copy_(shifted.col_idx)  # an in-place edit: the cached tiling is stale
+    with pytest.raises(RuntimeError, match="does not belong to this matrix"):
+        op(x, csr.values, csr.col_idx, csr.row_ptr, tiling, 40)
+
+
+def test_from_dense_checks_int32_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnz, rows and columns must fit the int32 index arrays (checked before the casts; the
+    limit is lowered here instead of allocating 2^31 entries)."""
+    monkeypatch.setattr(formats, "_INT32_MAX", 20)
+    w = torch.randn(4, 10)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[torch.randperm(40)[:21]] = True
+    with pytest.raises(ValueError, match="must fit int32.*got 21"):
+        CSRWeight.from_dense(w, mask.view(4, 10))
+    mask[mask.nonzero()[0]] = False  # 20 kept: fits
+    assert CSRWeight.from_dense(w, mask.view(4, 10)).nnz == 20
+    with pytest.raises(ValueError, match="must fit int32"):  # 21 columns
+        CSRWeight.from_dense(torch.randn(2, 21), torch.zeros(2, 21, dtype=torch.bool))
 
 
 @CPP

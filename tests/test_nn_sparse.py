@@ -3,6 +3,7 @@ gradcheck, fixed masks under training, state_dict round trips, and the errors ba
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -171,9 +172,10 @@ def test_state_dict_round_trip(cls: str) -> None:
     buf.seek(0)
     b.load_state_dict(torch.load(buf))
     assert torch.equal(a(x), b(x)) and torch.equal(a.mask(), b.mask())
-    assert set(a.state_dict()) == {"values", "bias", "col_idx", "row_ptr"}
+    assert set(a.state_dict()) == {"values", "bias", "col_idx", "row_ptr", "weight_shape"}
+    assert a.state_dict()["weight_shape"].tolist() == list(a.weight_shape)
     torch.testing.assert_close(a.to_dense()(x), a(x))
-    with torch.no_grad():  # fills the inference cache of a below-crossover layer
+    with torch.no_grad():  # a below-crossover layer (the dense path)
         dense_ish = type(a).from_dense(a.to_dense(), sparsity=0.3)
         y = dense_ish(x)
     buf = io.BytesIO()
@@ -182,7 +184,7 @@ def test_state_dict_round_trip(cls: str) -> None:
     assert torch.equal(torch.load(buf, weights_only=False)(x), y)
     assert torch.equal(copy.deepcopy(dense_ish)(x), y)
     with torch.no_grad():
-        dense_ish.values.mul_(2)  # an in-place change invalidates the cache
+        dense_ish.values.mul_(2)  # an in-place change is seen
         torch.testing.assert_close(dense_ish(x) - dense_ish.bias.view(-1, *[1] * (y.dim() - 2)),
                                    2 * (y - dense_ish.bias.view(-1, *[1] * (y.dim() - 2))))
     bad = a.state_dict()
@@ -191,20 +193,181 @@ def test_state_dict_round_trip(cls: str) -> None:
         b.load_state_dict(bad)
 
 
-@pytest.mark.parametrize("sparsity", [0.3, 0.9])
-def test_inference_caches_follow_values(sparsity: float) -> None:
-    """Inference keeps the densified (below the crossover) or re-laid-out (kernel) weight
-    between calls; an in-place change of the values, or another values tensor, is seen."""
-    dense = nn.Linear(40, 24)
-    sparse = SparseLinear.from_dense(dense, sparsity=sparsity)
-    x = torch.randn(16, 40)
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+@pytest.mark.parametrize("corrupt", ["col_idx", "row_ptr", "values", "bias", "weight_shape"])
+def test_failed_load_leaves_the_layer_unchanged(cls: str, corrupt: str) -> None:
+    """load_state_dict is all or nothing: a state it refuses changes no tensor of the layer
+    (the incoming state has another nnz, so a partial load would resize some)."""
+    if cls == "linear":
+        a = SparseLinear.from_dense(nn.Linear(30, 20), sparsity=0.7)
+        b = SparseLinear.from_dense(nn.Linear(30, 20), sparsity=0.9)
+        x = torch.randn(4, 30)
+    else:
+        a = SparseConv2d.from_dense(nn.Conv2d(3, 5, 3, padding=1), sparsity=0.7)
+        b = SparseConv2d.from_dense(nn.Conv2d(3, 5, 3, padding=1), sparsity=0.9)
+        x = torch.randn(2, 3, 6, 7)
+    bad = a.state_dict()
+    if corrupt == "col_idx":
+        bad["col_idx"] = bad["col_idx"].flip(0)
+    elif corrupt == "row_ptr":
+        bad["row_ptr"] = bad["row_ptr"].flip(0)
+    elif corrupt == "values":
+        bad["values"] = bad["values"][:-1]
+    elif corrupt == "bias":
+        bad["bias"] = torch.randn(21)
+    else:
+        bad["weight_shape"] = torch.tensor([20, 31] if cls == "linear" else [5, 3, 3, 4])
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    y = b(x)
+    with pytest.raises(RuntimeError, match="CSR state|bias has shape|holds a weight of shape"):
+        b.load_state_dict(bad)
+    after = b.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(b(x), y)
+
+
+def test_state_dict_of_another_shape_is_refused() -> None:
+    """The state dict carries the weight's shape: a wider layer whose kept columns all fall
+    inside this one's, or a conv of another kernel with the same matrix view, is refused."""
+    wide = nn.Linear(60, 20)
+    mask = torch.zeros(20, 60, dtype=torch.bool)
+    mask[:, :30] = torch.rand(20, 30) > 0.5  # every kept column < 30
+    state = SparseLinear.from_dense(wide, mask).state_dict()
+    with pytest.raises(RuntimeError, match=r"shape \(20, 60\), this layer's is \(20, 30\)"):
+        SparseLinear(30, 20).load_state_dict(state)
+    conv = SparseConv2d.from_dense(nn.Conv2d(4, 8, 3), sparsity=0.5)  # matrix view 8 x 36
+    with pytest.raises(RuntimeError, match="holds a weight of shape"):
+        SparseConv2d(9, 8, 2).load_state_dict(conv.state_dict())  # 8 x 36 as well
+    # without the key: strict loading reports it missing; non-strict checks the CSR alone
+    lin = SparseLinear.from_dense(nn.Linear(30, 20), sparsity=0.5)
+    old = {k: v for k, v in lin.state_dict().items() if k != "weight_shape"}
+    with pytest.raises(RuntimeError, match="Missing key.*weight_shape"):
+        SparseLinear(30, 20).load_state_dict(old)
+    fresh = SparseLinear(30, 20)
+    fresh.load_state_dict(old, strict=False)
+    assert torch.equal(fresh.mask(), lin.mask())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace itself
+def test_jit_trace_is_refused_clearly() -> None:
+    lin = SparseLinear.from_dense(nn.Linear(12, 5), sparsity=0.5)
+    conv = SparseConv2d.from_dense(nn.Conv2d(2, 3, 3), sparsity=0.5)
+    for layer, x in ((lin, torch.randn(9, 12)), (conv, torch.randn(1, 2, 5, 5))):
+        with pytest.raises(RuntimeError, match="torch.jit.trace"):
+            torch.jit.trace(layer, x)
+
+
+def _layer(kind: str, sparsity: float, dtype: torch.dtype = torch.float32) -> nn.Module:
+    if kind == "linear":
+        return SparseLinear.from_dense(nn.Linear(150, 24).to(dtype), sparsity=sparsity)
+    return SparseConv2d.from_dense(nn.Conv2d(6, 10, 3, padding=(1, 0), stride=(1, 2)).to(dtype),
+                                   sparsity=sparsity)
+
+
+def _input(kind: str, batch: int = 16, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(batch, 150, dtype=dtype) if kind == "linear" else \
+        torch.randn(batch, 6, 9, 11, dtype=dtype)
+
+
+def _dense_forward(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense layer with the sparse layer's current weights, in `dtype`."""
+    w, b = layer.dense_weight().to(dtype), layer.bias.detach().to(dtype)
+    if isinstance(layer, SparseLinear):
+        return F.linear(x.to(dtype), w, b)
+    return F.conv2d(x.to(dtype), w, b, layer.stride, layer.padding, layer.dilation)
+
+
+def assert_current_weights(layer: nn.Module, x: torch.Tensor) -> None:
+    """layer(x), with and without autograd, equals the dense layer with its current values
+    (float64 reference, the dense float32 computation's error allowed twice)."""
+    ref64, dense = _dense_forward(layer, x, torch.float64), _dense_forward(layer, x, x.dtype)
+    assert_error_within(layer(x), ref64, dense, what="y (autograd)")
     with torch.no_grad():
-        for _ in range(2):
-            torch.testing.assert_close(sparse(x), sparse.to_dense()(x))
-        sparse.values.mul_(-3)
-        torch.testing.assert_close(sparse(x), sparse.to_dense()(x))
-        sparse.values = nn.Parameter(torch.randn_like(sparse.values))
-        torch.testing.assert_close(sparse(x), sparse.to_dense()(x))
+        assert_error_within(layer(x), ref64, dense, what="y (no_grad)")
+
+
+EDITS = {
+    # optimizers and edits that change the values without bumping their version counter
+    "adam_fused": lambda p: torch.optim.Adam([p], lr=0.1, fused=True),
+    "adamw_fused": lambda p: torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=True),
+    "data_copy": lambda p: p.data.copy_(torch.randn_like(p)),
+    "data_mul": lambda p: p.data.mul_(-3),
+    "copy_": lambda p: p.detach().copy_(torch.randn_like(p)),
+    "data_assign": lambda p: setattr(p, "data", torch.randn_like(p)),
+}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.95])  # the dense path and the kernel's
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_forward_reads_the_current_values(kind: str, sparsity: float, edit: str) -> None:
+    """Training steps (fused Adam / AdamW) and in-place edits of the values that leave
+    autograd's version counter alone are all seen by the next forward, in training and in
+    inference alike (nothing derived from the values outlives a call)."""
+    layer, x = _layer(kind, sparsity), _input(kind)
+    assert_current_weights(layer, x)  # a forward before the change
+    if edit.endswith("_fused"):
+        opt = EDITS[edit](layer.values)
+        target = torch.randn_like(layer(x))
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(layer(x), target).backward()
+            opt.step()
+            assert_current_weights(layer, x)
+    else:
+        with torch.no_grad():
+            EDITS[edit](layer.values)
+    assert_current_weights(layer, x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_fused_adam_training_loss_is_the_real_one(kind: str) -> None:
+    """Each step's loss equals the dense loss at the weights that step started from."""
+    layer, x = _layer(kind, 0.9), _input(kind)
+    target = torch.randn_like(layer(x))
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05, fused=True)
+    for _ in range(5):
+        ref = F.mse_loss(_dense_forward(layer, x, torch.float64), target.double()).item()
+        opt.zero_grad()
+        loss = F.mse_loss(layer(x), target)
+        loss.backward()
+        opt.step()
+        assert loss.item() == pytest.approx(ref, rel=1e-4)
+
+
+def _dense_grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Output, input gradient and kept-weight gradient of the dense twin in `dtype`."""
+    w = layer.dense_weight().to(dtype).requires_grad_()
+    xd = x.detach().to(dtype).requires_grad_()
+    if isinstance(layer, SparseLinear):
+        y = F.linear(xd, w)
+    else:
+        y = F.conv2d(xd, w, None, layer.stride, layer.padding, layer.dilation)
+    y.backward(dy.to(dtype))
+    return {"y": y.detach(), "dx": xd.grad, "dw": w.grad[layer.mask()]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_half_precision_on_cpu(dtype: torch.dtype, kind: str, backend: str | None) -> None:
+    """float16 / bfloat16 layers run on the CPU (on the reference backend: the C++ kernels
+    take float32/float64), in inference and in training, against the float64 dense layer."""
+    layer, x = _layer(kind, 0.9, dtype), _input(kind, 16, dtype)
+    layer.bias = None
+    with use_backend(backend) if backend else contextlib.nullcontext():
+        with torch.no_grad():
+            y = layer(x)
+        xg = x.clone().requires_grad_()
+        yg = layer(xg)
+        dy = torch.randn_like(yg)
+        yg.backward(dy)
+    got = {"y": y, "dx": xg.grad, "dw": layer.values.grad}
+    assert y.dtype == dtype and torch.equal(y, yg.detach())
+    ref64, dense = _dense_grads(layer, x, dy, torch.float64), _dense_grads(layer, x, dy, dtype)
+    for key in got:
+        assert_error_within(got[key], ref64[key], dense[key], what=key)
 
 
 def test_repr_and_constructor() -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sparsecore import NotSupportedError, has_cpu_ext, ops, use_backend
 from sparsecore.formats import CSRWeight
-from sparsecore.testing import assert_error_within
+from sparsecore.testing import assert_error_within, kernel_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,13 +76,16 @@ def test_linear_ops_float64_and_strides(backend: str) -> None:
 
 
 @pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
-@pytest.mark.parametrize("threads", [1, 3])
-def test_cpp_without_tiling_and_threads(threads: int) -> None:
-    """The C++ ops build a tiling when given none; row splits across threads agree."""
-    torch.set_num_threads(threads)
-    w = random_csr((70, 530), 0.9)
-    x, dy = torch.randn(130, 530), torch.randn(130, 70)
-    with use_backend("cpp"):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [3, 130])  # the gather kernels and the tiled walk
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_without_tiling_and_threads(threads: int, batch: int, dtype: torch.dtype) -> None:
+    """The C++ ops build a tiling when given none; the threads' row ranges (several K tiles,
+    several batch chunks) and the per-thread column ranges of the transpose agree with the
+    dense products."""
+    w = random_csr((70, 530), 0.9, dtype)
+    x, dy = torch.randn(batch, 530, dtype=dtype), torch.randn(batch, 70, dtype=dtype)
+    with use_backend("cpp"), kernel_threads(threads):
         got = linear_products(w, x, dy)
         y = ops.csr_dsd(x, w.values, w.col_idx, w.row_ptr, w.row_order, None, 70)
         dw = ops.csr_sddmm(dy, x, w.row_ptr, w.col_idx, w.row_idx, w.row_order, None)
@@ -152,21 +155,31 @@ def test_conv_cpp_float64(case: tuple) -> None:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10)
 
 
+THREADED_CONVS = [
+    # (C, H, W, C_out, kh, kw, stride, padding, dilation): non-square, asymmetric geometry
+    (16, 9, 11, 24, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (5, 13, 8, 12, 3, 2, (1, 2), (2, 0), (2, 1)),
+    (6, 7, 12, 10, 2, 3, (2, 1), (1, 2), (1, 2)),
+]
+
+
 @pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
-@pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("batch", [1, 5])
-def test_conv_cpp_threads(threads: int, batch: int) -> None:
-    """Samples in parallel (batch >= threads) and rows in parallel (batch < threads)."""
-    torch.set_num_threads(threads)
-    w = random_csr((24, 16, 3, 3), 0.8, torch.float64)
-    x = torch.randn(batch, 16, 9, 11, dtype=torch.float64)
-    geom = ((1, 1), (1, 1), (1, 1))
-    dy = torch.randn(batch, 24, 9, 11, dtype=torch.float64)
-    with use_backend("cpp"):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2, 8])
+@pytest.mark.parametrize("case", THREADED_CONVS)
+def test_conv_cpp_threads(threads: int, batch: int, case: tuple) -> None:
+    """Samples in parallel (batch >= threads: per-thread dW accumulators, then their sum)
+    and rows in parallel (batch < threads), forward and both gradients."""
+    c, h, wd, c_out, kh, kw, *geom = case
+    w = random_csr((c_out, c, kh, kw), 0.7, torch.float64)
+    x = torch.randn(batch, c, h, wd, dtype=torch.float64)
+    dy = torch.randn(F.conv2d(x, w.to_dense(), None, *geom).shape, dtype=torch.float64)
+    with use_backend("cpp"), kernel_threads(threads):
         got = conv_products(w, x, dy, geom)
     ref = dense_conv(w, x, dy, geom)
     for key in got:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 def _op_samples() -> list[tuple]:

@@ -1,6 +1,6 @@
 """The study end to end on the tiny `test` preset: outputs, findings, and a kill followed by
 the same command, which redoes nothing finished and ends with the same numbers; the run
-directory's lock, settings check and --fresh."""
+directory's lock, other settings and --fresh."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import re
 import pytest
 
 from sparsecore import study
-from sparsecore.study import runner
+from sparsecore.study import cache, runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,22 +83,22 @@ def test_study_end_to_end_and_resume_after_kill(tmp_path, monkeypatch) -> None:
         assert json.load(f)["config"]["preset"] == "test"
 
 
-def test_resume_refuses_other_settings_and_fresh_starts_over(tmp_path, capsys) -> None:
+def test_other_settings_continue_and_fresh_starts_over(tmp_path, capsys) -> None:
     cfg = study.preset_config("test", device="cpu")
     out = str(tmp_path)
     with study.open_run_dir(cfg, out):
-        pass
-    finished = tmp_path / "stages" / "conv2-w0.125" / "s0" / "dense" / "result.json"
-    finished.parent.mkdir(parents=True)
-    finished.write_text("{}")
+        finished = tmp_path / "stages" / cache.stage_keys(cfg)["conv2-w0.125/s0/dense"].path
+    finished.mkdir(parents=True)
+    (finished / "result.json").write_text("{}")
     with study.open_run_dir(study.preset_config("test", device="cpu", jobs=2), out):
-        pass  # the device and the number of jobs may differ
-    assert finished.exists()
+        pass  # the device and the number of jobs change no fingerprint
+    assert "settings changed" not in capsys.readouterr().out
     other = study.preset_config("test", device="cpu", sparsities=[0.3])
-    with pytest.raises(ValueError, match=r"other settings \(sparsities\).*--fresh"):
-        with study.open_run_dir(other, out):
-            pass
-    assert finished.exists()  # refused: nothing deleted
+    with study.open_run_dir(other, out):
+        pass  # other settings: the stages keep their directories, study.json follows
+    assert "settings changed (sparsities)" in capsys.readouterr().out
+    assert (finished / "result.json").exists()
+    assert json.loads((tmp_path / "study.json").read_text())["sparsities"] == [0.3]
     with study.open_run_dir(other, out, fresh=True):
         pass
     assert not (tmp_path / "stages").exists()

@@ -43,6 +43,8 @@
 #include <immintrin.h>
 #endif
 
+#include "threads.h"
+
 namespace sparsecore {
 namespace {
 
@@ -213,8 +215,11 @@ int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // Threads only pay off above ~a million multiply-adds (or copied elements): waking the
 // OpenMP team costs tens of microseconds, and far more on a loaded machine, where a tiny
-// op (gradcheck, a small layer) would otherwise wait on descheduled workers.
-int threads_for(int64_t work) { return work >= (int64_t(1) << 20) ? at::get_num_threads() : 1; }
+// op (gradcheck, a small layer) would otherwise wait on descheduled workers. (Tests lower
+// the threshold through min_work_per_thread, threads.h.)
+int threads_for(int64_t work) {
+  return work >= min_work_per_thread(int64_t(1) << 20) ? at::get_num_threads() : 1;
+}
 
 // Xp[c][b][t] = x[b, c * w + t] for t < w, zero up to wpad: column-block panels, so that
 // the rows a micro-tile reads from one block are contiguous (and prefetchable).

@@ -22,8 +22,9 @@
 //    streams them sequentially, far faster than walking each row's tile segment in place
 //    (software prefetch included), where every segment costs a cache miss. The
 //    tiling depends only on the sparsity pattern: _csr_tiling_cpu builds it once (the formats
-//    cache it) and each call only copies the values into tile-major order (inference keeps
-//    that copy too: _csr_tile_values_cpu / tiled_values).
+//    cache it) and each call only copies the values into tile-major order (a caller that
+//    knows its values unchanged across calls may keep that copy: _csr_tile_values_cpu /
+//    tiled_values; the layers do not, as they cannot know).
 //  - The sddmm walks the same tiles; a group of one vector's width of nonzeros shares the
 //    chunk's dY vectors, one accumulator each, reduced together by one transposing hsum.
 //  - Rows are walked in their natural order, which streams the weight and the output rows:
@@ -35,7 +36,8 @@
 // Every entry point checks its inputs: the CSR arrays (ranges, row_ptr monotone, columns
 // sorted where the walk relies on it) in an O(nnz) pass where no tiling is given (or as the
 // walk goes), and a given tiling's own structure (so that no index can leave its array) plus a
-// fingerprint of row_ptr, which catches a tiling built for another matrix.
+// fingerprint of row_ptr and col_idx, which catches a tiling built for another sparsity
+// pattern (another matrix, or this one's indices edited in place).
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -51,6 +53,8 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+
+#include "threads.h"
 
 namespace sparsecore {
 namespace {
@@ -160,7 +164,8 @@ T* workspace(int slot, int64_t n) {
 
 // Team size for the call being served: small products run on fewer threads (waking a team
 // costs tens of microseconds on an idle machine and a whole time slice per sleeping thread on
-// a loaded one). kWorkPerThread is the kernel work (lane FMAs) that pays for one more thread.
+// a loaded one). kWorkPerThread is the kernel work (lane FMAs) that pays for one more thread
+// (tests lower it through min_work_per_thread, threads.h).
 constexpr int64_t kWorkPerThread = int64_t(2) << 20;
 thread_local int tl_team = 0;
 
@@ -168,7 +173,7 @@ int team() { return tl_team > 0 ? tl_team : omp_get_max_threads(); }
 
 struct TeamFor {
   explicit TeamFor(int64_t work) {
-    const int64_t want = std::max<int64_t>(1, work / kWorkPerThread);
+    const int64_t want = std::max<int64_t>(1, work / min_work_per_thread(kWorkPerThread));
     tl_team = int(std::min<int64_t>(omp_get_max_threads(), want));
   }
   ~TeamFor() { tl_team = 0; }
@@ -255,12 +260,26 @@ int64_t pick_tile_cols(int64_t n_rows, int64_t n_cols, int64_t nnz) {
   return std::min<int64_t>(full, (kt + 7) / 8 * 8);
 }
 
-// FNV-1a over row_ptr: ties a tiling to the matrix it was built for.
-int32_t fingerprint(const at::Tensor& row_ptr) {
-  uint32_t h = 2166136261u;
-  const int32_t* p = row_ptr.data_ptr<int32_t>();
-  for (int64_t i = 0; i < row_ptr.numel(); ++i) h = (h ^ uint32_t(p[i])) * 16777619u;
-  return int32_t(h);
+// FNV-1a over row_ptr and col_idx: ties a tiling to the sparsity pattern it was built for.
+// Eight interleaved lanes (independent multiply chains, which the compiler vectorises, where
+// one chain would wait on every multiply), folded into one hash. Each FNV step is a bijection
+// of the running hash, so an edit of a single index always changes the fingerprint.
+int32_t fingerprint(const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+  constexpr int kLanes = 8;
+  constexpr uint32_t kPrime = 16777619u;
+  uint32_t h[kLanes];
+  for (int j = 0; j < kLanes; ++j) h[j] = 2166136261u + uint32_t(j);
+  for (const at::Tensor* t : {&row_ptr, &col_idx}) {
+    const int32_t* p = t->data_ptr<int32_t>();
+    const int64_t n = t->numel();
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) h[j] = (h[j] ^ uint32_t(p[i + j])) * kPrime;
+    for (; i < n; ++i) h[i % kLanes] = (h[i % kLanes] ^ uint32_t(p[i])) * kPrime;
+  }
+  uint32_t out = 2166136261u;
+  for (int j = 0; j < kLanes; ++j) out = (out ^ h[j]) * kPrime;
+  return int32_t(out);
 }
 
 at::Tensor build_tiling(const char* op, const at::Tensor& col_idx, const at::Tensor& row_ptr,
@@ -276,7 +295,7 @@ at::Tensor build_tiling(const char* op, const at::Tensor& col_idx, const at::Ten
   h[kNnz] = int32_t(nnz);
   h[kTileW] = int32_t(kt);
   h[kTiles] = int32_t(nt);
-  h[kPrint] = fingerprint(row_ptr);
+  h[kPrint] = fingerprint(row_ptr, col_idx);
   int32_t* ptr = h + kHeader;
   int32_t* src = ptr + nseg + 1;
   int32_t* tcol = src + nseg;
@@ -318,7 +337,7 @@ Tiling view_tiling(const char* op, const at::Tensor& tiling, const at::Tensor& c
   TORCH_CHECK(h[kMagic] == kTilingMagic && m.n_rows == n_rows && m.n_cols == n_cols &&
                   m.nnz == col_idx.numel() && m.kt >= 1 && m.ntiles >= 1 &&
                   tiling.numel() == kHeader + 2 * m.nseg() + 1 + m.nnz &&
-                  h[kPrint] == fingerprint(row_ptr),
+                  h[kPrint] == fingerprint(row_ptr, col_idx),
               op, ": the tiling does not belong to this matrix (rebuild it with _csr_tiling_cpu)");
   m.row_ptr = row_ptr.data_ptr<int32_t>();
   m.ptr = h + kHeader;

@@ -28,6 +28,7 @@ from torch.nn.modules.utils import _pair
 
 from sparsecore import ops
 from sparsecore.formats import BSRWeight
+from sparsecore.nn.functional import refuse_jit_trace
 from sparsecore.ops._common import conv_out_hw
 
 __all__ = ["BlockSparseLinear", "BlockSparseConv2d", "BSRLinearFunction", "BSRConv2dFunction"]
@@ -148,6 +149,7 @@ class _BlockSparseBase(nn.Module):
         return _Structure(*(getattr(self, n) for n in _INDEX), n_out, n_in)
 
     def _check_input(self, x: Tensor, dim: int, features: int, what: str) -> None:
+        refuse_jit_trace(type(self).__name__)
         if x.dim() < dim or x.shape[-dim] != features:
             raise ValueError(f"{type(self).__name__}: expected input with {what}={features}, "
                              f"got shape {tuple(x.shape)}")
@@ -168,7 +170,28 @@ class _BlockSparseBase(nn.Module):
         """bool (R, C): the kept blocks."""
         return self.weight_bsr().block_mask()
 
+    def _state_error(self, state_dict: dict, prefix: str) -> str | None:
+        """Why the incoming state (its entries, the layer's own for keys it lacks) is not a
+        weight of this layer, or None. The index arrays fix the block grid and the blocks
+        the block size, so together they fix the weight's shape."""
+        dev = self.blocks.device
+        fields = {n: state_dict.get(prefix + n, getattr(self, n)).detach().to(dev)
+                  for n in ("blocks", *_INDEX)}
+        try:
+            BSRWeight(self._matrix_shape(), self.block_size, **fields)
+        except ValueError as exc:
+            return f"inconsistent BSR state: {exc}"
+        bias = state_dict.get(prefix + "bias")
+        if self.bias is not None and bias is not None and bias.shape != self.bias.shape:
+            return f"bias has shape {tuple(bias.shape)}, expected {tuple(self.bias.shape)}"
+        return None
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # All or nothing: the incoming weight is checked as a whole before the layer changes.
+        why = self._state_error(state_dict, prefix)
+        if why is not None:
+            args[-1].append(f"{prefix or type(self).__name__}: {why}")  # error_msgs
+            return
         # A state dict may carry another block mask (another nnzb): take its shapes first,
         # so that load_state_dict round-trips any BSR of the same layer shape. (A new
         # Parameter object then replaces `blocks`: re-create optimisers after such a load.)
@@ -182,11 +205,6 @@ class _BlockSparseBase(nn.Module):
                 else:
                     setattr(self, name, new)
         super()._load_from_state_dict(state_dict, prefix, *args)
-        error_msgs = args[-1]
-        try:
-            self.weight_bsr()
-        except ValueError as exc:
-            error_msgs.append(f"{prefix or type(self).__name__}: inconsistent BSR state: {exc}")
 
 
 class BlockSparseLinear(_BlockSparseBase):

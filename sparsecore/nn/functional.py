@@ -5,17 +5,24 @@ product on the transposed CSR (ops.csr_dsd with values[t_perm] / ops.csr_conv2d_
 gradient of the kept weights is an SDDMM evaluated only at the kept positions
 (ops.csr_sddmm / ops.csr_conv2d_dw). Below the dispatcher's dense crossover a step runs on
 the weight densified once (ops.csr_runs_dense), shared by the forward and the input
-gradient. Pruned weights have no storage, so they get no gradient and no optimizer
-(momentum, weight decay, Adam) can revive them: the mask is fixed unless a pruner builds a
-new CSRWeight.
+gradient of that step. Pruned weights have no storage, so they get no gradient and no
+optimizer (momentum, weight decay, Adam) can revive them: the mask is fixed unless a pruner
+builds a new CSRWeight.
+
+Every forward reads the values as they are: nothing computed from them (a densified or
+re-laid-out weight) is kept from one call to the next, because nothing can tell reliably
+that they changed (fused Adam/AdamW and `.data` edits write them without bumping autograd's
+version counter). Only what depends on the sparsity pattern alone is kept, the C++ kernels'
+tilings (CSRWeight.cpu_tilings), and the kernels check those against col_idx / row_ptr on
+every call.
 
 `sparse_linear(x, weight, bias)` and `sparse_conv2d(x, weight, bias, stride, padding,
 dilation)` take a CSRWeight whose `values` may be a Parameter (the layers pass theirs).
 
 Why `autograd.Function` here and `torch.library.register_autograd` in sparsecore.linalg: a
 layer's gradient is not a formula of one op's inputs and outputs. It needs the CSRWeight
-itself (the transposed structure and the C++ tilings it builds lazily, the layer's
-dense_cache) and a per-step choice, made once in the forward, between the sparse ops and
+itself (the transposed structure and the C++ tilings it builds lazily) and a per-step
+choice, made once in the forward, between the sparse ops and
 one densified weight reused by the input gradient; a custom op's schema carries only
 tensors and scalars, and its registered backward sees only the op's inputs and outputs.
 So each layer kind is a Function over the custom ops, which stay opaque ops with fake
@@ -27,8 +34,7 @@ which makes the op differentiable wherever it is called. The BSR layers
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,32 +49,22 @@ from sparsecore.formats import CSRWeight
 __all__ = ["CSRLinearFunction", "CSRConv2dFunction", "sparse_linear", "sparse_conv2d"]
 
 
+def refuse_jit_trace(name: str) -> None:
+    """RuntimeError under torch.jit.trace: it cannot record the sparse layers' autograd
+    Functions (they take the weight's structure as a Python object) and would otherwise fail
+    deep inside with an unhelpful `unordered_map::at`."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            f"{name}: torch.jit.trace cannot record sparsecore's sparse layers; use "
+            "torch.compile, or trace the dense twin (to_dense())"
+        )
+
+
 def _check_operands(name: str, x: Tensor, weight: CSRWeight, bias: Tensor | None) -> None:
     for what, t in (("weight", weight.values), ("bias", bias)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name}: input is {x.dtype} on {x.device} but the {what} is "
                              f"{t.dtype} on {t.device}; convert one with .to()")
-
-
-def _inference_cached(weight: CSRWeight, values: Tensor, what: str,
-                      make: Callable[[], Tensor | None]) -> Tensor | None:
-    """make(), a function of `values`; without autograd (inference) kept in weight.dense_cache
-    (a dict the layers own) and reused while `values` is the same object, unmodified."""
-    cache = getattr(weight, "dense_cache", None)
-    if cache is None or torch.is_grad_enabled():
-        return make()
-    key = (values.data_ptr(), values._version, values.dtype, values.device)
-    ref, old_key, old = cache.get(what, (None, None, None))
-    if ref is not None and ref() is values and old_key == key:
-        return old
-    out = make()
-    cache[what] = (weakref.ref(values), key, out)
-    return out
-
-
-def _dense_fallback(op: str, weight: CSRWeight, *args: object) -> Tensor | None:
-    """The densified weight matrix when `op` runs dense (ops.csr_runs_dense), else None."""
-    return _inference_cached(weight, args[1], op, lambda: ops.csr_runs_dense(op, *args))
 
 
 class CSRLinearFunction(torch.autograd.Function):
@@ -80,17 +76,10 @@ class CSRLinearFunction(torch.autograd.Function):
         tiling, _ = weight.cpu_tilings()
         args = (x, values, weight.col_idx, weight.row_ptr, weight.row_order, tiling,
                 weight.n_rows)
-        # Below the crossover the step runs dense: W densified once, for y and for dX.
-        dense = _dense_fallback("csr_dsd", weight, *args)
-        if dense is not None:
-            y = x @ dense.t()
-        elif tiling is not None and x.shape[0] >= 8 and not torch.is_grad_enabled():
-            # Inference on the C++ kernel: the values laid out in the tiling's order once.
-            tiled = _inference_cached(weight, values, "tiled", lambda: ops.csr_tile_values(
-                values, weight.col_idx, weight.row_ptr, tiling, weight.n_cols))
-            y = ops.csr_dsd(*args, tiled)
-        else:
-            y = ops.csr_dsd(*args)
+        # Below the crossover the step runs dense: W densified once (from the values of this
+        # call), for y and for this step's dX.
+        dense = ops.csr_runs_dense("csr_dsd", *args)
+        y = ops.csr_dsd(*args) if dense is None else x @ dense.t()
         if bias is not None:
             y = y.add_(bias)
         ctx.save_for_backward(x, values, dense)
@@ -126,7 +115,7 @@ class CSRConv2dFunction(torch.autograd.Function):
                 geom: tuple[list[int], list[int], list[int]]) -> Tensor:
         tiling, _ = weight.cpu_tilings()
         args = (x, values, weight.col_idx, weight.row_ptr, tiling, weight.shape, *geom)
-        dense = _dense_fallback("csr_conv2d", weight, *args)
+        dense = ops.csr_runs_dense("csr_conv2d", *args)
         if dense is None:
             y = ops.csr_conv2d(*args)
         else:
@@ -162,6 +151,7 @@ class CSRConv2dFunction(torch.autograd.Function):
 def sparse_linear(x: Tensor, weight: CSRWeight, bias: Tensor | None = None) -> Tensor:
     """F.linear with a CSR weight (out, in): x (..., in) -> (..., out), any leading shape and
     strides."""
+    refuse_jit_trace("sparse_linear")
     if len(weight.shape) != 2:
         raise ValueError(f"sparse_linear: weight must be 2-D (out, in), got shape {weight.shape}")
     n_out, n_in = weight.shape
@@ -179,6 +169,7 @@ def sparse_conv2d(x: Tensor, weight: CSRWeight, bias: Tensor | None = None,
                   dilation: int | Sequence[int] = 1) -> Tensor:
     """F.conv2d (groups=1, zero padding) with a CSR weight (C_out, C_in, kh, kw); x (N, C_in,
     H, W) or unbatched (C_in, H, W)."""
+    refuse_jit_trace("sparse_conv2d")
     if len(weight.shape) != 4:
         raise ValueError(f"sparse_conv2d: weight must be 4-D (C_out, C_in, kh, kw), "
                          f"got shape {weight.shape}")

@@ -1,14 +1,13 @@
 """SparseLinear: nn.Linear with an unstructured (CSR) sparse weight, trained with a fixed mask.
 
 Also the state shared with SparseConv2d (`_CSRModule`): the kept weights are one Parameter
-`values` (nnz,); `col_idx` / `row_ptr` are saved buffers; the derived index arrays (row_idx,
-row_order, the transpose) and the C++ kernels' tilings are unsaved buffers, rebuilt from
-(col_idx, row_ptr) on construction and on load_state_dict.
+`values` (nnz,); `col_idx` / `row_ptr` are saved buffers, and the state dict also carries
+`weight_shape` (int64), which load_state_dict checks against the layer's; the derived index
+arrays (row_idx, row_order, the transpose) and the C++ kernels' tilings are unsaved buffers,
+rebuilt from (col_idx, row_ptr) on construction and on load_state_dict.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,26 +68,23 @@ class _CSRModule(nn.Module):
         self.values = nn.Parameter(csr.values.detach().clone())
         for name in CSR_INDEX_FIELDS:
             self.register_buffer(name, getattr(csr, name).clone(), persistent=name in _SAVED)
-        self.register_buffer("tiling", None, persistent=False)
-        self.register_buffer("t_tiling", None, persistent=False)
+        # The C++ tilings are built here and on load, not in forward, so that a traced
+        # forward (torch.compile / export) reads them as plain buffers.
+        tiling, t_tiling = csr.cpu_tilings()
+        self.register_buffer("tiling", tiling, persistent=False)
+        self.register_buffer("t_tiling", t_tiling, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def weight_csr(self) -> CSRWeight:
         """The weight as a CSRWeight sharing this module's tensors (values is the Parameter).
-        On the CPU this builds the C++ kernels' tilings once and keeps them as buffers."""
+        On the CPU the C++ kernels' tilings are buffers, built on construction and on load, or
+        here when missing (a layer moved to the CPU; a traced forward builds them per call)."""
         w = CSRWeight(self.values, self.col_idx, self.row_ptr, self.weight_shape, check=False,
                       derived={n: getattr(self, n) for n in CSR_INDEX_FIELDS},
                       tilings=(self.tiling, self.t_tiling))
-        self.tiling, self.t_tiling = w.cpu_tilings()
-        # Inference below the dense crossover reuses the densified weight (functional.py).
-        w.dense_cache = self.__dict__.setdefault("_dense_cache", {})
+        if not torch.compiler.is_compiling():  # a traced forward must not set module state
+            self.tiling, self.t_tiling = w.cpu_tilings()
         return w
-
-    def __getstate__(self) -> dict:
-        # The dense cache holds a weakref (not picklable) and is rebuilt on demand.
-        state = dict(super().__getstate__())
-        state.pop("_dense_cache", None)
-        return state
 
     @property
     def nnz(self) -> int:
@@ -112,7 +108,41 @@ class _CSRModule(nn.Module):
         """The dense weight (weight_shape, zeros where pruned), detached."""
         return self.weight_csr().to_dense(self.values.detach())
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight_shape"] = torch.tensor(self.weight_shape, dtype=torch.int64)
+
+    def _state_error(self, state_dict: dict, prefix: str) -> str | None:
+        """Why the incoming state (its entries, the layer's own for keys it lacks) is not a
+        weight of this layer, or None."""
+        shape = state_dict.get(prefix + "weight_shape")
+        if shape is not None and tuple(int(s) for s in shape) != self.weight_shape:
+            return (f"the state dict holds a weight of shape {tuple(int(s) for s in shape)}, "
+                    f"this layer's is {self.weight_shape}")
+        dev = self.values.device
+        values, col_idx, row_ptr = (state_dict.get(prefix + n, getattr(self, n)).detach().to(dev)
+                                    for n in ("values", *_SAVED))
+        try:
+            CSRWeight(values, col_idx, row_ptr, self.weight_shape)
+        except ValueError as exc:
+            return f"inconsistent CSR state: {exc}"
+        bias = state_dict.get(prefix + "bias")
+        if self.bias is not None and bias is not None and bias.shape != self.bias.shape:
+            return f"bias has shape {tuple(bias.shape)}, expected {tuple(self.bias.shape)}"
+        return None
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list, unexpected_keys: list,
+                              error_msgs: list) -> None:
+        # All or nothing: the incoming weight is checked as a whole before the layer changes.
+        # (load_state_dict hands each module its own copy of the dict, which may be edited.)
+        if prefix + "weight_shape" not in state_dict:
+            missing_keys.append(prefix + "weight_shape")
+        why = self._state_error(state_dict, prefix)
+        state_dict.pop(prefix + "weight_shape", None)
+        if why is not None:
+            error_msgs.append(f"{prefix or type(self).__name__}: {why}")
+            return
         # Another mask (another nnz) loads too: take the incoming shapes first. (A new
         # Parameter object then replaces `values`: re-create optimisers after such a load.)
         for name in ("values", *_SAVED):
@@ -124,17 +154,13 @@ class _CSRModule(nn.Module):
                     self.values = nn.Parameter(new, requires_grad=cur.requires_grad)
                 else:
                     setattr(self, name, new)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        error_msgs = args[-1]
-        try:
-            CSRWeight(self.values.detach(), self.col_idx, self.row_ptr, self.weight_shape)
-        except ValueError as exc:
-            error_msgs.append(f"{prefix or type(self).__name__}: inconsistent CSR state: {exc}")
-            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
         derived = csr_structure(self.col_idx, self.row_ptr, self.col_count)
         for name in _DERIVED:
             setattr(self, name, derived[name])
         self.tiling = self.t_tiling = None
+        self.weight_csr()  # the loaded pattern's tilings
 
     def _density_repr(self) -> str:
         return f"density={self.density:.3f}, nnz={self.nnz}, bias={self.bias is not None}"

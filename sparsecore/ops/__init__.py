@@ -6,9 +6,12 @@ references, each dispatched among backends by sparsecore._dispatch (forced with
   and the CPU dense crossover (CSR_DENSE_BELOW, csr_conv_crossover, csr_runs_dense).
 - `sparsecore.ops.bsr`: block-sparse (BSR) dsd, block SDDMM and Conv2d with its gradients.
 
-Every public name of both is importable from here.
+Every public name of both is importable from here. Importing the package also registers
+the fake kernels of the C++ helpers that the layers call directly (sparsecore.ops._fakes),
+for torch.compile and torch.export.
 """
 
+from sparsecore.ops import _fakes  # noqa: F401  (registers fake kernels)
 from sparsecore.ops.bsr import bsr_conv2d, bsr_conv2d_dw, bsr_conv2d_dx, bsr_dsd, bsr_sddmm
 from sparsecore.ops.csr import (
     CSR_DENSE_BELOW,

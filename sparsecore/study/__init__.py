@@ -17,16 +17,23 @@ For every model of the preset (and every seed):
 
 The run directory gets report.md (tables, and the paper's findings checked against the
 numbers measured here), results.json and PNG figures. Every stage is cached in
-RUN/stages/...: the same command after a kill redoes nothing that finished, and an
-interrupted training stage continues from its last finished epoch. A run directory that
-holds a study with other settings is refused (--fresh deletes it and starts over), and
-while a study runs it holds RUN/.study.lock: a second study on the same --out stops at once.
+RUN/stages/<model>/s<seed>/<stage>-<fingerprint>, the fingerprint a hash of the settings the
+stage depends on and of its inputs' fingerprints: the same command after a kill redoes
+nothing that finished (an interrupted training stage continues from its last finished
+epoch), and the command with one setting changed reruns only the stages it affects (--fresh
+deletes the run and starts over). While a study runs it holds RUN/.study.lock: a second
+study on the same --out stops at once. The stages run on this machine (in --jobs processes)
+or, with --executor dask, on a Dask distributed cluster.
 
 presets:
   default   sklearn digits (8x8), Conv-2, VGG-11 and ResNet-20 at reduced width,
             sparsities 50/75/90 %: a few minutes on a 2-core CPU
   wacv2020  CIFAR-10 (--data PATH), ResNet-20, VGG-16 and Conv-4 with full schedules:
             meant for a GPU (hours)
+  pai       pruning at initialisation (magnitude, random, random rescaled, ERK, SNIP, GraSP,
+            SynFlow) of VGG-16 and ResNet-20 at reduced width on digits, compressions
+            10^0.5 .. 10^3, each trained from scratch: accuracy vs compression with layer
+            collapse marked, and the Ramanujan-graph metrics of each mask (study.pai)
   test      a tiny synthetic run that takes seconds (the test suite's)
 """
 

@@ -15,6 +15,9 @@ from sparsecore import data as data_lib
 from sparsecore import prune
 from sparsecore.hparams import POSITIVE, DataHparams, TrainHparams, arg_type, number, path_arg
 
+# Where stages can run (study.executors).
+EXECUTORS = ("local", "dask")
+
 # Fewer held-out data points than this leave the centred activations of a layer with rank
 # below it: every similarity metric is then NaN or trivially 1.
 MIN_POINTS = 10
@@ -153,7 +156,7 @@ class StudyConfig:
         return next(m for m in self.models if m.label == label)
 
 
-# Fields that do not change any result: a resumed run may differ in these.
+# Fields that do not change any result: no stage's fingerprint depends on them.
 _RUNTIME_FIELDS = ("device", "jobs")
 
 
@@ -200,6 +203,14 @@ def _test_plan(name: str, width: float | None = None) -> ModelPlan:
     return ModelPlan(name, width or 0.125, hp, 1, lr)
 
 
+def _pai_plan(name: str, width: float | None = None) -> ModelPlan:
+    # Pruned at initialisation and trained once from scratch: the digits schedule, shorter,
+    # so that the 84 pruned nets fit the preset's time.
+    plan = _digits_plan(name, width)
+    return dataclasses.replace(plan, train=dataclasses.replace(plan.train, epochs=10),
+                               finetune_epochs=1)
+
+
 @dataclass
 class Preset:
     data: DataHparams
@@ -214,6 +225,8 @@ PRESETS: dict[str, Preset] = {
                       "resnet20"], _digits_plan, [0.5, 0.75, 0.9]),
     "wacv2020": Preset(DataHparams(dataset="cifar10"), ["resnet20", "vgg16", "conv4"],
                        _cifar_plan, [0.5, 0.75, 0.9, 0.95], {"points": 10000}),
+    "pai": Preset(DataHparams(dataset="digits"), ["vgg16", "resnet20"], _pai_plan,
+                  [1 - 10 ** -(k / 2) for k in range(1, 7)]),  # compressions 10^0.5 .. 10^3
     "test": Preset(DataHparams(dataset="synthetic", image_size=8, limit_train=400),
                    ["conv2"], _test_plan, [0.5, 0.8],
                    {"points": 300, "spatial_samples": 2, "jobs": 1}),
@@ -260,15 +273,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="which study (default: default)")
     p.add_argument("--out", default=None, type=path_arg,
-                   help="run directory (default: runs/<preset>); a run with the same "
-                        "settings in it is resumed: finished stages are not redone")
+                   help="run directory (default: runs/<preset>); the study in it is "
+                        "continued: finished stages whose settings and inputs match are not "
+                        "redone")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--fresh", action="store_true",
                        help="delete the study in --out (its stages, results and report) and "
                             "start over")
     again.add_argument("--resume", action="store_true",
-                       help="continue the run in --out (what happens anyway when its "
-                            "settings match; kept for older scripts)")
+                       help="continue the run in --out (what happens anyway; kept for older "
+                            "scripts)")
     p.add_argument("--data", default=None,
                    help="dataset directory (wacv2020: the extracted CIFAR-10 python folder)")
     p.add_argument("--dataset", default=None, help="override the preset's dataset")
@@ -295,6 +309,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "GPU)")
     p.add_argument("--kernels", default=None, choices=("dense", "sparse"),
                    help="train the pruned nets on dense kernels (default) or sparsecore's")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="where the stages run: this machine (default), or a Dask distributed "
+                        "cluster (pip install 'sparsecore[distributed]'; workers share --out)")
+    p.add_argument("--address", default=None,
+                   help="--executor dask: the scheduler, e.g. tcp://HOST:8786 (default: a "
+                        "local cluster of --jobs worker processes)")
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:

@@ -1,5 +1,6 @@
-"""Running the study: the run directory (its lock, resume, --fresh), stages in order or in
-parallel worker processes, progress lines, and results.json."""
+"""Running the study: the run directory (its lock, resume, --fresh), its stages through an
+executor (in order, in parallel worker processes, or on a cluster: study.executors),
+progress lines, and results.json."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sparsecore import train as T
 from sparsecore._io import atomic_write_text, check_writable, remove_stale_tmp
+from sparsecore.study import cache, pai
 from sparsecore.study._common import _read_json
 from sparsecore.study.analysis import analyse
 from sparsecore.study.config import _RUNTIME_FIELDS, StudyConfig
@@ -27,18 +29,29 @@ from sparsecore.study.inference import timing
 from sparsecore.study.report import write_report
 from sparsecore.study.stages import Stage, _done, _stage_dir, _train_stage, plan_stages
 
+if TYPE_CHECKING:
+    from sparsecore.study.executors import Executor
+
 
 def run_stage(cfg: StudyConfig, run: str, stage: Stage, device: str,
               progress: bool = False) -> dict[str, Any]:
-    """Run one stage (resuming its own checkpoint) and write its result.json."""
+    """Run one stage (resuming its own checkpoint) and write its result.json, last and
+    atomically: a stage directory without one is unfinished. A stage that is finished
+    already (e.g. by a worker that was lost after it) is read, not redone."""
     t0 = time.perf_counter()
     sdir = _stage_dir(run, stage.key)
-    if stage.kind == "analysis":
-        result = analyse(cfg, run, stage, device)
-    else:
-        result = _train_stage(cfg, run, stage, sdir, device, progress)
-    result["stage_seconds"] = time.perf_counter() - t0
-    atomic_write_text(os.path.join(sdir, "result.json"), json.dumps(result, indent=1))
+    with cache.claimed(sdir):
+        if _done(run, stage.key):
+            return _read_json(os.path.join(sdir, "result.json"))
+        cache.write_record(sdir, cache.run_keys(run)[stage.key])
+        if stage.kind == "analysis":
+            result = analyse(cfg, run, stage, device)
+        elif stage.kind.startswith(pai.KIND):
+            result = pai.run_stage(cfg, run, stage, device, progress)
+        else:
+            result = _train_stage(cfg, run, stage, sdir, device, progress)
+        result["stage_seconds"] = time.perf_counter() - t0
+        atomic_write_text(os.path.join(sdir, "result.json"), json.dumps(result, indent=1))
     return result
 
 
@@ -100,9 +113,9 @@ def _locked(out: str) -> Iterator[None]:
 
 
 def _prepare(cfg: StudyConfig, out: str, fresh: bool) -> None:
-    """Make `out` hold `cfg`'s study: resume the one there when its settings match (only
-    the device and the number of jobs may differ), start over with `fresh`, refuse other
-    settings."""
+    """Make `out` hold `cfg`'s study: continue the one there (with other settings too: the
+    stages they do not affect keep their fingerprints and are reused), or delete it and
+    start over with `fresh`."""
     _check_foreign(out)
     path = os.path.join(out, "study.json")
     if os.path.exists(path):
@@ -111,20 +124,18 @@ def _prepare(cfg: StudyConfig, out: str, fresh: bool) -> None:
         diff = [k for k in new if k not in _RUNTIME_FIELDS and old.get(k) != new[k]]
         if not fresh:
             if diff:
-                raise ValueError(
-                    f"{out} holds a study with other settings ({', '.join(diff)}): rerun with "
-                    "its flags to resume it, pass --fresh to delete it and start over, or "
-                    "pick another --out")
+                print(f"{out}: settings changed ({', '.join(diff)}): the stages they affect "
+                      "run again, the others are reused")
             for folder, _, _ in os.walk(out):
                 remove_stale_tmp(folder)
-            return
-        print(f"{out}: --fresh: deleting the study that is there and starting over")
-        for name in ("stages", "results.json", "report.md"):
-            target = os.path.join(out, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            elif os.path.exists(target):
-                os.unlink(target)
+        else:
+            print(f"{out}: --fresh: deleting the study that is there and starting over")
+            for name in ("stages", "results.json", "report.md"):
+                target = os.path.join(out, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                elif os.path.exists(target):
+                    os.unlink(target)
     remove_stale_tmp(out)
     atomic_write_text(path, json.dumps(cfg.to_dict(), indent=1))
 
@@ -150,50 +161,53 @@ class RunSummary:
 
 
 def run(cfg: StudyConfig, out: str, *, fresh: bool = False, progress: bool = True,
-        timing_threads: int | None = 1) -> RunSummary:
-    """Run the study into directory `out`, or resume the one there (same settings: no
-    finished stage is redone); returns what was done. fresh: delete the study in `out` and
-    start over; without it a study with other settings there is refused (ValueError), as is
-    a directory that holds other files, or one that another study is using.
+        timing_threads: int | None = 1, executor: Executor | None = None) -> RunSummary:
+    """Run the study into directory `out`, or continue the one there: a stage whose
+    fingerprint (its hyperparameters and inputs, see study.cache) has a finished directory
+    is not redone, whatever study ran it; returns what was done. fresh: delete the study in
+    `out` and start over. A directory that holds other files is refused (ValueError), as is
+    one that another study is using.
 
     timing_threads: torch CPU threads for the dense-vs-sparse inference timing (1 by
     default: on a shared machine, OpenMP threads that wait on each other distort the
-    times of small models far more than the kernels differ)."""
+    times of small models far more than the kernels differ).
+    executor: where the stages run (default: study.executors.LocalExecutor, this machine)."""
+    from sparsecore.study.executors import LocalExecutor
+
     t0 = time.perf_counter()
     device = T.resolve_device(cfg.device)
     with open_run_dir(cfg, out, fresh):
-        return _run(cfg, out, device, progress, timing_threads, t0)
+        return _run(cfg, out, device, progress, timing_threads, t0,
+                    executor or LocalExecutor())
 
 
 def _run(cfg: StudyConfig, out: str, device: str, progress: bool,
-         timing_threads: int | None, t0: float) -> RunSummary:
+         timing_threads: int | None, t0: float, executor: Executor) -> RunSummary:
     stages = plan_stages(cfg)
     skipped = [s.key for s in stages if _done(out, s.key)]
     todo = [s for s in stages if s.key not in skipped]
-    jobs = min(_jobs(cfg, device), max(1, len(todo)))
     log = _Log(len(stages), len(skipped), progress)
     if skipped:
-        log.write(f"resuming: {len(skipped)} of {len(stages)} stages already done")
+        log.write(f"reusing: {len(skipped)} of {len(stages)} stages already done")
     executed: list[str] = []
     try:
-        if jobs == 1:
-            for s in todo:
-                res = run_stage(cfg, out, s, device, progress=progress)
-                executed.append(s.key)
-                log.done(s, res)
-        else:
-            executed = _run_parallel(cfg, out, todo, device, jobs, log)
+        if todo:
+            executed = executor.run(cfg, out, todo, device, log, progress)
     finally:
         log.close()
     path = os.path.join(out, "report.md")
-    if executed or not os.path.exists(path):
+    results_path = os.path.join(out, "results.json")
+    # results.json and the report follow the current settings, also when all stages were
+    # finished before (e.g. only the accuracy tolerance changed)
+    if (executed or not os.path.exists(path) or not os.path.exists(results_path)
+            or _read_json(results_path).get("config") != cfg.to_dict()):
         results = _aggregate(cfg, out, device, timing_threads)
         results["wall_seconds"] = time.perf_counter() - t0
         results["stages_resumed"] = len(skipped)
-        atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
+        atomic_write_text(results_path, json.dumps(results, indent=1))
         write_report(out)
     else:
-        results = _read_json(os.path.join(out, "results.json"))
+        results = _read_json(results_path)
     log.write(f"{path} ({time.perf_counter() - t0:.0f} s)")
     return RunSummary(out, executed, skipped, time.perf_counter() - t0, results)
 
@@ -273,9 +287,14 @@ def _machine() -> dict[str, Any]:
     return info
 
 
+TIMING_BATCH = 256  # held-out examples per timed forward pass
+
+
 def _aggregate(cfg: StudyConfig, out: str, device: str,
                timing_threads: int | None) -> dict[str, Any]:
     """results.json: the analysis of every model and seed, timings, stage run times."""
+    if cfg.preset == pai.PRESET:
+        return {**pai.aggregate(cfg, out), "machine": _machine()}
     per_model: dict[str, Any] = {}
     stage_seconds: dict[str, float] = {}
     for s in plan_stages(cfg):
@@ -285,9 +304,13 @@ def _aggregate(cfg: StudyConfig, out: str, device: str,
             per_model.setdefault(s.label, {"seeds": {}})["seeds"][str(s.seed)] = {
                 k: v for k, v in res.items() if k != "stage_seconds"}
     for plan in cfg.models:
-        tpath = os.path.join(_stage_dir(out, f"{plan.label}/timing"), "result.json")
+        key = cache.timing_key(cfg, plan.label, device, timing_threads or torch.get_num_threads(),
+                               TIMING_BATCH)
+        tdir = os.path.join(out, "stages", key.path)
+        tpath = os.path.join(tdir, "result.json")
         if not os.path.exists(tpath):
-            res = timing(cfg, out, plan.label, device, threads=timing_threads)
+            res = timing(cfg, out, plan.label, device, TIMING_BATCH, threads=timing_threads)
+            cache.write_record(tdir, key)
             atomic_write_text(tpath, json.dumps(res, indent=1))
         per_model[plan.label]["timing"] = _read_json(tpath)
     return {"config": cfg.to_dict(), "machine": _machine(), "models": per_model,

@@ -25,7 +25,7 @@ SEED_DENSE2, SEED_REINIT, SEED_RANDOM = 1000, 2000, 3000
 
 @dataclass
 class Stage:
-    key: str  # "<label>/s<seed>/<kind>"; also its directory under RUN/stages
+    key: str  # "<label>/s<seed>/<kind>"; its directory: RUN/stages/<key>-<fingerprint>
     label: str
     seed: int
     kind: str  # dense, dense2, magnitude, reinit, random, analysis
@@ -35,6 +35,10 @@ class Stage:
 
 def plan_stages(cfg: StudyConfig) -> list[Stage]:
     """Every stage of the study in an order that respects dependencies."""
+    if cfg.preset == "pai":
+        from sparsecore.study import pai
+
+        return pai.plan_stages(cfg)
     out: list[Stage] = []
     for plan in cfg.models:
         for seed in cfg.seeds:
@@ -57,7 +61,10 @@ def plan_stages(cfg: StudyConfig) -> list[Stage]:
 
 
 def _stage_dir(run: str, key: str) -> str:
-    return os.path.join(run, "stages", key)
+    """Stage `key`'s directory: named by its fingerprint (see study.cache)."""
+    from sparsecore.study.cache import stage_path  # it imports this module
+
+    return stage_path(run, key)
 
 
 def _done(run: str, key: str) -> bool:

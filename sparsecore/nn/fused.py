@@ -1,0 +1,444 @@
+"""Inference-only fused layers, as `sparsecore.optimize()` builds them.
+
+A fused layer is one weight kernel followed by one epilogue: y = act(kernel(x) + bias [+
+residual]), with an optional max-pool between the kernel and the epilogue (max commutes with
+adding a per-channel constant and with ReLU, so the epilogue then touches a quarter of the
+elements). Eval-mode BatchNorm is folded into the weight rows and the bias before the layer is
+built, so the fused model has no BatchNorm pass and no separate ReLU pass.
+
+Kernels (`KERNELS`), each holding its weight in its own layout as buffers (inference only:
+nothing here has gradients):
+
+- "dense": torch's dense conv / linear (oneDNN / MKL) on the masked weight;
+- "csr": the CSR conv kernel that walks one sample's output pixels (ops.csr_conv2d), or the
+  CSR Linear kernel (ops.csr_dsd);
+- "csr_unfold" (conv only): the batch folded into the GEMM rows: the whole batch's im2col
+  matrix (B*Ho*Wo, kh*kw*C_in), built channels-last in one gather, times the CSR weight on the
+  Linear kernel, which fills its SIMD lanes with rows where a 4x4 or 2x2 output leaves the
+  per-sample conv kernel mostly idle;
+- "bsr": the block-sparse kernels (ops.bsr_conv2d / ops.bsr_dsd), for block-aligned masks.
+
+The sparse kernels call the C++ ops (torch.ops.sparsecore._*_cpu, what the ops' "cpp"
+backends run) directly wherever they take the tensors: the choice among kernels was
+measured, so the CSR ops' own dense crossover must not overrule it, and the custom-op
+wrapper's per-call cost is a visible share of a small layer. Elsewhere (CUDA, other
+dtypes, no extension) they go through the ops' automatic choice. Conv kernels return
+NCHW-shaped tensors; "csr_unfold" and "bsr" return them channels-last in memory (the
+product writes rows of channels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from sparsecore import ops
+from sparsecore._dispatch import CPP_DTYPES
+from sparsecore._ext import has_cpu_ext
+from sparsecore.formats import BSRWeight, CSRWeight
+from sparsecore.ops._common import conv_out_hw
+
+__all__ = ["KERNELS", "FusedConv2d", "FusedLinear", "FusedResidual", "epilogue", "im2col_nhwc",
+           "max_pool_2x2"]
+
+KERNELS = ("dense", "csr", "csr_unfold", "bsr")
+
+
+def _on_cpp(x: Tensor, weight: Tensor) -> bool:
+    """Whether the C++ kernels take x with this weight (checked per call: cheap tests only)."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in CPP_DTYPES
+            and weight.device.type == "cpu" and has_cpu_ext())
+
+
+def epilogue(y: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool) -> Tensor:
+    """act(y + bias [+ residual]) in place on y (a fresh kernel output): y (N, C, ...) or
+    (M, C), bias (C,). On the CPU bias (or residual) + ReLU is one fused pass."""
+    fused = y.device.type == "cpu"
+    if bias is not None:
+        b = bias.view(1, -1, *([1] * (y.dim() - 2))) if y.dim() > 2 else bias
+        if residual is None and relu and fused:
+            return torch.ops.aten._add_relu_(y, b)
+        y = y.add_(b)
+    if residual is not None:
+        if relu and fused:
+            return torch.ops.aten._add_relu_(y, residual)
+        y = y.add_(residual)
+    return y.relu_() if relu else y
+
+
+def _is_2x2(pool: nn.MaxPool2d) -> bool:
+    """A plain 2x2 / stride-2 max-pool (no padding, dilation or ceil mode)."""
+    geom = (pool.kernel_size, pool.stride, pool.padding, pool.dilation)
+    return ([_pair(v) for v in geom] == [(2, 2), (2, 2), (0, 0), (1, 1)]
+            and not pool.ceil_mode and not pool.return_indices)
+
+
+def max_pool_2x2(y: Tensor) -> Tensor:
+    """F.max_pool2d(y, 2) for y (N, C, H, W) in any memory layout, as two elementwise
+    maxima of strided halves (rows, then columns): torch's NCHW max-pool kernel computes
+    indices and does not vectorise over this layout, which made it a sizeable part of a
+    sparse net's time."""
+    h, w = y.shape[-2] // 2 * 2, y.shape[-1] // 2 * 2
+    rows = torch.maximum(y[..., 0:h:2, :w], y[..., 1:h:2, :w])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
+# ---- kernels ----------------------------------------------------------------------------
+class _Kernel(nn.Module):
+    """One weight product. forward(x, bias) -> a fresh output tensor; only kernels with
+    `adds_bias` add the bias (for free, inside the product); the others get None."""
+
+    name = ""
+    adds_bias = False
+
+
+def _csr_buffers(module: nn.Module, matrix: Tensor, mask: Tensor, *, tiled: bool) -> None:
+    """The CSR of `matrix` (n_rows, n_cols) at `mask` as buffers of `module`: values, col_idx,
+    row_ptr, row_order, the C++ tiling (None off the CPU / without the extension) and, with
+    `tiled`, the values laid out in the tiling's order once."""
+    csr = CSRWeight.from_dense(matrix, mask)
+    tiling, _ = csr.cpu_tilings()
+    for name in ("values", "col_idx", "row_ptr", "row_order"):
+        module.register_buffer(name, getattr(csr, name).contiguous())
+    module.register_buffer("tiling", tiling)
+    tiled_values = None
+    if tiled and tiling is not None:
+        tiled_values = ops.csr_tile_values(csr.values, csr.col_idx, csr.row_ptr, tiling,
+                                           csr.n_cols)
+    module.register_buffer("tiled_values", tiled_values)
+
+
+def _csr_dsd(kernel: nn.Module, x: Tensor, n_out: int) -> Tensor:
+    """x (M, K) times the CSR weight held by `kernel` (its _csr_buffers) -> (M, n_out)."""
+    if _on_cpp(x, kernel.values):
+        return torch.ops.sparsecore._csr_dsd_cpu(x, kernel.values, kernel.col_idx,
+                                                 kernel.row_ptr, kernel.tiling, n_out,
+                                                 kernel.tiled_values)
+    return ops.csr_dsd(x, kernel.values, kernel.col_idx, kernel.row_ptr, kernel.row_order,
+                       kernel.tiling, n_out, kernel.tiled_values)
+
+
+class _ConvGeom(nn.Module):
+    """A conv kernel's geometry: weight_shape (C_out, C_in, kh, kw) and stride / padding /
+    dilation pairs."""
+
+    def _set_geom(self, weight_shape: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[int], dilation: Sequence[int]) -> None:
+        self.weight_shape = [int(s) for s in weight_shape]
+        self.stride, self.padding = list(stride), list(padding)
+        self.dilation = list(dilation)
+
+    def out_hw(self, x: Tensor) -> tuple[int, int]:
+        return conv_out_hw(x.shape[-2:], self.weight_shape[2:], self.stride, self.padding,
+                           self.dilation)
+
+    def extra_repr(self) -> str:
+        return (f"weight_shape={tuple(self.weight_shape)}, stride={tuple(self.stride)}, "
+                f"padding={tuple(self.padding)}, dilation={tuple(self.dilation)}")
+
+
+class DenseConv(_ConvGeom, _Kernel):
+    name, adds_bias = "dense", True
+
+    def __init__(self, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int]) -> None:
+        super().__init__()
+        self._set_geom(weight.shape, stride, padding, dilation)
+        self.register_buffer("weight", weight.contiguous())
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation)
+
+
+class CSRConv(_ConvGeom, _Kernel):
+    name = "csr"
+
+    def __init__(self, weight: Tensor, mask: Tensor, stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int]) -> None:
+        super().__init__()
+        self._set_geom(weight.shape, stride, padding, dilation)
+        _csr_buffers(self, weight.reshape(weight.shape[0], -1), mask.reshape(weight.shape[0], -1),
+                     tiled=False)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        args = (x, self.values, self.col_idx, self.row_ptr, self.tiling, self.weight_shape,
+                self.stride, self.padding, self.dilation)
+        if _on_cpp(x, self.values):
+            return torch.ops.sparsecore._csr_conv2d_cpu(*args)
+        return ops.csr_conv2d(*args)
+
+
+def im2col_nhwc(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """The im2col matrix (B*Ho*Wo, kh*kw*C) of x (B, C, H, W), columns in (i, j, c) order:
+    x laid out channels-last (zero-padded) once, then one strided gather."""
+    b, c, h, w = x.shape
+    (ph, pw), (kh, kw) = padding, kernel
+    ho, wo = conv_out_hw((h, w), kernel, stride, padding, dilation)
+    if ph or pw:
+        xl = x.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
+        xl[:, ph:ph + h, pw:pw + w] = x.permute(0, 2, 3, 1)
+    else:
+        xl = x.permute(0, 2, 3, 1).contiguous()
+    s_b, s_h, s_w, s_c = xl.stride()
+    view = xl.as_strided((b, ho, wo, kh, kw, c),
+                         (s_b, stride[0] * s_h, stride[1] * s_w, dilation[0] * s_h,
+                          dilation[1] * s_w, s_c))
+    return view.reshape(b * ho * wo, kh * kw * c)
+
+
+class CSRUnfoldConv(_ConvGeom, _Kernel):
+    name = "csr_unfold"
+
+    def __init__(self, weight: Tensor, mask: Tensor, stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int]) -> None:
+        super().__init__()
+        self._set_geom(weight.shape, stride, padding, dilation)
+        # Columns in (i, j, c) order, to match im2col_nhwc.
+        n = weight.shape[0]
+        _csr_buffers(self, weight.permute(0, 2, 3, 1).reshape(n, -1),
+                     mask.permute(0, 2, 3, 1).reshape(n, -1), tiled=True)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        ho, wo = self.out_hw(x)
+        cols = im2col_nhwc(x, self.weight_shape[2:], self.stride, self.padding, self.dilation)
+        n_out = self.weight_shape[0]
+        y = _csr_dsd(self, cols, n_out)
+        return y.view(x.shape[0], ho, wo, n_out).permute(0, 3, 1, 2)
+
+
+def _bsr_buffers(module: nn.Module, matrix: Tensor, mask: Tensor,
+                 block_size: tuple[int, int]) -> None:
+    bsr = BSRWeight.from_dense(matrix, mask, block_size=block_size)
+    module.block_size = bsr.block_size
+    for name in ("blocks", "col_idx", "row_ptr"):
+        module.register_buffer(name, getattr(bsr, name).contiguous())
+
+
+class BSRConv(_ConvGeom, _Kernel):
+    name = "bsr"
+
+    def __init__(self, weight: Tensor, mask: Tensor, block_size: tuple[int, int],
+                 stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int]) -> None:
+        super().__init__()
+        self._set_geom(weight.shape, stride, padding, dilation)
+        n = weight.shape[0]
+        _bsr_buffers(self, weight.reshape(n, -1), mask.reshape(n, -1), block_size)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        ho, wo = self.out_hw(x)
+        args = (x, self.blocks, self.col_idx, self.row_ptr, self.weight_shape[2:], self.stride,
+                self.padding, self.dilation)
+        y = (torch.ops.sparsecore._bsr_conv2d_cpu(*args) if _on_cpp(x, self.blocks)
+             else ops.bsr_conv2d(*args))
+        return y.view(x.shape[0], ho, wo, self.weight_shape[0]).permute(0, 3, 1, 2)
+
+
+class DenseLinear(_Kernel):
+    name, adds_bias = "dense", True
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.contiguous())
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, self.weight, bias)
+
+
+class CSRLinear(_Kernel):
+    name = "csr"
+
+    def __init__(self, weight: Tensor, mask: Tensor) -> None:
+        super().__init__()
+        self.n_out = weight.shape[0]
+        _csr_buffers(self, weight, mask, tiled=True)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return _csr_dsd(self, x, self.n_out)
+
+
+class BSRLinear(_Kernel):
+    name = "bsr"
+
+    def __init__(self, weight: Tensor, mask: Tensor, block_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.n_out = weight.shape[0]
+        _bsr_buffers(self, weight, mask, block_size)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        args = (x, self.blocks, self.col_idx, self.row_ptr, None, False, self.n_out)
+        if _on_cpp(x, self.blocks):
+            return torch.ops.sparsecore._bsr_dsd_cpu(*args)
+        return ops.bsr_dsd(*args)
+
+
+# ---- fused layers ---------------------------------------------------------------------
+class _Fused(nn.Module):
+    """A weight kernel + epilogue. Until a kernel is chosen (`set_kernel`) the layer keeps
+    its masked dense weight (`source`) to build any candidate from."""
+
+    kind = ""
+    kernel: _Kernel | None
+
+    def __init__(self, weight: Tensor, mask: Tensor, bias: Tensor | None, relu: bool,
+                 block_size: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.register_buffer("bias", None if bias is None else bias.contiguous())
+        self.relu = relu
+        self.weight_shape = tuple(weight.shape)
+        self.kernel = None
+        # Until set_kernel: what make_kernel builds from (deliberately not module state).
+        self.source: dict[str, Any] | None = {"weight": weight, "mask": mask,
+                                              "block_size": block_size}
+        self.info: Any = None  # what optimize() decided, and why (see LayerInfo)
+
+    def make_kernel(self, name: str) -> _Kernel:
+        raise NotImplementedError
+
+    def set_kernel(self, kernel: _Kernel) -> None:
+        """Use `kernel` from now on and drop the dense source weight."""
+        self.kernel = kernel
+        self.source = None
+
+    def run(self, kernel: _Kernel, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self.kernel is None:
+            raise RuntimeError(f"{type(self).__name__}: no kernel chosen (build fused layers "
+                               "with sparsecore.optimize)")
+        return self.run(self.kernel, x, residual)
+
+    def extra_repr(self) -> str:
+        k = self.kernel.name if self.kernel is not None else None
+        return f"kernel={k!r}, bias={self.bias is not None}, relu={self.relu}"
+
+
+class FusedConv2d(_Fused):
+    """conv2d(x, W) [-> max-pool] -> + bias [+ residual] [-> ReLU]; x (N, C_in, H, W) ->
+    (N, C_out, Ho, Wo) (pooled if `pool`)."""
+
+    kind = "conv"
+
+    def __init__(self, weight: Tensor, mask: Tensor, bias: Tensor | None,
+                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], *,
+                 relu: bool = False, pool: nn.MaxPool2d | None = None,
+                 block_size: tuple[int, int] | None = None) -> None:
+        super().__init__(weight, mask, bias, relu, block_size)
+        self.stride, self.padding = list(stride), list(padding)
+        self.dilation = list(dilation)
+        self.pool = pool
+
+    def make_kernel(self, name: str) -> _Kernel:
+        if self.source is None:
+            raise RuntimeError("the kernel is already chosen")
+        w, mask, bs = self.source["weight"], self.source["mask"], self.source["block_size"]
+        geom = (self.stride, self.padding, self.dilation)
+        if name == "dense":
+            return DenseConv(w, *geom)
+        if name == "csr":
+            return CSRConv(w, mask, *geom)
+        if name == "csr_unfold":
+            return CSRUnfoldConv(w, mask, *geom)
+        if name == "bsr" and bs is not None:
+            return BSRConv(w, mask, bs, *geom)
+        raise ValueError(f"no {name!r} kernel for this layer")
+
+    def out_shape(self, x: Tensor) -> tuple[int, ...]:
+        """(N, C_out, Ho, Wo) of the product (before any pool)."""
+        w = self.weight_shape
+        ho, wo = conv_out_hw(x.shape[-2:], w[2:], self.stride, self.padding, self.dilation)
+        return (x.shape[0], w[0], ho, wo)
+
+    def flops(self, x: Tensor) -> int:
+        """Multiply-adds x 2 of the dense product on x."""
+        n, c_out, ho, wo = self.out_shape(x)
+        return 2 * n * ho * wo * c_out * math.prod(self.weight_shape[1:])
+
+    def run(self, kernel: _Kernel, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        bias = self.bias
+        y = kernel(x, bias if kernel.adds_bias else None)
+        if kernel.adds_bias:
+            bias = None
+        if self.pool is not None:
+            small = min(y.shape[-2:]) < 2  # let torch's pool raise its error
+            y = max_pool_2x2(y) if _is_2x2(self.pool) and not small else self.pool(y)
+        return epilogue(y, bias, residual, self.relu)
+
+    def extra_repr(self) -> str:
+        return (f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, "
+                f"dilation={tuple(self.dilation)}, " + super().extra_repr()
+                + (", pool=True" if self.pool is not None else ""))
+
+
+class FusedLinear(_Fused):
+    """x W^T + bias [-> ReLU]; x (..., in) -> (..., out). With a folded BatchNorm1d
+    (`features_2d`) the input must be 2-D, where BatchNorm1d normalises the features."""
+
+    kind = "linear"
+
+    def __init__(self, weight: Tensor, mask: Tensor, bias: Tensor | None, *,
+                 relu: bool = False, block_size: tuple[int, int] | None = None,
+                 features_2d: bool = False) -> None:
+        super().__init__(weight, mask, bias, relu, block_size)
+        self.features_2d = features_2d
+
+    def make_kernel(self, name: str) -> _Kernel:
+        if self.source is None:
+            raise RuntimeError("the kernel is already chosen")
+        w, mask, bs = self.source["weight"], self.source["mask"], self.source["block_size"]
+        if name == "dense":
+            return DenseLinear(w)
+        if name == "csr":
+            return CSRLinear(w, mask)
+        if name == "bsr" and bs is not None:
+            return BSRLinear(w, mask, bs)
+        raise ValueError(f"no {name!r} kernel for this layer")
+
+    def out_shape(self, x: Tensor) -> tuple[int, ...]:
+        return (*x.shape[:-1], self.weight_shape[0])
+
+    def flops(self, x: Tensor) -> int:
+        n_out, n_in = self.weight_shape
+        return 2 * (x.numel() // max(x.shape[-1], 1)) * n_out * n_in
+
+    def run(self, kernel: _Kernel, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self.features_2d and x.dim() != 2:
+            raise ValueError(f"FusedLinear: a folded BatchNorm1d needs 2-D input (N, "
+                             f"features), got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        bias = self.bias
+        y = kernel(x2, bias if kernel.adds_bias else None)
+        if kernel.adds_bias:
+            bias = None
+        if residual is not None:
+            residual = residual.reshape(y.shape)
+        return epilogue(y, bias, residual, self.relu).view(*lead, y.shape[-1])
+
+
+class FusedResidual(nn.Module):
+    """A residual block: the fused layers of the body in order (`names`), the last one taking
+    the shortcut's output as its residual (its epilogue adds it and applies the ReLU).
+    shortcut: a FusedConv2d, or None for the identity."""
+
+    def __init__(self, layers: dict[str, _Fused], shortcut: _Fused | None) -> None:
+        super().__init__()
+        self.names = list(layers)
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+        self.shortcut = shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x
+        for name in self.names[:-1]:
+            y = getattr(self, name)(y)
+        residual = x if self.shortcut is None else self.shortcut(x)
+        return getattr(self, self.names[-1])(y, residual)

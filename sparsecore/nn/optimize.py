@@ -1,0 +1,560 @@
+"""`sparsecore.optimize(model, example_input)`: an inference copy of a (pruned) model that
+runs each layer on the fastest kernel measured for it.
+
+1. Fold: every eval-mode BatchNorm that follows a Conv2d / Linear (in an nn.Sequential, or
+   inside sparsecore.models.resnet's residual blocks) is folded into that layer: each output
+   row of the (masked or sparse) weight is scaled and the bias shifted. The sparsity pattern
+   is unchanged.
+2. Fuse: the layer, its bias, a following ReLU and max-pool (and, in a residual block, the
+   shortcut add and the ReLU after it) become one FusedConv2d / FusedLinear /
+   FusedResidual (sparsecore.nn.fused): the kernel, then one epilogue pass. The modules
+   folded away are left as nn.Identity, so module names stay valid (a ReLU whose max-pool
+   was fused in now passes on the pooled activation).
+3. Choose: each fused layer runs the example input's activation at that layer (one forward
+   pass of `example_input`) on every candidate kernel ("dense", "csr", "csr_unfold", "bsr")
+   and keeps the fastest (median of a few runs; dense unless a sparse kernel beats it by
+   DENSE_TIE). The times are cached per machine (CPU model, ISA, threads) and layer
+   (shape, density, input shape and layout, epilogue) in `kernels.json` under
+   ~/.cache/sparsecore/ (or $SPARSECORE_CACHE_DIR), so a second optimize() of the same
+   shapes times nothing.
+
+Layers that can take a sparse kernel: nn.Conv2d (groups=1, zero padding) and nn.Linear,
+masked by sparsecore.prune's parametrization or not (the weight's zeros are then the mask),
+and the layers of sparsecore.nn (SparseConv2d / SparseLinear / BlockSparseConv2d /
+BlockSparseLinear). Subclasses of nn.Linear (e.g. nn.MultiheadAttention's projection, read
+directly by its owner) and unsupported convolutions are left as they are.
+
+The result is a plain nn.Module in eval mode, for inference only: its weights are buffers,
+and its outputs equal the masked model's in eval mode up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparsecore import ops
+from sparsecore._dispatch import NotSupportedError, cpp_reasons, triton_reasons
+from sparsecore._io import atomic_write_text
+from sparsecore._timing import time_interleaved
+from sparsecore.formats import block_mask_from_mask, expand_block_mask
+from sparsecore.nn.blocksparse import BlockSparseConv2d, BlockSparseLinear
+from sparsecore.nn.conv import SparseConv2d, _explicit_padding, conv_unsupported
+from sparsecore.nn.fused import KERNELS, FusedConv2d, FusedLinear, FusedResidual, _Fused
+from sparsecore.nn.linear import SparseLinear, module_mask
+from sparsecore.nn.sparsify import _base_class
+from sparsecore.ops._common import TRITON_DTYPES
+
+__all__ = ["LAYOUTS", "LayerInfo", "cache_path", "fused_layers", "machine_key", "optimize"]
+
+# The weight layouts optimize() may use, and the kernels of each.
+LAYOUTS = ("dense", "csr", "bsr")
+_LAYOUT_OF = {"dense": "dense", "csr": "csr", "csr_unfold": "csr", "bsr": "bsr"}
+# Block sizes tried, largest first, when a mask is checked for block alignment.
+BSR_BLOCKS = ((64, 64), (32, 32), (16, 16), (8, 8))
+# Sparse kernels are timed only from this density down: above it no sparse kernel of the
+# package reached dense speed (the least sparse crossover of ops.CSR_DENSE_BELOW).
+SPARSE_MAX_DENSITY = 1.0 - min(ops.CSR_DENSE_BELOW.values())
+# The batch-folded im2col kernel is timed only for small outputs (where the per-sample conv
+# kernel's vectors are short) and when its im2col matrix stays this small.
+UNFOLD_MAX_PIXELS = 16
+UNFOLD_MAX_BYTES = 256 << 20
+# Timing: one warm-up call of each candidate, then rounds of one call of each, at least this
+# many rounds and this long (sparsecore._timing.time_interleaved).
+_ROUNDS, _MIN_TIME = 5, 0.05
+# A sparse kernel replaces dense only when it is this much faster: within timing noise the
+# dense kernel (what the model ran before) is kept.
+DENSE_TIE = 0.05
+
+Chooser = str | Callable[["LayerInfo"], str]
+
+
+@dataclass
+class LayerInfo:
+    """What optimize() saw of one fused layer and what it chose (kept as the layer's `info`).
+
+    flops: multiply-adds x 2 of the dense product on the example input; times: seconds per
+    timed candidate kernel (median; from the cache when `cached`); decided_by: "time",
+    "cache", "fixed", "callable", or why the layer stayed dense.
+    """
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    density: float
+    block_size: tuple[int, int] | None
+    candidates: tuple[str, ...]
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+    flops: int | None = None
+    times: dict[str, float] = field(default_factory=dict)
+    cached: bool = False
+    choice: str = "dense"
+    decided_by: str = ""
+
+    @property
+    def kept_flops(self) -> float | None:
+        """flops at the kept weights only."""
+        return None if self.flops is None else self.flops * self.density
+
+
+# ---- what a layer holds -------------------------------------------------------------------
+@dataclass
+class _Source:
+    """A layer's function as dense tensors: weight (zeros where pruned), mask (bool, the
+    weight's shape), bias; block_size when the mask is block-aligned; conv geometry."""
+
+    kind: str
+    weight: Tensor
+    mask: Tensor
+    bias: Tensor | None
+    block_size: tuple[int, int] | None = None
+    geom: tuple[list[int], list[int], list[int]] | None = None
+    features_2d: bool = False
+
+
+def _source(module: nn.Module) -> _Source | str | None:
+    """The layer's _Source; a string saying why a Conv2d / Linear is left as it is; None for
+    any other module."""
+    geom = None
+    if isinstance(module, (SparseConv2d, SparseLinear)):
+        weight, mask = module.dense_weight(), module.mask()
+        block_size = None
+    elif isinstance(module, (BlockSparseConv2d, BlockSparseLinear)):
+        block_size = module.block_size
+        full = module.weight_bsr().to_dense().detach()
+        mask = expand_block_mask(module.block_mask(), block_size)
+        shape = ((module.out_features, module.in_features) if isinstance(module, BlockSparseLinear)
+                 else (module.out_channels, module.in_channels, *module.kernel_size))
+        weight, mask = full.reshape(shape), mask.reshape(shape)
+    elif isinstance(module, (nn.Conv2d, nn.Linear)):
+        base = _base_class(module)
+        if base not in (nn.Conv2d, nn.Linear):
+            return f"{base.__name__} subclasses {base.__mro__[1].__name__} (its owner may read " \
+                   ".weight directly)"
+        if base is nn.Conv2d and (why := conv_unsupported(module)) is not None:
+            return why
+        weight = module.weight.detach()
+        mask = module_mask(module)
+        mask = weight != 0 if mask is None else mask.detach().to(torch.bool)
+        weight = weight * mask
+        block_size = None
+    else:
+        return None
+    if weight.dim() == 4:
+        padding = module.padding if isinstance(module, (SparseConv2d, BlockSparseConv2d)) \
+            else _explicit_padding(module)
+        geom = (list(module.stride), list(padding), list(module.dilation))
+    bias = None if module.bias is None else module.bias.detach()
+    return _Source("conv" if weight.dim() == 4 else "linear", weight.clone(), mask.clone(),
+                   None if bias is None else bias.clone(), block_size, geom)
+
+
+def _foldable(module: nn.Module | None, kind: str) -> bool:
+    """An eval-mode BatchNorm over the layer's output channels (one that uses running
+    statistics)."""
+    cls = nn.BatchNorm2d if kind == "conv" else nn.BatchNorm1d
+    return type(module) is cls and module.running_mean is not None
+
+
+@torch.no_grad()
+def _fold_bn(src: _Source, bn: nn.modules.batchnorm._BatchNorm) -> _Source:
+    """src followed by bn (eval) as one layer: W' = W * s (per output row), b' = (b - mean) *
+    s + beta, s = gamma / sqrt(var + eps), computed in float64."""
+    n = src.weight.shape[0]
+    if bn.num_features != n:
+        raise ValueError(f"BatchNorm over {bn.num_features} features after a layer with {n} "
+                         "outputs")
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    shift = -bn.running_mean.double() * scale
+    if bn.affine:
+        scale = scale * bn.weight.double()
+        shift = shift * bn.weight.double() + bn.bias.double()
+    view = (-1,) + (1,) * (src.weight.dim() - 1)
+    weight = (src.weight.double() * scale.view(view)).to(src.weight.dtype)
+    bias = shift if src.bias is None else src.bias.double() * scale + shift
+    return _Source(src.kind, weight * src.mask, src.mask, bias.to(src.weight.dtype),
+                   src.block_size, src.geom, features_2d=src.kind == "linear")
+
+
+def _build(src: _Source, layouts: Sequence[str], *, relu: bool = False,
+           pool: nn.MaxPool2d | None = None) -> _Fused:
+    block_size = src.block_size
+    if block_size is None and "bsr" in layouts:
+        block_size = _aligned_block(src.mask)
+    if src.kind == "conv":
+        return FusedConv2d(src.weight, src.mask, src.bias, *src.geom, relu=relu, pool=pool,
+                           block_size=block_size)
+    return FusedLinear(src.weight, src.mask, src.bias, relu=relu, block_size=block_size,
+                       features_2d=src.features_2d)
+
+
+def _aligned_block(mask: Tensor) -> tuple[int, int] | None:
+    """The largest of BSR_BLOCKS that the mask's matrix view is aligned to, or None."""
+    m = mask.reshape(mask.shape[0], -1)
+    for bs in BSR_BLOCKS:
+        if m.shape[0] % bs[0] or m.shape[1] % bs[1]:
+            continue
+        try:
+            block_mask_from_mask(m, bs)
+        except ValueError:
+            continue
+        return bs
+    return None
+
+
+# ---- rewriting the module tree ------------------------------------------------------------
+def _fuse_sequential(seq: nn.Sequential, layouts: Sequence[str]) -> None:
+    """Layer [BatchNorm] [ReLU] [MaxPool2d] runs of `seq` (ReLU and pool in either order)
+    -> one fused layer; the modules taken in become nn.Identity."""
+    items = list(seq._modules.items())
+    i = 0
+    while i < len(items):
+        name, module = items[i]
+        src = _source(module) if module is not None else None
+        if not isinstance(src, _Source):
+            i += 1
+            continue
+        j = i + 1
+        if j < len(items) and _foldable(items[j][1], src.kind):
+            src = _fold_bn(src, items[j][1])
+            j += 1
+        relu, pool = False, None
+        while j < len(items):
+            nxt = items[j][1]
+            if not relu and type(nxt) is nn.ReLU:
+                relu = True
+            elif (pool is None and src.kind == "conv" and type(nxt) is nn.MaxPool2d
+                  and not nxt.return_indices):
+                pool = nxt
+            else:
+                break
+            j += 1
+        seq._modules[name] = _build(src, layouts, relu=relu, pool=pool)
+        for k in range(i + 1, j):
+            seq._modules[items[k][0]] = nn.Identity()
+        i = j
+
+
+def _fuse_residual(block: nn.Module, layouts: Sequence[str]) -> FusedResidual | None:
+    """A residual block of sparsecore.models.resnet (conv{i}-bn{i} with a ReLU after each
+    but the last; the last's output plus the shortcut, then ReLU; the shortcut empty or
+    (1x1 conv, BatchNorm)) as a FusedResidual, or None when it is not one."""
+    from sparsecore.models import resnet
+
+    shortcut = getattr(block, "shortcut", None)
+    if type(block).__module__ != resnet.__name__ or not isinstance(shortcut, nn.Sequential):
+        return None
+    sources: dict[str, _Source] = {}
+    i = 1
+    while hasattr(block, f"conv{i}"):
+        src, bn = _source(getattr(block, f"conv{i}")), getattr(block, f"bn{i}", None)
+        if not isinstance(src, _Source) or src.kind != "conv" or not _foldable(bn, "conv"):
+            return None
+        sources[f"conv{i}"] = _fold_bn(src, bn)
+        i += 1
+    if not sources:
+        return None
+    short_src = None
+    if len(shortcut):
+        src = _source(shortcut[0])
+        if len(shortcut) != 2 or not isinstance(src, _Source) or not _foldable(shortcut[1],
+                                                                              "conv"):
+            return None
+        short_src = _fold_bn(src, shortcut[1])
+        # One bias for both branches: the shortcut's product adds it (the dense kernel for
+        # free), and the block's last epilogue is then residual add + ReLU in one pass.
+        last = sources[list(sources)[-1]]
+        short_src.bias = last.bias if short_src.bias is None else short_src.bias + last.bias
+        last.bias = None
+    layers = {name: _build(src, layouts, relu=True) for name, src in sources.items()}
+    return FusedResidual(layers, None if short_src is None else _build(short_src, layouts))
+
+
+def _rewrite(module: nn.Module, layouts: Sequence[str]) -> nn.Module:
+    """module with every fusable part replaced (in place where it is a child; the returned
+    module replaces `module` itself)."""
+    block = _fuse_residual(module, layouts)
+    if block is not None:
+        return block
+    src = _source(module)
+    if isinstance(src, _Source):
+        return _build(src, layouts)
+    if isinstance(module, nn.Sequential):
+        _fuse_sequential(module, layouts)
+    for name, child in list(module.named_children()):
+        if isinstance(child, (_Fused, FusedResidual)):
+            continue
+        new = _rewrite(child, layouts)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def fused_layers(model: nn.Module) -> list[tuple[str, _Fused]]:
+    """(name, layer) of every fused layer of an optimize() result, in module order."""
+    return [(name or "<root>", m) for name, m in model.named_modules() if isinstance(m, _Fused)]
+
+
+# ---- the timing cache ---------------------------------------------------------------------
+def cache_path() -> str:
+    """The kernel timing cache: $SPARSECORE_CACHE_DIR/kernels.json, by default under
+    ~/.cache/sparsecore/."""
+    folder = os.environ.get("SPARSECORE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "sparsecore")
+    return os.path.join(folder, "kernels.json")
+
+
+def machine_key(device: torch.device) -> str:
+    """What a kernel time depends on besides the layer: the CPU model, the SIMD level torch
+    uses, torch's thread count (on CUDA: the GPU)."""
+    if device.type == "cuda":
+        return f"cuda|{torch.cuda.get_device_name(device)}"
+    cpu = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f
+                        if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}|{torch.backends.cpu.get_cpu_capability()}|threads={torch.get_num_threads()}"
+
+
+class _TimingCache:
+    """kernels.json: {"version": 1, "machines": {machine: {layer key: {kernel: seconds}}}}.
+    Read once; the new entries are merged into the file as it is on disk when saved."""
+
+    VERSION = 1
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = cache_path()
+        self.entries = self._read() if enabled else {}
+        self.new: dict[str, dict[str, dict[str, float]]] = {}
+
+    def _read(self) -> dict[str, dict[str, dict[str, float]]]:
+        try:
+            with open(self.path) as f:
+                blob = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(blob, dict) or blob.get("version") != self.VERSION:
+            return {}
+        machines = blob.get("machines")
+        return machines if isinstance(machines, dict) else {}
+
+    def get(self, machine: str, key: str) -> dict[str, float]:
+        found = self.entries.get(machine, {}).get(key, {})
+        return {k: float(v) for k, v in found.items() if isinstance(v, (int, float))}
+
+    def put(self, machine: str, key: str, times: dict[str, float]) -> None:
+        if not self.enabled or not times:
+            return
+        self.entries.setdefault(machine, {}).setdefault(key, {}).update(times)
+        self.new.setdefault(machine, {}).setdefault(key, {}).update(times)
+
+    def save(self) -> None:
+        if not self.new:
+            return
+        merged = self._read()
+        for machine, layers in self.new.items():
+            for key, times in layers.items():
+                merged.setdefault(machine, {}).setdefault(key, {}).update(times)
+        text = json.dumps({"version": self.VERSION, "machines": merged}, indent=1,
+                          sort_keys=True)
+        try:
+            atomic_write_text(self.path, text)
+        except OSError as exc:
+            warnings.warn(f"sparsecore.optimize: could not write the timing cache {self.path} "
+                          f"({exc}); layers will be timed again next time", stacklevel=3)
+        self.new = {}
+
+
+def _layer_key(layer: _Fused, x: Tensor, residual: Tensor | None, density: float) -> str:
+    """The cache key of a layer's timings: everything besides the machine they depend on."""
+    memory = ("contiguous" if x.is_contiguous() else "channels_last"
+              if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+              else "strided")
+    parts = [layer.kind, "w=" + "x".join(map(str, layer.weight_shape)),
+             f"density={density:.3f}", "x=" + "x".join(map(str, x.shape)),
+             str(x.dtype).replace("torch.", ""), memory,
+             f"bias={layer.bias is not None}", f"relu={layer.relu}",
+             f"residual={residual is not None}"]
+    if isinstance(layer, FusedConv2d):
+        parts.append(f"geom={layer.stride}{layer.padding}{layer.dilation}")
+        if layer.pool is not None:
+            p = layer.pool
+            parts.append(f"pool={p.kernel_size},{p.stride},{p.padding},{p.dilation},"
+                         f"{p.ceil_mode}")
+    bs = layer.source["block_size"]
+    if bs is not None:
+        parts.append(f"block={bs[0]}x{bs[1]}")
+    return "|".join(parts)
+
+
+# ---- choosing the kernels -----------------------------------------------------------------
+def _sparse_runs(t: Tensor) -> bool:
+    """Whether a sparse kernel (not the dense reference) takes tensors like t."""
+    if t.device.type == "cpu":
+        return not cpp_reasons([t])
+    return not triton_reasons([t], TRITON_DTYPES)
+
+
+def _candidates(layer: _Fused, layouts: Sequence[str]) -> tuple[str, ...]:
+    """The kernels that can run this layer, within `layouts`; "dense" when none can."""
+    weight, block_size = layer.source["weight"], layer.source["block_size"]
+    sparse = _sparse_runs(weight)
+    out = []
+    for k in KERNELS:
+        if _LAYOUT_OF[k] not in layouts or (k != "dense" and not sparse):
+            continue
+        if k == "csr_unfold" and layer.kind != "conv" or k == "bsr" and block_size is None:
+            continue
+        out.append(k)
+    return tuple(out) or ("dense",)
+
+
+def _worth_timing(layer: _Fused, kernel: str, x: Tensor, density: float) -> bool:
+    """Whether `kernel` could beat the others on x (the rest are not timed)."""
+    if kernel == "dense":
+        return True
+    if density > SPARSE_MAX_DENSITY:
+        return False
+    if kernel == "csr_unfold":
+        n, _, ho, wo = layer.out_shape(x)
+        cols = n * ho * wo * (layer.weight_shape[1] * layer.weight_shape[2]
+                              * layer.weight_shape[3])
+        return ho * wo <= UNFOLD_MAX_PIXELS and cols * x.element_size() <= UNFOLD_MAX_BYTES
+    return True
+
+
+class _Picker:
+    """Chooses each fused layer's kernel when the example input reaches it."""
+
+    def __init__(self, layouts: Sequence[str], choose: Chooser, cache: _TimingCache) -> None:
+        self.layouts, self.choose, self.cache = layouts, choose, cache
+
+    def __call__(self, name: str, layer: _Fused, x: Tensor | None,
+                 residual: Tensor | None) -> None:
+        mask = layer.source["mask"]
+        density = float(mask.sum()) / max(mask.numel(), 1)
+        info = LayerInfo(name, layer.kind, layer.weight_shape, density,
+                         layer.source["block_size"], _candidates(layer, self.layouts))
+        if x is not None:
+            info.input_shape = tuple(x.shape)
+            info.output_shape = layer.out_shape(x)
+            info.flops = layer.flops(x)
+        built: dict[str, nn.Module] = {}
+        if callable(self.choose):
+            info.choice, info.decided_by = self.choose(info), "callable"
+            if info.choice not in info.candidates:
+                raise ValueError(f"optimize: choose returned {info.choice!r} for {name}; its "
+                                 f"candidates are {info.candidates}")
+        elif self.choose != "time":
+            info.decided_by = "fixed"
+            info.choice = self.choose if self.choose in info.candidates else "dense"
+        elif x is None:
+            info.decided_by = "dense: the example input does not reach this layer"
+        else:
+            self._time(layer, info, x, residual, density, built)
+        kernel = built[info.choice] if info.choice in built else layer.make_kernel(info.choice)
+        layer.set_kernel(kernel)
+        layer.info = info
+
+    def _time(self, layer: _Fused, info: LayerInfo, x: Tensor, residual: Tensor | None,
+              density: float, built: dict[str, nn.Module]) -> None:
+        machine = machine_key(x.device)
+        key = _layer_key(layer, x, residual, density)
+        wanted = [k for k in info.candidates if _worth_timing(layer, k, x, density)]
+        cached = self.cache.get(machine, key)
+        times = {k: cached[k] for k in wanted if k in cached}
+        info.cached = len(times) == len(wanted)
+        runs: dict[str, Callable[[], Tensor]] = {}
+        for k in wanted:
+            if k in times:
+                continue
+            kernel = built[k] = layer.make_kernel(k)
+            runs[k] = lambda kernel=kernel: layer.run(kernel, x, residual)
+        new = _time_candidates(runs, x.device)
+        self.cache.put(machine, key, new)
+        info.times = {**times, **new}
+        info.choice = min(info.times, key=info.times.get) if info.times else "dense"
+        if "dense" in info.times and info.times[info.choice] > (1 - DENSE_TIE) * info.times[
+                "dense"]:
+            info.choice = "dense"
+        info.decided_by = "cache" if info.cached else "time"
+
+
+def _time_candidates(runs: dict[str, Callable[[], Any]], device: torch.device
+                     ) -> dict[str, float]:
+    """Median seconds of each run; a run that no backend takes (NotSupportedError on its
+    warm-up call) is left out."""
+    for name, fn in list(runs.items()):
+        try:
+            fn()
+        except NotSupportedError:
+            del runs[name]
+    if not runs:
+        return {}
+    return time_interleaved(runs, device.type, warmup=0, rounds=_ROUNDS, min_time=_MIN_TIME)
+
+
+def _calibrate(model: nn.Module, inputs: tuple[Any, ...], picker: _Picker) -> None:
+    """One forward pass of `inputs`: each fused layer picks its kernel on its own input."""
+    layers = fused_layers(model)
+    handles = []
+    for name, layer in layers:
+        def hook(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            if module.kernel is None:
+                residual = args[1] if len(args) > 1 else None
+                picker(name, module, args[0], residual)
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, layer in layers:
+        if layer.kernel is None:
+            picker(name, layer, None, None)
+
+
+def optimize(model: nn.Module, example_input: Tensor | Sequence[Any], *,
+             layouts: Sequence[str] = LAYOUTS, cache: bool = True,
+             choose: Chooser = "time") -> nn.Module:
+    """An inference-optimized copy of `model` (eval mode; `model` is not changed): BatchNorm
+    folded, bias / ReLU / max-pool / residual add fused after each layer's kernel, and each
+    layer's kernel chosen by timing it on example_input's activation at that layer.
+
+    example_input: a batch like those the model will see (a tensor, or a tuple of forward's
+    arguments); the choice is made for its shape and batch size. layouts: the weight layouts
+    to consider ("dense", "csr": the direct CSR conv / Linear kernel and the batch-folded
+    im2col kernel "csr_unfold", "bsr": block-sparse, for block-aligned masks). cache: read
+    and write the timing cache (see cache_path()). choose: "time" (measure), a kernel name
+    ("dense", "csr", "csr_unfold", "bsr": used wherever the layer can run it, else "dense"),
+    or a callable LayerInfo -> kernel name (one of info.candidates). Each fused layer keeps
+    its LayerInfo as `.info` (see fused_layers()).
+    """
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown:
+        raise ValueError(f"optimize: unknown layouts {unknown}; choose from {LAYOUTS}")
+    if isinstance(choose, str) and choose != "time" and choose not in KERNELS:
+        raise ValueError(f"optimize: choose must be 'time', one of {KERNELS} or a callable, "
+                         f"got {choose!r}")
+    inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    model = copy.deepcopy(model).eval()
+    model = _rewrite(model, tuple(layouts))
+    timing_cache = _TimingCache(cache and choose == "time")
+    _calibrate(model, inputs, _Picker(tuple(layouts), choose, timing_cache))
+    timing_cache.save()
+    return model.eval()
