@@ -20,6 +20,7 @@ import torch
 
 from sparsecore import train as T
 from sparsecore._io import atomic_write_text, check_writable, remove_stale_tmp
+from sparsecore.study import regimes
 from sparsecore.study._common import _read_json
 from sparsecore.study.analysis import analyse
 from sparsecore.study.config import _RUNTIME_FIELDS, StudyConfig
@@ -35,6 +36,8 @@ def run_stage(cfg: StudyConfig, run: str, stage: Stage, device: str,
     sdir = _stage_dir(run, stage.key)
     if stage.kind == "analysis":
         result = analyse(cfg, run, stage, device)
+    elif stage.kind in regimes.KINDS:
+        result = regimes.train_stage(cfg, run, stage, sdir, device, progress)
     else:
         result = _train_stage(cfg, run, stage, sdir, device, progress)
     result["stage_seconds"] = time.perf_counter() - t0
@@ -285,11 +288,14 @@ def _aggregate(cfg: StudyConfig, out: str, device: str,
             per_model.setdefault(s.label, {"seeds": {}})["seeds"][str(s.seed)] = {
                 k: v for k, v in res.items() if k != "stage_seconds"}
     for plan in cfg.models:
-        tpath = os.path.join(_stage_dir(out, f"{plan.label}/timing"), "result.json")
-        if not os.path.exists(tpath):
-            res = timing(cfg, out, plan.label, device, threads=timing_threads)
-            atomic_write_text(tpath, json.dumps(res, indent=1))
-        per_model[plan.label]["timing"] = _read_json(tpath)
+        for seed in cfg.seeds:
+            tpath = os.path.join(_stage_dir(out, f"{plan.label}/s{seed}/timing"), "result.json")
+            if not os.path.exists(tpath):
+                res = timing(cfg, out, plan.label, device, threads=timing_threads, seed=seed)
+                atomic_write_text(tpath, json.dumps(res, indent=1))
+            res = _read_json(tpath)
+            per_model[plan.label]["seeds"][str(seed)]["timing"] = res.pop("rows")
+            per_model[plan.label]["timing"] = res  # device and threads
     return {"config": cfg.to_dict(), "machine": _machine(), "models": per_model,
             "stage_seconds": stage_seconds,
             "compute_seconds": sum(stage_seconds.values())}

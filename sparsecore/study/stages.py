@@ -28,13 +28,15 @@ class Stage:
     key: str  # "<label>/s<seed>/<kind>"; also its directory under RUN/stages
     label: str
     seed: int
-    kind: str  # dense, dense2, magnitude, reinit, random, analysis
+    kind: str  # dense, dense2, magnitude, reinit, random, analysis; study.regimes.KINDS
     sparsity: float | None = None
     deps: list[str] = field(default_factory=list)
 
 
 def plan_stages(cfg: StudyConfig) -> list[Stage]:
     """Every stage of the study in an order that respects dependencies."""
+    from sparsecore.study import regimes  # it builds on this module
+
     out: list[Stage] = []
     for plan in cfg.models:
         for seed in cfg.seeds:
@@ -47,6 +49,7 @@ def plan_stages(cfg: StudyConfig) -> list[Stage]:
                             [prev])
                 out.append(mag)
                 prev = mag.key
+            out += regimes.plan(cfg, plan.label, seed)  # long chains first
             for p in cfg.sparsities:
                 for kind in ("reinit", "random"):
                     out.append(Stage(f"{base}/{kind}-{_pct(p)}", plan.label, seed, kind, p,
