@@ -10,8 +10,10 @@ each sparsity pattern.
 - Patterns (`oneshot-<pattern>-<p>`): the dense net pruned once to cfg.pattern_sparsity --
   one magnitude threshold over all layers (global), the same sparsity in every layer
   (layerwise), Erdos-Renyi-Kernel layer densities with magnitude inside each layer (erk), or
-  whole square blocks by their L2 norm (block, for the BSR kernels) -- then fine-tuned as a
-  magnitude round is. All four share that protocol, so they differ only in the pattern.
+  whole square blocks by their L2 norm, the same fraction of blocks in every layer (block,
+  for the BSR kernels; one block ranking over all layers empties the wide layers, whose
+  blocks have the smallest norms) -- then fine-tuned as a magnitude round is. All four share
+  that protocol, so they differ only in the pattern.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def prune_pattern(model: nn.Module, pattern: str, sparsity: float, block: int) -
     """Prune `model` in place to `sparsity` in one of PATTERNS (block: block x block)."""
     if pattern == "block":
         prune.apply(model, prune.structured.block_masks(model, (block, block),
-                                                        density=1.0 - sparsity))
+                                                        density=1.0 - sparsity,
+                                                        scope="layerwise"))
     elif pattern == "erk":
         _ERKMagnitude().prune(model, sparsity=sparsity)
     elif pattern in ("global", "layerwise"):
