@@ -321,6 +321,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "GPU)")
     p.add_argument("--kernels", default=None, choices=("dense", "sparse"),
                    help="train the pruned nets on dense kernels (default) or sparsecore's")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stages and an estimate of time and memory (from a few "
+                        "training steps per model on --device), write nothing")
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
