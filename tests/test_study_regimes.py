@@ -13,7 +13,7 @@ import torch
 
 from sparsecore import prune, study
 from sparsecore import train as T
-from sparsecore.prune.masks import logical_state
+from sparsecore.prune.masks import get_tensor, logical_state
 from sparsecore.study import regimes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,16 +120,25 @@ def test_one_shot_patterns(two_seeds) -> None:
             for n in masks:
                 assert kept[n] / numels[n] == pytest.approx(want[n], abs=2 / numels[n]), n
             assert len({round(kept[n] / numels[n], 2) for n in masks}) > 1
-        else:  # whole b x b blocks, the same fraction of them in every layer
+        else:  # whole b x b blocks, the same fraction in every layer but the first/last
+            names = prune.prunable(model)
+            assert set(masks) == set(names[1:-1])  # first and last layer dense
+            total = {n: get_tensor(model, n).numel() for n in names}
+            overall = (sum(kept.values()) + total[names[0]] + total[names[-1]]) \
+                / sum(total.values())
+            assert overall == pytest.approx(1 - p, abs=0.02)  # the same overall sparsity
+            fractions = []
             for n, m in masks.items():
                 view = m.reshape(m.shape[0], -1)
                 r, c = view.shape
                 assert kept[n] > 0, n  # no layer emptied
-                if r % b == 0 and c % b == 0:
-                    tiles = view.reshape(r // b, b, c // b, b)
-                    assert torch.equal(tiles.any(dim=(1, 3)), tiles.all(dim=(1, 3)))
-                    blocks = (r // b) * (c // b)
-                    assert kept[n] // (b * b) == max(1, round((1 - p) * blocks)), n
+                assert r % b == 0 and c % b == 0, n
+                tiles = view.reshape(r // b, b, c // b, b)
+                assert torch.equal(tiles.any(dim=(1, 3)), tiles.all(dim=(1, 3)))
+                fractions.append((kept[n] / (b * b), (r // b) * (c // b)))
+            # the same fraction of blocks per layer, up to rounding to whole blocks
+            share = [k / nb for k, nb in fractions]
+            assert max(share) - min(share) <= max(1 / nb for _, nb in fractions) + 1e-9
             assert study.block_size_of(model) == b
     rows = summary.results["models"][cfg.models[0].label]["seeds"]["1"]["timing"]
     assert rows[regimes.pattern_name("block", p)]["sparse_s"] > 0

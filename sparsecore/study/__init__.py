@@ -32,7 +32,7 @@ presets:
   default   sklearn digits (8x8), Conv-2, VGG-11 and ResNet-20 at reduced width,
             sparsities 50/75/90 %, 3 seeds: under 10 minutes on a quiet 2-core CPU
   wacv2020  CIFAR-10 (--data PATH), ResNet-20, VGG-16 and Conv-4 with full schedules:
-            meant for a GPU (a day and more; --dry-run prints the plan and an estimate)
+            meant for a GPU (hours per seed; --dry-run prints the plan and an estimate)
   test      a tiny synthetic run that takes seconds (the test suite's)
 """
 

@@ -42,6 +42,11 @@ def block_size_of(model: nn.Module) -> int | None:
     return None
 
 
+# what sparse_model does, for the report
+SPARSE_PATH = ("sparsify(): BSR layers for block masks, CSR otherwise; layers below the measured "
+               "crossover sparsity stay dense")
+
+
 def sparse_model(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """`model` (masked) on sparsecore's sparse kernels for inference on batches like `x`, in
     place: sparsify() with BSR layers when its masks are whole blocks (block_size_of), CSR

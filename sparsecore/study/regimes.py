@@ -10,10 +10,13 @@ each sparsity pattern.
 - Patterns (`oneshot-<pattern>-<p>`): the dense net pruned once to cfg.pattern_sparsity --
   one magnitude threshold over all layers (global), the same sparsity in every layer
   (layerwise), Erdos-Renyi-Kernel layer densities with magnitude inside each layer (erk), or
-  whole square blocks by their L2 norm, the same fraction of blocks in every layer (block,
-  for the BSR kernels; one block ranking over all layers empties the wide layers, whose
-  blocks have the smallest norms) -- then fine-tuned as a magnitude round is. All four share
-  that protocol, so they differ only in the pattern.
+  whole square blocks by their L2 norm (block, for the BSR kernels) -- then fine-tuned as a
+  magnitude round is. All four share that protocol and the overall sparsity, so they differ
+  only in the pattern. Blocks: the first and last layers stay dense (a few input channels,
+  and one row per class: too small for blocks, and a class whose row block is cut is lost),
+  and every other layer keeps the same fraction of its blocks (one ranking over all layers
+  empties the wide layers, whose blocks have the smallest norms), the fraction that gives
+  the overall sparsity.
 """
 
 from __future__ import annotations
@@ -69,9 +72,19 @@ class _ERKMagnitude(prune.Magnitude):
 def prune_pattern(model: nn.Module, pattern: str, sparsity: float, block: int) -> None:
     """Prune `model` in place to `sparsity` in one of PATTERNS (block: block x block)."""
     if pattern == "block":
-        prune.apply(model, prune.structured.block_masks(model, (block, block),
-                                                        density=1.0 - sparsity,
-                                                        scope="layerwise"))
+        inner = prune.Selection(first=False, last=False)
+        names = set(prune.prunable(model, inner))
+
+        def numel(keep: bool) -> int:
+            return sum(get_tensor(model, n).numel() for n in prune.prunable(model)
+                       if (n in names) == keep)
+
+        density = ((1.0 - sparsity) * (numel(True) + numel(False)) - numel(False)) / numel(True)
+        if not 0 < density <= 1:
+            raise ValueError(f"block pattern: the first and last layers alone hold more than "
+                             f"{1 - sparsity:.0%} of the weights")
+        prune.apply(model, prune.structured.block_masks(
+            model, (block, block), density=density, scope="layerwise", selection=inner))
     elif pattern == "erk":
         _ERKMagnitude().prune(model, sparsity=sparsity)
     elif pattern in ("global", "layerwise"):

@@ -9,6 +9,7 @@ from sparsecore.study import speed, stats
 from sparsecore.study._common import METHOD_TEXT, METHODS, _mean, _pct, _read_json
 from sparsecore.study.analysis import divergence, findings
 from sparsecore.study.figures import write_figures
+from sparsecore.study.inference import SPARSE_PATH
 
 
 def write_report(run: str) -> str:
@@ -137,9 +138,8 @@ def write_report(run: str) -> str:
     L.append(f"\n(device {tm['device']}, {tm['threads']} threads)\n")
     L.append("## Speed beside accuracy\n")
     L.append("Every pruned net: held-out accuracy against its measured inference speedup on "
-             "sparsecore's kernels (BSR for block masks, CSR otherwise; layers below the "
-             "measured crossover sparsity stay dense). Pareto: no other net of the model, nor "
-             "the dense one, is at least as fast and as accurate (on the means).\n")
+             f"sparsecore's kernels ({SPARSE_PATH}). Pareto: no other net of the model, nor the "
+             "dense one, is at least as fast and as accurate (on the means).\n")
     L.extend(speed.table(results))
     L.append("")
     L.append("## Figures\n")
