@@ -100,13 +100,17 @@ def inference_times(model: nn.Module, x: torch.Tensor, device: str,
 def timing(cfg: StudyConfig, run: str, label: str, device: str, batch: int = 256,
            threads: int | None = None, seed: int | None = None) -> dict[str, Any]:
     """Dense vs sparse-kernel inference of every pruned net of one seed (None: the first),
-    with `threads` torch CPU threads (None: as they are)."""
+    with `threads` torch CPU threads (None: as they are). With one thread on the CPU the
+    calling thread's CPU time is measured: all the work runs in it, and other processes on
+    a shared machine do not count."""
     splits = _splits(cfg)
     x, _ = next(iter(data_lib.Loader.for_split(splits, "heldout", batch)))
     base = f"{label}/s{cfg.seeds[0] if seed is None else seed}"
-    timer = functools.partial(time_fn, min_time=0.1)  # many small nets: keep the total short
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
+    clock = "thread" if device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    # many small nets: keep the total short
+    timer = functools.partial(time_fn, min_time=0.1, clock=clock)
     try:
         rows = {"dense": inference_times(_load(run, f"{base}/dense", cfg), x, device, timer,
                                          sparse=False)}
@@ -114,6 +118,7 @@ def timing(cfg: StudyConfig, run: str, label: str, device: str, batch: int = 256
             if method != "dense2":
                 rows[key.rsplit("/", 1)[1]] = inference_times(_load(run, key, cfg), x, device,
                                                               timer)
-        return {"device": device, "threads": torch.get_num_threads(), "rows": rows}
+        return {"device": device, "threads": torch.get_num_threads(), "clock": clock,
+                "rows": rows}
     finally:
         torch.set_num_threads(before)

@@ -135,7 +135,9 @@ def write_report(run: str) -> str:
                      f"| {ms('sparse_s')} | {su if su == '-' else su + 'x'} | "
                      f"{row.get('note', '')} |")
     tm = next(iter(models.values()))["timing"]
-    L.append(f"\n(device {tm['device']}, {tm['threads']} threads)\n")
+    clock = {"thread": "CPU time of the timing thread", "wall": "wall clock"}
+    L.append(f"\n(device {tm['device']}, {tm['threads']} threads, "
+             f"{clock[tm.get('clock', 'wall')]})\n")
     L.append("## Speed beside accuracy\n")
     L.append("Every pruned net: held-out accuracy against its measured inference speedup on "
              f"sparsecore's kernels ({SPARSE_PATH}). Pareto: no other net of the model, nor the "

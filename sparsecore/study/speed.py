@@ -125,10 +125,10 @@ def write_figure(run: str, results: dict[str, Any]) -> tuple[str, str]:
                for meth, col in _COLORS.items()]
     handles += [plt.Line2D([], [], color="tab:red", marker=_MARKERS[pat], mfc="none", ls="",
                            label=f"one-shot {pat}") for pat in results["config"]["patterns"]]
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="lower left")
     fig.suptitle("Accuracy against measured inference speedup\nlabels: sparsity %; bars: std "
                  "over seeds; dashed: Pareto front", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=len(handles) // 2 + 1)
     fig.savefig(os.path.join(run, "accuracy_vs_speedup.png"), dpi=110)
     plt.close(fig)
     return "Accuracy against inference speedup (Pareto)", "accuracy_vs_speedup.png"
