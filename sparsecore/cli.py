@@ -299,6 +299,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     from sparsecore.study.executors import make_executor
 
     cfg = study.config_from_args(args)
+    if args.dry_run:
+        from sparsecore.study.dryrun import dry_run
+        from sparsecore.train import resolve_device
+
+        print(dry_run(cfg, resolve_device(cfg.device)))
+        return 0
     executor = make_executor(args.executor, args.address)
     study.run(cfg, out=args.out, fresh=args.fresh, progress=not args.no_progress,
               timing_threads=args.threads or 1, executor=executor)

@@ -225,6 +225,8 @@ def train(
     info: DistInfo | None = None,
     resume: bool = True,
     settings: dict[str, Any] | None = None,
+    start_epoch: int = 0,
+    end_epoch: int | None = None,
 ) -> TrainResult:
     """Train `model` on `splits.train`, evaluating on the held-out split after each epoch.
 
@@ -234,7 +236,18 @@ def train(
     started; plain data), and refused with ResumeError otherwise. info: the DDP process
     group facts (`init_distributed`); None means one process. Returns the trained
     (unwrapped) model.
+
+    start_epoch / end_epoch: train only epochs start_epoch..end_epoch-1 (end_epoch None:
+    hp.epochs) of the run `hp` describes, with a fresh optimizer and the learning rate and
+    data order where that run has them at start_epoch: `prune.imp`'s train_fn(model, start,
+    end) in epochs, which lottery-ticket rewinding needs.
     """
+    end_epoch = hp.epochs if end_epoch is None else end_epoch
+    if not 0 <= start_epoch < end_epoch <= hp.epochs:
+        raise ValueError(f"need 0 <= start_epoch < end_epoch <= epochs ({hp.epochs}), got "
+                         f"{start_epoch} and {end_epoch}")
+    if (start_epoch, end_epoch) != (0, hp.epochs):
+        settings = {**(settings or {}), "epoch_range": [start_epoch, end_epoch]}
     info = info or DistInfo()
     model = model.to(device)
     loader = data_lib.Loader.for_split(splits, "train", hp.batch_size, train=True, seed=hp.seed,
@@ -257,9 +270,10 @@ def train(
         sparsify_model(model)
     opt = make_optimizer(model, hp)
     steps = len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(hp, s, steps))
+    offset = start_epoch * steps  # the schedule resumes where the whole run has it
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(hp, s + offset, steps))
     metrics: list[dict[str, Any]] = []
-    start = 0
+    start = start_epoch
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -271,11 +285,11 @@ def train(
         # here, and buffers again before every forward: masks stay identical on all ranks.
         net = DistributedDataParallel(model, device_ids=[info.local_rank]
                                       if device.startswith("cuda") else None)
-    if start == 0:
+    if state is None:
         torch.manual_seed(hp.seed + 1 + info.rank)  # dropout etc.; init was drawn already
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
     t_start = time.perf_counter()
-    for epoch in range(start, hp.epochs):
+    for epoch in range(start, end_epoch):
         net.train()
         loader.set_epoch(epoch)
         t0 = time.perf_counter()

@@ -44,18 +44,21 @@ def test_study_end_to_end_and_resume_after_kill(tmp_path, monkeypatch) -> None:
     stages = [s.key for s in study.plan_stages(cfg)]
     assert full.executed == stages and not full.skipped
     for f in ("report.md", "results.json", "study.json", "similarity_layers.png",
-              "accuracy_vs_sparsity.png", "heatmap.png", "speedup.png"):
+              "accuracy_vs_sparsity.png", "heatmap.png", "speedup.png",
+              "accuracy_vs_speedup.png"):
         assert (tmp_path / "full" / f).stat().st_size > 0, f
     report = (tmp_path / "full" / "report.md").read_text()
-    verdicts = re.findall(r"\? (YES|NO|PARTLY)\.\*\*", report)
-    assert len(verdicts) == 5  # the three findings' five checks, each with a verdict
+    verdicts = re.findall(r"\? (YES|NO|PARTLY|UNDECIDED)\.\*\*", report)
+    # the three findings' nine checks, each with a verdict: undecided, with one seed
+    assert verdicts == ["UNDECIDED"] * 9
     a = next(iter(full.results["models"].values()))["seeds"]["0"]
     n_layers = len(a["layers"])
     for name, sims in a["similarity"].items():
         for metric in cfg.metrics:
             assert len(sims[metric]) == n_layers
             assert all(0.0 <= v <= 1.0 + 1e-9 for v in sims[metric] if not math.isnan(v)), name
-    assert set(a["heatmap"]["matrices"]) == {"dense2", "magnitude-80", "reinit-80", "random-80"}
+    assert set(a["heatmap"]["matrices"]) == {"dense2", "magnitude-80", "rewind-80", "reinit-80",
+                                             "random-80"}
 
     # kill the run in its 5th stage, then resume it
     real = runner.run_stage
@@ -166,7 +169,7 @@ def test_study_on_sparse_kernels_matches_dense_kernels(tmp_path) -> None:
     assert acc_s.keys() == acc_d.keys()
     for name in acc_d:
         assert acc_s[name] == pytest.approx(acc_d[name], abs=0.03), name
-    rows = sparse.results["models"][label]["timing"]["rows"]
+    rows = sparse.results["models"][label]["seeds"]["0"]["timing"]
     assert all(r["sparse_s"] > 0 and r["max_abs_diff"] < 1e-4
                for name, r in rows.items() if name != "dense")
     assert json.loads((tmp_path / "s" / "study.json").read_text())["kernels"] == "sparse"

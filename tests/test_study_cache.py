@@ -16,7 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASE = "conv2-w0.125/s0"
 TRAINED = ["dense", "dense2", "magnitude-50", "magnitude-80", "reinit-50", "random-50",
-           "reinit-80", "random-80"]
+           "reinit-80", "random-80", "anchor", "rewind-50", "rewind-80", "oneshot-global-90",
+           "oneshot-layerwise-90", "oneshot-erk-90", "oneshot-block-90"]
+ONESHOT = {"oneshot-global-90", "oneshot-layerwise-90", "oneshot-erk-90", "oneshot-block-90"}
 
 
 def _fingerprints(**overrides) -> dict[str, str]:
@@ -35,19 +37,22 @@ def test_a_setting_changes_exactly_the_fingerprints_downstream_of_it() -> None:
     assert _fingerprints() == ref  # a pure function of the settings
     assert _changed(ref, _fingerprints(finetune_epochs=2)) == {
         "magnitude-50", "magnitude-80", "reinit-50", "random-50", "reinit-80", "random-80",
-        "analysis"}
+        *ONESHOT, "analysis"}
     assert _changed(ref, _fingerprints(metrics=["linear_cka"])) == {"analysis"}
     assert _changed(ref, _fingerprints(points=200)) == {"analysis"}
     # 80% -> 90%: the 50% chain is the same; 80% is replaced by 90%
     assert _changed(ref, _fingerprints(sparsities=[0.5, 0.9])) == {
         "magnitude-80", "reinit-80", "random-80", "magnitude-90", "reinit-90", "random-90",
-        "analysis"}
-    assert _changed(ref, _fingerprints(kernels="sparse")) == set(ref) - {"dense", "dense2"}
-    assert _changed(ref, _fingerprints(scope="layerwise")) == set(ref) - {"dense", "dense2"}
+        "rewind-80", "rewind-90", "analysis"}
+    assert _changed(ref, _fingerprints(kernels="sparse")) == set(ref) - {"dense", "dense2",
+                                                                          "anchor"}
+    assert _changed(ref, _fingerprints(scope="layerwise")) == set(ref) - {
+        "dense", "dense2", "anchor", *ONESHOT}
+    assert _changed(ref, _fingerprints(block_size=4)) == {"oneshot-block-90", "analysis"}
     assert _changed(ref, _fingerprints(epochs=2)) == set(ref)
     assert _changed(ref, _fingerprints(limit_train=300)) == set(ref)
     # settings that change no stage's result
-    assert _fingerprints(jobs=3, accuracy_tolerance=0.05) == ref
+    assert _fingerprints(jobs=3, significance=3.0) == ref
     assert _fingerprints(device="cuda") == ref
 
 
@@ -65,7 +70,7 @@ def test_stage_record_and_unknown_kinds() -> None:
     # a stage kind the cache does not know depends on every setting but the runtime ones
     stage = study.Stage(f"{BASE}/other", "conv2-w0.125", 0, "other")
     hp = cache.stage_hparams(cfg, stage)
-    assert hp["config"]["accuracy_tolerance"] == cfg.accuracy_tolerance
+    assert hp["config"]["significance"] == cfg.significance
     assert "device" not in hp["config"] and "jobs" not in hp["config"]
 
 
@@ -99,8 +104,9 @@ def test_rerun_with_one_setting_changed_reruns_exactly_its_dependents(tmp_path) 
     longer = study.preset_config("test", device="cpu", finetune_epochs=2)
     second = study.run(longer, out, progress=False)
     assert _ran(second) == {"magnitude-50", "magnitude-80", "reinit-50", "random-50",
-                            "reinit-80", "random-80", "analysis"}
-    assert {k.removeprefix(BASE + "/") for k in second.skipped} == {"dense", "dense2"}
+                            "reinit-80", "random-80", *ONESHOT, "analysis"}
+    assert {k.removeprefix(BASE + "/") for k in second.skipped} == {
+        "dense", "dense2", "anchor", "rewind-50", "rewind-80"}
     assert os.stat(dense_dir / "result.json").st_mtime_ns == mtime
     assert second.results["config"]["models"][0]["finetune_epochs"] == 2
     assert second.results["models"]["conv2-w0.125"]["seeds"]["0"]["accuracy"]["dense"] == \

@@ -89,6 +89,30 @@ def test_lr_schedules() -> None:
     assert T.lr_factor(cos, 0, 10) == 1.0 and T.lr_factor(cos, 19, 10) < 0.01
 
 
+def test_epoch_range_resumes_the_schedule_and_data_order(tmp_path) -> None:
+    """train(start_epoch=k) is epochs k..T-1 of the whole run: the learning rate (and data
+    order) where the whole run has them; end_epoch=k stops after epoch k. A resumed range
+    with another start is refused."""
+    splits = DATA.load()
+    hp = TrainHparams(epochs=4, batch_size=50, optimizer="sgd", lr=0.05, weight_decay=0.0)
+    whole = T.train(_model(splits), splits, hp, progress=False)
+    head = T.train(_model(splits), splits, hp, end_epoch=1, progress=False)
+    tail = T.train(head.model, splits, hp, start_epoch=1, out_dir=str(tmp_path),
+                   progress=False)
+    assert [m["epoch"] for m in head.metrics] == [1]
+    assert [m["epoch"] for m in tail.metrics] == [2, 3, 4] and tail.resumed_from == 1
+    lrs = [m["lr"] for m in head.metrics + tail.metrics]
+    assert lrs == pytest.approx([m["lr"] for m in whole.metrics], rel=1e-6)
+    assert lrs[-1] < lrs[0]
+    # epoch 1 is the same run (same init, batches and learning rates)
+    assert head.metrics[0]["train_loss"] == pytest.approx(whole.metrics[0]["train_loss"])
+    with pytest.raises(T.ResumeError, match="epoch_range"):
+        T.train(_model(splits), splits, hp, start_epoch=2, out_dir=str(tmp_path),
+                progress=False)
+    with pytest.raises(ValueError, match="start_epoch < end_epoch"):
+        T.train(_model(splits), splits, hp, start_epoch=4, progress=False)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_same_masks_and_accuracy(tmp_path) -> None:
     args = ["train", "--dataset", "synthetic", "--image-size", "8", "--limit-train", "400",

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sparsecore.study._common import _pct
 from sparsecore.study.config import _RUNTIME_FIELDS, StudyConfig
 from sparsecore.study.stages import SEED_DENSE2, SEED_RANDOM, SEED_REINIT, Stage, plan_stages
 
@@ -33,9 +32,12 @@ FINGERPRINT_CHARS = 12  # hex digits of the sha256 kept in a stage's directory n
 # hparams, so that a new setting reruns the whole study until it is assigned to the stages
 # it affects, instead of letting them be reused with a stale result.
 _ASSIGNED = frozenset({"preset", "data", "models", "sparsities", "seeds", "scope", "metrics",
-                       "points", "spatial_samples", "accuracy_tolerance", "kernels",
-                       *_RUNTIME_FIELDS})
-_ASSIGNED_PLAN = frozenset({"model", "width", "train", "finetune_epochs", "finetune_lr"})
+                       "points", "spatial_samples", "significance", "kernels", "patterns",
+                       "pattern_sparsity", "block_size", *_RUNTIME_FIELDS})
+_ASSIGNED_PLAN = frozenset({"model", "width", "train", "finetune_epochs", "finetune_lr",
+                            "rewind_epoch"})
+# The kinds of training stage stage_hparams knows (study.stages and study.regimes).
+_TRAINING = ("dense", "dense2", "magnitude", "reinit", "random", "anchor", "rewind")
 
 
 def canonical(obj: Any) -> str:
@@ -60,6 +62,11 @@ def _train_hparams(cfg: StudyConfig, stage: Stage) -> dict[str, Any]:
     elif stage.kind in ("reinit", "random"):
         offset = SEED_REINIT if stage.kind == "reinit" else SEED_RANDOM
         hp = dataclasses.replace(hp, seed=stage.seed + offset, kernels=cfg.kernels)
+    elif stage.kind == "rewind":  # as study.regimes.train_stage
+        hp = dataclasses.replace(hp, kernels=cfg.kernels)
+    elif stage.kind.startswith("oneshot-"):
+        hp = dataclasses.replace(hp, epochs=plan.finetune_epochs, lr=plan.finetune_lr,
+                                 warmup_epochs=0.0, kernels=cfg.kernels)
     return dataclasses.asdict(hp)
 
 
@@ -68,7 +75,8 @@ def stage_hparams(cfg: StudyConfig, stage: Stage) -> dict[str, Any]:
     A kind this function does not know depends on every setting but the runtime ones."""
     out: dict[str, Any] = {"kind": stage.kind, "label": stage.label, "seed": stage.seed}
     settings = cfg.to_dict()
-    if stage.kind not in ("dense", "dense2", "magnitude", "reinit", "random", "analysis"):
+    oneshot = stage.kind.startswith("oneshot-")
+    if stage.kind not in (*_TRAINING, "analysis") and not oneshot:
         out["sparsity"] = stage.sparsity
         out["config"] = {k: v for k, v in settings.items() if k not in _RUNTIME_FIELDS}
         return out
@@ -76,7 +84,7 @@ def stage_hparams(cfg: StudyConfig, stage: Stage) -> dict[str, Any]:
     if unassigned:
         out["unassigned"] = unassigned
     data = dataclasses.asdict(cfg.data)
-    if stage.kind in ("dense", "dense2", "magnitude", "reinit", "random"):
+    if stage.kind in _TRAINING or oneshot:
         plan = cfg.plan(stage.label)
         out.update(data=data, model=plan.model, width=plan.width,
                    train=_train_hparams(cfg, stage))
@@ -86,8 +94,12 @@ def stage_hparams(cfg: StudyConfig, stage: Stage) -> dict[str, Any]:
             out["unassigned_plan"] = plan_extra
         if stage.kind not in ("dense", "dense2"):
             out["sparsity"] = stage.sparsity
-        if stage.kind == "magnitude":
+        if stage.kind in ("magnitude", "rewind"):
             out["scope"] = cfg.scope
+        if stage.kind in ("anchor", "rewind"):
+            out["rewind_epoch"] = plan.rewind_epoch
+        if oneshot and stage.kind == "oneshot-block":
+            out["block_size"] = cfg.block_size
         if stage.kind == "random":
             out["mask_seed"] = out["train"]["seed"] + round(stage.sparsity * 1000)
     else:
@@ -148,16 +160,17 @@ def stage_path(run: str, name: str) -> str:
     return os.path.join(run, "stages", keys[name].path)
 
 
-def timing_key(cfg: StudyConfig, label: str, device: str, threads: int,
-               batch: int) -> StageKey:
-    """The key of a model's inference timing: the nets that inference.timing loads (the
-    dense and magnitude-pruned nets of the first seed), where and how it measures."""
+def timing_key(cfg: StudyConfig, label: str, device: str, threads: int, batch: int,
+               seed: int | None = None) -> StageKey:
+    """The key of a model's inference timing for one seed (None: the first): the nets that
+    inference.timing loads (every trained net of that seed), where and how it measures."""
     keys = stage_keys(cfg)
-    base = f"{label}/s{cfg.seeds[0]}"
-    names = [f"{base}/dense"] + [f"{base}/magnitude-{_pct(p)}" for p in cfg.sparsities]
-    hp = {"kind": "timing", "label": label, "device": device, "threads": threads,
-          "batch": batch}
-    return make_key(f"{label}/timing", hp, {n: keys[n].fingerprint for n in names})
+    seed = cfg.seeds[0] if seed is None else seed
+    base = f"{label}/s{seed}/"
+    names = sorted(n for n in keys if n.startswith(base) and not n.endswith("/analysis"))
+    hp = {"kind": "timing", "label": label, "seed": seed, "device": device,
+          "threads": threads, "batch": batch}
+    return make_key(f"{label}/s{seed}/timing", hp, {n: keys[n].fingerprint for n in names})
 
 
 def write_record(sdir: str, key: StageKey) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from sparsecore import data as data_lib
 from sparsecore import prune
 from sparsecore.hparams import POSITIVE, DataHparams, TrainHparams, arg_type, number, path_arg
+from sparsecore.study._common import PATTERNS
 
 # Where stages can run (study.executors).
 EXECUTORS = ("local", "dask")
@@ -93,6 +94,7 @@ class ModelPlan:
     train: TrainHparams  # the dense run, and the from-scratch runs of reinit / random
     finetune_epochs: int
     finetune_lr: float  # peak LR of each fine-tuning round after a pruning step
+    rewind_epoch: int = 1  # lottery-ticket rewinding: retrain each round from this epoch
 
     def __post_init__(self) -> None:
         if POSITIVE(self.width):
@@ -101,6 +103,11 @@ class ModelPlan:
             raise ValueError(f"finetune_epochs must be >= 1, got {self.finetune_epochs}")
         if POSITIVE(self.finetune_lr):
             raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+        # One epoch leaves no epoch to rewind to: presets that rewind refuse it up front
+        # (preset_config); the others (pai) never read rewind_epoch.
+        if self.train.epochs >= 2 and not 0 < self.rewind_epoch < self.train.epochs:
+            raise ValueError(f"model {self.model}: rewind_epoch must lie in 1..epochs-1 "
+                             f"({self.train.epochs - 1}), got {self.rewind_epoch}")
 
     @property
     def label(self) -> str:
@@ -118,7 +125,13 @@ class StudyConfig:
     metrics: list[str] = field(default_factory=lambda: ["svcca", "linear_cka"])
     points: int = 4000  # held-out data points per layer for the per-layer similarity
     spatial_samples: int = 8  # positions per image of a conv map (data points)
-    accuracy_tolerance: float = 0.01  # "similar accuracy": within this (or the seed gap)
+    significance: float = 2.0  # a difference counts beyond this many standard errors
+    # one-shot pruning in each sparsity pattern (PATTERNS) at one sparsity,
+    # for accuracy against speed; block: square blocks of this side
+    patterns: list[str] = field(default_factory=lambda: ["global", "layerwise", "erk",
+                                                         "block"])
+    pattern_sparsity: float = 0.9
+    block_size: int = 8
     device: str = "auto"
     jobs: int = 0  # parallel stage processes; 0 = auto
     kernels: str = "dense"  # what the pruned nets train on
@@ -135,9 +148,15 @@ class StudyConfig:
                              f"{self.scope!r}")
         if self.kernels not in ("dense", "sparse"):
             raise ValueError(f"kernels must be dense or sparse, got {self.kernels!r}")
+        unknown = [p for p in self.patterns if p not in PATTERNS]
+        if unknown:
+            raise ValueError(f"unknown sparsity pattern {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(PATTERNS)}")
+        if not 0 < self.pattern_sparsity < 1:
+            raise ValueError(f"pattern_sparsity must lie in (0, 1), got {self.pattern_sparsity}")
         for name, v, lo in (("spatial_samples", self.spatial_samples, 1),
-                            ("jobs", self.jobs, 0), ("accuracy_tolerance",
-                                                    self.accuracy_tolerance, 0)):
+                            ("jobs", self.jobs, 0), ("significance", self.significance, 0),
+                            ("block_size", self.block_size, 1)):
             if not v >= lo:
                 raise ValueError(f"{name} must be >= {lo}, got {v}")
 
@@ -184,16 +203,19 @@ def _digits_plan(name: str, width: float | None = None) -> ModelPlan:
 
 
 def _cifar_plan(name: str, width: float | None = None) -> ModelPlan:
+    # Rewinding: ResNet-20 and VGG-16 become stable to SGD noise after a few thousand
+    # iterations (Frankle et al. 2020, linear mode connectivity): epoch 5 is about 2000 at
+    # batch 128. Conv-4 with Adam finds tickets from its initialisation: one epoch.
     fam = _family(name)
     if fam == "conv":  # Frankle & Carbin: Adam 3e-4
         hp = TrainHparams(epochs=60, batch_size=60, optimizer="adam", lr=3e-4,
                             weight_decay=0.0, eval_batch_size=1000)
-        return ModelPlan(name, width or 1.0, hp, 20, 1e-4)
+        return ModelPlan(name, width or 1.0, hp, 20, 1e-4, rewind_epoch=1)
     wd = 1e-4 if fam == "resnet" else 5e-4
     hp = TrainHparams(epochs=160, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
                         weight_decay=wd, schedule="step", milestones="80,120",
                         eval_batch_size=1000)
-    return ModelPlan(name, width or 1.0, hp, 40, 0.01)
+    return ModelPlan(name, width or 1.0, hp, 40, 0.01, rewind_epoch=5)
 
 
 def _test_plan(name: str, width: float | None = None) -> ModelPlan:
@@ -222,7 +244,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(DataHparams(dataset="digits"), ["conv2", "vgg11",
-                      "resnet20"], _digits_plan, [0.5, 0.75, 0.9]),
+                      "resnet20"], _digits_plan, [0.5, 0.75, 0.9], {"seeds": [0, 1, 2]}),
     "wacv2020": Preset(DataHparams(dataset="cifar10"), ["resnet20", "vgg16", "conv4"],
                        _cifar_plan, [0.5, 0.75, 0.9, 0.95], {"points": 10000}),
     "pai": Preset(DataHparams(dataset="digits"), ["vgg16", "resnet20"], _pai_plan,
@@ -255,8 +277,12 @@ def preset_config(name: str, *, models: list[str] | None = None,
             raise ValueError(f"model {spec!r}: the width after ':' must be a number") from None
         plan = pre.plan(mname, width)
         if epochs is not None:
+            if epochs < 2 and name != "pai":
+                raise ValueError(f"epochs must be >= 2 (lottery-ticket rewinding retrains from "
+                                 f"an epoch inside the run), got {epochs}")
             plan = dataclasses.replace(plan, train=dataclasses.replace(plan.train,
-                                                                       epochs=epochs))
+                                                                       epochs=epochs),
+                                       rewind_epoch=min(plan.rewind_epoch, epochs - 1))
         if finetune_epochs is not None:
             plan = dataclasses.replace(plan, finetune_epochs=finetune_epochs)
         plans.append(plan)
@@ -266,7 +292,8 @@ def preset_config(name: str, *, models: list[str] | None = None,
     for k in ("dataset", "data", "image_size", "channels", "limit_train"):
         if k in kw:
             setattr(data, k, kw.pop(k))
-    return StudyConfig(name, data, plans, sp, seeds or [0], **kw)
+    preset_seeds = kw.pop("seeds", [0])
+    return StudyConfig(name, data, plans, sp, seeds or preset_seeds, **kw)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -293,7 +320,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsities", default=None, type=_argtype(_fraction_list, "sparsities"),
                    help="comma-separated, each in (0, 1), e.g. 0.5,0.75,0.9")
     p.add_argument("--seeds", default=None, type=_argtype(_int_list, "seeds"),
-                   help="comma-separated model seeds (default: 0)")
+                   help="comma-separated model seeds (default: the preset's; 0,1,2 for "
+                        "default, 0 for the others)")
     p.add_argument("--epochs", type=arg_type(int, number(1)), default=None,
                    help="epochs of the dense and from-scratch runs, for every model")
     p.add_argument("--finetune-epochs", type=arg_type(int, number(1)), default=None,
@@ -315,6 +343,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="--executor dask: the scheduler, e.g. tcp://HOST:8786 (default: a "
                         "local cluster of --jobs worker processes)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stages and an estimate of time and memory (from a few "
+                        "training steps per model on --device), write nothing")
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:

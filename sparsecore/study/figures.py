@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sparsecore.study._common import METHODS, _pct, _seed_mean
+from sparsecore.study import speed, stats
+from sparsecore.study._common import METHODS, _pct
 
-_COLORS = {"magnitude": "tab:red", "reinit": "tab:blue", "random": "tab:green",
-           "dense2": "black"}
+_COLORS = {"magnitude": "tab:red", "rewind": "tab:purple", "reinit": "tab:blue",
+           "random": "tab:green", "dense2": "black"}
 
 
 def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
@@ -33,14 +34,15 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
         xs = range(len(a["layers"]))
         for c, metric in enumerate(metrics):
             ax = axes[r][c]
-            ax.plot(xs, a["similarity"]["dense2"][metric], color="black", lw=2,
+            ax.plot(xs, _layer_means(models[label], "dense2", metric), color="black", lw=2,
                     label="dense, seed 2")
             for k, p in enumerate(sorted(sps, reverse=True)):
                 for meth in METHODS:
-                    ax.plot(xs, a["similarity"][f"{meth}-{_pct(p)}"][metric],
+                    ax.plot(xs, _layer_means(models[label], f"{meth}-{_pct(p)}", metric),
                             color=_COLORS[meth], ls=styles[k % len(styles)],
                             label=f"{meth} {_pct(p)}%")
-            ax.set_title(f"{label}: {metric} to the dense original")
+            ax.set_title(f"{label}: {metric} to the dense original (mean over seeds)",
+                         fontsize=9)
             ax.set_xticks(list(xs))
             ax.set_xticklabels([_short(n) for n in a["layers"]], rotation=60, fontsize=7)
             ax.set_ylim(0, 1.02)
@@ -57,15 +59,18 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
         mm, ax = models[label], axes[0][c]
 
         def acc(name, mm=mm):
-            return 100 * _seed_mean(mm, lambda a: a["accuracy"][name])
-        ax.axhline(acc("dense"), color="gray", lw=1, label="dense")
-        ax.axhline(acc("dense2"), color="gray", lw=1, ls="--", label="dense, seed 2")
+            return stats.seed_values(mm, lambda a: a["accuracy"][name])
+        ax.axhline(100 * stats.mean(acc("dense")), color="gray", lw=1, label="dense")
+        ax.axhline(100 * stats.mean(acc("dense2")), color="gray", lw=1, ls="--",
+                   label="dense, seed 2")
         for meth in METHODS:
-            ax.plot([100 * p for p in sps], [acc(f"{meth}-{_pct(p)}") for p in sps], "o-",
-                    color=_COLORS[meth], label=meth)
+            vals = [acc(f"{meth}-{_pct(p)}") for p in sps]
+            ax.errorbar([100 * p for p in sps], [100 * stats.mean(v) for v in vals],
+                        yerr=[100 * speed.std0(v) for v in vals], fmt="o-", capsize=3,
+                        color=_COLORS[meth], label=meth)
         ax.set_title(label)
         ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_ylabel("held-out accuracy (%, mean ± std over seeds)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -102,8 +107,8 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
     width = 0.8 / max(1, len(sps))
     have = False
     for k, p in enumerate(sps):
-        vals = [models[lab]["timing"]["rows"][f"magnitude-{_pct(p)}"].get("speedup")
-                for lab in labels]
+        vals = [stats.mean(_speedups(models[lab], f"magnitude-{_pct(p)}")) for lab in labels]
+        vals = [None if v != v else v for v in vals]  # NaN: no sparse time
         have |= any(v is not None for v in vals)
         ax.bar([i + k * width for i in range(len(labels))], [v or 0 for v in vals], width,
                label=f"{_pct(p)}%")
@@ -118,8 +123,20 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
     fig.tight_layout()
     fig.savefig(os.path.join(run, "speedup.png"), dpi=110)
     plt.close(fig)
-    out.append(("Inference speedup of the pruned nets on sparse kernels", "speedup.png"))
+    out.append(("Inference speedup of the magnitude-pruned nets on sparse kernels (mean over "
+                "seeds)", "speedup.png"))
+    out.append(speed.write_figure(run, results))
     return out
+
+
+def _speedups(model: dict[str, Any], name: str) -> list[float | None]:
+    return stats.seed_values(model, lambda a: a["timing"][name].get("speedup"))
+
+
+def _layer_means(model: dict[str, Any], name: str, metric: str) -> list[float]:
+    """Per-layer similarity of network `name`, the mean over seeds."""
+    per_seed = [a["similarity"][name][metric] for a in model["seeds"].values()]
+    return [stats.mean(vals) for vals in zip(*per_seed)]
 
 
 def _short(layer: str) -> str:

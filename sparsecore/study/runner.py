@@ -21,7 +21,7 @@ import torch
 
 from sparsecore import train as T
 from sparsecore._io import atomic_write_text, check_writable, remove_stale_tmp
-from sparsecore.study import cache, pai
+from sparsecore.study import cache, pai, regimes
 from sparsecore.study._common import _read_json
 from sparsecore.study.analysis import analyse
 from sparsecore.study.config import _RUNTIME_FIELDS, StudyConfig
@@ -46,6 +46,8 @@ def run_stage(cfg: StudyConfig, run: str, stage: Stage, device: str,
         cache.write_record(sdir, cache.run_keys(run)[stage.key])
         if stage.kind == "analysis":
             result = analyse(cfg, run, stage, device)
+        elif stage.kind in regimes.KINDS:
+            result = regimes.train_stage(cfg, run, stage, sdir, device, progress)
         elif stage.kind.startswith(pai.KIND):
             result = pai.run_stage(cfg, run, stage, device, progress)
         else:
@@ -304,15 +306,19 @@ def _aggregate(cfg: StudyConfig, out: str, device: str,
             per_model.setdefault(s.label, {"seeds": {}})["seeds"][str(s.seed)] = {
                 k: v for k, v in res.items() if k != "stage_seconds"}
     for plan in cfg.models:
-        key = cache.timing_key(cfg, plan.label, device, timing_threads or torch.get_num_threads(),
-                               TIMING_BATCH)
-        tdir = os.path.join(out, "stages", key.path)
-        tpath = os.path.join(tdir, "result.json")
-        if not os.path.exists(tpath):
-            res = timing(cfg, out, plan.label, device, TIMING_BATCH, threads=timing_threads)
-            cache.write_record(tdir, key)
-            atomic_write_text(tpath, json.dumps(res, indent=1))
-        per_model[plan.label]["timing"] = _read_json(tpath)
+        threads = timing_threads or torch.get_num_threads()
+        for seed in cfg.seeds:
+            key = cache.timing_key(cfg, plan.label, device, threads, TIMING_BATCH, seed)
+            tdir = os.path.join(out, "stages", key.path)
+            tpath = os.path.join(tdir, "result.json")
+            if not os.path.exists(tpath):
+                res = timing(cfg, out, plan.label, device, TIMING_BATCH, threads=timing_threads,
+                             seed=seed)
+                cache.write_record(tdir, key)
+                atomic_write_text(tpath, json.dumps(res, indent=1))
+            res = _read_json(tpath)
+            per_model[plan.label]["seeds"][str(seed)]["timing"] = res.pop("rows")
+            per_model[plan.label]["timing"] = res  # device and threads
     return {"config": cfg.to_dict(), "machine": _machine(), "models": per_model,
             "stage_seconds": stage_seconds,
             "compute_seconds": sum(stage_seconds.values())}

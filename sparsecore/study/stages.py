@@ -28,7 +28,7 @@ class Stage:
     key: str  # "<label>/s<seed>/<kind>"; its directory: RUN/stages/<key>-<fingerprint>
     label: str
     seed: int
-    kind: str  # dense, dense2, magnitude, reinit, random, analysis
+    kind: str  # dense, dense2, magnitude, reinit, random, analysis; study.regimes.KINDS
     sparsity: float | None = None
     deps: list[str] = field(default_factory=list)
 
@@ -39,6 +39,8 @@ def plan_stages(cfg: StudyConfig) -> list[Stage]:
         from sparsecore.study import pai
 
         return pai.plan_stages(cfg)
+    from sparsecore.study import regimes  # it builds on this module
+
     out: list[Stage] = []
     for plan in cfg.models:
         for seed in cfg.seeds:
@@ -51,6 +53,7 @@ def plan_stages(cfg: StudyConfig) -> list[Stage]:
                             [prev])
                 out.append(mag)
                 prev = mag.key
+            out += regimes.plan(cfg, plan.label, seed)  # long chains first
             for p in cfg.sparsities:
                 for kind in ("reinit", "random"):
                     out.append(Stage(f"{base}/{kind}-{_pct(p)}", plan.label, seed, kind, p,
