@@ -27,6 +27,11 @@ presets:
             sparsities 50/75/90 %: a few minutes on a 2-core CPU
   wacv2020  CIFAR-10 (--data PATH), ResNet-20, VGG-16 and Conv-4 with full schedules:
             meant for a GPU (hours)
+  transformer
+            a character-level Transformer on CPython's help text: magnitude, re-init,
+            random and TPrune-style block pruning; bits per character, SVCCA / CKA of the
+            attention output, MLP output and residual stream, and the speed of each pruned
+            net on the CSR and BSR kernels (study.lm): minutes on a 2-core CPU
   test      a tiny synthetic run that takes seconds (the test suite's)
 """
 

@@ -24,6 +24,10 @@ def write_report(run: str) -> str:
         raise FileNotFoundError(f"{path} not found: run `python -m sparsecore study --out {run}`"
                                 " first (the same command finishes an interrupted run)")
     results = _read_json(path)
+    if results["config"].get("lm") is not None:
+        from sparsecore.study import lm
+
+        return lm.write_report(run, results)
     cfg = results["config"]
     sps, metrics = cfg["sparsities"], cfg["metrics"]
     figs = write_figures(run, results)

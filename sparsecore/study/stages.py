@@ -28,13 +28,17 @@ class Stage:
     key: str  # "<label>/s<seed>/<kind>"; also its directory under RUN/stages
     label: str
     seed: int
-    kind: str  # dense, dense2, magnitude, reinit, random, analysis
+    kind: str  # dense, dense2, magnitude, reinit, random, analysis; lm-* (study.lm)
     sparsity: float | None = None
     deps: list[str] = field(default_factory=list)
 
 
 def plan_stages(cfg: StudyConfig) -> list[Stage]:
     """Every stage of the study in an order that respects dependencies."""
+    if cfg.lm is not None:  # the language-model study has stages of its own
+        from sparsecore.study.lm import plan_lm
+
+        return plan_lm(cfg)
     out: list[Stage] = []
     for plan in cfg.models:
         for seed in cfg.seeds:
