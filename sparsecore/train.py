@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,6 +228,7 @@ def train(
     settings: dict[str, Any] | None = None,
     start_epoch: int = 0,
     end_epoch: int | None = None,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `model` on `splits.train`, evaluating on the held-out split after each epoch.
 
@@ -234,7 +236,9 @@ def train(
     continued (or returned at once when finished) when it was written with the same `hp`
     (eval_batch_size apart) and `settings` (what else made the run: data, model, where it
     started; plain data), and refused with ResumeError otherwise. info: the DDP process
-    group facts (`init_distributed`); None means one process. Returns the trained
+    group facts (`init_distributed`); None means one process. penalty(model) -> scalar: a
+    term added to every training batch's loss (e.g. a structured sparsity regulariser; the
+    logged train_loss includes it, the held-out loss does not). Returns the trained
     (unwrapped) model.
 
     start_epoch / end_epoch: train only epochs start_epoch..end_epoch-1 (end_epoch None:
@@ -297,6 +301,8 @@ def train(
         bar = _progress(loader, progress and info.is_main, f"{desc} {epoch + 1}/{hp.epochs}")
         for i, (x, y) in enumerate(bar):
             loss, correct, n = _loss_and_correct(net(x), y, loss_fn)
+            if penalty is not None:
+                loss = loss + penalty(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -37,6 +37,23 @@ def test_loss_goes_down_and_metrics_are_written(tmp_path) -> None:
     assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]
 
 
+def test_penalty_is_added_to_the_training_loss() -> None:
+    splits = DATA.load()
+    hp = TrainHparams(epochs=1, batch_size=50, optimizer="sgd", lr=0.05, momentum=0.0,
+                      weight_decay=0.0)
+    plain = T.train(_model(splits), splits, hp, progress=False).model
+    calls = {"n": 0}
+
+    def l2(model: torch.nn.Module) -> torch.Tensor:
+        calls["n"] += 1
+        return sum(p.pow(2).sum() for p in model.parameters())
+
+    shrunk = T.train(_model(splits), splits, hp, progress=False, penalty=l2).model
+    assert calls["n"] == 8  # once per training batch: 400 examples in batches of 50
+    norm = [sum(float(p.detach().pow(2).sum()) for p in m.parameters()) for m in (plain, shrunk)]
+    assert norm[1] < 0.5 * norm[0]
+
+
 def _die_at_second_evaluation(monkeypatch) -> dict[str, int]:
     """Patch T.evaluate to raise KeyboardInterrupt on its 2nd call (a kill at the end of
     epoch 2, before that epoch's checkpoint); returns the call counter."""

@@ -40,6 +40,11 @@ presets:
             SynFlow) of VGG-16 and ResNet-20 at reduced width on digits, compressions
             10^0.5 .. 10^3, each trained from scratch: accuracy vs compression with layer
             collapse marked, and the Ramanujan-graph metrics of each mask (study.pai)
+  transformer
+            a character-level Transformer on CPython's help text: magnitude, re-init,
+            random and TPrune-style block pruning; bits per character, SVCCA / CKA of the
+            attention output, MLP output and residual stream, and the speed of each pruned
+            net on the CSR and BSR kernels (study.lm): minutes on a 2-core CPU
   test      a tiny synthetic run that takes seconds (the test suite's)
 """
 

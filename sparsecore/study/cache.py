@@ -33,7 +33,7 @@ FINGERPRINT_CHARS = 12  # hex digits of the sha256 kept in a stage's directory n
 # it affects, instead of letting them be reused with a stale result.
 _ASSIGNED = frozenset({"preset", "data", "models", "sparsities", "seeds", "scope", "metrics",
                        "points", "spatial_samples", "significance", "kernels", "patterns",
-                       "pattern_sparsity", "block_size", *_RUNTIME_FIELDS})
+                       "pattern_sparsity", "block_size", "lm", *_RUNTIME_FIELDS})
 _ASSIGNED_PLAN = frozenset({"model", "width", "train", "finetune_epochs", "finetune_lr",
                             "rewind_epoch"})
 # The kinds of training stage stage_hparams knows (study.stages and study.regimes).

@@ -23,6 +23,10 @@ def write_report(run: str) -> str:
         from sparsecore.study import pai
 
         return pai.write_report(run, results)
+    if results["config"].get("lm") is not None:
+        from sparsecore.study import lm
+
+        return lm.write_report(run, results)
     cfg = results["config"]
     sps, metrics = cfg["sparsities"], cfg["metrics"]
     figs = write_figures(run, results)

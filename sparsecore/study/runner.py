@@ -21,7 +21,7 @@ import torch
 
 from sparsecore import train as T
 from sparsecore._io import atomic_write_text, check_writable, remove_stale_tmp
-from sparsecore.study import cache, pai, regimes
+from sparsecore.study import cache, lm, pai, regimes
 from sparsecore.study._common import _read_json
 from sparsecore.study.analysis import analyse
 from sparsecore.study.config import _RUNTIME_FIELDS, StudyConfig
@@ -48,6 +48,8 @@ def run_stage(cfg: StudyConfig, run: str, stage: Stage, device: str,
             result = analyse(cfg, run, stage, device)
         elif stage.kind in regimes.KINDS:
             result = regimes.train_stage(cfg, run, stage, sdir, device, progress)
+        elif stage.kind.startswith("lm-"):
+            result = lm.run_stage(cfg, run, stage, sdir, device, progress)
         elif stage.kind.startswith(pai.KIND):
             result = pai.run_stage(cfg, run, stage, device, progress)
         else:
@@ -264,6 +266,7 @@ class _Log:
 
     def done(self, stage: Stage, res: dict[str, Any]) -> None:
         acc = f"acc {res['acc']:.4f}, " if "acc" in res else ""
+        acc += f"bpc {res['bpc']:.3f}, " if "bpc" in res else ""
         self.write(f"{stage.key}: {acc}{res['stage_seconds']:.1f} s")
         if self.bar is not None:
             self.bar.update(1)
@@ -297,6 +300,8 @@ def _aggregate(cfg: StudyConfig, out: str, device: str,
     """results.json: the analysis of every model and seed, timings, stage run times."""
     if cfg.preset == pai.PRESET:
         return {**pai.aggregate(cfg, out), "machine": _machine()}
+    if cfg.lm is not None:
+        return {**lm.aggregate(cfg, out, device, timing_threads), "machine": _machine()}
     per_model: dict[str, Any] = {}
     stage_seconds: dict[str, float] = {}
     for s in plan_stages(cfg):

@@ -28,13 +28,18 @@ class Stage:
     key: str  # "<label>/s<seed>/<kind>"; its directory: RUN/stages/<key>-<fingerprint>
     label: str
     seed: int
-    kind: str  # dense, dense2, magnitude, reinit, random, analysis; study.regimes.KINDS
+    kind: str  # dense, dense2, magnitude, reinit, random, analysis; study.regimes.KINDS;
+    # lm-* (study.lm); pai-* (study.pai)
     sparsity: float | None = None
     deps: list[str] = field(default_factory=list)
 
 
 def plan_stages(cfg: StudyConfig) -> list[Stage]:
     """Every stage of the study in an order that respects dependencies."""
+    if cfg.lm is not None:  # the language-model study has stages of its own
+        from sparsecore.study.lm import plan_lm
+
+        return plan_lm(cfg)
     if cfg.preset == "pai":
         from sparsecore.study import pai
 
