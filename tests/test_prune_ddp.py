@@ -65,19 +65,21 @@ def test_ddp_two_ranks_identical_masks(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     init = tmp_path / "init"
-    # rank 1 in a subprocess, rank 0 here: one torch import fewer on a slow machine
-    proc = subprocess.Popen([sys.executable, str(script), "1", "2", str(init), str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    namespace: dict = {}
-    exec(compile(WORKER, str(script), "exec"), namespace)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        namespace["main"](0, 2, str(init), str(tmp_path))
-    finally:
-        torch.set_num_threads(threads)
-        _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    # Both ranks in subprocesses with a deadline: a rank that dies must fail the test, not
+    # leave the other waiting in a collective inside the test process.
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(init),
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(2)]
+    errs = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError("a DDP rank did not finish in 240 s") from None
+        errs.append(err)
+    assert all(p.returncode == 0 for p in procs), errs
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert any(not torch.equal(r0["unsynced"][n], r1["unsynced"][n]) for n in r0["unsynced"])
     for n in r0["masks"]:
