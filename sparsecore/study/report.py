@@ -24,9 +24,9 @@ def write_report(run: str) -> str:
 
         return pai.write_report(run, results)
     if results["config"].get("lm") is not None:
-        from sparsecore.study import lm
+        from sparsecore.study import lm_report
 
-        return lm.write_report(run, results)
+        return lm_report.write_report(run, results)
     cfg = results["config"]
     sps, metrics = cfg["sparsities"], cfg["metrics"]
     figs = write_figures(run, results)
