@@ -29,7 +29,7 @@ install: $(STAMP) ext
 # or hold), and waits at most 20 minutes for another build before giving up.
 ext: $(STAMP)
 	mkdir -p build
-	flock -w 1200 build/.sparsecore-build.lock $(PY) setup.py -q build_ext --inplace -j 2
+	flock -w 1200 build/.sparsecore-build.lock $(PY) setup.py -q build_ext --inplace
 
 test: install
 	$(PY) -m ruff check sparsecore kernels bench tests setup.py

@@ -92,7 +92,16 @@ def _ext_modules() -> tuple[list, dict]:
             extra_link_args=["-fopenmp"],
         ))
     use_ninja = shutil.which("ninja") is not None
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}
+
+    class Build(BuildExtension.with_options(use_ninja=use_ninja)):
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            # One extension at a time: torch writes every extension's build.ninja to the same
+            # path, so `build_ext -j N` would build them over each other (ninja itself
+            # compiles each extension's sources in parallel).
+            self.parallel = None
+
+    return exts, {"build_ext": Build}
 
 
 ext_modules, cmdclass = _ext_modules()
