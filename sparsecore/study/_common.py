@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 METHODS = ("magnitude", "rewind", "reinit", "random")
@@ -31,3 +32,19 @@ def _read_json(path: str) -> Any:
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if not math.isnan(x)]
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def stages_section(stage_seconds: dict[str, float], what: str) -> list[str]:
+    """The report's closing "Stages" section: seconds per stage; `what` says what a stage's
+    time includes."""
+    return ["## Stages\n", f"Seconds per stage ({what}):\n", "| stage | seconds |", "|---|---|",
+            *(f"| {k} | {v:.1f} |" for k, v in stage_seconds.items())]
+
+
+def write_report_md(run: str, lines: list[str]) -> str:
+    """RUN/report.md from its lines, written atomically; returns its path."""
+    from sparsecore._io import atomic_write_text
+
+    path = os.path.join(run, "report.md")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

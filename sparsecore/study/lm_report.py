@@ -8,8 +8,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from sparsecore._io import atomic_write_text
-from sparsecore.study._common import _mean, _pct
+from sparsecore.study._common import _mean, _pct, stages_section, write_report_md
 from sparsecore.study.lm import (
     METHOD_TEXT,
     METHODS,
@@ -127,13 +126,8 @@ def write_report(run: str, results: dict[str, Any]) -> str:
     L.append("## Figures\n")
     for title, fname in figs:
         L.append(f"### {title}\n\n![{title}]({fname})\n")
-    L.append("## Stages\n")
-    L.append("Seconds per stage (training includes evaluation after each epoch):\n")
-    L += _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in
-                                        results["stage_seconds"].items()])
-    out = os.path.join(run, "report.md")
-    atomic_write_text(out, "\n".join(L))
-    return out
+    L += stages_section(results["stage_seconds"], "training includes evaluation after each epoch")
+    return write_report_md(run, L)
 
 
 def _observations(label: str, mm: dict[str, Any], cfg: dict[str, Any],

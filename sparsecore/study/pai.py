@@ -27,10 +27,9 @@ from torch import Tensor, nn
 from sparsecore import data as data_lib
 from sparsecore import prune
 from sparsecore import train as T
-from sparsecore._io import atomic_write_text
 from sparsecore.hparams import ModelHparams
 from sparsecore.prune import metrics as mask_metrics
-from sparsecore.study._common import _mean, _read_json
+from sparsecore.study._common import _mean, _read_json, stages_section, write_report_md
 from sparsecore.study.config import StudyConfig
 from sparsecore.study.stages import SEED_RANDOM, Stage, _splits, _stage_dir
 
@@ -347,16 +346,9 @@ def write_report(run: str, results: dict[str, Any]) -> str:
     L.append("## Figures\n")
     for title, fname in figs:
         L.append(f"### {title}\n\n![{title}]({fname})\n")
-    L.append("## Stages\n")
-    L.append("Seconds per stage (pruning, mask checks and training with evaluation after each "
-             "epoch):\n")
-    L.append("| stage | seconds |")
-    L.append("|---|---|")
-    for k, v in results["stage_seconds"].items():
-        L.append(f"| {k} | {v:.1f} |")
-    path = os.path.join(run, "report.md")
-    atomic_write_text(path, "\n".join(L) + "\n")
-    return path
+    L += stages_section(results["stage_seconds"],
+                        "pruning, mask checks and training with evaluation after each epoch")
+    return write_report_md(run, L)
 
 
 def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
@@ -389,10 +381,7 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
         ax.set_xlabel("compression ratio (dense / kept weights)")
         ax.set_ylabel("held-out accuracy (%)")
         ax.grid(alpha=0.3)
-    ax = axes[0][-1]
-    ax.plot([], [], "x", color="black", ms=8, label="a layer empty")
-    ax.plot([], [], "X", color="black", ms=9, label="collapse: no path left")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _collapse_legend(axes[0][-1], "center left", (1.02, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(run, "accuracy_vs_compression.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -418,16 +407,20 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
             ax.set_xlabel(f"{name} (mean over layers; marker size: compression)")
             ax.set_ylabel("held-out accuracy (%)")
             ax.grid(alpha=0.3)
-    ax = axes[0][-1]
-    ax.plot([], [], "x", color="black", ms=8, label="a layer empty")
-    ax.plot([], [], "X", color="black", ms=9, label="collapse: no path left")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _collapse_legend(axes[0][-1], "upper left", (1.02, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(run, "ramanujan_vs_accuracy.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
     out.append(("Ramanujan-graph metrics of each mask vs its accuracy",
                 "ramanujan_vs_accuracy.png"))
     return out
+
+
+def _collapse_legend(ax: Any, loc: str, anchor: tuple[float, float]) -> None:
+    """The figure's legend, with the two collapse markers beside the methods."""
+    ax.plot([], [], "x", color="black", ms=8, label="a layer empty")
+    ax.plot([], [], "X", color="black", ms=9, label="collapse: no path left")
+    ax.legend(fontsize=7, loc=loc, bbox_to_anchor=anchor)
 
 
 def _collapse_points(ax: Any, xs: list[float], ys: list[float], cells: list[dict[str, Any]],

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 
-from sparsecore._io import atomic_write_text
 from sparsecore.study import speed, stats
-from sparsecore.study._common import METHOD_TEXT, METHODS, _mean, _pct, _read_json
+from sparsecore.study._common import (
+    METHOD_TEXT,
+    METHODS,
+    _mean,
+    _pct,
+    _read_json,
+    stages_section,
+    write_report_md,
+)
 from sparsecore.study.analysis import divergence, findings
 from sparsecore.study.figures import write_figures
 from sparsecore.study.inference import SPARSE_PATH
@@ -155,15 +162,8 @@ def write_report(run: str) -> str:
     L.append("## Figures\n")
     for title, fname in figs:
         L.append(f"### {title}\n\n![{title}]({fname})\n")
-    L.append("## Stages\n")
-    L.append("Seconds per stage (training includes evaluation after each epoch):\n")
-    L.append("| stage | seconds |")
-    L.append("|---|---|")
-    for k, v in results["stage_seconds"].items():
-        L.append(f"| {k} | {v:.1f} |")
-    out = os.path.join(run, "report.md")
-    atomic_write_text(out, "\n".join(L) + "\n")
-    return out
+    L += stages_section(results["stage_seconds"], "training includes evaluation after each epoch")
+    return write_report_md(run, L)
 
 
 def _layer_density(dens: dict[str, float], layer: str) -> float | None:
