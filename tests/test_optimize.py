@@ -297,6 +297,59 @@ def test_timing_choice_and_cache(monkeypatch) -> None:
     sparsecore.optimize(model, x, cache=False, choose="dense")  # no timing, no cache
 
 
+def _linear_with_nnz(nnz: int) -> nn.Module:
+    """One 64 x 64 Linear whose weight has exactly `nnz` nonzeros (its zeros are the mask)."""
+    layer = nn.Linear(64, 64)
+    keep = torch.zeros(64 * 64, dtype=torch.bool)
+    keep[torch.randperm(64 * 64)[:nnz]] = True
+    with torch.no_grad():
+        layer.weight.mul_(keep.view(64, 64))
+    return nn.Sequential(layer).eval()
+
+
+def test_cache_density_buckets_cache_file_and_rounds(tmp_path, monkeypatch) -> None:
+    """A layer whose density differs within its bucket reads the entry timed for another;
+    one in the next bucket is timed; cache_file moves the cache; rounds and min_time reach
+    the timer."""
+    n = 64 * 64
+    assert opt_mod._density_bucket(1024 / n) == 0.25  # a bucket's centre
+    assert opt_mod._density_bucket(1044 / n) == 0.25  # 2% more nonzeros: within 2^(1/32)
+    assert opt_mod._density_bucket(1126 / n) > 0.25  # 10% more: the next bucket
+    assert opt_mod._density_bucket(0.0) == 0.0
+    x = torch.randn(32, 64)
+    seen = []
+    real = opt_mod.time_interleaved
+
+    def recording(fns, device, **kwargs):
+        seen.append(kwargs)
+        return real(fns, device, **kwargs)
+
+    monkeypatch.setattr(opt_mod, "time_interleaved", recording)
+    path = tmp_path / "run" / "kernels.json"
+    first = sparsecore.optimize(_linear_with_nnz(1024), x, cache_file=path, rounds=2,
+                                min_time=0.0)
+    assert seen == [{"warmup": 0, "rounds": 2, "min_time": 0.0}]
+    assert first[0].info.decided_by == "time" and set(first[0].info.times) == {"dense", "csr"}
+    assert path.exists() and not os.path.exists(cache_path())
+    blob = json.loads(path.read_text())
+    (layers,) = blob["machines"].values()
+    (key,) = layers
+    assert "|density~0.25|" in key
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed although the cache has every candidate")
+
+    monkeypatch.setattr(opt_mod, "time_interleaved", no_timing)
+    second = sparsecore.optimize(_linear_with_nnz(1044), x, cache_file=path)
+    info = second[0].info
+    assert info.decided_by == "cache" and info.times == first[0].info.times
+    assert info.density == 1044 / n  # the layer's own density; only the key is bucketed
+    with pytest.raises(AssertionError, match="timed"):
+        sparsecore.optimize(_linear_with_nnz(1126), x, cache_file=path)
+    with pytest.raises(ValueError, match="rounds"):
+        sparsecore.optimize(_linear_with_nnz(1024), x, cache_file=path, rounds=0)
+
+
 def test_unreached_layer_stays_dense() -> None:
     class TwoHeads(nn.Module):
         def __init__(self) -> None:

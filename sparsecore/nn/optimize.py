@@ -14,9 +14,9 @@ runs each layer on the fastest kernel measured for it.
    pass of `example_input`) on every candidate kernel ("dense", "csr", "csr_unfold", "bsr")
    and keeps the fastest (median of a few runs; dense unless a sparse kernel beats it by
    DENSE_TIE). The times are cached per machine (CPU model, ISA, threads) and layer
-   (shape, density, input shape and layout, epilogue) in `kernels.json` under
-   ~/.cache/sparsecore/ (or $SPARSECORE_CACHE_DIR), so a second optimize() of the same
-   shapes times nothing.
+   (shape, density bucket, input shape and layout, epilogue) in `kernels.json` under
+   ~/.cache/sparsecore/ (or $SPARSECORE_CACHE_DIR, or the file named by `cache_file`), so
+   a second optimize() of the same shapes, at about the same densities, times nothing.
 
 Layers that can take a sparse kernel: nn.Conv2d (groups=1, zero padding) and nn.Linear,
 masked by sparsecore.prune's parametrization or not (the weight's zeros are then the mask),
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -68,8 +69,14 @@ SPARSE_MAX_DENSITY = 1.0 - min(ops.CSR_DENSE_BELOW.values())
 UNFOLD_MAX_PIXELS = 16
 UNFOLD_MAX_BYTES = 256 << 20
 # Timing: one warm-up call of each candidate, then rounds of one call of each, at least this
-# many rounds and this long (sparsecore._timing.time_interleaved).
+# many rounds and this long (sparsecore._timing.time_interleaved); optimize()'s defaults.
 _ROUNDS, _MIN_TIME = 5, 0.05
+# The cache files a layer's density under the nearest 2^(k / _DENSITY_STEPS): a sparse
+# kernel's time grows smoothly with the weight's nonzeros, so layers whose densities differ
+# by a few percent (other seeds, other pruning methods at the same sparsity) share one
+# entry. Steps of a fixed ratio, not a fixed difference, keep the error in nonzeros the same
+# fraction (within 2^(1/32) of the bucket's density) at every density, low ones included.
+_DENSITY_STEPS = 16
 # A sparse kernel replaces dense only when it is this much faster: within timing noise the
 # dense kernel (what the model ran before) is kept.
 DENSE_TIE = 0.05
@@ -329,14 +336,14 @@ def machine_key(device: torch.device) -> str:
 
 
 class _TimingCache:
-    """kernels.json: {"version": 1, "machines": {machine: {layer key: {kernel: seconds}}}}.
+    """kernels.json: {"version": 2, "machines": {machine: {layer key: {kernel: seconds}}}}.
     Read once; the new entries are merged into the file as it is on disk when saved."""
 
-    VERSION = 1
+    VERSION = 2  # 2: densities in buckets (_density_bucket)
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, path: str) -> None:
         self.enabled = enabled
-        self.path = cache_path()
+        self.path = path
         self.entries = self._read() if enabled else {}
         self.new: dict[str, dict[str, dict[str, float]]] = {}
 
@@ -378,13 +385,22 @@ class _TimingCache:
         self.new = {}
 
 
+def _density_bucket(density: float) -> float:
+    """The density the timing cache files `density` under: the nearest 2^(k / 16) (0 for an
+    empty weight)."""
+    if density <= 0:
+        return 0.0
+    return 2.0 ** (round(math.log2(density) * _DENSITY_STEPS) / _DENSITY_STEPS)
+
+
 def _layer_key(layer: _Fused, x: Tensor, residual: Tensor | None, density: float) -> str:
-    """The cache key of a layer's timings: everything besides the machine they depend on."""
+    """The cache key of a layer's timings: everything besides the machine they depend on
+    (the density by its bucket)."""
     memory = ("contiguous" if x.is_contiguous() else "channels_last"
               if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
               else "strided")
     parts = [layer.kind, "w=" + "x".join(map(str, layer.weight_shape)),
-             f"density={density:.3f}", "x=" + "x".join(map(str, x.shape)),
+             f"density~{_density_bucket(density):.4g}", "x=" + "x".join(map(str, x.shape)),
              str(x.dtype).replace("torch.", ""), memory,
              f"bias={layer.bias is not None}", f"relu={layer.relu}",
              f"residual={residual is not None}"]
@@ -439,8 +455,10 @@ def _worth_timing(layer: _Fused, kernel: str, x: Tensor, density: float) -> bool
 class _Picker:
     """Chooses each fused layer's kernel when the example input reaches it."""
 
-    def __init__(self, layouts: Sequence[str], choose: Chooser, cache: _TimingCache) -> None:
+    def __init__(self, layouts: Sequence[str], choose: Chooser, cache: _TimingCache,
+                 rounds: int, min_time: float) -> None:
         self.layouts, self.choose, self.cache = layouts, choose, cache
+        self.rounds, self.min_time = rounds, min_time
 
     def __call__(self, name: str, layer: _Fused, x: Tensor | None,
                  residual: Tensor | None) -> None:
@@ -483,7 +501,7 @@ class _Picker:
                 continue
             kernel = built[k] = layer.make_kernel(k)
             runs[k] = lambda kernel=kernel: layer.run(kernel, x, residual)
-        new = _time_candidates(runs, x.device)
+        new = _time_candidates(runs, x.device, self.rounds, self.min_time)
         self.cache.put(machine, key, new)
         info.times = {**times, **new}
         info.choice = min(info.times, key=info.times.get) if info.times else "dense"
@@ -493,8 +511,8 @@ class _Picker:
         info.decided_by = "cache" if info.cached else "time"
 
 
-def _time_candidates(runs: dict[str, Callable[[], Any]], device: torch.device
-                     ) -> dict[str, float]:
+def _time_candidates(runs: dict[str, Callable[[], Any]], device: torch.device, rounds: int,
+                     min_time: float) -> dict[str, float]:
     """Median seconds of each run; a run that no backend takes (NotSupportedError on its
     warm-up call) is left out."""
     for name, fn in list(runs.items()):
@@ -504,7 +522,7 @@ def _time_candidates(runs: dict[str, Callable[[], Any]], device: torch.device
             del runs[name]
     if not runs:
         return {}
-    return time_interleaved(runs, device.type, warmup=0, rounds=_ROUNDS, min_time=_MIN_TIME)
+    return time_interleaved(runs, device.type, warmup=0, rounds=rounds, min_time=min_time)
 
 
 def _calibrate(model: nn.Module, inputs: tuple[Any, ...], picker: _Picker) -> None:
@@ -531,7 +549,8 @@ def _calibrate(model: nn.Module, inputs: tuple[Any, ...], picker: _Picker) -> No
 
 def optimize(model: nn.Module, example_input: Tensor | Sequence[Any], *,
              layouts: Sequence[str] = LAYOUTS, cache: bool = True,
-             choose: Chooser = "time") -> nn.Module:
+             cache_file: str | os.PathLike[str] | None = None, choose: Chooser = "time",
+             rounds: int = _ROUNDS, min_time: float = _MIN_TIME) -> nn.Module:
     """An inference-optimized copy of `model` (eval mode; `model` is not changed): BatchNorm
     folded, bias / ReLU / max-pool / residual add fused after each layer's kernel, and each
     layer's kernel chosen by timing it on example_input's activation at that layer.
@@ -540,10 +559,12 @@ def optimize(model: nn.Module, example_input: Tensor | Sequence[Any], *,
     arguments); the choice is made for its shape and batch size. layouts: the weight layouts
     to consider ("dense", "csr": the direct CSR conv / Linear kernel and the batch-folded
     im2col kernel "csr_unfold", "bsr": block-sparse, for block-aligned masks). cache: read
-    and write the timing cache (see cache_path()). choose: "time" (measure), a kernel name
-    ("dense", "csr", "csr_unfold", "bsr": used wherever the layer can run it, else "dense"),
-    or a callable LayerInfo -> kernel name (one of info.candidates). Each fused layer keeps
-    its LayerInfo as `.info` (see fused_layers()).
+    and write the timing cache; cache_file: its file (default: cache_path()). choose: "time"
+    (measure), a kernel name ("dense", "csr", "csr_unfold", "bsr": used wherever the layer
+    can run it, else "dense"), or a callable LayerInfo -> kernel name (one of
+    info.candidates). rounds, min_time: each layer's candidates are timed in at least
+    `rounds` rounds of one call each and at least `min_time` seconds (fewer for a quicker,
+    noisier choice). Each fused layer keeps its LayerInfo as `.info` (see fused_layers()).
     """
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown:
@@ -551,10 +572,14 @@ def optimize(model: nn.Module, example_input: Tensor | Sequence[Any], *,
     if isinstance(choose, str) and choose != "time" and choose not in KERNELS:
         raise ValueError(f"optimize: choose must be 'time', one of {KERNELS} or a callable, "
                          f"got {choose!r}")
+    if rounds < 1 or not min_time >= 0:
+        raise ValueError(f"optimize: rounds must be >= 1 and min_time >= 0, got {rounds}, "
+                         f"{min_time}")
     inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
     model = copy.deepcopy(model).eval()
     model = _rewrite(model, tuple(layouts))
-    timing_cache = _TimingCache(cache and choose == "time")
-    _calibrate(model, inputs, _Picker(tuple(layouts), choose, timing_cache))
+    path = cache_path() if cache_file is None else os.fspath(cache_file)
+    timing_cache = _TimingCache(cache and choose == "time", path)
+    _calibrate(model, inputs, _Picker(tuple(layouts), choose, timing_cache, rounds, min_time))
     timing_cache.save()
     return model.eval()
