@@ -46,8 +46,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=_device,
                    help="cpu, cuda, cuda:N or auto (cuda when available) (default: auto)")
     p.add_argument("--threads", type=H.arg_type(int, H.number(1)), default=None,
-                   help="torch CPU threads (default: torch's choice; study: also the threads "
-                        "of its inference timing, 1 when not given)")
+                   help="torch CPU threads (default: torch's choice, all cores; study: also "
+                        "the threads of its inference timing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -307,7 +307,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 0
     executor = make_executor(args.executor, args.address)
     study.run(cfg, out=args.out, fresh=args.fresh, progress=not args.no_progress,
-              timing_threads=args.threads or 1, executor=executor)
+              timing_threads=args.threads, executor=executor)
     return 0
 
 

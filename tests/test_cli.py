@@ -32,6 +32,17 @@ def test_study_help_lists_presets() -> None:
     assert "--resume" in text and "wacv2020" in text and "default" in text
 
 
+def test_study_times_inference_on_all_threads_unless_told(tmp_path, monkeypatch) -> None:
+    from sparsecore import study
+
+    seen = []
+    monkeypatch.setattr(study, "run", lambda cfg, **kw: seen.append(kw["timing_threads"]))
+    out = str(tmp_path / "run")
+    assert cli.main(["study", "--preset", "test", "--out", out]) == 0
+    assert cli.main(["study", "--preset", "test", "--out", out, "--threads", "1"]) == 0
+    assert seen == [None, 1]  # None: torch's thread count, all cores by default
+
+
 TINY = ["--dataset", "synthetic", "--image-size", "8", "--limit-train", "200", "--model",
         "conv2", "--width", "0.125", "--epochs", "1", "--optimizer", "adam", "--lr", "3e-3",
         "--no-progress"]

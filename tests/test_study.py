@@ -10,9 +10,14 @@ import os
 import re
 
 import pytest
+import torch
 
+import sparsecore
 from sparsecore import study
+from sparsecore.nn.optimize import fused_layers
 from sparsecore.study import cache, runner
+from sparsecore.study.inference import KERNEL_CACHE
+from sparsecore.study.stages import _load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,6 +64,19 @@ def test_study_end_to_end_and_resume_after_kill(tmp_path, monkeypatch) -> None:
             assert all(0.0 <= v <= 1.0 + 1e-9 for v in sims[metric] if not math.isnan(v)), name
     assert set(a["heatmap"]["matrices"]) == {"dense2", "magnitude-80", "rewind-80", "reinit-80",
                                              "random-80"}
+    # speed: every pruned net through sparsecore.optimize(), its layer timings cached in the
+    # run directory (block masks: BSR among the candidates)
+    net = _load(str(tmp_path / "full"), "conv2-w0.125/s0/magnitude-50", cfg)
+    n_fused = len(fused_layers(sparsecore.optimize(net, torch.randn(4, 1, 8, 8),
+                                                   choose="dense")))
+    for name, row in a["timing"].items():
+        if name != "dense":
+            assert row["sparse_s"] > 0 and row["max_abs_diff"] < 1e-4, name
+            assert sum(row["kernels"].values()) == n_fused, name
+    assert "## Inference: dense kernels vs sparsecore.optimize()" in report
+    kernels = json.loads((tmp_path / "full" / KERNEL_CACHE).read_text())
+    keys = [k for layers in kernels["machines"].values() for k in layers]
+    assert any("|block=8x8" in k for k in keys)
 
     # kill the run in its 5th stage, then resume it
     real = runner.run_stage
@@ -102,9 +120,10 @@ def test_other_settings_continue_and_fresh_starts_over(tmp_path, capsys) -> None
     assert "settings changed (sparsities)" in capsys.readouterr().out
     assert (finished / "result.json").exists()
     assert json.loads((tmp_path / "study.json").read_text())["sparsities"] == [0.3]
+    (tmp_path / KERNEL_CACHE).write_text("{}")
     with study.open_run_dir(other, out, fresh=True):
         pass
-    assert not (tmp_path / "stages").exists()
+    assert not (tmp_path / "stages").exists() and not (tmp_path / KERNEL_CACHE).exists()
     assert json.loads((tmp_path / "study.json").read_text())["sparsities"] == [0.3]
     assert "--fresh" in capsys.readouterr().out
 

@@ -17,7 +17,8 @@ For every model of the preset (and every seed):
    alike, ERK layer densities, whole blocks), fine-tuned;
 7. on held-out data, layer by layer: SVCCA and CKA of every network against the dense
    original, a layer x layer similarity matrix, accuracy, and the inference time of each
-   pruned net on dense kernels vs sparsecore's sparse kernels.
+   pruned net on dense kernels vs sparsecore.optimize() (each layer on the fastest of its
+   dense and sparse kernels, all CPU cores unless --threads says otherwise).
 
 The run directory gets report.md (tables of means and standard deviations over seeds; the
 paper's findings checked against the numbers measured here, the first under fine-tuning and

@@ -161,15 +161,18 @@ def stage_path(run: str, name: str) -> str:
 
 
 def timing_key(cfg: StudyConfig, label: str, device: str, threads: int, batch: int,
-               seed: int | None = None) -> StageKey:
+               seed: int | None = None, speed: str | None = None) -> StageKey:
     """The key of a model's inference timing for one seed (None: the first): the nets that
-    inference.timing loads (every trained net of that seed), where and how it measures."""
+    inference.timing loads (every trained net of that seed), where and how it measures
+    (speed: what runs the sparse side, hashed when given)."""
     keys = stage_keys(cfg)
     seed = cfg.seeds[0] if seed is None else seed
     base = f"{label}/s{seed}/"
     names = sorted(n for n in keys if n.startswith(base) and not n.endswith("/analysis"))
     hp = {"kind": "timing", "label": label, "seed": seed, "device": device,
           "threads": threads, "batch": batch}
+    if speed is not None:
+        hp["speed"] = speed
     return make_key(f"{label}/s{seed}/timing", hp, {n: keys[n].fingerprint for n in names})
 
 

@@ -115,7 +115,7 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
     ax.axhline(1.0, color="black", lw=1)
     ax.set_xticks([i + width * (len(sps) - 1) / 2 for i in range(len(labels))])
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylabel("speedup, sparse vs dense kernels")
+    ax.set_ylabel("speedup, optimize() vs dense kernels")
     if not have:
         ax.text(0.5, 0.5, "sparse kernels unavailable in this build", ha="center",
                 transform=ax.transAxes)
@@ -123,7 +123,7 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
     fig.tight_layout()
     fig.savefig(os.path.join(run, "speedup.png"), dpi=110)
     plt.close(fig)
-    out.append(("Inference speedup of the magnitude-pruned nets on sparse kernels (mean over "
+    out.append(("Inference speedup of the magnitude-pruned nets with optimize() (mean over "
                 "seeds)", "speedup.png"))
     out.append(speed.write_figure(run, results))
     return out

@@ -1,11 +1,14 @@
 """Inference time of the pruned nets: dense kernels (masks baked into the weights) vs
-sparsecore's sparse kernels. `sparse_model` is the one place that turns a pruned net into
-its fast form."""
+sparsecore.optimize() (BatchNorm folded, epilogues fused, each layer on the fastest of its
+dense and sparse kernels). `sparse_model` is the one place that turns a pruned net into its
+fast form."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -43,29 +46,44 @@ def block_size_of(model: nn.Module) -> int | None:
 
 
 # what sparse_model does, for the report
-SPARSE_PATH = ("sparsify(): BSR layers for block masks, CSR otherwise; layers below the measured "
-               "crossover sparsity stay dense")
+SPARSE_PATH = ("sparsecore.optimize(): BatchNorm folded, bias / ReLU / pool / residual add fused, "
+               "each layer on the fastest of dense, CSR and (block masks) BSR kernels, timed on "
+               "the batch's activation at that layer")
+# The file in the run directory that holds optimize()'s layer timings: the kernel choices of
+# a run come from its own measurements, and nets of the same shapes share them.
+KERNEL_CACHE = "kernels.json"
+# optimize()'s timing of each layer's candidates: many small nets, keep the total short.
+_ROUNDS, _MIN_TIME = 3, 0.02
 
 
-def sparse_model(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """`model` (masked) on sparsecore's sparse kernels for inference on batches like `x`, in
-    place: sparsify() with BSR layers when its masks are whole blocks (block_size_of), CSR
-    otherwise. x: an example batch (N, C, H, W), for a path that prepares for its shape."""
-    from sparsecore.nn import SparsifyConfig, sparsify
+def sparse_model(model: nn.Module, x: torch.Tensor,
+                 cache_file: str | os.PathLike[str] | None = None) -> nn.Module:
+    """An inference copy of `model` (masked; not changed) by sparsecore.optimize(), for
+    batches like x (N, C, H, W): block-sparse (BSR) kernels are candidates when its masks
+    are whole blocks (block_size_of), CSR and dense always. cache_file: optimize()'s timing
+    cache (None: the user's, sparsecore.nn.optimize.cache_path())."""
+    from sparsecore.nn.optimize import LAYOUTS, optimize
 
-    block = block_size_of(model)
-    sparsify(model, SparsifyConfig(layout="bsr", block_size=block) if block else None)
-    return model
+    layouts = LAYOUTS if block_size_of(model) else tuple(k for k in LAYOUTS if k != "bsr")
+    return optimize(model, x, layouts=layouts, cache_file=cache_file, rounds=_ROUNDS,
+                    min_time=_MIN_TIME)
 
 
-def sparse_twin(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module | None, str]:
-    """A copy of a masked model on sparsecore's sparse kernels (sparse_model), or
-    (None, why)."""
-    twin = copy.deepcopy(model)
+def kernel_choice(model: nn.Module) -> dict[str, int]:
+    """How many fused layers of an optimize() result run on each kernel."""
+    from sparsecore.nn.optimize import fused_layers
+
+    return dict(sorted(Counter(layer.kernel.name for _, layer in fused_layers(model)).items()))
+
+
+def sparse_twin(model: nn.Module, x: torch.Tensor,
+                cache_file: str | os.PathLike[str] | None = None
+                ) -> tuple[nn.Module | None, str]:
+    """sparse_model(model, x, cache_file), or (None, why)."""
     try:
-        return sparse_model(twin, x), ""
+        return sparse_model(model, x, cache_file), ""
     except Exception as exc:  # report, do not lose the study over the speed column
-        return None, f"sparsify failed: {type(exc).__name__}: {exc}"
+        return None, f"optimize failed: {type(exc).__name__}: {exc}"
 
 
 def dense_twin(model: nn.Module) -> nn.Module:
@@ -78,19 +96,22 @@ def dense_twin(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def inference_times(model: nn.Module, x: torch.Tensor, device: str,
                     timer: Callable[[Callable[[], Any], str], float] = time_fn,
-                    sparse: bool = True) -> dict[str, Any]:
-    """Forward time of one batch on dense kernels and (if `sparse`) on sparse kernels, eval
-    mode, in seconds, measured by timer(fn, device); plus the largest output difference."""
+                    sparse: bool = True,
+                    cache_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Forward time of one batch x (N, C, H, W) on dense kernels and (if `sparse`) of its
+    sparse_model (optimize(), timing cache `cache_file`), eval mode, in seconds, measured by
+    timer(fn, device); plus the largest output difference between the two and the number of
+    layers on each kernel."""
     dense = dense_twin(model).to(device).eval()
     x = x.to(device)
     out: dict[str, Any] = {"batch": x.shape[0], "dense_s": timer(lambda: dense(x), device)}
     if not sparse:
         return out
-    sparse, why = sparse_twin(model.to(device), x)
+    sparse, why = sparse_twin(model.to(device), x, cache_file)
     if sparse is None:
         out.update(sparse_s=None, speedup=None, note=why)
         return out
-    sparse.eval()
+    out["kernels"] = kernel_choice(sparse)
     out["sparse_s"] = timer(lambda: sparse(x), device)
     out["speedup"] = out["dense_s"] / out["sparse_s"]
     out["max_abs_diff"] = float((sparse(x) - dense(x)).abs().max())
@@ -99,10 +120,11 @@ def inference_times(model: nn.Module, x: torch.Tensor, device: str,
 
 def timing(cfg: StudyConfig, run: str, label: str, device: str, batch: int = 256,
            threads: int | None = None, seed: int | None = None) -> dict[str, Any]:
-    """Dense vs sparse-kernel inference of every pruned net of one seed (None: the first),
-    with `threads` torch CPU threads (None: as they are). With one thread on the CPU the
-    calling thread's CPU time is measured: all the work runs in it, and other processes on
-    a shared machine do not count."""
+    """Dense vs optimize() inference of every pruned net of one seed (None: the first), with
+    `threads` torch CPU threads (None: as they are); optimize()'s layer timings are cached
+    in RUN/kernels.json. With one thread on the CPU the calling thread's CPU time is
+    measured: all the work runs in it, and other processes on a shared machine do not
+    count."""
     splits = _splits(cfg)
     x, _ = next(iter(data_lib.Loader.for_split(splits, "heldout", batch)))
     base = f"{label}/s{cfg.seeds[0] if seed is None else seed}"
@@ -116,8 +138,9 @@ def timing(cfg: StudyConfig, run: str, label: str, device: str, batch: int = 256
                                          sparse=False)}
         for method, _, key in _variants(cfg, base):
             if method != "dense2":
-                rows[key.rsplit("/", 1)[1]] = inference_times(_load(run, key, cfg), x, device,
-                                                              timer)
+                rows[key.rsplit("/", 1)[1]] = inference_times(
+                    _load(run, key, cfg), x, device, timer,
+                    cache_file=os.path.join(run, KERNEL_CACHE))
         return {"device": device, "threads": torch.get_num_threads(), "clock": clock,
                 "rows": rows}
     finally:

@@ -135,27 +135,34 @@ def write_report(run: str) -> str:
                      for n in names]
             L.append(f"| {layer} | {d} | " + " | ".join(cells) + " |")
         L.append("")
-    L.append("## Inference: dense kernels vs sparsecore's sparse kernels\n")
+    L.append("## Inference: dense kernels vs sparsecore.optimize()\n")
     L.append("One forward pass of a held-out batch; median time, then mean ± std over seeds "
-             "(each seed's nets have their own masks).\n")
-    L.append("| model | network | batch | dense (ms) | sparse (ms) | speedup | note |")
-    L.append("|---|---|---|---|---|---|---|")
+             f"(each seed's nets have their own masks). Sparse: {SPARSE_PATH}; kernels: its "
+             "layers on each kernel (the first seed's nets); max diff: the largest output "
+             "difference from dense over the seeds.\n")
+    L.append("| model | network | batch | dense (ms) | sparse (ms) | speedup | kernels "
+             "| max diff | note |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
     for label, mm in models.items():
         first = next(iter(mm["seeds"].values()))["timing"]
         for name, row in first.items():
             def ms(key, name=name, mm=mm):
                 return cell(mm, lambda a: a["timing"][name].get(key), 1e3, 2)
             su = cell(mm, lambda a, name=name: a["timing"][name].get("speedup"), 1, 2)
+            kernels = ", ".join(f"{n} {k}" for k, n in row.get("kernels", {}).items())
+            diffs = [d for d in stats.seed_values(
+                mm, lambda a, name=name: a["timing"][name].get("max_abs_diff")) if d is not None]
+            diff = f"{max(diffs):.1e}" if diffs else ""
             L.append(f"| {label} | {name} | {row.get('batch', '')} | {ms('dense_s')} "
-                     f"| {ms('sparse_s')} | {su if su == '-' else su + 'x'} | "
-                     f"{row.get('note', '')} |")
+                     f"| {ms('sparse_s')} | {su if su == '-' else su + 'x'} | {kernels} "
+                     f"| {diff} | {row.get('note', '')} |")
     tm = next(iter(models.values()))["timing"]
     clock = {"thread": "CPU time of the timing thread", "wall": "wall clock"}
     L.append(f"\n(device {tm['device']}, {tm['threads']} threads, "
              f"{clock[tm.get('clock', 'wall')]})\n")
     L.append("## Speed beside accuracy\n")
-    L.append("Every pruned net: held-out accuracy against its measured inference speedup on "
-             f"sparsecore's kernels ({SPARSE_PATH}). Pareto: no other net of the model, nor the "
+    L.append("Every pruned net: held-out accuracy against its measured inference speedup "
+             "with sparsecore.optimize() (above). Pareto: no other net of the model, nor the "
              "dense one, is at least as fast and as accurate (on the means).\n")
     L.extend(speed.table(results))
     L.append("")

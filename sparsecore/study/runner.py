@@ -25,7 +25,7 @@ from sparsecore.study import cache, lm, pai, regimes
 from sparsecore.study._common import _read_json
 from sparsecore.study.analysis import analyse
 from sparsecore.study.config import _RUNTIME_FIELDS, StudyConfig
-from sparsecore.study.inference import timing
+from sparsecore.study.inference import KERNEL_CACHE, timing
 from sparsecore.study.report import write_report
 from sparsecore.study.stages import Stage, _done, _stage_dir, _train_stage, plan_stages
 
@@ -134,7 +134,7 @@ def _prepare(cfg: StudyConfig, out: str, fresh: bool) -> None:
                 remove_stale_tmp(folder)
         else:
             print(f"{out}: --fresh: deleting the study that is there and starting over")
-            for name in ("stages", "results.json", "report.md"):
+            for name in ("stages", "results.json", "report.md", KERNEL_CACHE):
                 target = os.path.join(out, name)
                 if os.path.isdir(target):
                     shutil.rmtree(target)
@@ -165,16 +165,16 @@ class RunSummary:
 
 
 def run(cfg: StudyConfig, out: str, *, fresh: bool = False, progress: bool = True,
-        timing_threads: int | None = 1, executor: Executor | None = None) -> RunSummary:
+        timing_threads: int | None = None, executor: Executor | None = None) -> RunSummary:
     """Run the study into directory `out`, or continue the one there: a stage whose
     fingerprint (its hyperparameters and inputs, see study.cache) has a finished directory
     is not redone, whatever study ran it; returns what was done. fresh: delete the study in
     `out` and start over. A directory that holds other files is refused (ValueError), as is
     one that another study is using.
 
-    timing_threads: torch CPU threads for the dense-vs-sparse inference timing (1 by
-    default: on a shared machine, OpenMP threads that wait on each other distort the
-    times of small models far more than the kernels differ).
+    timing_threads: torch CPU threads for the dense-vs-sparse inference timing (default:
+    torch's, all cores; 1 times the timing thread's CPU time, which other processes on a
+    shared machine do not count).
     executor: where the stages run (default: study.executors.LocalExecutor, this machine)."""
     from sparsecore.study.executors import LocalExecutor
 
@@ -313,7 +313,8 @@ def _aggregate(cfg: StudyConfig, out: str, device: str,
     for plan in cfg.models:
         threads = timing_threads or torch.get_num_threads()
         for seed in cfg.seeds:
-            key = cache.timing_key(cfg, plan.label, device, threads, TIMING_BATCH, seed)
+            key = cache.timing_key(cfg, plan.label, device, threads, TIMING_BATCH, seed,
+                                   speed="optimize")
             tdir = os.path.join(out, "stages", key.path)
             tpath = os.path.join(tdir, "result.json")
             if not os.path.exists(tpath):

@@ -1,5 +1,5 @@
-"""Speed beside accuracy: every pruned net of a run as a point (measured inference speedup on
-sparsecore's kernels, held-out accuracy), each a mean over seeds; the Pareto front of those
+"""Speed beside accuracy: every pruned net of a run as a point (measured inference speedup with
+sparsecore.optimize(), held-out accuracy), each a mean over seeds; the Pareto front of those
 points; its table and figure."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def write_figure(run: str, results: dict[str, Any]) -> tuple[str, str]:
             ax.plot(*zip(*front), color="gray", ls="--", lw=1, zorder=0)
         ax.axvline(1.0, color="gray", lw=0.6)
         ax.set_title(label)
-        ax.set_xlabel("inference speedup on sparse kernels (x dense)")
+        ax.set_xlabel("inference speedup with sparsecore.optimize() (x dense)")
         ax.set_ylabel("held-out accuracy (%)")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=col, marker="o", ls="", label=meth)
