@@ -13,6 +13,7 @@ FAMILIES = {
     "layers": "bench.layers",
     "layers-bsr": "bench.layers_bsr",
     "models": "bench.models",
+    "train": "bench.train",
     "similarity": "bench.similarity",
     "linalg": "bench.linalg",
     "prune": "bench.prune",

@@ -159,7 +159,10 @@ class Case:
     batches: tuple[int, ...]
 
 
-def _cases(args: argparse.Namespace) -> Iterator[Case]:
+def cases(args: argparse.Namespace) -> Iterator[Case]:
+    """One Case per (model, pruning, sparsity) of args (models, pruning, sparsities, batches;
+    each model freshly initialised from seed 0 and magnitude-pruned), or per magnitude-pruned
+    net of the study run args.run."""
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else None
     if args.run:
         paths = sorted(glob.glob(os.path.join(args.run, "stages", "*", "s*", "magnitude-*",
@@ -188,7 +191,7 @@ def _cases(args: argparse.Namespace) -> Iterator[Case]:
                 yield Case(name, pruning, sp, net, s.example, batches or s.batches)
 
 
-def _threads(text: str) -> list[int]:
+def thread_counts(text: str) -> list[int]:
     """"1,all" -> [1, torch's default thread count]."""
     return [torch.get_num_threads() if t == "all" else int(t) for t in text.split(",")]
 
@@ -344,12 +347,12 @@ def _resolve(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     _resolve(args)
-    threads: list[int | None] = _threads(args.threads) if args.device == "cpu" else [None]
+    threads: list[int | None] = thread_counts(args.threads) if args.device == "cpu" else [None]
     all_threads = torch.get_num_threads()
     engines = _engines(args)
     rows: list[dict[str, Any]] = []
     try:
-        for case in _cases(args):
+        for case in cases(args):
             for row in _rows(case, threads, engines, args):
                 rows.append(row)
                 print(format_table([row], COLUMNS).splitlines()[-1], flush=True)

@@ -76,6 +76,10 @@ TABLES: dict[str, tuple[Table, ...]] = {
               ("model", "sparsity", "batch", "device"), "speedup", when="dense_ms",
               title="dense vs sparsify() (earlier bench)"),
     ),
+    "train": (Table(
+        ("model", "pruning", "sparsity", "batch", "threads", "dense_ms", "sparse_ms", "speedup",
+         "loss_diff", "grad_diff", "grad_max_abs", "note"),
+        ("model", "pruning", "sparsity", "batch", "threads", "device"), "speedup"),),
     "similarity": (Table(
         ("metric", "n", "widths", "pairs", "ours_s", "baseline_s", "baseline", "speedup",
          "max_abs_diff", "factor_s", "cross_s", "small_s", "gemm_gflops", "kept"),
@@ -105,6 +109,10 @@ LEGEND = {
     "models": "*_x: torch dense eager's time / that engine's, one forward of a batch on the "
               "same pruned weights (sparsecore: optimize(); sparsify: sparsify() alone); "
               "vs_deepsparse: sparsecore's speed as a fraction of DeepSparse's.",
+    "train": "speedup: the masked dense model's time / sparsify()'s, one training step "
+             "(forward, cross-entropy, backward, SGD with momentum) of a batch from the same "
+             "pruned weights; loss_diff, grad_diff: how far the first step's loss and "
+             "gradients (kept positions) of the two lie apart, against grad_max_abs.",
     "similarity": "speedup: the per-pair numpy baseline's time / ours, all layer pairs.",
     "linalg": "speedup: torch.linalg's time / the C++ kernel's (forced); backend: what the "
               "automatic choice runs at that size (reference = torch.linalg); errors relative "
