@@ -55,6 +55,19 @@ TORCH_LIBRARY(sparsecore, m) {
   m.def("_csr_conv2d_dw_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, "
         "Tensor? tiling, int[] weight_shape, int[] stride, int[] padding, int[] dilation) "
         "-> Tensor");
+  // Inference: a stride-1 conv read from the padded input in place (no im2col), with the
+  // epilogue fused: [2x2 max-pool] -> + bias [+ residual] [-> ReLU] (residual: the output's
+  // shape).
+  m.def("_csr_conv2d_fused_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, "
+        "int[] weight_shape, int[] padding, int[] dilation, Tensor? bias, Tensor? residual, "
+        "bool relu, bool pool) -> Tensor");
+  // The same with the batch as the vector dimension: activations (C, H, W, N) in memory; the
+  // weight's nonzeros in (row, channel tile, tap, channel) order, ci their channels, tap_ptr
+  // per (row, tile, tap).
+  m.def("_csr_conv2d_chwn_cpu(Tensor x, Tensor values, Tensor ci, Tensor tap_ptr, "
+        "int channel_tile, int[] weight_shape, int[] stride, int[] padding, int[] dilation, "
+        "Tensor? bias, Tensor? residual, "
+        "bool relu, bool pool) -> Tensor");
   // --- bsr (block-sparse Linear / Conv2d) ---
   // Y = X W^T for a BSR W (n_out x K): block row r keeps blocks p in [row_ptr[r], row_ptr[r+1])
   // at block column col_idx[p]; W_p = blocks[block_idx[p] or p], transposed when trans_blocks

@@ -193,3 +193,25 @@ def test_opcheck_cpp_helpers() -> None:
     torch.library.opcheck(ops._csr_transpose_values_cpu,
                           (w.values, w.col_idx, w.row_ptr, w.t_row_ptr))
     torch.library.opcheck(ops._csr_to_dense_cpu, (w.values, w.col_idx, w.row_ptr, w.n_cols))
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="needs the C++ extension")
+@pytest.mark.parametrize("kernel", ["csr_direct", "csr_chwn"])
+def test_compile_optimized_fused_convs(kernel: str) -> None:
+    """optimize()'s fused conv kernels trace (their fakes state the real output layout):
+    the compiled model equals the eager one, which equals the masked model."""
+    import sparsecore
+    from sparsecore import prune
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).eval()
+    prune.prune(model, "magnitude", sparsity=0.7, scope="layerwise")
+    x = torch.randn(5, 3, 8, 8)
+    optimized = sparsecore.optimize(model, x, choose=kernel, cache=False)
+    compiled = torch.compile(optimized, fullgraph=True)
+    with torch.no_grad():
+        eager = optimized(x)
+        assert torch.equal(compiled(x), eager)
+        ref = model(x)
+        assert (eager - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -58,6 +58,16 @@ with use_backend("cpp"):
     bc = BlockSparseConv2d.from_dense(nn.Conv2d(16, 32, 3, padding=1), block_size=(16, 16),
                                       density=0.5)
     check(bc, bc.to_dense(), torch.randn(2, 16, 7, 6))
+    # optimize()'s fused conv kernels: conv -> 2x2 max-pool -> + bias + residual -> ReLU
+    from sparsecore.nn.fused import CSRChwnConv, CSRDirectConv
+    w = torch.randn(12, 5, 3, 3) * (torch.rand(12, 5, 3, 3) < 0.4)
+    b, xc = torch.randn(12), torch.randn(32, 5, 9, 8)
+    for kern in (CSRDirectConv(w, w != 0, (1, 1), (1, 1)),
+                 CSRChwnConv(w, w != 0, (1, 1), (1, 1), (1, 1))):
+        ref = nn.functional.max_pool2d(nn.functional.conv2d(xc.double(), w.double(), padding=1), 2)
+        res = torch.randn(ref.shape)
+        ref = (ref + b.double().view(1, -1, 1, 1) + res.double()).relu()
+        close(kern(xc, b, res, True, True), ref, f"{kern.name} forward")
     for shape in ((40, 16, 16), (6, 37, 23)):  # Jacobi and the bidiagonal kernel
         A = torch.randn(*shape)
         close(linalg.svdvals(A), torch.linalg.svdvals(A.double()), f"svdvals {shape}")

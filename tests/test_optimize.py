@@ -275,8 +275,8 @@ def test_timing_choice_and_cache(monkeypatch) -> None:
     x = torch.randn(8, 16, 4, 4)
     first = sparsecore.optimize(model, x)
     info = first[0].info
-    assert info.decided_by == "time" and set(info.times) == {"dense", "csr", "csr_unfold",
-                                                             "bsr"}
+    assert info.decided_by == "time" and set(info.times) == {
+        "dense", "csr", "csr_direct", "csr_chwn", "csr_unfold", "bsr"}
     fastest = min(info.times, key=info.times.get)
     near = info.times[fastest] > (1 - opt_mod.DENSE_TIE) * info.times["dense"]
     assert info.choice == ("dense" if near else fastest)

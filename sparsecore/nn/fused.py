@@ -12,6 +12,12 @@ nothing here has gradients):
 - "dense": torch's dense conv / linear (oneDNN / MKL) on the masked weight;
 - "csr": the CSR conv kernel that walks one sample's output pixels (ops.csr_conv2d), or the
   CSR Linear kernel (ops.csr_dsd);
+- "csr_direct" (stride-1 conv, CPU): the CSR conv read from each zero-padded sample in place,
+  the output rows over the padded width as the vector dimension (no im2col matrix), with the
+  whole epilogue (2x2 max-pool, bias, residual, ReLU) done on the product's rows;
+- "csr_chwn" (conv, CPU): the batch as the vector dimension, activations laid out
+  (C, H, W, N) in memory (returned so, so that the next such layer reads them in place), taps
+  that fall on the zero padding skipped, epilogue fused as in "csr_direct";
 - "csr_unfold" (conv only): the batch folded into the GEMM rows: the whole batch's im2col
   matrix (B*Ho*Wo, kh*kw*C_in), built channels-last in one gather, times the CSR weight on the
   Linear kernel, which fills its SIMD lanes with rows where a 4x4 or 2x2 output leaves the
@@ -22,9 +28,10 @@ The sparse kernels call the C++ ops (torch.ops.sparsecore._*_cpu, what the ops' 
 backends run) directly wherever they take the tensors: the choice among kernels was
 measured, so the CSR ops' own dense crossover must not overrule it, and the custom-op
 wrapper's per-call cost is a visible share of a small layer. Elsewhere (CUDA, other
-dtypes, no extension) they go through the ops' automatic choice. Conv kernels return
-NCHW-shaped tensors; "csr_unfold" and "bsr" return them channels-last in memory (the
-product writes rows of channels).
+dtypes, no extension) they go through the ops' automatic choice, except "csr_direct" and
+"csr_chwn", which exist only on the CPU with the extension (optimize() offers them only
+there). Conv kernels return NCHW-shaped tensors; "csr_unfold" and "bsr" return them
+channels-last in memory (the product writes rows of channels), "csr_chwn" batch-last.
 """
 
 from __future__ import annotations
@@ -44,10 +51,16 @@ from sparsecore._ext import has_cpu_ext
 from sparsecore.formats import BSRWeight, CSRWeight
 from sparsecore.ops._common import conv_out_hw
 
-__all__ = ["KERNELS", "FusedConv2d", "FusedLinear", "FusedResidual", "epilogue", "im2col_nhwc",
-           "max_pool_2x2"]
+__all__ = ["EPILOGUE_KERNELS", "KERNELS", "FusedConv2d", "FusedLinear", "FusedResidual",
+           "epilogue", "im2col_nhwc", "max_pool_2x2", "tap_major_csr"]
 
-KERNELS = ("dense", "csr", "csr_unfold", "bsr")
+KERNELS = ("dense", "csr", "csr_direct", "csr_chwn", "csr_unfold", "bsr")
+# Kernels that run the whole epilogue themselves (max-pool only when it is a plain 2x2).
+EPILOGUE_KERNELS = ("csr_direct", "csr_chwn")
+# Input channels per tile of the "csr_chwn" kernel: a tile's input rows (3 rows x W pixels x
+# this many channels x 64 samples) stay in L2 while all the output channels of a work item
+# pass over them.
+CHWN_CHANNEL_TILE = 128
 
 
 def _on_cpp(x: Tensor, weight: Tensor) -> bool:
@@ -92,10 +105,13 @@ def max_pool_2x2(y: Tensor) -> Tensor:
 # ---- kernels ----------------------------------------------------------------------------
 class _Kernel(nn.Module):
     """One weight product. forward(x, bias) -> a fresh output tensor; only kernels with
-    `adds_bias` add the bias (for free, inside the product); the others get None."""
+    `adds_bias` add the bias (for free, inside the product); the others get None. Kernels
+    with `fuses_epilogue` take forward(x, bias, residual, relu, pool) and return the layer's
+    output."""
 
     name = ""
     adds_bias = False
+    fuses_epilogue = False
 
 
 def _csr_buffers(module: nn.Module, matrix: Tensor, mask: Tensor, *, tiled: bool) -> None:
@@ -172,6 +188,110 @@ class CSRConv(_ConvGeom, _Kernel):
         if _on_cpp(x, self.values):
             return torch.ops.sparsecore._csr_conv2d_cpu(*args)
         return ops.csr_conv2d(*args)
+
+
+def _conv_epilogue_reference(x: Tensor, weight: Tensor, geom: _ConvGeom, bias: Tensor | None,
+                             residual: Tensor | None, relu: bool, pool: bool) -> Tensor:
+    """What the fused CPU kernels compute, with torch ops: conv2d [-> 2x2 max-pool] -> + bias
+    [+ residual] [-> ReLU]. Where those kernels do not run (CUDA, other dtypes, no
+    extension)."""
+    y = F.conv2d(x, weight.to(x.dtype), None, geom.stride, geom.padding, geom.dilation)
+    if pool:
+        y = max_pool_2x2(y)
+    return epilogue(y.contiguous(), bias, residual, relu)
+
+
+class CSRDirectConv(_ConvGeom, _Kernel):
+    """Stride-1 CSR conv over each zero-padded sample in place, epilogue fused."""
+
+    name, fuses_epilogue = "csr_direct", True
+
+    def __init__(self, weight: Tensor, mask: Tensor, padding: Sequence[int],
+                 dilation: Sequence[int]) -> None:
+        super().__init__()
+        self._set_geom(weight.shape, (1, 1), padding, dilation)
+        csr = CSRWeight.from_dense(weight.reshape(weight.shape[0], -1),
+                                   mask.reshape(weight.shape[0], -1))
+        for name in ("values", "col_idx", "row_ptr"):
+            self.register_buffer(name, getattr(csr, name).contiguous())
+
+    def forward(self, x: Tensor, bias: Tensor | None, residual: Tensor | None = None,
+                relu: bool = False, pool: bool = False) -> Tensor:
+        if not _on_cpp(x, self.values):
+            n = self.weight_shape[0]
+            rows = torch.repeat_interleave(torch.arange(n, device=self.values.device),
+                                           (self.row_ptr[1:] - self.row_ptr[:-1]).long())
+            weight = self.values.new_zeros(n, math.prod(self.weight_shape[1:]))
+            weight[rows, self.col_idx.long()] = self.values
+            weight = weight.view(self.weight_shape)
+            return _conv_epilogue_reference(x, weight, self, bias, residual, relu, pool)
+        return torch.ops.sparsecore._csr_conv2d_fused_cpu(
+            x, self.values, self.col_idx, self.row_ptr, self.weight_shape, self.padding,
+            self.dilation, bias, residual, relu, pool)
+
+
+def tap_major_csr(weight: Tensor, mask: Tensor, channel_tile: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The kept weights of a conv (C_out, C_in, kh, kw) in (row, channel tile, tap, channel)
+    order, a tile being `channel_tile` input channels: values (nnz,), their input channels ci
+    (nnz,) int32, and tap_ptr (C_out * n_tiles * kh*kw + 1,) int32, where the nonzeros of
+    row o, tile c and tap t = i*kw + j start (the "csr_chwn" kernel's layout)."""
+    c_out, c_in, kh, kw = weight.shape
+    n_tiles = -(-c_in // channel_tile)
+    pad = n_tiles * channel_tile - c_in
+    # (C_out, tile, kh, kw, channel in tile): row-major order is the kernel's order
+    def tiled(t: Tensor) -> Tensor:
+        t = F.pad(t, (0, 0, 0, 0, 0, pad))
+        return t.view(c_out, n_tiles, channel_tile, kh, kw).permute(0, 1, 3, 4, 2).reshape(
+            c_out, -1)
+    kept = tiled(mask.to(weight.dtype)) != 0
+    rows, cols = kept.nonzero(as_tuple=True)
+    values = tiled(weight)[rows, cols].contiguous()
+    segs = n_tiles * kh * kw
+    key = rows * segs + torch.div(cols, channel_tile, rounding_mode="floor")
+    tap_ptr = torch.searchsorted(key, torch.arange(c_out * segs + 1, device=key.device))
+    tile = torch.div(cols, kh * kw * channel_tile, rounding_mode="floor")
+    ci = tile * channel_tile + cols % channel_tile
+    return values, ci.to(torch.int32), tap_ptr.to(torch.int32)
+
+
+class CSRChwnConv(_ConvGeom, _Kernel):
+    """CSR conv with the batch as the vector dimension, epilogue fused; returns
+    (N, C_out, Ho, Wo) laid out (C_out, Ho, Wo, N) in memory when N fills whole vectors."""
+
+    name, fuses_epilogue = "csr_chwn", True
+
+    def __init__(self, weight: Tensor, mask: Tensor, stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int]) -> None:
+        super().__init__()
+        self._set_geom(weight.shape, stride, padding, dilation)
+        self.channel_tile = CHWN_CHANNEL_TILE
+        values, ci, tap_ptr = tap_major_csr(weight, mask, self.channel_tile)
+        self.register_buffer("values", values)
+        self.register_buffer("ci", ci)
+        self.register_buffer("tap_ptr", tap_ptr)
+
+    def dense_weight(self) -> Tensor:
+        """The (C_out, C_in, kh, kw) weight this kernel holds, zeros included."""
+        c_out, c_in, kh, kw = self.weight_shape
+        taps = kh * kw
+        n_tiles = -(-c_in // self.channel_tile)
+        counts = (self.tap_ptr[1:] - self.tap_ptr[:-1]).long()
+        seg = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device),
+                                      counts)
+        rows, tap = torch.div(seg, n_tiles * taps, rounding_mode="floor"), seg % taps
+        weight = self.values.new_zeros(c_out, c_in, taps)
+        weight[rows, self.ci.long(), tap] = self.values
+        return weight.view(self.weight_shape)
+
+    def forward(self, x: Tensor, bias: Tensor | None, residual: Tensor | None = None,
+                relu: bool = False, pool: bool = False) -> Tensor:
+        if not _on_cpp(x, self.values):
+            return _conv_epilogue_reference(x, self.dense_weight(), self, bias, residual, relu,
+                                            pool)
+        return torch.ops.sparsecore._csr_conv2d_chwn_cpu(
+            x, self.values, self.ci, self.tap_ptr, self.channel_tile, self.weight_shape,
+            self.stride, self.padding, self.dilation, bias, residual, relu, pool)
 
 
 def im2col_nhwc(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
@@ -347,9 +467,19 @@ class FusedConv2d(_Fused):
             return CSRConv(w, mask, *geom)
         if name == "csr_unfold":
             return CSRUnfoldConv(w, mask, *geom)
+        if name in EPILOGUE_KERNELS and self.epilogue_fusable(name):
+            if name == "csr_direct":
+                return CSRDirectConv(w, mask, self.padding, self.dilation)
+            return CSRChwnConv(w, mask, *geom)
         if name == "bsr" and bs is not None:
             return BSRConv(w, mask, bs, *geom)
         raise ValueError(f"no {name!r} kernel for this layer")
+
+    def epilogue_fusable(self, kernel: str) -> bool:
+        """Whether `kernel` (one of EPILOGUE_KERNELS) can run this layer: no pool or a plain
+        2x2 one, and stride 1 for "csr_direct"."""
+        stride_ok = kernel != "csr_direct" or list(self.stride) == [1, 1]
+        return stride_ok and (self.pool is None or _is_2x2(self.pool))
 
     def out_shape(self, x: Tensor) -> tuple[int, ...]:
         """(N, C_out, Ho, Wo) of the product (before any pool)."""
@@ -364,6 +494,8 @@ class FusedConv2d(_Fused):
 
     def run(self, kernel: _Kernel, x: Tensor, residual: Tensor | None = None) -> Tensor:
         bias = self.bias
+        if kernel.fuses_epilogue:
+            return kernel(x, bias, residual, self.relu, self.pool is not None)
         y = kernel(x, bias if kernel.adds_bias else None)
         if kernel.adds_bias:
             bias = None

@@ -49,7 +49,14 @@ from sparsecore._timing import time_interleaved
 from sparsecore.formats import block_mask_from_mask, expand_block_mask
 from sparsecore.nn.blocksparse import BlockSparseConv2d, BlockSparseLinear
 from sparsecore.nn.conv import SparseConv2d, _explicit_padding, conv_unsupported
-from sparsecore.nn.fused import KERNELS, FusedConv2d, FusedLinear, FusedResidual, _Fused
+from sparsecore.nn.fused import (
+    EPILOGUE_KERNELS,
+    KERNELS,
+    FusedConv2d,
+    FusedLinear,
+    FusedResidual,
+    _Fused,
+)
 from sparsecore.nn.linear import SparseLinear, module_mask
 from sparsecore.nn.sparsify import _base_class
 from sparsecore.ops._common import TRITON_DTYPES
@@ -58,7 +65,8 @@ __all__ = ["LAYOUTS", "LayerInfo", "cache_path", "fused_layers", "machine_key", 
 
 # The weight layouts optimize() may use, and the kernels of each.
 LAYOUTS = ("dense", "csr", "bsr")
-_LAYOUT_OF = {"dense": "dense", "csr": "csr", "csr_unfold": "csr", "bsr": "bsr"}
+_LAYOUT_OF = {"dense": "dense", "csr": "csr", "csr_direct": "csr", "csr_chwn": "csr",
+              "csr_unfold": "csr", "bsr": "bsr"}
 # Block sizes tried, largest first, when a mask is checked for block alignment.
 BSR_BLOCKS = ((64, 64), (32, 32), (16, 16), (8, 8))
 # Sparse kernels are timed only from this density down: above it no sparse kernel of the
@@ -398,6 +406,7 @@ def _layer_key(layer: _Fused, x: Tensor, residual: Tensor | None, density: float
     (the density by its bucket)."""
     memory = ("contiguous" if x.is_contiguous() else "channels_last"
               if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+              else "batch_last" if x.dim() == 4 and x.permute(1, 2, 3, 0).is_contiguous()
               else "strided")
     parts = [layer.kind, "w=" + "x".join(map(str, layer.weight_shape)),
              f"density~{_density_bucket(density):.4g}", "x=" + "x".join(map(str, x.shape)),
@@ -433,6 +442,10 @@ def _candidates(layer: _Fused, layouts: Sequence[str]) -> tuple[str, ...]:
         if _LAYOUT_OF[k] not in layouts or (k != "dense" and not sparse):
             continue
         if k == "csr_unfold" and layer.kind != "conv" or k == "bsr" and block_size is None:
+            continue
+        if k in EPILOGUE_KERNELS and (not isinstance(layer, FusedConv2d)
+                                      or not layer.epilogue_fusable(k)
+                                      or weight.device.type != "cpu"):
             continue
         out.append(k)
     return tuple(out) or ("dense",)

@@ -3,8 +3,9 @@ ops, so that torch.compile and torch.export can trace a sparse layer's forward a
 
 The public ops (sparsecore.ops.csr / bsr) carry their own fakes; the C++ kernels they
 dispatch to run inside them and are never traced. The helpers below are called directly
-by CSRWeight (tilings, transposed values) and by the layers (tiled values, the dense
-fallback's weight). Without the extension these ops do not exist and nothing registers.
+by CSRWeight (tilings, transposed values), by the layers (tiled values, the dense
+fallback's weight) and by optimize()'s fused conv kernels. Without the extension these ops do
+not exist and nothing registers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,31 @@ def _register() -> None:
     @torch.library.register_fake("sparsecore::_csr_transpose_values_cpu")
     def _(values: Tensor, col_idx: Tensor, row_ptr: Tensor, t_row_ptr: Tensor) -> Tensor:
         return torch.empty_like(values, memory_format=torch.contiguous_format)
+
+    def _conv_out(x: Tensor, weight_shape: list[int], stride: list[int], padding: list[int],
+                  dilation: list[int], pool: bool) -> Tensor:
+        from sparsecore.ops._common import conv_out_hw
+
+        ho, wo = conv_out_hw(x.shape[-2:], weight_shape[2:], stride, padding, dilation)
+        if pool:
+            ho, wo = ho // 2, wo // 2
+        return x.new_empty(x.shape[0], weight_shape[0], ho, wo)
+
+    @torch.library.register_fake("sparsecore::_csr_conv2d_fused_cpu")
+    def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, weight_shape: list[int],
+          padding: list[int], dilation: list[int], bias: Tensor | None,
+          residual: Tensor | None, relu: bool, pool: bool) -> Tensor:
+        return _conv_out(x, weight_shape, [1, 1], padding, dilation, pool)
+
+    @torch.library.register_fake("sparsecore::_csr_conv2d_chwn_cpu")
+    def _(x: Tensor, values: Tensor, ci: Tensor, tap_ptr: Tensor, channel_tile: int,
+          weight_shape: list[int], stride: list[int], padding: list[int], dilation: list[int],
+          bias: Tensor | None, residual: Tensor | None, relu: bool, pool: bool) -> Tensor:
+        # The kernel's layout (csrc/cpu/conv_chwn.cpp): batch-last, channel planes one cache
+        # line apart.
+        n, c, h, w = _conv_out(x, weight_shape, stride, padding, dilation, pool).shape
+        plane = h * w * n + 64 // x.element_size()
+        return x.new_empty(c * plane).as_strided((n, c, h, w), (1, plane, w * n, n))
 
     @torch.library.register_fake("sparsecore::_csr_to_dense_cpu")
     def _(values: Tensor, col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> Tensor:

@@ -1,0 +1,286 @@
+// Direct CSR convolution for stride-1 convs, with the layer's epilogue fused (inference).
+//
+// W is (C_out, C_in*kh*kw) in CSR (column k = (ci*kh + i)*kw + j). For a stride-1 conv the
+// output row oh of one sample, computed over the zero-padded input's full width Wp (the last
+// Wp - OW columns of each row are discarded), is a contiguous run: output position
+// p = oh*Wp + ow reads input position p + off(k) of the padded sample, with
+//   off(k) = ci*Hp*Wp + i*dh*Wp + j*dw.
+// So one nonzero of row co multiplies a contiguous vector of the padded input into a
+// contiguous vector of outputs: no im2col matrix and no packing, the padded sample (a few
+// hundred KiB for CIFAR-sized layers) stays in the thread's L2 cache, and every output pixel
+// of a row runs through SIMD lanes, full width, whatever OW is.
+//
+// Per output row co: the row's positions are cut into chunks of U vectors (U accumulators,
+// U independent FMA chains; U is balanced so the last chunk is nearly full), each nonzero
+// adds value * the input run at off(k) + chunk start. The row then goes through the
+// epilogue into the output: optional 2x2/stride-2 max-pool, + bias, + residual, ReLU, in
+// that order (max commutes with adding a per-channel constant and with ReLU, so pooling
+// first does the rest on a quarter of the elements).
+//
+// Samples run in parallel when the batch has at least as many samples as threads (each
+// thread pads its own sample); a smaller batch pads each sample once and shares its rows.
+#include <ATen/ATen.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "threads.h"
+#include "vec.h"
+
+namespace sparsecore {
+namespace {
+
+using vec::VecOf;
+using vec::vec_scratch;
+
+// At most this many accumulators per chunk (the register file holds them, the broadcast
+// weight and the loads, with AVX2's 16 registers too).
+constexpr int kMaxU = 8;
+// Lane FMAs that pay for one more thread (a team's wake-up costs tens of microseconds).
+constexpr int64_t kWorkPerThread = int64_t(1) << 21;
+
+struct Geom {
+  int64_t N, C, H, W, Cout, kh, kw, ph, pw, dh, dw, Hp, Wp, OH, OW;
+  int64_t plane() const { return Hp * Wp; }
+  int64_t Lp() const { return OH * Wp; }  // computed positions of one output row
+};
+
+// How a row's Lp positions are cut: nchunk chunks of U vectors.
+struct Chunks {
+  int U;
+  int64_t n;
+};
+
+template <typename T>
+Chunks chunks_for(int64_t Lp) {
+  constexpr int W = VecOf<T>::V::W;
+  const int64_t nvec = (Lp + W - 1) / W;
+  const int64_t n = (nvec + kMaxU - 1) / kMaxU;
+  return {int((nvec + n - 1) / n), n};
+}
+
+// xp (C, Hp, Wp) = x (C, H, W) zero-padded; the `slack` elements after it are zeroed too
+// (the last chunk of a row reads up to there; those lanes are discarded).
+template <typename T>
+void pad_sample(const Geom& g, const T* x, T* xp, int64_t slack) {
+  for (int64_t c = 0; c < g.C; ++c) {
+    T* dst = xp + c * g.plane();
+    const T* src = x + c * g.H * g.W;
+    std::fill(dst, dst + g.ph * g.Wp, T(0));
+    for (int64_t h = 0; h < g.H; ++h) {
+      T* row = dst + (h + g.ph) * g.Wp;
+      std::fill(row, row + g.pw, T(0));
+      std::memcpy(row + g.pw, src + h * g.W, g.W * sizeof(T));
+      std::fill(row + g.pw + g.W, row + g.Wp, T(0));
+    }
+    std::fill(dst + (g.H + g.ph) * g.Wp, dst + g.plane(), T(0));
+  }
+  std::fill(xp + g.C * g.plane(), xp + g.C * g.plane() + slack, T(0));
+}
+
+// ys[co * ld + c*U*W, + U*W) = row co of W times chunk c of the padded sample xp, for every
+// row, chunk by chunk (a chunk's input runs, C channels of about (U*W + 2*Wp) elements, stay in
+// L1 while every row passes over them).
+template <typename T, int U>
+void sample_product(const T* xp, const int32_t* off, const T* val, const int32_t* rp,
+                    int64_t co0, int64_t co1, int64_t n, T* ys, int64_t ld) {
+  using V = typename VecOf<T>::V;
+  constexpr int64_t CH = int64_t(U) * V::W;
+  for (int64_t c = 0; c < n; ++c) {
+    const T* base = xp + c * CH;
+    for (int64_t co = co0; co < co1; ++co) {
+      V acc[U];
+      for (int u = 0; u < U; ++u) acc[u] = V::zero();
+      for (int64_t q = rp[co]; q < rp[co + 1]; ++q) {
+        const V w = V::bcast(val[q]);
+        const T* s = base + off[q];
+        for (int u = 0; u < U; ++u) acc[u].fma(w, V::load(s + u * V::W));
+      }
+      for (int u = 0; u < U; ++u) acc[u].store(ys + co * ld + c * CH + u * V::W);
+    }
+  }
+}
+
+template <typename T>
+using SampleFn = void (*)(const T*, const int32_t*, const T*, const int32_t*, int64_t, int64_t,
+                          int64_t, T*, int64_t);
+
+template <typename T>
+SampleFn<T> sample_fn(int U) {
+  switch (U) {
+    case 1: return &sample_product<T, 1>;
+    case 2: return &sample_product<T, 2>;
+    case 3: return &sample_product<T, 3>;
+    case 4: return &sample_product<T, 4>;
+    case 5: return &sample_product<T, 5>;
+    case 6: return &sample_product<T, 6>;
+    case 7: return &sample_product<T, 7>;
+    default: return &sample_product<T, 8>;
+  }
+}
+
+struct Epilogue {
+  bool pool, relu;
+  int64_t OHo, OWo;  // output (pooled) size
+};
+
+// out (OHo, OWo) of one channel = epilogue(srow laid out (OH, Wp)), + b, + res (or null).
+template <typename T>
+void row_epilogue(const Geom& g, const Epilogue& e, const T* srow, T b, const T* res, T* out) {
+  for (int64_t oh = 0; oh < e.OHo; ++oh) {
+    T* o = out + oh * e.OWo;
+    const T* r = res ? res + oh * e.OWo : nullptr;
+    if (e.pool) {
+      const T* s0 = srow + 2 * oh * g.Wp;
+      const T* s1 = s0 + g.Wp;
+      for (int64_t ow = 0; ow < e.OWo; ++ow) {
+        T v = std::max(std::max(s0[2 * ow], s0[2 * ow + 1]), std::max(s1[2 * ow], s1[2 * ow + 1]));
+        o[ow] = v + b;
+      }
+    } else {
+      const T* s = srow + oh * g.Wp;
+      for (int64_t ow = 0; ow < e.OWo; ++ow) o[ow] = s[ow] + b;
+    }
+    if (r)
+      for (int64_t ow = 0; ow < e.OWo; ++ow) o[ow] += r[ow];
+    if (e.relu)
+      for (int64_t ow = 0; ow < e.OWo; ++ow) o[ow] = std::max(o[ow], T(0));
+  }
+}
+
+template <typename T>
+void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* off, const T* val,
+                 const int32_t* rp, const T* bias, const T* res, T* out, int nthreads) {
+  const Chunks ch = chunks_for<T>(g.Lp());
+  const int64_t span = ch.n * ch.U * VecOf<T>::V::W;  // positions computed per row
+  const int64_t slack = span - g.Lp() + g.Wp + 64;
+  const int64_t xp_len = g.C * g.plane() + slack;
+  const SampleFn<T> fn = sample_fn<T>(ch.U);
+  const int64_t in_len = g.C * g.H * g.W, out_len = g.Cout * e.OHo * e.OWo;
+  const int64_t oplane = e.OHo * e.OWo;
+  auto finish = [&](int64_t n, int64_t co, const T* ys) {
+    row_epilogue(g, e, ys + co * span, bias ? bias[co] : T(0),
+                 res ? res + n * out_len + co * oplane : nullptr,
+                 out + n * out_len + co * oplane);
+  };
+  if (g.N >= nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t n = 0; n < g.N; ++n) {
+      T* xp = vec_scratch<T>(0, xp_len);
+      T* ys = vec_scratch<T>(1, g.Cout * span);
+      pad_sample(g, x + n * in_len, xp, slack);
+      fn(xp, off, val, rp, 0, g.Cout, ch.n, ys, span);
+      for (int64_t co = 0; co < g.Cout; ++co) finish(n, co, ys);
+    }
+    return;
+  }
+  // the calling thread's buffers, shared by the team
+  T* xp = vec_scratch<T>(0, xp_len);
+  T* ys = vec_scratch<T>(1, g.Cout * span);
+  constexpr int64_t kRows = 8;
+  const int64_t nblk = (g.Cout + kRows - 1) / kRows;
+  for (int64_t n = 0; n < g.N; ++n) {
+    pad_sample(g, x + n * in_len, xp, slack);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int64_t co0 = b * kRows, co1 = std::min(g.Cout, co0 + kRows);
+      fn(xp, off, val, rp, co0, co1, ch.n, ys, span);
+      for (int64_t co = co0; co < co1; ++co) finish(n, co, ys);
+    }
+  }
+}
+
+// x (N, C, H, W) -> (N, C_out, OH, OW), or (N, C_out, OH/2, OW/2) with `pool`; stride 1.
+at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
+                                 const at::Tensor& col_idx, const at::Tensor& row_ptr,
+                                 at::IntArrayRef weight_shape, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, bool relu,
+                                 bool pool) {
+  constexpr const char* op = "_csr_conv2d_fused_cpu";
+  TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(weight_shape.size() == 4, op, ": weight_shape must be (C_out, C_in, kh, kw)");
+  TORCH_CHECK(padding.size() == 2 && dilation.size() == 2, op,
+              ": padding and dilation must have 2 entries each");
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == values.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              op, ": x and values must both be float32 or both float64");
+  TORCH_CHECK(col_idx.scalar_type() == at::kInt && row_ptr.scalar_type() == at::kInt &&
+                  col_idx.is_contiguous() && row_ptr.is_contiguous() && values.is_contiguous(),
+              op, ": col_idx and row_ptr must be contiguous int32, values contiguous");
+  Geom g{x.size(0), x.size(1), x.size(2), x.size(3), weight_shape[0], weight_shape[2],
+         weight_shape[3], padding[0], padding[1], dilation[0], dilation[1], 0, 0, 0, 0};
+  TORCH_CHECK(weight_shape[1] == g.C, op, ": input has ", g.C, " channels, the weight expects ",
+              weight_shape[1]);
+  TORCH_CHECK(g.ph >= 0 && g.pw >= 0 && g.dh > 0 && g.dw > 0 && g.kh > 0 && g.kw > 0, op,
+              ": dilation must be positive, padding non-negative");
+  g.Hp = g.H + 2 * g.ph;
+  g.Wp = g.W + 2 * g.pw;
+  g.OH = g.Hp - g.dh * (g.kh - 1);
+  g.OW = g.Wp - g.dw * (g.kw - 1);
+  TORCH_CHECK(g.OH >= 1 && g.OW >= 1, op, ": the (padded) input is smaller than the kernel");
+  TORCH_CHECK(g.C * g.plane() + g.Wp + 1024 < (int64_t(1) << 31), op,
+              ": a padded sample of more than 2^31 elements is not supported");
+  const int64_t K = g.C * g.kh * g.kw, nnz = col_idx.numel();
+  TORCH_CHECK(row_ptr.numel() == g.Cout + 1, op, ": row_ptr must have C_out + 1 = ", g.Cout + 1,
+              " entries, got ", row_ptr.numel());
+  TORCH_CHECK(values.numel() == nnz, op, ": values and col_idx differ in length");
+  Epilogue e{pool, relu, pool ? g.OH / 2 : g.OH, pool ? g.OW / 2 : g.OW};
+  TORCH_CHECK(e.OHo >= 1 && e.OWo >= 1, op, ": the output is too small to max-pool 2x2");
+  const auto out_sizes = std::vector<int64_t>{g.N, g.Cout, e.OHo, e.OWo};
+  at::Tensor b, r;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == x.scalar_type() && b.numel() == g.Cout && b.is_cpu(), op,
+                ": bias must be (C_out,) of x's dtype");
+  }
+  if (residual.has_value()) {
+    r = residual->contiguous();
+    TORCH_CHECK(r.scalar_type() == x.scalar_type() && r.sizes() == at::IntArrayRef(out_sizes) &&
+                    r.is_cpu(),
+                op, ": residual must have the output's shape ", at::IntArrayRef(out_sizes),
+                " and x's dtype, got ", r.sizes());
+  }
+  // The CSR checks and the nonzeros' input offsets, in one O(nnz) pass.
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int32_t* col = col_idx.data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[g.Cout] == nnz, op, ": row_ptr must start at 0 and end at nnz");
+  for (int64_t o = 0; o < g.Cout; ++o)
+    TORCH_CHECK(rp[o] <= rp[o + 1], op, ": row_ptr must be non-decreasing (row ", o, ")");
+  std::vector<int32_t> off(std::max<int64_t>(nnz, 1));
+  const int64_t khw = g.kh * g.kw;
+  bool ok = true;
+  for (int64_t q = 0; q < nnz; ++q) {
+    const int64_t k = col[q];
+    ok = ok && k >= 0 && k < K;
+    const int64_t kk = ok ? k : 0, ci = kk / khw, i = (kk % khw) / g.kw, j = kk % g.kw;
+    off[q] = int32_t(ci * g.plane() + i * g.dh * g.Wp + j * g.dw);
+  }
+  TORCH_CHECK(ok, op, ": col_idx out of range [0, ", K, ")");
+
+  const at::Tensor xc = x.contiguous();
+  auto out = at::empty(out_sizes, x.options());
+  const int64_t work = nnz * g.N * g.Lp();
+  const int nthreads = int(std::clamp<int64_t>(work / min_work_per_thread(kWorkPerThread), 1,
+                                               omp_get_max_threads()));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    conv_direct<scalar_t>(g, e, xc.data_ptr<scalar_t>(), off.data(),
+                          values.data_ptr<scalar_t>(), rp,
+                          b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                          r.defined() ? r.data_ptr<scalar_t>() : nullptr,
+                          out.data_ptr<scalar_t>(), nthreads);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsecore, CPU, m) { m.impl("_csr_conv2d_fused_cpu", &_csr_conv2d_fused_cpu); }
+
+}  // namespace sparsecore

@@ -1,0 +1,106 @@
+// SIMD vectors for the convolution kernels: the widest the build has (AVX-512: 16 floats /
+// 8 doubles; AVX2: 8 / 4), plain scalars without AVX2/FMA; and per-thread scratch buffers.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace sparsecore {
+namespace vec {
+
+// ---- SIMD vectors: the widest the build has, scalars without AVX2/FMA ---------------------
+template <typename T>
+struct ScalarV {
+  static constexpr int W = 1;
+  T v;
+  static ScalarV zero() { return {T(0)}; }
+  static ScalarV load(const T* p) { return {*p}; }
+  static ScalarV bcast(T x) { return {x}; }
+  void store(T* p) const { *p = v; }
+  void fma(ScalarV a, ScalarV b) { v += a.v * b.v; }
+};
+
+#if defined(__AVX512F__)
+struct VF {
+  static constexpr int W = 16;
+  __m512 v;
+  static VF zero() { return {_mm512_setzero_ps()}; }
+  static VF load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static VF bcast(float x) { return {_mm512_set1_ps(x)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void fma(VF a, VF b) { v = _mm512_fmadd_ps(a.v, b.v, v); }
+};
+struct VD {
+  static constexpr int W = 8;
+  __m512d v;
+  static VD zero() { return {_mm512_setzero_pd()}; }
+  static VD load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  static VD bcast(double x) { return {_mm512_set1_pd(x)}; }
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
+  void fma(VD a, VD b) { v = _mm512_fmadd_pd(a.v, b.v, v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct VF {
+  static constexpr int W = 8;
+  __m256 v;
+  static VF zero() { return {_mm256_setzero_ps()}; }
+  static VF load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static VF bcast(float x) { return {_mm256_set1_ps(x)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void fma(VF a, VF b) { v = _mm256_fmadd_ps(a.v, b.v, v); }
+};
+struct VD {
+  static constexpr int W = 4;
+  __m256d v;
+  static VD zero() { return {_mm256_setzero_pd()}; }
+  static VD load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  static VD bcast(double x) { return {_mm256_set1_pd(x)}; }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+  void fma(VD a, VD b) { v = _mm256_fmadd_pd(a.v, b.v, v); }
+};
+#else
+using VF = ScalarV<float>;
+using VD = ScalarV<double>;
+#endif
+
+template <typename T>
+struct VecOf {
+  using V = VF;
+};
+template <>
+struct VecOf<double> {
+  using V = VD;
+};
+
+
+// Per-thread scratch, 64-byte aligned, kept across calls (fresh buffers would be
+// page-faulted in on every call).
+// Slots 0-3; each kernel family uses its own slots.
+template <typename T>
+inline T* vec_scratch(int slot, int64_t n) {
+  struct Buf {
+    void* p = nullptr;
+    int64_t bytes = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf bufs[4];
+  Buf& b = bufs[slot];
+  const int64_t bytes = (std::max<int64_t>(n, 1) * int64_t(sizeof(T)) + 63) / 64 * 64;
+  if (b.bytes < bytes) {
+    std::free(b.p);
+    b.p = std::aligned_alloc(64, bytes);
+    b.bytes = b.p ? bytes : 0;
+    TORCH_CHECK(b.p, "sparsecore: out of memory allocating a ", bytes, "-byte workspace");
+  }
+  return static_cast<T*>(b.p);
+}
+
+}  // namespace vec
+}  // namespace sparsecore

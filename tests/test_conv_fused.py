@@ -1,0 +1,191 @@
+"""The fused CPU conv kernels of sparsecore.optimize(): "csr_direct" (each zero-padded sample
+read in place) and "csr_chwn" (the batch as the vector dimension, padding taps skipped), with
+their epilogue (2x2 max-pool, bias, residual, ReLU), against float64 dense references on fresh
+random data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsecore import _ext
+from sparsecore.nn.fused import CHWN_CHANNEL_TILE, tap_major_csr
+from sparsecore.testing import kernel_threads
+
+pytestmark = pytest.mark.skipif(not _ext.has_cpu_ext(), reason="needs the C++ extension")
+
+
+def _weight(c_out: int, c_in: int, kh: int, kw: int, density: float,
+            dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    mask = torch.rand(c_out, c_in, kh, kw) < density
+    mask[0, 0, 0, 0] = True  # at least one kept weight
+    return torch.randn(c_out, c_in, kh, kw, dtype=dtype) * mask, mask
+
+
+def _csr(w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    m = mask.reshape(w.shape[0], -1)
+    rows, cols = m.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(w.shape[0] + 1, dtype=torch.int32)
+    row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=w.shape[0]), 0)
+    return w.reshape(w.shape[0], -1)[rows, cols].contiguous(), cols.to(torch.int32), row_ptr
+
+
+def _reference(x: Tensor, w: Tensor, stride, padding, dilation, bias, residual, relu,
+               pool) -> Tensor:
+    y = F.conv2d(x.double(), w.double(), None, stride, padding, dilation)
+    if pool:
+        y = F.max_pool2d(y, 2)
+    if bias is not None:
+        y = y + bias.double().view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.double()
+    return y.relu() if relu else y
+
+
+def _run(kernel: str, x: Tensor, w: Tensor, mask: Tensor, stride, padding, dilation, bias,
+         residual, relu, pool, channel_tile: int = CHWN_CHANNEL_TILE) -> Tensor:
+    if kernel == "csr_direct":
+        assert list(stride) == [1, 1]
+        values, col, row_ptr = _csr(w, mask)
+        return torch.ops.sparsecore._csr_conv2d_fused_cpu(
+            x, values, col, row_ptr, list(w.shape), list(padding), list(dilation), bias,
+            residual, relu, pool)
+    values, ci, tap_ptr = tap_major_csr(w, mask, channel_tile)
+    return torch.ops.sparsecore._csr_conv2d_chwn_cpu(
+        x, values, ci, tap_ptr, channel_tile, list(w.shape), list(stride), list(padding),
+        list(dilation), bias, residual, relu, pool)
+
+
+def _close(got: Tensor, ref: Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == ref.shape
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    scale = ref.abs().max().item() + 1e-30
+    err = (got.double() - ref).abs().max().item()
+    assert err <= tol * scale, f"error {err:.3g} of {scale:.3g}"
+
+
+# (N, C_in, H, W, C_out, kh, kw, stride, padding, dilation)
+GEOMS = [
+    (3, 5, 7, 9, 6, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (2, 16, 8, 8, 32, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (17, 9, 3, 5, 4, 3, 3, (1, 1), (1, 1), (1, 1)),  # a 3-row image, odd batch
+    (32, 8, 2, 2, 8, 3, 3, (1, 1), (1, 1), (1, 1)),  # 2x2: most taps on the padding
+    (64, 13, 4, 4, 24, 3, 3, (1, 1), (1, 1), (1, 1)),  # a whole-vector batch
+    (4, 7, 5, 6, 3, 1, 1, (1, 1), (0, 0), (1, 1)),
+    (2, 4, 9, 9, 5, 3, 3, (1, 1), (2, 2), (2, 2)),
+    (16, 6, 6, 7, 9, 5, 3, (1, 1), (2, 0), (1, 1)),  # 5x3 kernel, uneven padding
+    (1, 11, 12, 10, 7, 3, 3, (1, 1), (1, 1), (1, 1)),  # batch 1
+]
+STRIDED = [  # csr_chwn only
+    (5, 6, 8, 8, 7, 3, 3, (2, 2), (1, 1), (1, 1)),
+    (16, 5, 9, 7, 6, 3, 3, (2, 1), (1, 1), (1, 1)),
+    (64, 9, 8, 8, 11, 1, 1, (2, 2), (0, 0), (1, 1)),  # a ResNet shortcut
+    (4, 3, 7, 7, 5, 3, 3, (2, 3), (0, 0), (2, 1)),
+]
+
+
+CASES = ([("csr_direct", g) for g in GEOMS] + [("csr_chwn", g) for g in GEOMS + STRIDED])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel,geom", CASES)
+@pytest.mark.parametrize("epi", ["none", "bias_relu", "pool_bias_relu_residual", "residual"])
+def test_matches_dense_reference(kernel, geom, dtype, epi) -> None:
+    n, c_in, h, w_, c_out, kh, kw, stride, padding, dilation = geom
+    pool = "pool" in epi
+    w, mask = _weight(c_out, c_in, kh, kw, 0.3, dtype)
+    x = torch.randn(n, c_in, h, w_, dtype=dtype)
+    out_hw = F.conv2d(x, w, None, stride, padding, dilation).shape[-2:]
+    pool = pool and min(out_hw) >= 2  # a 1-pixel output cannot be pooled (test_errors)
+    bias = torch.randn(c_out, dtype=dtype) if "bias" in epi else None
+    relu = "relu" in epi
+    ref_shape = F.max_pool2d(torch.empty(1, 1, *out_hw), 2).shape[-2:] if pool else out_hw
+    residual = (torch.randn(n, c_out, *ref_shape, dtype=dtype) if "residual" in epi else None)
+    x_before = x.clone()
+    got = _run(kernel, x, w, mask, stride, padding, dilation, bias, residual, relu, pool)
+    _close(got, _reference(x, w, stride, padding, dilation, bias, residual, relu, pool), dtype)
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("kernel", ["csr_direct", "csr_chwn"])
+@pytest.mark.parametrize("batch", [1, 3, 32])
+def test_threaded_paths(kernel, batch) -> None:
+    """Two threads on small shapes: sample-parallel (batch >= threads), and the rows of one
+    sample shared by the team (batch 1) / the work items of the batch-last kernel."""
+    w, mask = _weight(19, 6, 3, 3, 0.4, torch.float64)
+    x = torch.randn(batch, 6, 10, 8, dtype=torch.float64)
+    bias = torch.randn(19, dtype=torch.float64)
+    with kernel_threads(2):
+        got = _run(kernel, x, w, mask, (1, 1), (1, 1), (1, 1), bias, None, True, True)
+    _close(got, _reference(x, w, (1, 1), (1, 1), (1, 1), bias, None, True, True), torch.float64)
+
+
+@pytest.mark.parametrize("channel_tile", [1, 4, 7, 64])
+def test_chwn_channel_tiles(channel_tile) -> None:
+    w, mask = _weight(12, 23, 3, 3, 0.3, torch.float64)
+    x = torch.randn(8, 23, 6, 5, dtype=torch.float64)
+    got = _run("csr_chwn", x, w, mask, (1, 1), (1, 1), (1, 1), None, None, False, False,
+               channel_tile)
+    _close(got, _reference(x, w, (1, 1), (1, 1), (1, 1), None, None, False, False),
+           torch.float64)
+
+
+def test_chwn_layout_is_kept_between_layers() -> None:
+    """The output is batch-last (channel planes one cache line apart) and the next csr_chwn
+    layer reads it (in place when the batch fills whole vectors); a residual in that layout or
+    in NCHW gives the same result."""
+    torch.manual_seed(0)
+    w1, m1 = _weight(24, 8, 3, 3, 0.3, torch.float32)
+    w2, m2 = _weight(24, 24, 3, 3, 0.3, torch.float32)
+    x = torch.randn(64, 8, 6, 6)
+    y1 = _run("csr_chwn", x, w1, m1, (1, 1), (1, 1), (1, 1), None, None, True, False)
+    assert y1.stride(0) == 1 and y1.stride(3) == 64 and y1.stride(1) > 36 * 64
+    for residual in (y1, y1.contiguous()):
+        y2 = _run("csr_chwn", y1, w2, m2, (1, 1), (1, 1), (1, 1), None, residual, True, False)
+        ref1 = _reference(x, w1, 1, 1, 1, None, None, True, False)
+        ref2 = _reference(ref1, w2, 1, 1, 1, None, ref1, True, False)
+        _close(y2, ref2, torch.float32)
+    odd = _run("csr_chwn", x[:5], w1, m1, (1, 1), (1, 1), (1, 1), None, None, True, False)
+    assert odd.stride()[0] == 1 and odd.stride()[3] == 5  # batch-last whatever the batch
+    odd2 = _run("csr_chwn", odd, w2, m2, (1, 1), (1, 1), (1, 1), None, None, True, False)
+    ref1 = _reference(x[:5], w1, 1, 1, 1, None, None, True, False)
+    _close(odd2, _reference(ref1, w2, 1, 1, 1, None, None, True, False), torch.float32)
+
+
+def test_errors() -> None:
+    w, mask = _weight(4, 3, 3, 3, 0.5, torch.float32)
+    x = torch.randn(2, 3, 6, 6)
+    values, ci, tap_ptr = tap_major_csr(w, mask, 8)
+    chwn = torch.ops.sparsecore._csr_conv2d_chwn_cpu
+    args = (values, ci, tap_ptr, 8, [4, 3, 3, 3], [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="channels"):
+        chwn(torch.randn(2, 5, 6, 6), *args, None, None, False, False)
+    bad_ci = ci.clone()
+    bad_ci[0] = 3
+    with pytest.raises(RuntimeError, match="invalid weight structure"):
+        chwn(x, values, bad_ci, tap_ptr, *args[3:], None, None, False, False)
+    bad_ptr = tap_ptr.clone()
+    bad_ptr[-1] += 1
+    with pytest.raises(RuntimeError, match="invalid weight structure"):
+        chwn(x, values, ci, bad_ptr, *args[3:], None, None, False, False)
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        chwn(x, *args, None, torch.randn(2, 4, 5, 6), False, False)
+    with pytest.raises(RuntimeError, match="float32 or both float64"):
+        chwn(x.double(), *args, None, None, False, False)
+    with pytest.raises(RuntimeError, match="too small to max-pool"):
+        chwn(torch.randn(2, 3, 1, 1), *args, None, None, False, True)
+    values, col, row_ptr = _csr(w, mask)
+    direct = torch.ops.sparsecore._csr_conv2d_fused_cpu
+    bad_col = col.clone()
+    bad_col[0] = 27
+    with pytest.raises(RuntimeError, match="out of range"):
+        direct(x, values, bad_col, row_ptr, [4, 3, 3, 3], [1, 1], [1, 1], None, None, False,
+               False)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        direct(x, values, col, row_ptr, [4, 3, 3, 3], [1, 1], [1, 1], torch.randn(5), None,
+               False, False)
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        direct(torch.randn(2, 3, 1, 1), values, col, row_ptr, [4, 3, 3, 3], [0, 0], [1, 1],
+               None, None, False, False)
