@@ -206,18 +206,19 @@ DIRECT_CONVS = [
 
 
 @pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("case", DIRECT_CONVS)
-def test_conv_cpp_direct(sparsity: float, case: tuple) -> None:
+def test_conv_cpp_direct(threads: int, sparsity: float, case: tuple) -> None:
     """Stride 1 on the C++ backend: the direct forward, dX through the transposed-flipped
     weight (or the transposed product where the padding rules that out), and dW, in float64
-    against the dense conv."""
+    against the dense conv, on one thread and on several."""
     n, c, h, wd, c_out, kh, kw, padding, dilation = case
     geom = ((1, 1), padding, dilation)
     w = random_csr((c_out, c, kh, kw), sparsity, torch.float64)
     x = torch.randn(n, c, h, wd, dtype=torch.float64)
     dy = torch.randn(F.conv2d(x, w.to_dense(), None, *geom).shape, dtype=torch.float64)
-    with use_backend("cpp"):
+    with use_backend("cpp"), kernel_threads(threads):
         got = conv_products(w, x, dy, geom)
         got["dx_flipped"] = ops.csr_conv2d_dx(dy, w.transposed_values(), w.t_col_idx,
                                               w.t_row_ptr, w.cpu_tilings()[1], w.shape,
