@@ -284,7 +284,9 @@ class BSRWeight:
 # in order, which streams memory and measured faster there), the transpose for
 # the input gradient dX = dY W (values[t_perm] is W^T's values in CSR order, with t_col_idx /
 # t_row_ptr / t_row_order), and, built on first use on the CPU, the C++ kernels' tile-major
-# layouts of W and W^T (see csrc/cpu/csr.cpp), which depend only on the sparsity pattern.
+# layouts of W and W^T (see csrc/cpu/csr.cpp) and, for a conv weight, the CSR structure of
+# the transposed-flipped weight that the direct kernel takes for a stride-1 input gradient
+# (conv_flip_structure); these depend only on the sparsity pattern.
 
 _CSR_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
@@ -292,6 +294,8 @@ _INT32_MAX = 2**31 - 1
 # store one keep exactly these.
 CSR_INDEX_FIELDS = ("col_idx", "row_ptr", "row_idx", "row_order",
                     "t_perm", "t_col_idx", "t_row_ptr", "t_row_order")  # fmt: skip
+# The int32 arrays of conv_flip_structure.
+CSR_FLIP_FIELDS = ("f_perm", "f_col_idx", "f_row_ptr")
 
 
 def _length_order(ptr: Tensor) -> Tensor:
@@ -321,6 +325,32 @@ def csr_structure(col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> dict[str, Te
         "t_col_idx": rows[t_perm].to(i32),
         "t_row_ptr": t_row_ptr,
         "t_row_order": _length_order(t_row_ptr),
+    }
+
+
+def conv_flip_structure(row_idx: Tensor, col_idx: Tensor,
+                        shape: Sequence[int]) -> dict[str, Tensor]:
+    """The CSR structure (int32) of the transposed-flipped weight W' (C_in, C_out, kh, kw),
+    W'[i, o, u, v] = W[o, i, kh-1-u, kw-1-v], of a conv weight W of this shape whose matrix
+    view has its nonzeros at (row_idx, col_idx), as a CSR over W''s matrix view
+    (C_in, C_out*kh*kw): f_perm (nnz,) such that values[f_perm] are W''s values in CSR order,
+    f_col_idx (nnz,) and f_row_ptr (C_in + 1,). Output shapes follow the input's alone (a
+    sort and a search, no bincount), so a traced call can build it too."""
+    if len(shape) != 4:
+        raise ValueError(f"the transposed-flipped structure needs a 4-D conv weight shape, "
+                         f"got {tuple(shape)}")
+    c_out, c_in, kh, kw = (int(s) for s in shape)
+    taps = kh * kw
+    cols = col_idx.long()
+    in_ch = cols // taps
+    f_cols = row_idx.long() * taps + (taps - 1 - cols % taps)
+    f_perm = torch.argsort(in_ch * (c_out * taps) + f_cols)  # keys are unique
+    bounds = torch.arange(c_in + 1, device=col_idx.device)
+    i32 = torch.int32
+    return {
+        "f_perm": f_perm.to(i32),
+        "f_col_idx": f_cols[f_perm].to(i32),
+        "f_row_ptr": torch.searchsorted(in_ch[f_perm], bounds).to(i32),
     }
 
 
@@ -380,12 +410,14 @@ class CSRWeight:
     (n_rows = shape[0], n_cols = the product of the rest). values: (nnz,) float; col_idx,
     row_ptr: int32 (int64 accepted and converted); the other index arrays are derived. The
     constructor validates (ValueError naming the field); `check=False` skips that for arrays
-    already validated (the layers' buffers).
+    already validated (the layers' buffers). `tilings` and `flip`, when given, are the
+    pattern-only layouts of cpu_tilings() / cpu_conv_flip() already built for these arrays.
     """
 
     def __init__(self, values: Tensor, col_idx: Tensor, row_ptr: Tensor, shape: Sequence[int],
                  *, check: bool = True, derived: dict[str, Tensor] | None = None,
-                 tilings: tuple[Tensor | None, Tensor | None] = (None, None)) -> None:
+                 tilings: tuple[Tensor | None, Tensor | None] = (None, None),
+                 flip: dict[str, Tensor] | None = None) -> None:
         self.shape = tuple(int(s) for s in shape)
         if check:
             _check_csr(values, col_idx, row_ptr, self.shape)
@@ -394,6 +426,7 @@ class CSRWeight:
         for name in CSR_INDEX_FIELDS:
             setattr(self, name, fields[name])
         self.tiling, self.t_tiling = tilings
+        self.flip = flip
 
     @classmethod
     def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> CSRWeight:
@@ -496,13 +529,31 @@ class CSRWeight:
                 self.tiling, self.t_tiling = tilings
         return self.tiling, self.t_tiling
 
+    def cpu_conv_flip(self) -> dict[str, Tensor] | None:
+        """The CSR structure of the transposed-flipped conv weight (conv_flip_structure), which
+        the C++ direct kernel takes for a stride-1 input gradient, built once (None off the
+        CPU or without the extension). A traced call builds it without keeping it, as
+        cpu_tilings does. ValueError for a weight that is not 4-D."""
+        if len(self.shape) != 4:
+            raise ValueError(f"cpu_conv_flip needs a conv weight (4-D), this one has shape "
+                             f"{self.shape}")
+        if self.flip is None and self.device.type == "cpu":
+            from sparsecore import _ext
+
+            if _ext.has_cpu_ext():
+                flip = conv_flip_structure(self.row_idx, self.col_idx, self.shape)
+                if torch.compiler.is_compiling():
+                    return flip
+                self.flip = flip
+        return self.flip
+
     def with_values(self, values: Tensor) -> CSRWeight:
         """The same structure with other values (e.g. a layer's Parameter); no copy, no check."""
         if values.shape != self.values.shape:
             raise ValueError(f"values must have shape ({self.nnz},), got {tuple(values.shape)}")
         fields = {n: getattr(self, n) for n in CSR_INDEX_FIELDS}
         return CSRWeight(values, self.col_idx, self.row_ptr, self.shape, check=False,
-                         derived=fields, tilings=(self.tiling, self.t_tiling))
+                         derived=fields, tilings=(self.tiling, self.t_tiling), flip=self.flip)
 
     def to(self, *args: object, **kwargs: object) -> CSRWeight:
         """Like Tensor.to: a device moves every array, a dtype converts the values only."""
@@ -513,9 +564,10 @@ class CSRWeight:
         fields = {n: getattr(self, n).to(device=device, non_blocking=non_blocking)
                   for n in CSR_INDEX_FIELDS}
         moved = device is not None and torch.device(device) != self.device
+        # The tilings and the flipped structure are CPU-only: rebuilt on first use there.
         tilings = (None, None) if moved else (self.tiling, self.t_tiling)
         return CSRWeight(values, fields["col_idx"], fields["row_ptr"], self.shape, check=False,
-                         derived=fields, tilings=tilings)
+                         derived=fields, tilings=tilings, flip=None if moved else self.flip)
 
     def __repr__(self) -> str:
         return (f"CSRWeight(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparsecore import formats, has_cpu_ext
-from sparsecore.formats import CSRWeight, csr_structure
+from sparsecore.formats import CSRWeight, conv_flip_structure, csr_structure
 
 CPP = pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
 SHAPES = [(37, 53), (1, 1), (5, 3, 3, 3), (16, 8, 1, 5)]
@@ -161,6 +161,40 @@ def test_cpu_tilings_are_cached_and_checked() -> None:
     corrupt[-1] = 10**6  # a column index out of range
     with pytest.raises(RuntimeError, match="corrupt"):
         op(x, csr.values, csr.col_idx, csr.row_ptr, corrupt, 40)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 3, 3), (16, 8, 1, 5), (7, 9, 5, 2), (1, 1, 1, 1),
+                                   (11, 6, 1, 1)])
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_conv_flip_structure(shape: tuple[int, ...], sparsity: float) -> None:
+    """values[f_perm] in (f_col_idx, f_row_ptr) is a valid CSR of the weight transposed in
+    its first two dims and flipped in both spatial ones."""
+    w, mask = masked(shape, sparsity)
+    csr = CSRWeight.from_dense(w, mask)
+    st = conv_flip_structure(csr.row_idx, csr.col_idx, csr.shape)
+    assert all(t.dtype == torch.int32 for t in st.values())
+    assert torch.equal(st["f_perm"].sort().values, torch.arange(csr.nnz, dtype=torch.int32))
+    c_out, c_in, kh, kw = shape
+    flipped = CSRWeight(csr.values[st["f_perm"].long()], st["f_col_idx"], st["f_row_ptr"],
+                        (c_in, c_out, kh, kw))  # validates: sorted columns, row_ptr
+    assert torch.equal(flipped.to_dense(), csr.to_dense().transpose(0, 1).flip(2, 3))
+    with pytest.raises(ValueError, match="4-D"):
+        conv_flip_structure(csr.row_idx, csr.col_idx, (c_out, c_in * kh * kw))
+
+
+@CPP
+def test_cpu_conv_flip_is_cached_and_carried() -> None:
+    w, mask = masked((6, 5, 3, 3), 0.7)
+    csr = CSRWeight.from_dense(w, mask)
+    assert csr.flip is None
+    flip = csr.cpu_conv_flip()
+    assert csr.cpu_conv_flip() is flip
+    ref = conv_flip_structure(csr.row_idx, csr.col_idx, csr.shape)
+    assert all(torch.equal(flip[k], ref[k]) for k in ref)
+    assert csr.with_values(csr.values * 2).flip is flip
+    assert csr.to(torch.float32).flip is flip  # a dtype change keeps the pattern's arrays
+    with pytest.raises(ValueError, match="conv weight"):
+        CSRWeight.from_dense(*masked((6, 5), 0.5)).cpu_conv_flip()
 
 
 @CPP

@@ -1,5 +1,7 @@
-"""SparseLinear / SparseConv2d and sparsify(): outputs and every gradient against dense layers,
-gradcheck, fixed masks under training, state_dict round trips, and the errors bad use gets."""
+"""SparseLinear / SparseConv2d and sparsify(): outputs and every gradient against dense layers
+(the stride-1 conv's direct kernels included), gradcheck, fixed masks under training,
+state_dict round trips (a new pattern rebuilds what the layer derives from it), and the
+errors bad use gets."""
 
 from __future__ import annotations
 
@@ -130,6 +132,92 @@ def _with(module: nn.Module, values: torch.Tensor, bias: torch.Tensor):
     if isinstance(module, SparseLinear):
         return lambda x: sparse_linear(x, w, bias)
     return lambda x: sparse_conv2d(x, w, bias, module.stride, module.padding, module.dilation)
+
+
+DIRECT_GEOMS = [
+    # (C_in, C_out, kernel, padding, dilation, (H, W)) at stride 1: the C++ backend runs the
+    # forward and dX as direct convs (dX on the transposed-flipped weight), except where the
+    # padding passes the dilated kernel (the last one: dX on the transposed product)
+    (3, 5, 1, 0, 1, (7, 10)),
+    (7, 11, 3, 1, 1, (9, 6)),
+    (13, 6, 3, (0, 2), 1, (8, 11)),
+    (5, 9, 5, 2, 1, (12, 9)),
+    (9, 10, 3, 2, 2, (11, 8)),
+    (6, 3, (5, 3), (2, 0), (1, 2), (10, 13)),
+    (4, 12, 1, 1, 1, (6, 7)),
+]
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, None])
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("geom", DIRECT_GEOMS)
+def test_conv_stride1_matches_masked_dense(backend: str | None, batch: int,
+                                           geom: tuple) -> None:
+    """A stride-1 SparseConv2d (float64, 90% sparse) against its masked dense twin: output,
+    input gradient, the kept weights' gradient and the bias gradient."""
+    c_in, c_out, kernel, padding, dilation, hw = geom
+    dense = nn.Conv2d(c_in, c_out, kernel, padding=padding, dilation=dilation).double()
+    sparse = SparseConv2d.from_dense(dense, sparsity=0.9)
+    masked_twin(dense, sparse)
+    direct = sparse._uses_flip()
+    assert direct == (geom is not DIRECT_GEOMS[-1])
+    assert (sparse.f_perm is not None) == (direct and has_cpu_ext())
+    x = torch.randn(batch, c_in, *hw, dtype=torch.float64)
+    dy = torch.randn_like(dense(x))
+    with use_backend(backend):
+        got = grads(sparse, x, dy)
+    ref = grads(dense, x, dy)
+    ref["dw"] = ref["dw"] * sparse.mask()
+    for key in got:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("geom", [dict(kernel_size=3, padding=1),
+                                  dict(kernel_size=(3, 2), padding=(2, 0), dilation=(2, 1))])
+def test_gradcheck_stride1(backend: str, geom: dict) -> None:
+    conv = SparseConv2d.from_dense(nn.Conv2d(3, 5, **geom).double(), sparsity=0.5)
+    with use_backend(backend):
+        x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+        torch.autograd.gradcheck(lambda x, v, b: _with(conv, v, b)(x),
+                                 (x, conv.values, conv.bias))
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="the flipped structure feeds the C++ kernel")
+@pytest.mark.parametrize("how", ["load_state_dict", "from_dense"])
+def test_new_pattern_rebuilds_the_flipped_structure(how: str) -> None:
+    """A layer re-pruned to another pattern with the same nnz (so that stale arrays would
+    still fit) rebuilds its transposed-flipped structure: its input gradient is the new
+    pattern's, which the old structure would get wrong."""
+    dense = nn.Conv2d(6, 7, 3, padding=1).double()
+    old_mask = torch.rand(7, 6, 3, 3) < 0.3
+    new_mask = torch.zeros_like(old_mask).view(-1)
+    new_mask[torch.randperm(new_mask.numel())[:int(old_mask.sum())]] = True
+    new_mask = new_mask.view(old_mask.shape)
+    layer = SparseConv2d.from_dense(dense, old_mask)
+    stale = {n: getattr(layer, n) for n in ("f_perm", "f_col_idx", "f_row_ptr")}
+    x = torch.randn(3, 6, 8, 9, dtype=torch.float64)
+    grads(layer, x, torch.randn(3, 7, 8, 9, dtype=torch.float64))  # a step on the old pattern
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) + 0.5)  # retrained weights
+    repruned = SparseConv2d.from_dense(dense, new_mask)
+    if how == "load_state_dict":
+        layer.load_state_dict(repruned.state_dict())
+    else:
+        layer = repruned
+    assert torch.equal(layer.mask(), new_mask)
+    assert not torch.equal(layer.f_col_idx, stale["f_col_idx"])
+    masked_twin(dense, layer)
+    dy = torch.randn(3, 7, 8, 9, dtype=torch.float64)
+    ref = grads(dense, x, dy)
+    with use_backend("cpp"):
+        got = grads(layer, x, dy)
+        torch.testing.assert_close(got["dx"], ref["dx"], rtol=1e-10, atol=1e-10)
+        for name, t in stale.items():  # the old structure, kept, would give a wrong dX
+            setattr(layer, name, t)
+        wrong = grads(layer, x, dy)
+    assert not torch.allclose(wrong["dx"], ref["dx"])
 
 
 @pytest.mark.parametrize("make_opt", [

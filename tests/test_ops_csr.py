@@ -1,6 +1,7 @@
 """The CSR custom ops (csr_dsd, csr_sddmm, csr_conv2d, csr_conv2d_dx, csr_conv2d_dw) on every
-CPU backend against float64 dense references, opcheck, the dispatcher's refusals, and the
-Triton kernels under TRITON_INTERPRET=1 (marker `interpreter`)."""
+CPU backend against float64 dense references, the C++ direct (stride-1) conv kernels and
+which geometry runs them, opcheck, the dispatcher's refusals, and the Triton kernels under
+TRITON_INTERPRET=1 (marker `interpreter`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecore import NotSupportedError, has_cpu_ext, ops, use_backend
-from sparsecore.formats import CSRWeight
+from sparsecore.formats import CSRWeight, conv_flip_structure
 from sparsecore.testing import assert_error_within, kernel_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,6 +183,86 @@ def test_conv_cpp_threads(threads: int, batch: int, case: tuple) -> None:
                                    msg=lambda m, key=key: f"{key}: {m}")
 
 
+def flipped(w: CSRWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """csr_conv2d_dx's transposed-flipped operands (values[f_perm], f_col_idx, f_row_ptr)."""
+    st = conv_flip_structure(w.row_idx, w.col_idx, w.shape)
+    return w.values[st["f_perm"].long()], st["f_col_idx"], st["f_row_ptr"]
+
+
+DIRECT_CONVS = [
+    # (N, C, H, W, C_out, kh, kw, padding, dilation) at stride 1: channel counts that are not
+    # multiples of 8, non-square inputs; the last two pad beyond the dilated kernel, where dX
+    # keeps the transposed product
+    (1, 3, 7, 10, 5, 1, 1, (0, 0), (1, 1)),
+    (5, 7, 9, 6, 11, 3, 3, (1, 1), (1, 1)),
+    (5, 13, 8, 11, 6, 3, 3, (0, 2), (1, 1)),
+    (1, 5, 12, 9, 9, 5, 5, (2, 2), (1, 1)),
+    (5, 6, 10, 13, 3, 5, 3, (0, 1), (1, 1)),
+    (1, 9, 11, 8, 10, 3, 3, (2, 2), (2, 2)),
+    (5, 4, 9, 9, 7, 3, 5, (2, 0), (1, 2)),
+    (5, 3, 6, 7, 12, 1, 1, (1, 1), (1, 1)),
+    (1, 10, 8, 5, 5, 3, 3, (3, 1), (1, 1)),
+]
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("case", DIRECT_CONVS)
+def test_conv_cpp_direct(threads: int, sparsity: float, case: tuple) -> None:
+    """Stride 1 on the C++ backend: the direct forward, dX through the transposed-flipped
+    weight (or the transposed product where the padding rules that out), and dW, in float64
+    against the dense conv, on one thread and on several."""
+    n, c, h, wd, c_out, kh, kw, padding, dilation = case
+    geom = ((1, 1), padding, dilation)
+    w = random_csr((c_out, c, kh, kw), sparsity, torch.float64)
+    x = torch.randn(n, c, h, wd, dtype=torch.float64)
+    dy = torch.randn(F.conv2d(x, w.to_dense(), None, *geom).shape, dtype=torch.float64)
+    with use_backend("cpp"), kernel_threads(threads):
+        got = conv_products(w, x, dy, geom)
+        got["dx_flipped"] = ops.csr_conv2d_dx(dy, w.transposed_values(), w.t_col_idx,
+                                              w.t_row_ptr, w.cpu_tilings()[1], w.shape,
+                                              x.shape[2:], *geom, *flipped(w))
+    ref = dense_conv(w, x, dy, geom)
+    ref["dx_flipped"] = ref["dx"]
+    for key in got:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
+def test_conv_cpp_direct_kernel_runs_where_it_applies() -> None:
+    """The forward at stride 1 ignores the tiling (the direct kernel takes none), other strides
+    check it; dX reads the transposed-flipped operands exactly where the geometry allows
+    (the transposed ones are zeroed there) and the transposed ones elsewhere (then the
+    flipped ones are zeroed)."""
+    w = random_csr((6, 5, 3, 3), 0.6, torch.float64)
+    foreign = random_csr((6, 5, 3, 3), 0.6, torch.float64).cpu_tilings()[0]
+    x = torch.randn(2, 5, 9, 7, dtype=torch.float64)
+    with use_backend("cpp"):
+        for geom in (((1, 1), (1, 1), (1, 1)), ((1, 1), (3, 0), (1, 1)), ((2, 2), (1, 1), (1, 1))):
+            y_args = (x, w.values, w.col_idx, w.row_ptr, foreign, w.shape, *geom)
+            direct = ops.flipped_conv_padding(w.shape[2:], *geom) is not None
+            if geom[0] == (1, 1):
+                torch.testing.assert_close(ops.csr_conv2d(*y_args), F.conv2d(x, w.to_dense(),
+                                                                             None, *geom))
+            else:
+                with pytest.raises(RuntimeError, match="does not belong"):
+                    ops.csr_conv2d(*y_args)
+            dy = torch.randn(F.conv2d(x, w.to_dense(), None, *geom).shape, dtype=torch.float64)
+            t_values, f = w.transposed_values(), list(flipped(w))
+            if direct:
+                t_values = torch.zeros_like(t_values)
+            else:
+                f[0] = torch.zeros_like(f[0])
+            dx = ops.csr_conv2d_dx(dy, t_values, w.t_col_idx, w.t_row_ptr, None, w.shape,
+                                   x.shape[2:], *geom, *f)
+            ref = torch.nn.grad.conv2d_input(x.shape, w.to_dense(), dy, *geom)
+            torch.testing.assert_close(dx, ref, rtol=1e-10, atol=1e-10, msg=str(geom))
+    assert ops.flipped_conv_padding([3, 3], [1, 1], [1, 1], [2, 1]) == [3, 1]
+    assert ops.flipped_conv_padding([3, 3], [1, 2], [0, 0], [1, 1]) is None
+
+
 def _op_samples() -> list[tuple]:
     w = random_csr((11, 3, 2, 2), 0.6)
     m = random_csr((11, 12), 0.6)
@@ -200,12 +281,14 @@ def _op_samples() -> list[tuple]:
         (ops.csr_conv2d, (xc, w.values, w.col_idx, w.row_ptr, ctiling, list(w.shape), *geom)),
         (ops.csr_conv2d_dx, (dyc, w.transposed_values(), w.t_col_idx, w.t_row_ptr, ct_tiling,
                              list(w.shape), [5, 4], *geom)),
+        (ops.csr_conv2d_dx, (dyc, w.transposed_values(), w.t_col_idx, w.t_row_ptr, ct_tiling,
+                             list(w.shape), [5, 4], *geom, *flipped(w))),
         (ops.csr_conv2d_dw, (dyc, xc, w.row_ptr, w.col_idx, w.row_idx, None, list(w.shape),
                              *geom)),
     ]
 
 
-@pytest.mark.parametrize("sample", range(7))
+@pytest.mark.parametrize("sample", range(8))
 def test_opcheck(sample: int) -> None:
     op, args = _op_samples()[sample]
     torch.library.opcheck(op, args)
@@ -273,6 +356,16 @@ def test_op_argument_errors() -> None:
     with pytest.raises(ValueError, match="same B|one B"):
         ops.csr_sddmm(torch.randn(3, 5), torch.randn(2, 7), m.row_ptr, m.col_idx, m.row_idx,
                       m.row_order, None)
+    w = random_csr((4, 3, 3, 3), 0.5)
+    dx_args = (torch.randn(2, 4, 5, 5), w.transposed_values(), w.t_col_idx, w.t_row_ptr, None,
+               list(w.shape), [5, 5], [1, 1], [1, 1], [1, 1])
+    f_values, f_col_idx, f_row_ptr = flipped(w)
+    with pytest.raises(ValueError, match="all of f_values"):
+        ops.csr_conv2d_dx(*dx_args, f_values, f_col_idx, None)
+    with pytest.raises(ValueError, match="f_row_ptr"):
+        ops.csr_conv2d_dx(*dx_args, f_values, f_col_idx, w.t_row_ptr)
+    with pytest.raises(ValueError, match="t_values and f_values"):
+        ops.csr_conv2d_dx(*dx_args, f_values.double(), f_col_idx, f_row_ptr)
 
 
 @pytest.mark.interpreter

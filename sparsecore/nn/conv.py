@@ -1,7 +1,9 @@
 """SparseConv2d: nn.Conv2d (groups=1, zero padding) with an unstructured (CSR) sparse weight.
 
-The weight's matrix view (C_out, C_in*kh*kw) is the CSR matrix; the C++ backend runs im2col
-and the CSR product sample by sample (see ops.csr_conv2d). State and loading as SparseLinear.
+The weight's matrix view (C_out, C_in*kh*kw) is the CSR matrix; the C++ backend runs a
+stride-1 conv and its input gradient as direct sparse convolutions, other strides as im2col
+and the CSR product sample by sample (see ops.csr_conv2d, ops.csr_conv2d_dx). State and
+loading as SparseLinear.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch.nn.modules.utils import _pair
 from sparsecore.formats import CSRWeight
 from sparsecore.nn.functional import sparse_conv2d
 from sparsecore.nn.linear import _CSRModule, _resolve_mask
+from sparsecore.ops import flipped_conv_padding
 
 __all__ = ["SparseConv2d", "conv_unsupported"]
 
@@ -106,6 +109,10 @@ class SparseConv2d(_CSRModule):
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out
+
+    def _uses_flip(self) -> bool:
+        return flipped_conv_padding(self.kernel_size, self.stride, self.padding,
+                                    self.dilation) is not None
 
     def forward(self, x: Tensor) -> Tensor:
         return sparse_conv2d(x, self.weight_csr(), self.bias, self.stride, self.padding,

@@ -1,9 +1,11 @@
 """Autograd for the unstructured (CSR) sparse layers, one Function per layer kind.
 
 Forward is the sparse product (ops.csr_dsd / ops.csr_conv2d); the input gradient is the same
-product on the transposed CSR (ops.csr_dsd with values[t_perm] / ops.csr_conv2d_dx); the
-gradient of the kept weights is an SDDMM evaluated only at the kept positions
-(ops.csr_sddmm / ops.csr_conv2d_dw). Below the dispatcher's dense crossover a step runs on
+product on the transposed CSR (ops.csr_dsd with values[t_perm] / ops.csr_conv2d_dx; a
+stride-1 conv on the CPU also hands csr_conv2d_dx the transposed-flipped weight,
+values[f_perm], which its C++ backend runs as a direct conv); the gradient of the kept
+weights is an SDDMM evaluated only at the kept positions (ops.csr_sddmm /
+ops.csr_conv2d_dw). Below the dispatcher's dense crossover a step runs on
 the weight densified once (ops.csr_runs_dense), shared by the forward and the input
 gradient of that step. Pruned weights have no storage, so they get no gradient and no
 optimizer (momentum, weight decay, Adam) can revive them: the mask is fixed unless a pruner
@@ -13,8 +15,9 @@ Every forward reads the values as they are: nothing computed from them (a densif
 re-laid-out weight) is kept from one call to the next, because nothing can tell reliably
 that they changed (fused Adam/AdamW and `.data` edits write them without bumping autograd's
 version counter). Only what depends on the sparsity pattern alone is kept, the C++ kernels'
-tilings (CSRWeight.cpu_tilings), and the kernels check those against col_idx / row_ptr on
-every call.
+tilings (CSRWeight.cpu_tilings), which the kernels check against col_idx / row_ptr on every
+call, and the transposed-flipped structure (CSRWeight.cpu_conv_flip), which the layers
+rebuild whenever their pattern changes (on load_state_dict).
 
 `sparse_linear(x, weight, bias)` and `sparse_conv2d(x, weight, bias, stride, padding,
 dilation)` take a CSRWeight whose `values` may be a Parameter (the layers pass theirs).
@@ -139,13 +142,27 @@ class CSRConv2dFunction(torch.autograd.Function):
             dx = torch.nn.grad.conv2d_input(x.shape, dense, dy, *ctx.geom)
         elif ctx.needs_input_grad[0]:
             dx = ops.csr_conv2d_dx(dy, w.transposed_values(values), w.t_col_idx, w.t_row_ptr,
-                                   t_tiling, w.shape, x.shape[2:], *ctx.geom)
+                                   t_tiling, w.shape, x.shape[2:], *ctx.geom,
+                                   *_flipped_operands(w, values, ctx.geom))
         if ctx.needs_input_grad[1]:
             dvalues = ops.csr_conv2d_dw(dy, x, w.row_ptr, w.col_idx, w.row_idx, tiling, w.shape,
                                         *ctx.geom)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy.sum((0, 2, 3))
         return dx, dvalues, dbias, None, None
+
+
+def _flipped_operands(w: CSRWeight, values: Tensor, geom: tuple[list[int], list[int], list[int]]
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """csr_conv2d_dx's transposed-flipped weight (values[f_perm], f_col_idx, f_row_ptr) where
+    its direct stride-1 kernel may run (CPU, geometry allowing), else Nones. Only the values
+    are gathered here; the structure is built once per pattern."""
+    if values.device.type != "cpu" or ops.flipped_conv_padding(w.shape[2:], *geom) is None:
+        return None, None, None
+    flip = w.cpu_conv_flip()
+    if flip is None:
+        return None, None, None
+    return values.index_select(0, flip["f_perm"]), flip["f_col_idx"], flip["f_row_ptr"]
 
 
 def sparse_linear(x: Tensor, weight: CSRWeight, bias: Tensor | None = None) -> Tensor:

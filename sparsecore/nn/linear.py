@@ -3,8 +3,9 @@
 Also the state shared with SparseConv2d (`_CSRModule`): the kept weights are one Parameter
 `values` (nnz,); `col_idx` / `row_ptr` are saved buffers, and the state dict also carries
 `weight_shape` (int64), which load_state_dict checks against the layer's; the derived index
-arrays (row_idx, row_order, the transpose) and the C++ kernels' tilings are unsaved buffers,
-rebuilt from (col_idx, row_ptr) on construction and on load_state_dict.
+arrays (row_idx, row_order, the transpose), the C++ kernels' tilings and, for a stride-1
+conv, the transposed-flipped weight's structure (f_perm, f_col_idx, f_row_ptr) are unsaved
+buffers, rebuilt from (col_idx, row_ptr) on construction and on load_state_dict.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from sparsecore.formats import CSR_INDEX_FIELDS, CSRWeight, csr_structure
+from sparsecore.formats import CSR_FLIP_FIELDS, CSR_INDEX_FIELDS, CSRWeight, csr_structure
 from sparsecore.nn.functional import sparse_linear
 
 __all__ = ["SparseLinear", "magnitude_mask", "module_mask"]
@@ -73,17 +74,31 @@ class _CSRModule(nn.Module):
         tiling, t_tiling = csr.cpu_tilings()
         self.register_buffer("tiling", tiling, persistent=False)
         self.register_buffer("t_tiling", t_tiling, persistent=False)
+        flip = csr.cpu_conv_flip() if self._uses_flip() else None
+        for name in CSR_FLIP_FIELDS:
+            self.register_buffer(name, None if flip is None else flip[name], persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def _uses_flip(self) -> bool:
+        """Whether the input gradient can run the direct kernel on the transposed-flipped
+        weight (SparseConv2d at stride 1), so the layer keeps that structure."""
+        return False
 
     def weight_csr(self) -> CSRWeight:
         """The weight as a CSRWeight sharing this module's tensors (values is the Parameter).
-        On the CPU the C++ kernels' tilings are buffers, built on construction and on load, or
-        here when missing (a layer moved to the CPU; a traced forward builds them per call)."""
+        On the CPU the C++ kernels' tilings (and the transposed-flipped structure, where the
+        layer uses it) are buffers, built on construction and on load, or here when missing
+        (a layer moved to the CPU; a traced forward builds them per call)."""
+        flip = None if self.f_perm is None else {n: getattr(self, n) for n in CSR_FLIP_FIELDS}
         w = CSRWeight(self.values, self.col_idx, self.row_ptr, self.weight_shape, check=False,
                       derived={n: getattr(self, n) for n in CSR_INDEX_FIELDS},
-                      tilings=(self.tiling, self.t_tiling))
+                      tilings=(self.tiling, self.t_tiling), flip=flip)
         if not torch.compiler.is_compiling():  # a traced forward must not set module state
             self.tiling, self.t_tiling = w.cpu_tilings()
+            flip = w.cpu_conv_flip() if self._uses_flip() else None
+            if flip is not None:
+                for name in CSR_FLIP_FIELDS:
+                    setattr(self, name, flip[name])
         return w
 
     @property
@@ -160,7 +175,9 @@ class _CSRModule(nn.Module):
         for name in _DERIVED:
             setattr(self, name, derived[name])
         self.tiling = self.t_tiling = None
-        self.weight_csr()  # the loaded pattern's tilings
+        for name in CSR_FLIP_FIELDS:
+            setattr(self, name, None)
+        self.weight_csr()  # the loaded pattern's tilings and transposed-flipped structure
 
     def _density_repr(self) -> str:
         return f"density={self.density:.3f}, nnz={self.nnz}, bias={self.bias is not None}"

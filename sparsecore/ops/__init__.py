@@ -3,7 +3,8 @@ references, each dispatched among backends by sparsecore._dispatch (forced with
 `use_backend(...)`; refusals list every backend's reasons).
 
 - `sparsecore.ops.csr`: unstructured sparse (CSR) dsd, SDDMM and Conv2d with its gradients,
-  and the CPU dense crossover (CSR_DENSE_BELOW, csr_conv_crossover, csr_runs_dense).
+  the CPU dense crossover (CSR_DENSE_BELOW, csr_conv_crossover, csr_runs_dense), and the
+  geometry of the direct stride-1 input gradient (flipped_conv_padding).
 - `sparsecore.ops.bsr`: block-sparse (BSR) dsd, block SDDMM and Conv2d with its gradients.
 
 Every public name of both is importable from here. Importing the package also registers
@@ -23,6 +24,7 @@ from sparsecore.ops.csr import (
     csr_runs_dense,
     csr_sddmm,
     csr_tile_values,
+    flipped_conv_padding,
 )
 
 __all__ = [
@@ -40,4 +42,5 @@ __all__ = [
     "csr_runs_dense",
     "csr_sddmm",
     "csr_tile_values",
+    "flipped_conv_padding",
 ]

@@ -2,7 +2,8 @@
 
 Backends: "dense" (dense torch on the weight densified in C++, chosen on the CPU below the
 measured crossover sparsity, where MKL's dense product beats the sparse kernel), "cpp"
-(csrc/cpu/csr.cpp: tile-major CSR walk over feature-major packed operands, OpenMP; conv as
+(csrc/cpu/csr.cpp: tile-major CSR walk over feature-major packed operands, OpenMP; a
+stride-1 conv as a direct sparse convolution over the zero-padded input, other strides as
 im2col + the same walk, sample by sample; CPU float32/float64), "triton" (kernels/csr.py;
 CUDA float32/float16/bfloat16, or CPU under TRITON_INTERPRET=1 when forced; conv through an
 im2col matrix), "reference" (dense torch on the densified weight: the fallback and the
@@ -47,6 +48,7 @@ __all__ = [
     "csr_conv2d",
     "csr_conv2d_dx",
     "csr_conv2d_dw",
+    "flipped_conv_padding",
 ]
 
 # Dense crossover on the CPU: the sparse kernels run from this sparsity up (below it the
@@ -319,9 +321,24 @@ def _(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
 
 
 # ---- csr_conv2d (forward), csr_conv2d_dx, csr_conv2d_dw (its gradients)
-# The C++ backend runs im2col + the CSR walk per sample, with the sample's output pixels as
-# the vector dimension (chosen by measurement against direct convolution: see
-# csrc/cpu/csr.cpp); the others go through an im2col matrix of the whole batch.
+# The C++ backend runs a stride-1 conv directly on the zero-padded input
+# (_csr_conv2d_fused_cpu: no im2col), and the input gradient of a stride-1 conv as that same
+# kernel on the transposed-flipped weight (see flipped_conv_padding); other strides, and the
+# weight gradient, run im2col + the CSR walk per sample, with the sample's output pixels as
+# the vector dimension (see csrc/cpu/csr.cpp). The other backends go through an im2col
+# matrix of the whole batch.
+def flipped_conv_padding(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                         dilation: Sequence[int]) -> list[int] | None:
+    """The padding d*(k-1)-p under which the input gradient of a stride-1 conv is the stride-1
+    conv of dY with the transposed-flipped weight W' (C_in, C_out, kh, kw), W'[i, o, u, v] =
+    W[o, i, kh-1-u, kw-1-v] (conv_transpose2d as a conv); None where that does not hold (a
+    stride other than 1, or padding beyond the dilated kernel's reach)."""
+    if list(stride) != [1, 1]:
+        return None
+    pad = [d * (k - 1) - p for k, p, d in zip(kernel, padding, dilation)]
+    return pad if min(pad) >= 0 else None
+
+
 @dataclass(frozen=True)
 class _ConvArgs:
     """The arguments of one csr_conv2d call (see csr_conv2d); geometry as lists."""
@@ -351,6 +368,9 @@ class _ConvDxArgs:
     stride: list[int]
     padding: list[int]
     dilation: list[int]
+    f_values: Tensor | None = None
+    f_col_idx: Tensor | None = None
+    f_row_ptr: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -405,12 +425,34 @@ def _conv_dw_reference(a: _ConvDwArgs) -> Tensor:
 
 
 def _conv_cpp(a: _ConvArgs) -> Tensor:
+    if a.stride == [1, 1]:
+        return torch.ops.sparsecore._csr_conv2d_fused_cpu(
+            a.x, a.values.contiguous(), a.col_idx, a.row_ptr, a.weight_shape, a.padding,
+            a.dilation, None, None, False, False)
     return torch.ops.sparsecore._csr_conv2d_cpu(a.x, a.values.contiguous(), a.col_idx,
                                                 a.row_ptr, a.tiling, a.weight_shape, a.stride,
                                                 a.padding, a.dilation)
 
 
+def _conv_dx_flipped_padding(a: _ConvDxArgs) -> list[int] | None:
+    """The padding of the direct dX conv on the transposed-flipped weight, when it is given
+    and the geometry allows it (the conv must give back the input's size), else None."""
+    if a.f_values is None:
+        return None
+    pad = flipped_conv_padding(a.weight_shape[2:], a.stride, a.padding, a.dilation)
+    if pad is None or list(conv_out_hw(a.dy.shape[2:], a.weight_shape[2:], [1, 1], pad,
+                                       a.dilation)) != a.input_hw:
+        return None
+    return pad
+
+
 def _conv_dx_cpp(a: _ConvDxArgs) -> Tensor:
+    pad = _conv_dx_flipped_padding(a)
+    if pad is not None:
+        c_out, c_in, kh, kw = a.weight_shape
+        return torch.ops.sparsecore._csr_conv2d_fused_cpu(
+            a.dy, a.f_values.contiguous(), a.f_col_idx, a.f_row_ptr, [c_in, c_out, kh, kw],
+            pad, a.dilation, None, None, False, False)
     return torch.ops.sparsecore._csr_conv2d_dx_cpu(a.dy, a.t_values.contiguous(), a.t_col_idx,
                                                    a.t_row_ptr, a.t_tiling, a.weight_shape,
                                                    a.input_hw, a.stride, a.padding, a.dilation)
@@ -508,6 +550,25 @@ def _check_conv(op: str, t: Tensor, values_or_x: Tensor, weight_shape: Sequence[
                          "dilation 2 each")
 
 
+def _check_flipped(weight_shape: Sequence[int], t_values: Tensor, f_values: Tensor | None,
+                   f_col_idx: Tensor | None, f_row_ptr: Tensor | None) -> None:
+    given = [t is not None for t in (f_values, f_col_idx, f_row_ptr)]
+    if not any(given):
+        return
+    if not all(given):
+        raise ValueError("sparsecore.csr_conv2d_dx: give all of f_values, f_col_idx and "
+                         "f_row_ptr, or none")
+    _check_same("csr_conv2d_dx", t_values, f_values, "t_values and f_values")
+    c_in = weight_shape[1]
+    if f_values.shape != t_values.shape or f_col_idx.shape != t_values.shape or \
+            f_row_ptr.shape != (c_in + 1,):
+        raise ValueError(
+            f"sparsecore.csr_conv2d_dx: expected f_values and f_col_idx {tuple(t_values.shape)} "
+            f"and f_row_ptr ({c_in + 1},); got {tuple(f_values.shape)}, "
+            f"{tuple(f_col_idx.shape)}, {tuple(f_row_ptr.shape)}"
+        )
+
+
 @torch.library.custom_op("sparsecore::csr_conv2d", mutates_args=())
 def csr_conv2d(
     x: Tensor,
@@ -522,7 +583,11 @@ def csr_conv2d(
 ) -> Tensor:
     """conv2d(x, W) (groups=1, zero padding) for x (N, C, H, W) and the weight of shape
     weight_shape (C_out, C, kh, kw) whose matrix view (C_out, C*kh*kw) is in CSR. Returns
-    (N, C_out, Ho, Wo), contiguous."""
+    (N, C_out, Ho, Wo), contiguous.
+
+    On the C++ backend a stride-1 conv runs the direct kernel (_csr_conv2d_fused_cpu: reads
+    the zero-padded input in place, no im2col, ignores `tiling`); other strides run im2col +
+    the tiled CSR walk per sample (_csr_conv2d_cpu, with `tiling`)."""
     _check_conv("csr_conv2d", x, values, weight_shape, stride, padding, dilation)
     return _csr_conv2d_dispatch(x, values, col_idx, row_ptr, tiling, list(weight_shape),
                                 list(stride), list(padding), list(dilation))
@@ -549,21 +614,37 @@ def csr_conv2d_dx(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    f_values: Tensor | None = None,
+    f_col_idx: Tensor | None = None,
+    f_row_ptr: Tensor | None = None,
 ) -> Tensor:
     """Input gradient (N, C, H, W) of csr_conv2d from dy (N, C_out, Ho, Wo), through the
     transposed CSR of the weight's matrix view (t_values = values[t_perm], t_col_idx,
-    t_row_ptr, t_tiling)."""
+    t_row_ptr, t_tiling).
+
+    f_values (= values[f_perm]), f_col_idx, f_row_ptr (C + 1,), optional: the CSR of the
+    transposed-flipped weight W' (C, C_out, kh, kw) (CSRWeight.cpu_conv_flip()). Given them,
+    the C++ backend runs a stride-1 conv whose padding p <= d*(k-1) (flipped_conv_padding) as
+    dX = conv2d(dy, W', stride 1, padding d*(k-1)-p, dilation d) on the direct kernel
+    (_csr_conv2d_fused_cpu, no im2col); every other case, and the other backends, use the
+    transposed CSR: on the C++ backend its tiled walk per sample, then col2im
+    (_csr_conv2d_dx_cpu)."""
     _check_conv("csr_conv2d_dx", dy, t_values, weight_shape, stride, padding, dilation)
+    _check_flipped(weight_shape, t_values, f_values, f_col_idx, f_row_ptr)
     return _csr_conv2d_dx_dispatch(dy, t_values, t_col_idx, t_row_ptr, t_tiling,
                                    list(weight_shape), list(input_hw), list(stride),
-                                   list(padding), list(dilation))
+                                   list(padding), list(dilation), f_values, f_col_idx,
+                                   f_row_ptr)
 
 
 @csr_conv2d_dx.register_fake
 def _(dy: Tensor, t_values: Tensor, t_col_idx: Tensor, t_row_ptr: Tensor,
       t_tiling: Tensor | None, weight_shape: Sequence[int], input_hw: Sequence[int],
-      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+      f_values: Tensor | None = None, f_col_idx: Tensor | None = None,
+      f_row_ptr: Tensor | None = None) -> Tensor:
     _check_conv("csr_conv2d_dx", dy, t_values, weight_shape, stride, padding, dilation)
+    _check_flipped(weight_shape, t_values, f_values, f_col_idx, f_row_ptr)
     return dy.new_empty(dy.shape[0], weight_shape[1], *input_hw)
 
 
