@@ -1,29 +1,31 @@
 // Direct CSR convolution for stride-1 convs, with the layer's epilogue fused (inference).
 //
-// W is (C_out, C_in*kh*kw) in CSR (column k = (ci*kh + i)*kw + j). For a stride-1 conv the
-// output row oh of one sample, computed over the zero-padded input's full width Wp (the last
-// Wp - OW columns of each row are discarded), is a contiguous run: output position
-// p = oh*Wp + ow reads input position p + off(k) of the padded sample, with
-//   off(k) = ci*Hp*Wp + i*dh*Wp + j*dw.
-// So one nonzero of row co multiplies a contiguous vector of the padded input into a
-// contiguous vector of outputs: no im2col matrix and no packing, the padded sample (a few
-// hundred KiB for CIFAR-sized layers) stays in the thread's L2 cache, and every output pixel
-// of a row runs through SIMD lanes, full width, whatever OW is.
+// W is (C_out, C_in*kh*kw) in CSR (column k = (ci*kh + i)*kw + j). For a stride-1 conv, output
+// row oh of one sample reads, for tap (i, j), input row oh + i*dh from column j*dw - pw on.
+// Each sample is copied once into kw column-shifted, zero-padded copies
+//   xs[j][c][r][q] = x[c][r - ph][q + j*dw - pw]   (0 outside the image), rows of Wr elements,
+// Wr = OW rounded up to whole vectors. Output position p = oh*Wr + ow then reads position
+//   p + off(k),   off(k) = j*CS + ci*Hp*Wr + i*dh*Wr
+// of the copies (CS: one copy's size): one nonzero of row co multiplies a contiguous, aligned
+// vector of input into a contiguous vector of outputs. No im2col matrix, no packing, no load
+// split across cache lines (every offset is a multiple of the vector width), and the copies of
+// a CIFAR-sized sample stay in the thread's L2 cache.
 //
-// Per output row co: the row's positions are cut into chunks of U vectors (U accumulators,
-// U independent FMA chains; U is balanced so the last chunk is nearly full), each nonzero
-// adds value * the input run at off(k) + chunk start. The row then goes through the
-// epilogue into the output: optional 2x2/stride-2 max-pool, + bias, + residual, ReLU, in
-// that order (max commutes with adding a per-channel constant and with ReLU, so pooling
-// first does the rest on a quarter of the elements).
+// The output positions are cut into chunks of U vectors (U accumulators, U independent FMA
+// chains; U is balanced so the last chunk is nearly full); chunk by chunk, every row co adds
+// value * the input run at off(k) + chunk start. Each row then goes through the epilogue
+// into the output: optional 2x2/stride-2 max-pool, + bias, + residual, ReLU, in that order
+// (max commutes with adding a per-channel constant and with ReLU, so pooling first does the
+// rest on a quarter of the elements).
 //
 // Samples run in parallel when the batch has at least as many samples as threads (each
-// thread pads its own sample); a smaller batch pads each sample once and shares its rows.
+// thread copies its own sample); a smaller batch copies each sample once and shares its rows.
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -41,13 +43,19 @@ using vec::vec_scratch;
 // At most this many accumulators per chunk (the register file holds them, the broadcast
 // weight and the loads, with AVX2's 16 registers too).
 constexpr int kMaxU = 8;
+// Channel tiles (see the op): a chunk's input runs within about this many bytes (L1 and the
+// nearest part of L2; the fastest of the sizes tried from 16 KiB to whole samples, see
+// bench/RESULTS.md), segments of at least about this many nonzeros.
+constexpr int64_t kTileBytes = int64_t(48) << 10;
+constexpr double kSegNnz = 8.0;
 // Lane FMAs that pay for one more thread (a team's wake-up costs tens of microseconds).
 constexpr int64_t kWorkPerThread = int64_t(1) << 21;
 
 struct Geom {
-  int64_t N, C, H, W, Cout, kh, kw, ph, pw, dh, dw, Hp, Wp, OH, OW;
-  int64_t plane() const { return Hp * Wp; }
-  int64_t Lp() const { return OH * Wp; }  // computed positions of one output row
+  int64_t N, C, H, W, Cout, kh, kw, ph, pw, dh, dw, Hp, Wr, OH, OW;
+  int64_t CS;  // elements of one shifted copy, with the slack its last chunk reads
+  int64_t plane() const { return Hp * Wr; }
+  int64_t Lp() const { return OH * Wr; }  // computed positions of one output channel
 };
 
 // How a row's Lp positions are cut: nchunk chunks of U vectors.
@@ -64,51 +72,63 @@ Chunks chunks_for(int64_t Lp) {
   return {int((nvec + n - 1) / n), n};
 }
 
-// xp (C, Hp, Wp) = x (C, H, W) zero-padded; the `slack` elements after it are zeroed too
-// (the last chunk of a row reads up to there; those lanes are discarded).
+// The kw shifted copies of sample x (C, H, W): xs[j*CS + (c*Hp + r)*Wr + q] =
+// x[c][r - ph][q + j*dw - pw], zero outside the image and in each copy's slack.
 template <typename T>
-void pad_sample(const Geom& g, const T* x, T* xp, int64_t slack) {
-  for (int64_t c = 0; c < g.C; ++c) {
-    T* dst = xp + c * g.plane();
-    const T* src = x + c * g.H * g.W;
-    std::fill(dst, dst + g.ph * g.Wp, T(0));
-    for (int64_t h = 0; h < g.H; ++h) {
-      T* row = dst + (h + g.ph) * g.Wp;
-      std::fill(row, row + g.pw, T(0));
-      std::memcpy(row + g.pw, src + h * g.W, g.W * sizeof(T));
-      std::fill(row + g.pw + g.W, row + g.Wp, T(0));
-    }
-    std::fill(dst + (g.H + g.ph) * g.Wp, dst + g.plane(), T(0));
+void shifted_copies(const Geom& g, const T* x, T* xs) {
+  for (int64_t j = 0; j < g.kw; ++j) {
+    T* copy = xs + j * g.CS;
+    const int64_t shift = j * g.dw - g.pw;  // column q of the copy reads image column q+shift
+    const int64_t q0 = std::clamp<int64_t>(-shift, 0, g.Wr);
+    const int64_t q1 = std::clamp<int64_t>(g.W - shift, q0, g.Wr);
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t r = 0; r < g.Hp; ++r) {
+        T* row = copy + (c * g.Hp + r) * g.Wr;
+        const int64_t h = r - g.ph;
+        if (h < 0 || h >= g.H) {
+          std::fill(row, row + g.Wr, T(0));
+          continue;
+        }
+        std::fill(row, row + q0, T(0));
+        std::memcpy(row + q0, x + (c * g.H + h) * g.W + q0 + shift, (q1 - q0) * sizeof(T));
+        std::fill(row + q1, row + g.Wr, T(0));
+      }
+    std::fill(copy + g.C * g.plane(), copy + g.CS, T(0));
   }
-  std::fill(xp + g.C * g.plane(), xp + g.C * g.plane() + slack, T(0));
 }
 
-// ys[co * ld + c*U*W, + U*W) = row co of W times chunk c of the padded sample xp, for every
-// row, chunk by chunk (a chunk's input runs, C channels of about (U*W + 2*Wp) elements, stay in
-// L1 while every row passes over them).
+// ys[co * ld + c*U*W, + U*W) = row co of W times chunk c of the shifted copies xs, for every
+// row, chunk by chunk, and within a chunk channel tile by channel tile: a tile's input runs
+// (kw copies x ct channels x about U*W + (kh-1)*dh*Wr elements) stay in L1 while every row
+// passes over them (read from L2, each load would wait on L2's bandwidth). seg[co*(nt+1) + t]
+// is where row co's nonzeros of tile t start (columns are channel-major).
 template <typename T, int U>
-void sample_product(const T* xp, const int32_t* off, const T* val, const int32_t* rp,
-                    int64_t co0, int64_t co1, int64_t n, T* ys, int64_t ld) {
+void sample_product(const T* xs, const int32_t* off, const T* val, const int32_t* seg,
+                    int64_t nt, int64_t co0, int64_t co1, int64_t n, T* ys, int64_t ld) {
   using V = typename VecOf<T>::V;
   constexpr int64_t CH = int64_t(U) * V::W;
   for (int64_t c = 0; c < n; ++c) {
-    const T* base = xp + c * CH;
-    for (int64_t co = co0; co < co1; ++co) {
-      V acc[U];
-      for (int u = 0; u < U; ++u) acc[u] = V::zero();
-      for (int64_t q = rp[co]; q < rp[co + 1]; ++q) {
-        const V w = V::bcast(val[q]);
-        const T* s = base + off[q];
-        for (int u = 0; u < U; ++u) acc[u].fma(w, V::load(s + u * V::W));
+    const T* base = xs + c * CH;
+    for (int64_t t = 0; t < nt; ++t) {
+      for (int64_t co = co0; co < co1; ++co) {
+        const int32_t* sg = seg + co * (nt + 1) + t;
+        T* y = ys + co * ld + c * CH;
+        V acc[U];
+        for (int u = 0; u < U; ++u) acc[u] = t == 0 ? V::zero() : V::load(y + u * V::W);
+        for (int64_t q = sg[0]; q < sg[1]; ++q) {
+          const V w = V::bcast(val[q]);
+          const T* s = base + off[q];
+          for (int u = 0; u < U; ++u) acc[u].fma(w, V::load(s + u * V::W));
+        }
+        for (int u = 0; u < U; ++u) acc[u].store(y + u * V::W);
       }
-      for (int u = 0; u < U; ++u) acc[u].store(ys + co * ld + c * CH + u * V::W);
     }
   }
 }
 
 template <typename T>
 using SampleFn = void (*)(const T*, const int32_t*, const T*, const int32_t*, int64_t, int64_t,
-                          int64_t, T*, int64_t);
+                          int64_t, int64_t, T*, int64_t);
 
 template <typename T>
 SampleFn<T> sample_fn(int U) {
@@ -129,21 +149,21 @@ struct Epilogue {
   int64_t OHo, OWo;  // output (pooled) size
 };
 
-// out (OHo, OWo) of one channel = epilogue(srow laid out (OH, Wp)), + b, + res (or null).
+// out (OHo, OWo) of one channel = epilogue(srow laid out (OH, Wr)), + b, + res (or null).
 template <typename T>
 void row_epilogue(const Geom& g, const Epilogue& e, const T* srow, T b, const T* res, T* out) {
   for (int64_t oh = 0; oh < e.OHo; ++oh) {
     T* o = out + oh * e.OWo;
     const T* r = res ? res + oh * e.OWo : nullptr;
     if (e.pool) {
-      const T* s0 = srow + 2 * oh * g.Wp;
-      const T* s1 = s0 + g.Wp;
+      const T* s0 = srow + 2 * oh * g.Wr;
+      const T* s1 = s0 + g.Wr;
       for (int64_t ow = 0; ow < e.OWo; ++ow) {
         T v = std::max(std::max(s0[2 * ow], s0[2 * ow + 1]), std::max(s1[2 * ow], s1[2 * ow + 1]));
         o[ow] = v + b;
       }
     } else {
-      const T* s = srow + oh * g.Wp;
+      const T* s = srow + oh * g.Wr;
       for (int64_t ow = 0; ow < e.OWo; ++ow) o[ow] = s[ow] + b;
     }
     if (r)
@@ -155,11 +175,11 @@ void row_epilogue(const Geom& g, const Epilogue& e, const T* srow, T b, const T*
 
 template <typename T>
 void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* off, const T* val,
-                 const int32_t* rp, const T* bias, const T* res, T* out, int nthreads) {
+                 const int32_t* seg, int64_t nt, const T* bias, const T* res, T* out,
+                 int nthreads) {
   const Chunks ch = chunks_for<T>(g.Lp());
   const int64_t span = ch.n * ch.U * VecOf<T>::V::W;  // positions computed per row
-  const int64_t slack = span - g.Lp() + g.Wp + 64;
-  const int64_t xp_len = g.C * g.plane() + slack;
+  const int64_t xp_len = g.kw * g.CS;
   const SampleFn<T> fn = sample_fn<T>(ch.U);
   const int64_t in_len = g.C * g.H * g.W, out_len = g.Cout * e.OHo * e.OWo;
   const int64_t oplane = e.OHo * e.OWo;
@@ -173,8 +193,8 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
     for (int64_t n = 0; n < g.N; ++n) {
       T* xp = vec_scratch<T>(0, xp_len);
       T* ys = vec_scratch<T>(1, g.Cout * span);
-      pad_sample(g, x + n * in_len, xp, slack);
-      fn(xp, off, val, rp, 0, g.Cout, ch.n, ys, span);
+      shifted_copies(g, x + n * in_len, xp);
+      fn(xp, off, val, seg, nt, 0, g.Cout, ch.n, ys, span);
       for (int64_t co = 0; co < g.Cout; ++co) finish(n, co, ys);
     }
     return;
@@ -185,11 +205,11 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
   constexpr int64_t kRows = 8;
   const int64_t nblk = (g.Cout + kRows - 1) / kRows;
   for (int64_t n = 0; n < g.N; ++n) {
-    pad_sample(g, x + n * in_len, xp, slack);
+    shifted_copies(g, x + n * in_len, xp);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t b = 0; b < nblk; ++b) {
       const int64_t co0 = b * kRows, co1 = std::min(g.Cout, co0 + kRows);
-      fn(xp, off, val, rp, co0, co1, ch.n, ys, span);
+      fn(xp, off, val, seg, nt, co0, co1, ch.n, ys, span);
       for (int64_t co = co0; co < co1; ++co) finish(n, co, ys);
     }
   }
@@ -221,12 +241,20 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
   TORCH_CHECK(g.ph >= 0 && g.pw >= 0 && g.dh > 0 && g.dw > 0 && g.kh > 0 && g.kw > 0, op,
               ": dilation must be positive, padding non-negative");
   g.Hp = g.H + 2 * g.ph;
-  g.Wp = g.W + 2 * g.pw;
   g.OH = g.Hp - g.dh * (g.kh - 1);
-  g.OW = g.Wp - g.dw * (g.kw - 1);
+  g.OW = g.W + 2 * g.pw - g.dw * (g.kw - 1);
   TORCH_CHECK(g.OH >= 1 && g.OW >= 1, op, ": the (padded) input is smaller than the kernel");
-  TORCH_CHECK(g.C * g.plane() + g.Wp + 1024 < (int64_t(1) << 31), op,
-              ": a padded sample of more than 2^31 elements is not supported");
+  const int64_t VW = x.scalar_type() == at::kFloat ? VecOf<float>::V::W : VecOf<double>::V::W;
+  g.Wr = (g.OW + VW - 1) / VW * VW;
+  {
+    // a copy's slack: what the last chunk reads past the copy (whole vectors, so copies stay
+    // aligned)
+    const Chunks ch = x.scalar_type() == at::kFloat ? chunks_for<float>(g.Lp())
+                                                    : chunks_for<double>(g.Lp());
+    g.CS = g.C * g.plane() + ch.n * ch.U * VW - g.Lp() + VW;
+  }
+  TORCH_CHECK(g.kw * g.CS < (int64_t(1) << 31), op,
+              ": a sample of more than 2^31 elements (shifted copies) is not supported");
   const int64_t K = g.C * g.kh * g.kw, nnz = col_idx.numel();
   TORCH_CHECK(row_ptr.numel() == g.Cout + 1, op, ": row_ptr must have C_out + 1 = ", g.Cout + 1,
               " entries, got ", row_ptr.numel());
@@ -256,13 +284,35 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
   std::vector<int32_t> off(std::max<int64_t>(nnz, 1));
   const int64_t khw = g.kh * g.kw;
   bool ok = true;
-  for (int64_t q = 0; q < nnz; ++q) {
-    const int64_t k = col[q];
-    ok = ok && k >= 0 && k < K;
-    const int64_t kk = ok ? k : 0, ci = kk / khw, i = (kk % khw) / g.kw, j = kk % g.kw;
-    off[q] = int32_t(ci * g.plane() + i * g.dh * g.Wp + j * g.dw);
+  for (int64_t o = 0; o < g.Cout; ++o)
+    for (int64_t q = rp[o]; q < rp[o + 1]; ++q) {
+      const int64_t k = col[q];
+      ok = ok && k >= 0 && k < K && (q == rp[o] || k > col[q - 1]);
+      const int64_t kk = ok ? k : 0, ci = kk / khw, i = (kk % khw) / g.kw, j = kk % g.kw;
+      off[q] = int32_t(j * g.CS + ci * g.plane() + i * g.dh * g.Wr);
+    }
+  TORCH_CHECK(ok, op, ": col_idx out of range [0, ", K,
+              ") or not strictly increasing within a row");
+  // Channel tiles: as many channels as keep a chunk's input runs within kTileBytes, but no
+  // fewer than make a row's segment about kSegNnz nonzeros long (a segment's accumulators go
+  // in and out of memory).
+  const int64_t esize = x.element_size();
+  const Chunks chk = x.scalar_type() == at::kFloat ? chunks_for<float>(g.Lp())
+                                                   : chunks_for<double>(g.Lp());
+  const int64_t per_channel = g.kw * (chk.U * VW + (g.kh - 1) * g.dh * g.Wr) * esize;
+  const double per_row_channel = double(nnz) / double(g.Cout * g.C);
+  const int64_t ct_min = int64_t(std::ceil(kSegNnz / std::max(per_row_channel, 1e-9)));
+  const int64_t ct = std::clamp<int64_t>(std::max(kTileBytes / per_channel, ct_min), 1, g.C);
+  const int64_t nt = (g.C + ct - 1) / ct;
+  std::vector<int32_t> seg(g.Cout * (nt + 1));
+  for (int64_t o = 0; o < g.Cout; ++o) {
+    int64_t q = rp[o];
+    for (int64_t t = 0; t < nt; ++t) {
+      seg[o * (nt + 1) + t] = int32_t(q);
+      while (q < rp[o + 1] && col[q] / khw < (t + 1) * ct) ++q;
+    }
+    seg[o * (nt + 1) + nt] = rp[o + 1];
   }
-  TORCH_CHECK(ok, op, ": col_idx out of range [0, ", K, ")");
 
   const at::Tensor xc = x.contiguous();
   auto out = at::empty(out_sizes, x.options());
@@ -271,7 +321,7 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
                                                omp_get_max_threads()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     conv_direct<scalar_t>(g, e, xc.data_ptr<scalar_t>(), off.data(),
-                          values.data_ptr<scalar_t>(), rp,
+                          values.data_ptr<scalar_t>(), seg.data(), nt,
                           b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                           r.defined() ? r.data_ptr<scalar_t>() : nullptr,
                           out.data_ptr<scalar_t>(), nthreads);
