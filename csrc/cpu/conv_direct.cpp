@@ -4,12 +4,13 @@
 // row oh of one sample reads, for tap (i, j), input row oh + i*dh from column j*dw - pw on.
 // Each sample is copied once into kw column-shifted, zero-padded copies
 //   xs[j][c][r][q] = x[c][r - ph][q + j*dw - pw]   (0 outside the image), rows of Wr elements,
-// Wr = OW rounded up to whole vectors. Output position p = oh*Wr + ow then reads position
+// Wr = OW rounded up to whole vectors (to 4 elements below a vector's width). Output position
+// p = oh*Wr + ow then reads position
 //   p + off(k),   off(k) = j*CS + ci*Hp*Wr + i*dh*Wr
 // of the copies (CS: one copy's size): one nonzero of row co multiplies a contiguous, aligned
 // vector of input into a contiguous vector of outputs. No im2col matrix, no packing, no load
-// split across cache lines (every offset is a multiple of the vector width), and the copies of
-// a CIFAR-sized sample stay in the thread's L2 cache.
+// split across cache lines where OW fills whole vectors (every offset is then a multiple of
+// the vector width), and the copies of a CIFAR-sized sample stay in the thread's L2 cache.
 //
 // The output positions are cut into chunks of U vectors (U accumulators, U independent FMA
 // chains; U is balanced so the last chunk is nearly full); chunk by chunk, every row co adds
@@ -245,13 +246,17 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
   g.OW = g.W + 2 * g.pw - g.dw * (g.kw - 1);
   TORCH_CHECK(g.OH >= 1 && g.OW >= 1, op, ": the (padded) input is smaller than the kernel");
   const int64_t VW = x.scalar_type() == at::kFloat ? VecOf<float>::V::W : VecOf<double>::V::W;
-  g.Wr = (g.OW + VW - 1) / VW * VW;
+  // Rows of whole vectors keep every load aligned; rows narrower than a vector are packed
+  // (to a multiple of 4 elements), so that a vector spans several output rows instead of
+  // wasting most of its lanes.
+  const int64_t align = g.OW >= VW ? VW : std::min<int64_t>(4, VW);
+  g.Wr = (g.OW + align - 1) / align * align;
   {
     // a copy's slack: what the last chunk reads past the copy (whole vectors, so copies stay
     // aligned)
     const Chunks ch = x.scalar_type() == at::kFloat ? chunks_for<float>(g.Lp())
                                                     : chunks_for<double>(g.Lp());
-    g.CS = g.C * g.plane() + ch.n * ch.U * VW - g.Lp() + VW;
+    g.CS = (g.C * g.plane() + ch.n * ch.U * VW - g.Lp() + 2 * VW - 1) / VW * VW;
   }
   TORCH_CHECK(g.kw * g.CS < (int64_t(1) << 31), op,
               ": a sample of more than 2^31 elements (shifted copies) is not supported");
