@@ -68,6 +68,10 @@ TORCH_LIBRARY(sparsecore, m) {
         "int channel_tile, int[] weight_shape, int[] stride, int[] padding, int[] dilation, "
         "Tensor? bias, Tensor? residual, "
         "bool relu, bool pool) -> Tensor");
+  // Its weight gradient at the kept positions, in the same tap-major order.
+  m.def("_csr_conv2d_chwn_dw_cpu(Tensor dy, Tensor x, Tensor ci, Tensor tap_ptr, "
+        "int channel_tile, int[] weight_shape, int[] stride, int[] padding, int[] dilation) "
+        "-> Tensor");
   // --- bsr (block-sparse Linear / Conv2d) ---
   // Y = X W^T for a BSR W (n_out x K): block row r keeps blocks p in [row_ptr[r], row_ptr[r+1])
   // at block column col_idx[p]; W_p = blocks[block_idx[p] or p], transposed when trans_blocks

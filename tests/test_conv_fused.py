@@ -191,3 +191,32 @@ def test_errors() -> None:
     with pytest.raises(RuntimeError, match="smaller than the kernel"):
         direct(torch.randn(2, 3, 1, 1), values, col, row_ptr, [4, 3, 3, 3], [0, 0], [1, 1],
                None, None, False, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geom", GEOMS + STRIDED)
+@pytest.mark.parametrize("layout", ["nchw", "batch_last"])
+def test_chwn_weight_gradient(geom, dtype, layout) -> None:
+    """dW at the kept positions, in the tap-major order of the values, vs torch's conv weight
+    gradient; dy / x in NCHW or in the kernel's own batch-last layout."""
+    n, c_in, h, w_, c_out, kh, kw, stride, padding, dilation = geom
+    w, mask = _weight(c_out, c_in, kh, kw, 0.3, dtype)
+    x = torch.randn(n, c_in, h, w_, dtype=dtype)
+    dy = torch.randn_like(F.conv2d(x, w, None, stride, padding, dilation))
+    ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), stride, padding,
+                                      dilation)
+    values, ci, tap_ptr = tap_major_csr(ref, mask, 5)
+    if layout == "batch_last":  # the forward op's output layout, via an identity 1x1 conv
+        def batch_last(t: Tensor) -> Tensor:
+            c = t.shape[1]
+            eye = torch.eye(c, dtype=dtype).view(c, c, 1, 1)
+            out = _run("csr_chwn", t, eye, eye != 0, (1, 1), (0, 0), (1, 1), None, None, False,
+                       False)
+            assert torch.equal(out, t) and out.stride(0) == 1
+            return out
+
+        x, dy = batch_last(x), batch_last(dy)
+    with kernel_threads(2):
+        got = torch.ops.sparsecore._csr_conv2d_chwn_dw_cpu(
+            dy, x, ci, tap_ptr, 5, list(w.shape), list(stride), list(padding), list(dilation))
+    _close(got, values, dtype)

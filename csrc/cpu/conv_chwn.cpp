@@ -290,18 +290,12 @@ bool is_chwn(const at::Tensor& x) {
          x.stride(1) >= H * W * N;
 }
 
-// x (N, C, H, W) -> (N, C_out, OH, OW) ((OH/2, OW/2) with `pool`). values / ci: the
-// nonzeros in (row, channel tile, tap, channel) order, ci their input channels; tap_ptr
-// (C_out * n_tiles * kh*kw + 1): where each (row, tile, tap) starts; a tile is channel_tile
-// input channels.
-at::Tensor _csr_conv2d_chwn_cpu(const at::Tensor& x, const at::Tensor& values,
-                                const at::Tensor& ci, const at::Tensor& tap_ptr,
-                                int64_t channel_tile, at::IntArrayRef weight_shape,
-                                at::IntArrayRef stride, at::IntArrayRef padding,
-                                at::IntArrayRef dilation, const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& residual, bool relu,
-                                bool pool) {
-  constexpr const char* op = "_csr_conv2d_chwn_cpu";
+// The geometry of a call and the checks of its weight structure (every index the kernels
+// follow, O(nnz)): x (N, C, H, W), the tap-major weight (values / ci, tap_ptr), pool.
+Geom parse_geometry(const char* op, const at::Tensor& x, const at::Tensor& values,
+                    const at::Tensor& ci, const at::Tensor& tap_ptr, int64_t channel_tile,
+                    at::IntArrayRef weight_shape, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef dilation, bool pool) {
   TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", x.sizes());
   TORCH_CHECK(weight_shape.size() == 4 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2,
@@ -340,14 +334,12 @@ at::Tensor _csr_conv2d_chwn_cpu(const at::Tensor& x, const at::Tensor& values,
   g.OH = (span_h - 1) / g.sh + 1;
   g.OW = (span_w - 1) / g.sw + 1;
   g.pool = pool;
-  g.relu = relu;
   g.OHo = pool ? g.OH / 2 : g.OH;
   g.OWo = pool ? g.OW / 2 : g.OW;
   TORCH_CHECK(g.OHo >= 1 && g.OWo >= 1, op, ": the output is too small to max-pool 2x2");
   TORCH_CHECK(channel_tile >= 1, op, ": channel_tile must be positive");
   g.ct = std::min(channel_tile, g.C);
   g.nct = (g.C + g.ct - 1) / g.ct;
-  // The weight's structure: every index the kernel follows is checked (O(nnz)).
   const int64_t T_ = g.kh * g.kw, nnz = values.numel(), nseg = g.Cout * g.nct * T_;
   TORCH_CHECK(tap_ptr.numel() == nseg + 1 && ci.numel() == nnz, op,
               ": tap_ptr must have C_out * ceil(C_in / channel_tile) * kh * kw + 1 = ", nseg + 1,
@@ -364,6 +356,47 @@ at::Tensor _csr_conv2d_chwn_cpu(const at::Tensor& x, const at::Tensor& values,
   TORCH_CHECK(ok && lo >= 0 && hi < g.C, op,
               ": invalid weight structure (tap_ptr must run 0..nnz, non-decreasing; ci in [0, ",
               g.C, "))");
+  return g;
+}
+
+int team_for(int64_t work) {
+  return int(std::clamp<int64_t>(work / min_work_per_thread(kWorkPerThread), 1,
+                                 omp_get_max_threads()));
+}
+
+// t (N, C, H, W) batch-last with Np lanes: in place when it is laid out so (and N == Np), else
+// transposed into scratch `slot`; *cs: its channel plane stride.
+template <typename T>
+const T* as_chwn(const at::Tensor& t, int64_t Np, int slot, int64_t* cs, int nthreads) {
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
+  if (Np == N && is_chwn(t)) {
+    *cs = t.stride(1);
+    return t.data_ptr<T>();
+  }
+  *cs = plane_stride<T>(HW, Np);
+  T* buf = vec_scratch<T>(slot, C * *cs);
+  if (t.is_contiguous())
+    to_chwn(t.data_ptr<T>(), N, C, HW, C * HW, buf, Np, *cs, nthreads);
+  else
+    to_chwn_strided<T>(t, buf, Np, *cs, nthreads);
+  return buf;
+}
+
+// x (N, C, H, W) -> (N, C_out, OH, OW) ((OH/2, OW/2) with `pool`). values / ci: the
+// nonzeros in (row, channel tile, tap, channel) order, ci their input channels; tap_ptr
+// (C_out * n_tiles * kh*kw + 1): where each (row, tile, tap) starts; a tile is channel_tile
+// input channels.
+at::Tensor _csr_conv2d_chwn_cpu(const at::Tensor& x, const at::Tensor& values,
+                                const at::Tensor& ci, const at::Tensor& tap_ptr,
+                                int64_t channel_tile, at::IntArrayRef weight_shape,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual, bool relu,
+                                bool pool) {
+  constexpr const char* op = "_csr_conv2d_chwn_cpu";
+  Geom g = parse_geometry(op, x, values, ci, tap_ptr, channel_tile, weight_shape, stride,
+                          padding, dilation, pool);
+  g.relu = relu;
   const std::vector<int64_t> out_sizes{g.N, g.Cout, g.OHo, g.OWo};
   at::Tensor b, r;
   if (bias.has_value()) {
@@ -381,26 +414,11 @@ at::Tensor _csr_conv2d_chwn_cpu(const at::Tensor& x, const at::Tensor& values,
     o.res = r.data_ptr();
     for (int d = 0; d < 4; ++d) o.rs[d] = r.stride(d);
   }
-  const int64_t work = nnz * g.OH * g.OW * g.Np;
-  const int nthreads = int(std::clamp<int64_t>(work / min_work_per_thread(kWorkPerThread), 1,
-                                               omp_get_max_threads()));
-  const bool in_place = g.Np == g.N && is_chwn(x);
+  const int nthreads = team_for(values.numel() * g.OH * g.OW * g.Np);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    const int64_t HW = g.H * g.W, OHW = g.OHo * g.OWo;
-    const scalar_t* xd = nullptr;
-    if (in_place) {
-      xd = x.data_ptr<scalar_t>();
-      g.cs = x.stride(1);
-    } else {
-      g.cs = plane_stride<scalar_t>(HW, g.Np);
-      scalar_t* buf = vec_scratch<scalar_t>(2, g.C * g.cs);
-      if (x.is_contiguous())
-        to_chwn(x.data_ptr<scalar_t>(), g.N, g.C, HW, g.C * HW, buf, g.Np, g.cs, nthreads);
-      else
-        to_chwn_strided<scalar_t>(x, buf, g.Np, g.cs, nthreads);
-      xd = buf;
-    }
+    const int64_t OHW = g.OHo * g.OWo;
+    const scalar_t* xd = as_chwn<scalar_t>(x, g.Np, 2, &g.cs, nthreads);
     // The output is batch-last whatever N is (the layout torch.compile's fake kernel states);
     // a batch that does not fill whole vectors is computed in scratch and narrowed.
     const int64_t ocs = plane_stride<scalar_t>(OHW, g.N);
@@ -413,7 +431,8 @@ at::Tensor _csr_conv2d_chwn_cpu(const at::Tensor& x, const at::Tensor& values,
       g.ocs = plane_stride<scalar_t>(OHW, g.Np);
       o.y = vec_scratch<scalar_t>(3, g.Cout * g.ocs);
     }
-    conv_chwn<scalar_t>(g, xd, values.data_ptr<scalar_t>(), cip, tp,
+    conv_chwn<scalar_t>(g, xd, values.data_ptr<scalar_t>(), ci.data_ptr<int32_t>(),
+                        tap_ptr.data_ptr<int32_t>(),
                         b.defined() ? b.data_ptr<scalar_t>() : nullptr, o, nthreads);
     if (g.Np != g.N)
       narrow_lanes(static_cast<const scalar_t*>(o.y), g.Cout, OHW, g.Np, g.ocs, g.N, ocs,
@@ -422,8 +441,124 @@ at::Tensor _csr_conv2d_chwn_cpu(const at::Tensor& x, const at::Tensor& values,
   return out;
 }
 
+// ---- weight gradient -----------------------------------------------------------------------
+// dv[q] for G nonzeros of one tap (i, j) sharing a row: sum over the tap's valid output pixels
+// and the samples of dy[row, pixel, :] * x[ci[q], input pixel, :]. dyb: the row's plane of dy
+// at the chunk's first sample; xb: x at it; NV vectors of samples; acc'd into out[0..G).
+template <typename T, int NV, int G>
+void dw_group(const Geom& g, const T* dyb, int64_t dyp, const T* xb, const int32_t* ci,
+              int64_t i, int64_t j, int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, T* out) {
+  using V = typename VecOf<T>::V;
+  V acc[G][NV];
+  for (int a = 0; a < G; ++a)
+    for (int v = 0; v < NV; ++v) acc[a][v] = V::zero();
+  const T* xs[G];
+  for (int a = 0; a < G; ++a) xs[a] = xb + int64_t(ci[a]) * g.cs;
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const int64_t ih = oh * g.sh + i * g.dh - g.ph;
+    for (int64_t ow = ow0; ow < ow1; ++ow) {
+      const int64_t iw = ow * g.sw + j * g.dw - g.pw;
+      const T* d = dyb + (oh * g.OW + ow) * dyp;
+      const int64_t xo = (ih * g.W + iw) * g.Np;
+      V dv[NV];
+      for (int v = 0; v < NV; ++v) dv[v] = V::load(d + v * V::W);
+      for (int a = 0; a < G; ++a)
+        for (int v = 0; v < NV; ++v) acc[a][v].fma(dv[v], V::load(xs[a] + xo + v * V::W));
+    }
+  }
+  for (int a = 0; a < G; ++a) {
+    T s = 0;
+    for (int v = 0; v < NV; ++v) s += acc[a][v].sum();
+    out[a] += s;
+  }
+}
+
+template <typename T, int G>
+using DwFn = void (*)(const Geom&, const T*, int64_t, const T*, const int32_t*, int64_t,
+                      int64_t, int64_t, int64_t, int64_t, int64_t, T*);
+
+template <typename T, int G>
+DwFn<T, G> dw_fn(int nv) {
+  switch (nv) {
+    case 1: return &dw_group<T, 1, G>;
+    case 2: return &dw_group<T, 2, G>;
+    case 3: return &dw_group<T, 3, G>;
+    default: return &dw_group<T, 4, G>;
+  }
+}
+
+// First and one-past-last output index whose input index o*s + t*d - p lies in [0, n).
+inline void valid_range(int64_t t, int64_t s, int64_t d, int64_t p, int64_t n, int64_t out,
+                        int64_t* lo, int64_t* hi) {
+  const int64_t a = p - t * d;  // need o*s >= a and o*s <= n - 1 + a
+  *lo = a <= 0 ? 0 : (a + s - 1) / s;
+  const int64_t b = n - 1 + a;
+  *hi = b < 0 ? 0 : std::min(out, b / s + 1);
+  if (*hi < *lo) *hi = *lo;
+}
+
+// Every row's nonzeros, a group of G of one tap at a time (their dy loads shared), chunk of
+// samples by chunk.
+template <typename T>
+void dw_all(const Geom& g, const T* dyd, int64_t dcs, const T* xd, const int32_t* cip,
+            const int32_t* tp, T* out, int nthreads) {
+  using V = typename VecOf<T>::V;
+  const int64_t T_ = g.kh * g.kw, chunk = int64_t(kMaxNV) * V::W;
+  constexpr int G = 4;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t co = 0; co < g.Cout; ++co)
+    for (int64_t b0 = 0; b0 < g.Np; b0 += chunk) {
+      const int nv = int(std::min(chunk, g.Np - b0) / V::W);
+      const DwFn<T, G> fg = dw_fn<T, G>(nv);
+      const DwFn<T, 1> f1 = dw_fn<T, 1>(nv);
+      const T* dyb = dyd + co * dcs + b0;
+      for (int64_t s = co * g.nct * T_; s < (co + 1) * g.nct * T_; ++s) {
+        const int64_t t = s % T_, i = t / g.kw, j = t % g.kw;
+        int64_t oh0, oh1, ow0, ow1;
+        valid_range(i, g.sh, g.dh, g.ph, g.H, g.OH, &oh0, &oh1);
+        valid_range(j, g.sw, g.dw, g.pw, g.W, g.OW, &ow0, &ow1);
+        int64_t q = tp[s];
+        for (; q + G <= tp[s + 1]; q += G)
+          fg(g, dyb, g.Np, xd + b0, cip + q, i, j, oh0, oh1, ow0, ow1, out + q);
+        for (; q < tp[s + 1]; ++q)
+          f1(g, dyb, g.Np, xd + b0, cip + q, i, j, oh0, oh1, ow0, ow1, out + q);
+      }
+    }
+}
+
+// dv (nnz,) in the weight's tap-major order: dv[q] = sum over n and output pixels of
+// dy[n, row(q), oh, ow] * x[n, ci[q], oh*sh + i*dh - ph, ow*sw + j*dw - pw].
+at::Tensor _csr_conv2d_chwn_dw_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                   const at::Tensor& ci, const at::Tensor& tap_ptr,
+                                   int64_t channel_tile, at::IntArrayRef weight_shape,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation) {
+  constexpr const char* op = "_csr_conv2d_chwn_dw_cpu";
+  const at::Tensor proto = at::empty({ci.numel()}, x.options());
+  Geom g = parse_geometry(op, x, proto, ci, tap_ptr, channel_tile, weight_shape, stride,
+                          padding, dilation, false);
+  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == g.N && dy.size(1) == g.Cout &&
+                  dy.size(2) == g.OH && dy.size(3) == g.OW && dy.scalar_type() == x.scalar_type(),
+              op, ": dy must be (", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW,
+              ") of x's dtype, got ", dy.sizes());
+  const int64_t nnz = ci.numel();
+  const int nthreads = team_for(nnz * g.OH * g.OW * g.Np);
+  at::Tensor dv = at::zeros({nnz}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const scalar_t* xd = as_chwn<scalar_t>(x, g.Np, 2, &g.cs, nthreads);
+    int64_t dcs = 0;
+    const scalar_t* dyd = as_chwn<scalar_t>(dy, g.Np, 3, &dcs, nthreads);
+    dw_all<scalar_t>(g, dyd, dcs, xd, ci.data_ptr<int32_t>(), tap_ptr.data_ptr<int32_t>(),
+                     dv.data_ptr<scalar_t>(), nthreads);
+  });
+  return dv;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparsecore, CPU, m) { m.impl("_csr_conv2d_chwn_cpu", &_csr_conv2d_chwn_cpu); }
+TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
+  m.impl("_csr_conv2d_chwn_cpu", &_csr_conv2d_chwn_cpu);
+  m.impl("_csr_conv2d_chwn_dw_cpu", &_csr_conv2d_chwn_dw_cpu);
+}
 
 }  // namespace sparsecore

@@ -25,6 +25,7 @@ struct ScalarV {
   static ScalarV bcast(T x) { return {x}; }
   void store(T* p) const { *p = v; }
   void fma(ScalarV a, ScalarV b) { v += a.v * b.v; }
+  T sum() const { return v; }
 };
 
 #if defined(__AVX512F__)
@@ -36,6 +37,7 @@ struct VF {
   static VF bcast(float x) { return {_mm512_set1_ps(x)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void fma(VF a, VF b) { v = _mm512_fmadd_ps(a.v, b.v, v); }
+  float sum() const { return _mm512_reduce_add_ps(v); }
 };
 struct VD {
   static constexpr int W = 8;
@@ -45,6 +47,7 @@ struct VD {
   static VD bcast(double x) { return {_mm512_set1_pd(x)}; }
   void store(double* p) const { _mm512_storeu_pd(p, v); }
   void fma(VD a, VD b) { v = _mm512_fmadd_pd(a.v, b.v, v); }
+  double sum() const { return _mm512_reduce_add_pd(v); }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 struct VF {
@@ -55,6 +58,11 @@ struct VF {
   static VF bcast(float x) { return {_mm256_set1_ps(x)}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void fma(VF a, VF b) { v = _mm256_fmadd_ps(a.v, b.v, v); }
+  float sum() const {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  }
 };
 struct VD {
   static constexpr int W = 4;
@@ -64,6 +72,11 @@ struct VD {
   static VD bcast(double x) { return {_mm256_set1_pd(x)}; }
   void store(double* p) const { _mm256_storeu_pd(p, v); }
   void fma(VD a, VD b) { v = _mm256_fmadd_pd(a.v, b.v, v); }
+  double sum() const {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, v);
+    return (t[0] + t[1]) + (t[2] + t[3]);
+  }
 };
 #else
 using VF = ScalarV<float>;

@@ -58,6 +58,12 @@ def _register() -> None:
         plane = h * w * n + 64 // x.element_size()
         return x.new_empty(c * plane).as_strided((n, c, h, w), (1, plane, w * n, n))
 
+    @torch.library.register_fake("sparsecore::_csr_conv2d_chwn_dw_cpu")
+    def _(dy: Tensor, x: Tensor, ci: Tensor, tap_ptr: Tensor, channel_tile: int,
+          weight_shape: list[int], stride: list[int], padding: list[int],
+          dilation: list[int]) -> Tensor:
+        return x.new_empty(ci.shape[0])
+
     @torch.library.register_fake("sparsecore::_csr_to_dense_cpu")
     def _(values: Tensor, col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> Tensor:
         return values.new_empty(row_ptr.shape[0] - 1, n_cols)
