@@ -55,6 +55,7 @@
 #endif
 
 #include "threads.h"
+#include "vec.h"
 
 namespace sparsecore {
 namespace {
@@ -560,7 +561,7 @@ inline void spmm_vecs(const T* val, const int32_t* col, int64_t lo, int64_t hi, 
   for (int j = 0; j < NV; ++j) acc[j].store(y + j * V::W);
 }
 
-// Segment (t, o) over chunk c of width w: a full chunk takes the 8-vector path; a narrow last
+// Segment (t, o) over chunk c of width w: a full chunk takes the whole-chunk path; a narrow last
 // chunk is cut into 4/2/1 vectors and then 4/2/1 scalar lanes.
 template <typename T>
 inline void spmm_segment(const SpmmArgs<T>& a, int64_t c, int64_t w, int64_t t, int64_t o) {
@@ -573,7 +574,12 @@ inline void spmm_segment(const SpmmArgs<T>& a, int64_t c, int64_t w, int64_t t, 
   if (!first && lo == hi) return;
   const T* x = a.xt + c * m.n_cols * kChunk<T>;
   T* y = a.yt + c * a.y_chunk_stride + o * a.ldy;
-  if (w == kChunk<T>) return spmm_vecs<V, kChunkVecs>(a.val, m.col, lo, hi, x, y, first);
+  if (w == kChunk<T>) {
+    // A full chunk in the widest vectors the build has (AVX-512: 4 of 16 floats, where the
+    // chunk's 8 AVX2 vectors would take twice the loads and FMAs).
+    using VW = typename vec::VecOf<T>::V;
+    return spmm_vecs<VW, kChunk<T> / VW::W>(a.val, m.col, lo, hi, x, y, first);
+  }
   int64_t b = 0;
   if (w - b >= 4 * W) spmm_vecs<V, 4>(a.val, m.col, lo, hi, x + b, y + b, first), b += 4 * W;
   if (w - b >= 2 * W) spmm_vecs<V, 2>(a.val, m.col, lo, hi, x + b, y + b, first), b += 2 * W;
