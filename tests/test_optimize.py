@@ -283,7 +283,10 @@ def test_timing_choice_and_cache(monkeypatch) -> None:
     blob = json.load(open(cache_path()))
     (machine, layers), = blob["machines"].items()
     assert machine == opt_mod.machine_key(x.device) and "threads=1" in machine
-    assert len(layers) == 1 and set(next(iter(layers.values()))) == set(info.times)
+    # one entry per input layout: the conv has a batch-last candidate, so it was timed on
+    # NCHW and on batch-last activations
+    assert sorted(key.split("|")[5] for key in layers) == ["batch_last", "contiguous"]
+    assert all(set(entry) == set(info.times) for entry in layers.values())
 
     def no_timing(*args, **kwargs):
         raise AssertionError("timed although the cache has every candidate")
@@ -393,3 +396,38 @@ def test_explain_report() -> None:
     assert row["dense_mflop"] == f"{2 * 8 * 64 * 16 * 27 / 1e6:.1f}"
     assert "predicted speedup" in text and "measured speedup" in text
     assert report.measured_speedup > 0 and report.predicted_speedup > 0
+
+
+def test_choice_weighs_the_layout_a_kernel_leaves(monkeypatch) -> None:
+    """A kernel that returns batch-last activations is chosen for a layer when the next
+    layer's batch-last kernel gains more than it loses (greedy, layer by layer, would not),
+    and the chosen model still computes the masked model."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    prune.prune(model, "magnitude", sparsity=0.8, scope="layerwise")
+    fake = {  # (layer, input layout) -> kernel -> seconds
+        (8, "nchw", 0): {"dense": 10.0, "csr": 11.0, "csr_direct": 8.0, "csr_chwn": 9.0},
+        (8, "nchw", 1): {"dense": 10.0, "csr": 11.0, "csr_direct": 8.0, "csr_chwn": 12.0},
+        (8, "batch_last", 1): {"dense": 10.0, "csr": 11.0, "csr_direct": 9.0,
+                               "csr_chwn": 3.0},
+    }
+    seen: list[str] = []
+
+    def fake_time(self, layer, info, x, residual, density, built):
+        index = 0 if not seen else 1
+        layout = opt_mod._activation_layout(x)
+        times = fake.get((x.shape[1], layout, index)) or fake[(x.shape[1], "nchw", index)]
+        return {k: v for k, v in times.items() if k in info.candidates}, False
+
+    def record(name, layer, *args, **kwargs):
+        original(name, layer, *args, **kwargs)
+        seen.append(name)
+
+    original = opt_mod._Picker.__call__
+    monkeypatch.setattr(opt_mod._Picker, "_time", fake_time)
+    monkeypatch.setattr(opt_mod._Picker, "__call__", record)
+    optimized = sparsecore.optimize(model, torch.randn(16, 8, 6, 6), cache=False)
+    chosen = [layer.info.choice for _, layer in fused_layers(optimized)]
+    assert chosen == ["csr_chwn", "csr_chwn"]  # greedy would take csr_direct twice (16 > 12)
+    assert fused_layers(optimized)[1][1].info.times["csr_chwn"] == 3.0
+    _assert_same(model, optimized, (16, 8, 6, 6))

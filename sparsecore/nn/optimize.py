@@ -11,9 +11,13 @@ runs each layer on the fastest kernel measured for it.
    folded away are left as nn.Identity, so module names stay valid (a ReLU whose max-pool
    was fused in now passes on the pooled activation).
 3. Choose: each fused layer runs the example input's activation at that layer (one forward
-   pass of `example_input`) on every candidate kernel ("dense", "csr", "csr_unfold", "bsr")
-   and keeps the fastest (median of a few runs; dense unless a sparse kernel beats it by
-   DENSE_TIE). The times are cached per machine (CPU model, ISA, threads) and layer
+   pass of `example_input`) on every candidate kernel ("dense", "csr", "csr_direct",
+   "csr_chwn", "csr_unfold", "bsr"; median of a few runs). Convs next to a "csr_chwn"
+   candidate, whose output is batch-last, are timed on both activation layouts, and the
+   kernels are chosen for the whole model: each layer's time on the layout its producer
+   returns plus its readers' best times on the layout it returns (exact on the tree of
+   producer -> reader links, one pass back from the last layer), dense at each layer unless
+   a sparse kernel beats it by DENSE_TIE. The times are cached per machine (CPU model, ISA, threads) and layer
    (shape, density bucket, input shape and layout, epilogue) in `kernels.json` under
    ~/.cache/sparsecore/ (or $SPARSECORE_CACHE_DIR, or the file named by `cache_file`), so
    a second optimize() of the same shapes, at about the same densities, times nothing.
@@ -406,8 +410,7 @@ def _layer_key(layer: _Fused, x: Tensor, residual: Tensor | None, density: float
     (the density by its bucket)."""
     memory = ("contiguous" if x.is_contiguous() else "channels_last"
               if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-              else "batch_last" if x.dim() == 4 and x.permute(1, 2, 3, 0).is_contiguous()
-              else "strided")
+              else "batch_last" if _activation_layout(x) == "batch_last" else "strided")
     parts = [layer.kind, "w=" + "x".join(map(str, layer.weight_shape)),
              f"density~{_density_bucket(density):.4g}", "x=" + "x".join(map(str, x.shape)),
              str(x.dtype).replace("torch.", ""), memory,
@@ -465,16 +468,54 @@ def _worth_timing(layer: _Fused, kernel: str, x: Tensor, density: float) -> bool
     return True
 
 
+# Activation layouts between fused layers: "csr_chwn" returns its output batch-last (what
+# the next csr_chwn layer reads in place), every other kernel NCHW (or a layout it makes
+# contiguous itself). A layer's kernel times depend on the layout it is fed, so conv layers
+# next to a csr_chwn candidate are timed on both, and the choice weighs each layer's time
+# with what its layout costs the layers that read its output.
+_OUT_LAYOUT = {"csr_chwn": "batch_last"}
+
+
+def _activation_layout(x: Tensor) -> str:
+    n = x.shape[0] if x.dim() == 4 else 0
+    bl = x.dim() == 4 and x.stride(0) == 1 and x.stride(3) == n and n > 1
+    return "batch_last" if bl else "nchw"
+
+
+def _as_layout(x: Tensor, layout: str) -> Tensor:
+    """x (N, C, H, W) in `layout`: NCHW-contiguous, or batch-last as csr_chwn lays it out."""
+    if layout == "nchw":
+        return x.contiguous()
+    n, c, h, w = x.shape
+    plane = h * w * n + 64 // x.element_size()
+    out = x.new_empty(c * plane).as_strided((n, c, h, w), (1, plane, w * n, n))
+    return out.copy_(x)
+
+
+@dataclass
+class _Timed:
+    """A layer timed during calibration, its kernel still to be set."""
+
+    layer: _Fused
+    info: LayerInfo
+    built: dict[str, nn.Module]
+    times: dict[str, dict[str, float]]  # input layout -> kernel -> seconds
+    layout: str  # the layout of the example's activation at this layer
+    producer: str | None  # the timed layer whose output this layer reads
+
+
 class _Picker:
-    """Chooses each fused layer's kernel when the example input reaches it."""
+    """Chooses each fused layer's kernel when the example input reaches it (timed layers:
+    after the whole pass, by finish())."""
 
     def __init__(self, layouts: Sequence[str], choose: Chooser, cache: _TimingCache,
                  rounds: int, min_time: float) -> None:
         self.layouts, self.choose, self.cache = layouts, choose, cache
         self.rounds, self.min_time = rounds, min_time
+        self.timed: dict[str, _Timed] = {}
 
     def __call__(self, name: str, layer: _Fused, x: Tensor | None,
-                 residual: Tensor | None) -> None:
+                 residual: Tensor | None, producer: str | None = None) -> None:
         mask = layer.source["mask"]
         density = float(mask.sum()) / max(mask.numel(), 1)
         info = LayerInfo(name, layer.kind, layer.weight_shape, density,
@@ -484,6 +525,7 @@ class _Picker:
             info.output_shape = layer.out_shape(x)
             info.flops = layer.flops(x)
         built: dict[str, nn.Module] = {}
+        layer.info = info
         if callable(self.choose):
             info.choice, info.decided_by = self.choose(info), "callable"
             if info.choice not in info.candidates:
@@ -495,33 +537,106 @@ class _Picker:
         elif x is None:
             info.decided_by = "dense: the example input does not reach this layer"
         else:
-            self._time(layer, info, x, residual, density, built)
-        kernel = built[info.choice] if info.choice in built else layer.make_kernel(info.choice)
-        layer.set_kernel(kernel)
-        layer.info = info
+            self._time_layouts(name, layer, info, x, residual, density, built, producer)
+            return  # the kernel is set by finish(); until then the greedy choice runs
+        layer.set_kernel(built.get(info.choice) or layer.make_kernel(info.choice))
+
+    def _time_layouts(self, name: str, layer: _Fused, info: LayerInfo, x: Tensor,
+                      residual: Tensor | None, density: float, built: dict[str, nn.Module],
+                      producer: str | None) -> None:
+        here = _activation_layout(x) if x.dim() == 4 else "nchw"
+        layouts = [here]
+        prod = self.timed.get(producer) if producer else None
+        both = isinstance(layer, FusedConv2d) and x.dim() == 4 and x.shape[0] > 1 and (
+            "csr_chwn" in info.candidates or (prod is not None
+                                              and "csr_chwn" in prod.info.candidates))
+        if both:
+            layouts = ["nchw", "batch_last"]
+        timed = {lay: self._time(layer, info, _as_layout(x, lay) if both else x, residual,
+                                 density, built) for lay in layouts}
+        times = {lay: t for lay, (t, _) in timed.items()}
+        info.cached = all(hit for _, hit in timed.values())
+        info.times = times[here] if here in times else times[layouts[0]]
+        info.choice = _fastest(info.times)
+        info.decided_by = "cache" if info.cached else "time"
+        self.timed[name] = _Timed(layer, info, built, times, here,
+                                  producer if producer in self.timed else None)
+        # greedy for the rest of the calibration pass (the source stays for finish())
+        layer.kernel = built.get(info.choice) or layer.make_kernel(info.choice)
 
     def _time(self, layer: _Fused, info: LayerInfo, x: Tensor, residual: Tensor | None,
-              density: float, built: dict[str, nn.Module]) -> None:
+              density: float, built: dict[str, nn.Module]) -> tuple[dict[str, float], bool]:
+        """Seconds of each candidate worth timing on x (cached ones read), and whether all
+        came from the cache."""
         machine = machine_key(x.device)
         key = _layer_key(layer, x, residual, density)
         wanted = [k for k in info.candidates if _worth_timing(layer, k, x, density)]
         cached = self.cache.get(machine, key)
         times = {k: cached[k] for k in wanted if k in cached}
-        info.cached = len(times) == len(wanted)
+        hit = len(times) == len(wanted)
         runs: dict[str, Callable[[], Tensor]] = {}
         for k in wanted:
             if k in times:
                 continue
-            kernel = built[k] = layer.make_kernel(k)
+            kernel = built[k] = built.get(k) or layer.make_kernel(k)
             runs[k] = lambda kernel=kernel: layer.run(kernel, x, residual)
         new = _time_candidates(runs, x.device, self.rounds, self.min_time)
         self.cache.put(machine, key, new)
-        info.times = {**times, **new}
-        info.choice = min(info.times, key=info.times.get) if info.times else "dense"
-        if "dense" in info.times and info.times[info.choice] > (1 - DENSE_TIE) * info.times[
-                "dense"]:
-            info.choice = "dense"
-        info.decided_by = "cache" if info.cached else "time"
+        return {**times, **new}, hit
+
+    def finish(self) -> None:
+        """Each timed layer's kernel, chosen for the whole model: a layer's cost is its own
+        time on the layout its producer's kernel returns plus the best costs of its readers
+        on the layout it returns itself. Each layer reads one producer's output, so the
+        layers form a tree and one pass from the last layer back (then forward, choosing)
+        minimises the sum; at each layer dense is kept unless the best beats it by
+        DENSE_TIE."""
+        readers: dict[str, list[str]] = {name: [] for name in self.timed}
+        for name, t in self.timed.items():
+            if t.producer is not None:
+                readers[t.producer].append(name)
+
+        def cost(name: str, kernel: str, layout: str) -> float:
+            times = self.timed[name].times
+            row = times.get(layout) or next(iter(times.values()))
+            return row.get(kernel, math.inf)
+
+        best: dict[str, dict[str, tuple[float, str]]] = {}  # name -> layout -> (cost, kernel)
+        for name in reversed(list(self.timed)):
+            t = self.timed[name]
+            kernels = sorted({k for row in t.times.values() for k in row})
+            best[name] = {}
+            for layout in ("nchw", "batch_last"):
+                totals = {k: cost(name, k, layout) + sum(
+                    best[r][_OUT_LAYOUT.get(k, "nchw")][0] for r in readers[name])
+                    for k in kernels}
+                if not totals:
+                    best[name][layout] = (0.0, "dense")
+                    continue
+                k = min(totals, key=totals.get)
+                if "dense" in totals and totals[k] > (1 - DENSE_TIE) * totals["dense"]:
+                    k = "dense"
+                best[name][layout] = (totals[k], k)
+        fed: dict[str, str] = {}
+        for name, t in self.timed.items():  # execution order: producers first
+            layout = t.layout if t.producer is None else fed[name]
+            kernel = best[name][layout][1]
+            for r in readers[name]:
+                fed[r] = _OUT_LAYOUT.get(kernel, "nchw")
+            t.info.choice = kernel
+            row = t.times.get(layout) or next(iter(t.times.values()))
+            t.info.times = dict(row)
+            t.layer.set_kernel(t.built.get(kernel) or t.layer.make_kernel(kernel))
+
+
+def _fastest(times: dict[str, float]) -> str:
+    """The fastest kernel of `times`, dense unless another beats it by DENSE_TIE."""
+    if not times:
+        return "dense"
+    best = min(times, key=times.get)
+    if "dense" in times and times[best] > (1 - DENSE_TIE) * times["dense"]:
+        return "dense"
+    return best
 
 
 def _time_candidates(runs: dict[str, Callable[[], Any]], device: torch.device, rounds: int,
@@ -539,22 +654,35 @@ def _time_candidates(runs: dict[str, Callable[[], Any]], device: torch.device, r
 
 
 def _calibrate(model: nn.Module, inputs: tuple[Any, ...], picker: _Picker) -> None:
-    """One forward pass of `inputs`: each fused layer picks its kernel on its own input."""
+    """One forward pass of `inputs`: each fused layer is timed (or given its fixed kernel) on
+    its own input, noting which fused layer produced that input; then picker.finish()."""
     layers = fused_layers(model)
     handles = []
-    for name, layer in layers:
-        def hook(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            if module.kernel is None:
-                residual = args[1] if len(args) > 1 else None
-                picker(name, module, args[0], residual)
+    made_by: dict[int, str] = {}  # data_ptr of a fused layer's output -> its name
 
-        handles.append(layer.register_forward_pre_hook(hook))
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], name: str) -> None:
+        if module.kernel is None:
+            residual = args[1] if len(args) > 1 else None
+            x = args[0]
+            producer = made_by.get(x.data_ptr()) if isinstance(x, Tensor) else None
+            picker(name, module, x, residual, producer)
+
+    def post_hook(module: nn.Module, args: tuple[Any, ...], out: Any, name: str) -> None:
+        if isinstance(out, Tensor):
+            made_by[out.data_ptr()] = name
+
+    for name, layer in layers:
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, name=name: pre_hook(m, a, name)))
+        handles.append(layer.register_forward_hook(
+            lambda m, a, o, name=name: post_hook(m, a, o, name)))
     try:
         with torch.no_grad():
             model(*inputs)
     finally:
         for h in handles:
             h.remove()
+    picker.finish()
     for name, layer in layers:
         if layer.kernel is None:
             picker(name, layer, None, None)
