@@ -4,8 +4,8 @@ ops, so that torch.compile and torch.export can trace a sparse layer's forward a
 The public ops (sparsecore.ops.csr / bsr) carry their own fakes; the C++ kernels they
 dispatch to run inside them and are never traced. The helpers below are called directly
 by CSRWeight (tilings, transposed values), by the layers (tiled values, the dense
-fallback's weight) and by optimize()'s fused conv kernels. Without the extension these ops do
-not exist and nothing registers.
+fallback's weight, the batch-last conv kernel and its weight gradient) and by optimize()'s
+fused conv kernels. Without the extension these ops do not exist and nothing registers.
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ def _register() -> None:
         n, c, h, w = _conv_out(x, weight_shape, stride, padding, dilation, pool).shape
         plane = h * w * n + 64 // x.element_size()
         return x.new_empty(c * plane).as_strided((n, c, h, w), (1, plane, w * n, n))
+
+    @torch.library.register_fake("sparsecore::_csr_conv2d_chwn_dw_cpu")
+    def _(dy: Tensor, x: Tensor, ci: Tensor, tap_ptr: Tensor, channel_tile: int,
+          weight_shape: list[int], stride: list[int], padding: list[int],
+          dilation: list[int]) -> Tensor:
+        return x.new_empty(ci.shape[0])
 
     @torch.library.register_fake("sparsecore::_csr_to_dense_cpu")
     def _(values: Tensor, col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> Tensor:
