@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -286,7 +287,9 @@ class BSRWeight:
 # t_row_ptr / t_row_order), and, built on first use on the CPU, the C++ kernels' tile-major
 # layouts of W and W^T (see csrc/cpu/csr.cpp) and, for a conv weight, the CSR structure of
 # the transposed-flipped weight that the direct kernel takes for a stride-1 input gradient
-# (conv_flip_structure); these depend only on the sparsity pattern.
+# (conv_flip_structure) and the batch-last kernel's tap-major layouts of W and of that
+# transposed-flipped weight (conv_tap_major_structure); these depend only on the sparsity
+# pattern.
 
 _CSR_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
@@ -296,6 +299,21 @@ CSR_INDEX_FIELDS = ("col_idx", "row_ptr", "row_idx", "row_order",
                     "t_perm", "t_col_idx", "t_row_ptr", "t_row_order")  # fmt: skip
 # The int32 arrays of conv_flip_structure.
 CSR_FLIP_FIELDS = ("f_perm", "f_col_idx", "f_row_ptr")
+# Input channels per tile of the batch-last ("CHWN") conv kernel (csrc/cpu/conv_chwn.cpp): a
+# tile's input rows (3 rows x W pixels x this many channels x 64 samples) stay in L2 while all
+# the output channels of a work item pass over them.
+CHWN_CHANNEL_TILE = 128
+
+
+class TapMajor(NamedTuple):
+    """A conv weight's nonzeros in the batch-last kernel's (row, channel tile, tap, channel)
+    order (conv_tap_major_structure), all int32: perm (nnz,) such that values[perm] are the
+    values in that order, ci (nnz,) their input channels, and tap_ptr (rows * n_tiles * kh*kw
+    + 1,), where the nonzeros of each (row, tile, tap) start."""
+
+    perm: Tensor
+    ci: Tensor
+    tap_ptr: Tensor
 
 
 def _length_order(ptr: Tensor) -> Tensor:
@@ -354,6 +372,35 @@ def conv_flip_structure(row_idx: Tensor, col_idx: Tensor,
     }
 
 
+def conv_tap_major_structure(row_idx: Tensor, col_idx: Tensor, shape: Sequence[int],
+                             channel_tile: int = CHWN_CHANNEL_TILE, *,
+                             flipped: bool = False) -> TapMajor:
+    """The batch-last conv kernel's layout (TapMajor) of a conv weight W (C_out, C_in, kh, kw)
+    whose matrix view has its nonzeros at (row_idx, col_idx), a channel tile being
+    `channel_tile` input channels; with `flipped`, of its transposed-flipped weight W'
+    (C_in, C_out, kh, kw), W'[i, o, u, v] = W[o, i, kh-1-u, kw-1-v], whose values[perm] are
+    then W''s. Output shapes follow the input's alone (a sort and a search), so a traced call
+    can build it too."""
+    if len(shape) != 4:
+        raise ValueError(f"the tap-major layout needs a 4-D conv weight shape, "
+                         f"got {tuple(shape)}")
+    c_out, c_in, kh, kw = (int(s) for s in shape)
+    taps = kh * kw
+    cols = col_idx.long()
+    rows, chans, tap = row_idx.long(), cols // taps, cols % taps
+    n_rows, n_chans = c_out, c_in
+    if flipped:
+        rows, chans, tap = chans, rows, taps - 1 - tap
+        n_rows, n_chans = c_in, c_out
+    n_tiles = -(-n_chans // channel_tile)
+    seg = (rows * n_tiles + chans // channel_tile) * taps + tap
+    perm = torch.argsort(seg * channel_tile + chans % channel_tile)  # keys are unique
+    bounds = torch.arange(n_rows * n_tiles * taps + 1, device=col_idx.device)
+    i32 = torch.int32
+    return TapMajor(perm.to(i32), chans[perm].to(i32),
+                    torch.searchsorted(seg[perm], bounds).to(i32))
+
+
 def _check_int32_sizes(nnz: int, n_rows: int, n_cols: int) -> None:
     """ValueError unless nnz, rows and columns all fit the int32 index arrays."""
     if max(nnz, n_cols, n_rows) > _INT32_MAX:
@@ -410,14 +457,16 @@ class CSRWeight:
     (n_rows = shape[0], n_cols = the product of the rest). values: (nnz,) float; col_idx,
     row_ptr: int32 (int64 accepted and converted); the other index arrays are derived. The
     constructor validates (ValueError naming the field); `check=False` skips that for arrays
-    already validated (the layers' buffers). `tilings` and `flip`, when given, are the
-    pattern-only layouts of cpu_tilings() / cpu_conv_flip() already built for these arrays.
+    already validated (the layers' buffers). `tilings`, `flip` and `chwn`, when given, are the
+    pattern-only layouts of cpu_tilings() / cpu_conv_flip() / cpu_conv_chwn() (W's, then the
+    transposed-flipped weight's) already built for these arrays.
     """
 
     def __init__(self, values: Tensor, col_idx: Tensor, row_ptr: Tensor, shape: Sequence[int],
                  *, check: bool = True, derived: dict[str, Tensor] | None = None,
                  tilings: tuple[Tensor | None, Tensor | None] = (None, None),
-                 flip: dict[str, Tensor] | None = None) -> None:
+                 flip: dict[str, Tensor] | None = None,
+                 chwn: tuple[TapMajor | None, TapMajor | None] = (None, None)) -> None:
         self.shape = tuple(int(s) for s in shape)
         if check:
             _check_csr(values, col_idx, row_ptr, self.shape)
@@ -427,6 +476,7 @@ class CSRWeight:
             setattr(self, name, fields[name])
         self.tiling, self.t_tiling = tilings
         self.flip = flip
+        self.chwn, self.chwn_flip = chwn
 
     @classmethod
     def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> CSRWeight:
@@ -547,13 +597,38 @@ class CSRWeight:
                 self.flip = flip
         return self.flip
 
+    def cpu_conv_chwn(self, flipped: bool = False) -> TapMajor | None:
+        """The batch-last conv kernel's tap-major layout of this conv weight, or with `flipped`
+        of its transposed-flipped weight (conv_tap_major_structure, channel tiles of
+        CHWN_CHANNEL_TILE), built once (None off the CPU or without the extension). A traced
+        call builds it without keeping it, as cpu_tilings does. ValueError for a weight that
+        is not 4-D."""
+        if len(self.shape) != 4:
+            raise ValueError(f"cpu_conv_chwn needs a conv weight (4-D), this one has shape "
+                             f"{self.shape}")
+        kept = self.chwn_flip if flipped else self.chwn
+        if kept is None and self.device.type == "cpu":
+            from sparsecore import _ext
+
+            if _ext.has_cpu_ext():
+                kept = conv_tap_major_structure(self.row_idx, self.col_idx, self.shape,
+                                                flipped=flipped)
+                if torch.compiler.is_compiling():
+                    return kept
+                if flipped:
+                    self.chwn_flip = kept
+                else:
+                    self.chwn = kept
+        return kept
+
     def with_values(self, values: Tensor) -> CSRWeight:
         """The same structure with other values (e.g. a layer's Parameter); no copy, no check."""
         if values.shape != self.values.shape:
             raise ValueError(f"values must have shape ({self.nnz},), got {tuple(values.shape)}")
         fields = {n: getattr(self, n) for n in CSR_INDEX_FIELDS}
         return CSRWeight(values, self.col_idx, self.row_ptr, self.shape, check=False,
-                         derived=fields, tilings=(self.tiling, self.t_tiling), flip=self.flip)
+                         derived=fields, tilings=(self.tiling, self.t_tiling), flip=self.flip,
+                         chwn=(self.chwn, self.chwn_flip))
 
     def to(self, *args: object, **kwargs: object) -> CSRWeight:
         """Like Tensor.to: a device moves every array, a dtype converts the values only."""
@@ -564,10 +639,12 @@ class CSRWeight:
         fields = {n: getattr(self, n).to(device=device, non_blocking=non_blocking)
                   for n in CSR_INDEX_FIELDS}
         moved = device is not None and torch.device(device) != self.device
-        # The tilings and the flipped structure are CPU-only: rebuilt on first use there.
+        # The tilings and the conv layouts are CPU-only: rebuilt on first use there.
         tilings = (None, None) if moved else (self.tiling, self.t_tiling)
+        chwn = (None, None) if moved else (self.chwn, self.chwn_flip)
         return CSRWeight(values, fields["col_idx"], fields["row_ptr"], self.shape, check=False,
-                         derived=fields, tilings=tilings, flip=None if moved else self.flip)
+                         derived=fields, tilings=tilings, flip=None if moved else self.flip,
+                         chwn=chwn)
 
     def __repr__(self) -> str:
         return (f"CSRWeight(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "

@@ -4,6 +4,7 @@ anything imports triton); `gpu` tests skip cleanly without CUDA."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -56,6 +57,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+Call = tuple[str, tuple[int, ...], tuple[int, ...]]
+
+
+@pytest.fixture
+def chwn_calls(monkeypatch: pytest.MonkeyPatch) -> list[Call]:
+    """Records every call of the batch-last conv kernels (the sparse conv layers' path for
+    small outputs) as (kind, weight_shape, stride), kind "conv" (a forward, or a stride-1
+    input gradient on the transposed-flipped weight) or "dw" (a weight gradient). Without the
+    extension there is nothing to record."""
+    from sparsecore import has_cpu_ext
+
+    calls: list[Call] = []
+    if not has_cpu_ext():
+        return calls
+    ns = torch.ops.sparsecore
+
+    def recorder(kind: str, op: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def record(*args: object) -> torch.Tensor:
+            calls.append((kind, tuple(args[5]), tuple(args[6])))  # weight_shape, stride
+            return op(*args)
+
+        return record
+
+    for kind, name in (("conv", "_csr_conv2d_chwn_cpu"), ("dw", "_csr_conv2d_chwn_dw_cpu")):
+        monkeypatch.setattr(ns, name, recorder(kind, getattr(ns, name)))
+    return calls
 
 
 class _Payload:

@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from sparsecore import has_cpu_ext
-from sparsecore.formats import CSRWeight
+from sparsecore.formats import CHWN_CHANNEL_TILE, CSRWeight
 from sparsecore.nn import SparseLinear, SparsifyConfig, densify, sparse_linear, sparsify
 from sparsecore.testing import assert_error_within
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (layout, layer kind, sparsity): CSR at 0.95 runs the sparse kernels, at 0.3 the dense
-# fallback (the CPU crossover lies between); BSR in 8x8 blocks.
+# fallback (the CPU crossover lies between), except the second conv, whose 4x4 output runs
+# the batch-last kernels at both on the CPU; BSR in 8x8 blocks.
 CASES = [
     ("csr", "linear", 0.95),
     ("csr", "linear", 0.3),
@@ -193,6 +194,26 @@ def test_opcheck_cpp_helpers() -> None:
     torch.library.opcheck(ops._csr_transpose_values_cpu,
                           (w.values, w.col_idx, w.row_ptr, w.t_row_ptr))
     torch.library.opcheck(ops._csr_to_dense_cpu, (w.values, w.col_idx, w.row_ptr, w.n_cols))
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="needs the C++ extension")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_opcheck_batch_last_conv(stride: int) -> None:
+    """The fakes of the batch-last conv kernel and of its weight gradient, which the sparse
+    conv layers call for small outputs, agree with the kernels."""
+    dense = torch.randn(9, 11, 3, 3) * (torch.rand(9, 11, 3, 3) < 0.3)
+    w = CSRWeight.from_dense(dense)
+    layout = w.cpu_conv_chwn()
+    geom = ([stride, stride], [1, 1], [1, 1])
+    x = torch.randn(5, 11, 7, 6)
+    ops = torch.ops.sparsecore
+    args = (x, w.values[layout.perm.long()], layout.ci, layout.tap_ptr, CHWN_CHANNEL_TILE,
+            list(w.shape), *geom)
+    torch.library.opcheck(ops._csr_conv2d_chwn_cpu, (*args, None, None, False, False))
+    dy = torch.randn_like(ops._csr_conv2d_chwn_cpu(*args, None, None, False, False))
+    torch.library.opcheck(ops._csr_conv2d_chwn_dw_cpu,
+                          (dy, x, layout.ci, layout.tap_ptr, CHWN_CHANNEL_TILE, list(w.shape),
+                           *geom))
 
 
 @pytest.mark.skipif(not has_cpu_ext(), reason="needs the C++ extension")

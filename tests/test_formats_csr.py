@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from sparsecore import formats, has_cpu_ext
-from sparsecore.formats import CSRWeight, conv_flip_structure, csr_structure
+from sparsecore.formats import (
+    CSRWeight,
+    TapMajor,
+    conv_flip_structure,
+    conv_tap_major_structure,
+    csr_structure,
+)
+from sparsecore.nn.fused import tap_major_csr
 
 CPP = pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
 SHAPES = [(37, 53), (1, 1), (5, 3, 3, 3), (16, 8, 1, 5)]
@@ -195,6 +204,49 @@ def test_cpu_conv_flip_is_cached_and_carried() -> None:
     assert csr.to(torch.float32).flip is flip  # a dtype change keeps the pattern's arrays
     with pytest.raises(ValueError, match="conv weight"):
         CSRWeight.from_dense(*masked((6, 5), 0.5)).cpu_conv_flip()
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 3, 3), (16, 8, 1, 5), (7, 9, 5, 2), (1, 1, 1, 1),
+                                   (11, 13, 1, 1), (6, 130, 3, 3)])
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("channel_tile", [4, formats.CHWN_CHANNEL_TILE])
+@pytest.mark.parametrize("flipped", [False, True])
+def test_conv_tap_major_structure(shape: tuple[int, ...], sparsity: float, channel_tile: int,
+                                  flipped: bool) -> None:
+    """values[perm], ci and tap_ptr are the batch-last kernel's layout of the weight (or of
+    its transposed-flipped twin), as tap_major_csr builds it from the dense weight; channel
+    tiles of 4 split every shape's channels into several."""
+    w, mask = masked(shape, sparsity)
+    csr = CSRWeight.from_dense(w, mask)
+    layout = conv_tap_major_structure(csr.row_idx, csr.col_idx, csr.shape, channel_tile,
+                                      flipped=flipped)
+    assert isinstance(layout, TapMajor)
+    assert all(t.dtype == torch.int32 for t in layout)
+    assert torch.equal(layout.perm.sort().values, torch.arange(csr.nnz, dtype=torch.int32))
+    dense, kept = csr.to_dense(), mask
+    if flipped:
+        dense, kept = dense.transpose(0, 1).flip(2, 3), kept.transpose(0, 1).flip(2, 3)
+    values, ci, tap_ptr = tap_major_csr(dense, kept, channel_tile)
+    assert torch.equal(csr.values[layout.perm.long()], values)
+    assert torch.equal(layout.ci, ci) and torch.equal(layout.tap_ptr, tap_ptr)
+    with pytest.raises(ValueError, match="4-D"):
+        conv_tap_major_structure(csr.row_idx, csr.col_idx, (shape[0], math.prod(shape[1:])))
+
+
+@CPP
+def test_cpu_conv_chwn_is_cached_and_carried() -> None:
+    w, mask = masked((6, 5, 3, 3), 0.7)
+    csr = CSRWeight.from_dense(w, mask)
+    assert csr.chwn is None and csr.chwn_flip is None
+    layout, flipped = csr.cpu_conv_chwn(), csr.cpu_conv_chwn(flipped=True)
+    assert csr.cpu_conv_chwn() is layout and csr.cpu_conv_chwn(True) is flipped
+    for got, flip in ((layout, False), (flipped, True)):
+        ref = conv_tap_major_structure(csr.row_idx, csr.col_idx, csr.shape, flipped=flip)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    for other in (csr.with_values(csr.values * 2), csr.to(torch.float32)):
+        assert other.chwn is layout and other.chwn_flip is flipped
+    with pytest.raises(ValueError, match="conv weight"):
+        CSRWeight.from_dense(*masked((6, 5), 0.5)).cpu_conv_chwn()
 
 
 @CPP

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsecore import has_cpu_ext, use_backend
+from sparsecore import has_cpu_ext, ops, use_backend
 from sparsecore.nn import (
     SparseConv2d,
     SparseLinear,
@@ -23,7 +23,7 @@ from sparsecore.nn import (
     magnitude_mask,
     sparsify,
 )
-from sparsecore.testing import assert_error_within
+from sparsecore.testing import assert_error_within, kernel_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +32,9 @@ SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 
 
 def grads(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Output and the gradients of input, weight (as a dense tensor) and bias."""
+    """Output and the gradients of input, weight (as a dense tensor) and bias, of this call
+    alone."""
+    module.zero_grad()
     x = x.detach().clone().requires_grad_()
     y = module(x)
     y.backward(dy)
@@ -218,6 +220,190 @@ def test_new_pattern_rebuilds_the_flipped_structure(how: str) -> None:
             setattr(layer, name, t)
         wrong = grads(layer, x, dy)
     assert not torch.allclose(wrong["dx"], ref["dx"])
+
+
+# (C_in, C_out, kernel, stride, padding, dilation, (H, W)): outputs of at most
+# CSR_BATCH_LAST_MAX_PIXELS pixels, which the layers run on the batch-last kernels on the CPU,
+# the input gradient too at stride 1 with padding <= dilation * (kernel - 1)
+BATCH_LAST_GEOMS = [
+    (13, 7, 3, 1, 1, 1, (4, 4)),
+    (10, 9, 3, 1, 1, 1, (2, 2)),
+    (6, 11, 3, 1, 1, 1, (7, 5)),
+    (12, 6, 3, 1, 0, 1, (6, 9)),  # 4x7
+    (9, 5, 1, 1, 0, 1, (4, 4)),
+    (5, 12, 3, 1, 2, 2, (4, 4)),
+    (11, 6, 3, 2, 1, 1, (8, 8)),  # 4x4; dX by csr_conv2d_dx
+    (7, 13, 1, 2, 0, 1, (7, 5)),  # a strided 1x1 shortcut: 4x3; dX by csr_conv2d_dx
+    (4, 10, 1, 1, 1, 1, (2, 3)),  # padding past a 1x1 kernel: 4x5; dX by csr_conv2d_dx
+    (130, 9, 3, 1, 1, 1, (2, 2)),  # two channel tiles in the forward's weight
+    (9, 130, 3, 1, 1, 1, (2, 2)),  # two in the input gradient's
+]
+
+
+def expected_chwn_calls(layer: SparseConv2d) -> list[tuple]:
+    """The batch-last kernel calls of one forward and backward of a small-output layer."""
+    shape, stride = tuple(layer.weight_shape), tuple(layer.stride)
+    c_out, c_in, kh, kw = shape
+    flipped = [("conv", (c_in, c_out, kh, kw), (1, 1))] if layer._uses_flip() else []
+    return [("conv", shape, stride), *flipped, ("dw", shape, stride)]
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="the batch-last kernels are C++")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("backend", [None, "cpp"])
+@pytest.mark.parametrize("batch", [1, 5, 64])
+@pytest.mark.parametrize("geom", BATCH_LAST_GEOMS)
+def test_conv_small_output_runs_batch_last(backend: str | None, batch: int, geom: tuple,
+                                           threads: int, chwn_calls: list) -> None:
+    """A small-output SparseConv2d (float64, 90% sparse) runs its forward, its weight gradient
+    and (where the geometry allows) its input gradient on the batch-last kernels, whatever the
+    dense crossover says, and matches its masked dense twin: output, input gradient, the kept
+    weights' gradient and the bias gradient; on one thread and on two (every threaded path
+    taken)."""
+    c_in, c_out, kernel, stride, padding, dilation, hw = geom
+    dense = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation).double()
+    sparse = SparseConv2d.from_dense(dense, sparsity=0.9)
+    masked_twin(dense, sparse)
+    x = torch.randn(batch, c_in, *hw, dtype=torch.float64)
+    dy = torch.randn_like(dense(x))
+    assert dy.shape[2] * dy.shape[3] <= ops.CSR_BATCH_LAST_MAX_PIXELS
+    with use_backend(backend), kernel_threads(threads):
+        got = grads(sparse, x, dy)
+    assert chwn_calls == expected_chwn_calls(sparse)
+    assert got["y"].stride()[::3] == (1, batch)  # laid out batch-last
+    ref = grads(dense, x, dy)
+    ref["dw"] = ref["dw"] * sparse.mask()
+    for key in got:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="the batch-last kernels are C++")
+@pytest.mark.parametrize("geom", [BATCH_LAST_GEOMS[0], BATCH_LAST_GEOMS[6]])
+def test_conv_small_output_float32(geom: tuple, chwn_calls: list) -> None:
+    """In float32 the batch-last path's error stays within twice dense float32's."""
+    c_in, c_out, kernel, stride, padding, dilation, hw = geom
+    dense = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation)
+    sparse = SparseConv2d.from_dense(dense, sparsity=0.9)
+    masked_twin(dense, sparse)
+    check_layer(sparse, dense, torch.randn(64, c_in, *hw))
+    assert chwn_calls == expected_chwn_calls(sparse)
+
+
+def test_conv_small_output_empty_batch() -> None:
+    dense = nn.Conv2d(5, 6, 3, padding=1)
+    sparse = SparseConv2d.from_dense(dense, sparsity=0.8)
+    x = torch.randn(0, 5, 4, 4, requires_grad=True)
+    y = sparse(x)
+    y.sum().backward()
+    assert y.shape == (0, 6, 4, 4) and x.grad.shape == x.shape
+    assert torch.equal(sparse.values.grad, torch.zeros_like(sparse.values))
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="the batch-last kernels are C++")
+@pytest.mark.parametrize("backend", ["reference", "dense"])
+def test_forced_backend_overrules_batch_last(backend: str, chwn_calls: list) -> None:
+    dense = nn.Conv2d(13, 7, 3, padding=1).double()
+    sparse = SparseConv2d.from_dense(dense, sparsity=0.9)
+    masked_twin(dense, sparse)
+    x = torch.randn(5, 13, 4, 4, dtype=torch.float64)
+    dy = torch.randn(5, 7, 4, 4, dtype=torch.float64)
+    with use_backend(backend):
+        got = grads(sparse, x, dy)
+    assert chwn_calls == []
+    ref = grads(dense, x, dy)
+    torch.testing.assert_close(got["dx"], ref["dx"], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="the batch-last kernels are C++")
+def test_small_output_layers_train_like_the_masked_model(chwn_calls: list) -> None:
+    """SGD steps (momentum, weight decay) of a model whose sparse convs all run batch-last (a
+    stride-1 conv on 5x5 maps, a stride-2 one down to 3x3, both with bias) against the masked
+    dense model, float64: after every step the loss, every parameter, and the pruned weights'
+    zeros match."""
+    from sparsecore import prune
+
+    masked = nn.Sequential(nn.Conv2d(6, 10, 3, padding=1), nn.ReLU(),
+                           nn.Conv2d(10, 12, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(12 * 3 * 3, 4)).double()
+    prune.prune(masked, "magnitude", sparsity=0.8, scope="layerwise")
+    model = copy.deepcopy(masked)
+    report = sparsify(model, SparsifyConfig(min_sparsity=0.0))
+    assert len(report.swapped) == 3
+    masks = [model[i].mask() for i in (0, 2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+            for m in (masked, model)]
+    for step in range(4):
+        x = torch.randn(5, 6, 5, 5, dtype=torch.float64)
+        target = torch.randint(0, 4, (5,))
+        losses = []
+        for m, opt in zip((masked, model), opts):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=1e-12)
+        for i, mask in zip((0, 2), masks):
+            weight = model[i].dense_weight()
+            assert torch.equal(model[i].mask(), mask)
+            assert torch.equal(weight[~mask], torch.zeros_like(weight[~mask]))
+            torch.testing.assert_close(weight, masked[i].weight.detach(), rtol=1e-10,
+                                       atol=1e-12, msg=f"layer {i}, step {step}")
+            torch.testing.assert_close(model[i].bias, masked[i].bias, rtol=1e-10, atol=1e-12)
+    # per step: both forwards, then both weight gradients (the model's input needs none, and
+    # the stride-2 layer's input gradient is not batch-last)
+    first, second = ((tuple(model[i].weight_shape), tuple(model[i].stride)) for i in (0, 2))
+    step_calls = [("conv", *first), ("conv", *second), ("dw", *second), ("dw", *first)]
+    assert chwn_calls == 4 * step_calls
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="the batch-last kernels are C++")
+@pytest.mark.parametrize("how", ["load_state_dict", "from_dense"])
+def test_new_pattern_rebuilds_the_tap_major_layouts(how: str, chwn_calls: list) -> None:
+    """A small-output layer re-pruned to another pattern with the same nnz (so that stale
+    arrays would still fit) rebuilds its tap-major layouts: its output and gradients are the
+    new pattern's; the old weight layout, kept, would get the output and the weight gradient
+    wrong, the old transposed-flipped one the input gradient."""
+    dense = nn.Conv2d(6, 7, 3, padding=1).double()
+    old_mask = torch.rand(7, 6, 3, 3) < 0.3
+    new_mask = torch.zeros_like(old_mask).view(-1)
+    new_mask[torch.randperm(new_mask.numel())[:int(old_mask.sum())]] = True
+    new_mask = new_mask.view(old_mask.shape)
+    layer = SparseConv2d.from_dense(dense, old_mask)
+    of_weight, of_flipped = ([p + f for f in ("perm", "ci", "tap_ptr")]
+                             for p in ("chwn_", "chwn_f_"))
+    names = of_weight + of_flipped
+    stale = {n: getattr(layer, n) for n in names}
+    x = torch.randn(5, 6, 4, 4, dtype=torch.float64)
+    grads(layer, x, torch.randn(5, 7, 4, 4, dtype=torch.float64))  # a step on the old pattern
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) + 0.5)  # retrained weights
+    repruned = SparseConv2d.from_dense(dense, new_mask)
+    if how == "load_state_dict":
+        layer.load_state_dict(repruned.state_dict())
+    else:
+        layer = repruned
+    assert torch.equal(layer.mask(), new_mask)
+    assert not torch.equal(layer.chwn_ci, stale["chwn_ci"])
+    assert not torch.equal(layer.chwn_f_ci, stale["chwn_f_ci"])
+    masked_twin(dense, layer)
+    dy = torch.randn(5, 7, 4, 4, dtype=torch.float64)
+    ref = grads(dense, x, dy)
+    ref["dw"] = ref["dw"] * new_mask
+    chwn_calls.clear()
+    got = grads(layer, x, dy)
+    assert chwn_calls == expected_chwn_calls(layer)
+    for key in got:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    fresh = {n: getattr(layer, n) for n in names}
+    for kept, spoiled in ((of_weight, ("y", "dw")), (of_flipped, ("dx",))):
+        for n in names:  # the old layout of one of the two weights, kept
+            setattr(layer, n, stale[n] if n in kept else fresh[n])
+        wrong = grads(layer, x, dy)
+        for key in got:
+            assert torch.allclose(wrong[key], ref[key]) == (key not in spoiled), (kept, key)
 
 
 @pytest.mark.parametrize("make_opt", [

@@ -344,6 +344,24 @@ def test_conv_crossover_depends_on_the_shape() -> None:
     assert ops.csr_conv_crossover([64, 16, 3, 3], 1024) == 0.9  # short reduction
 
 
+def test_conv_batch_last_choice() -> None:
+    """The layers take outputs of up to CSR_BATCH_LAST_MAX_PIXELS pixels to the batch-last
+    kernels wherever the C++ backend takes the tensors and no other backend is forced; the
+    sparsity does not matter."""
+    x, values = torch.randn(2, 3, 9, 9), torch.randn(5)
+    pick = ops.csr_conv_batch_last
+    limit = ops.CSR_BATCH_LAST_MAX_PIXELS
+    assert pick(x, values, (8, limit // 8)) == has_cpu_ext()
+    assert pick(x.double(), values.double(), (1, 1)) == has_cpu_ext()
+    assert not pick(x, values, (1, limit + 1))
+    assert not pick(x[:0], values, (2, 2))  # an empty batch keeps the ops
+    assert not pick(x.half(), values.half(), (2, 2))  # no C++ kernel for float16
+    for backend, expect in (("cpp", has_cpu_ext()), ("dense", False), ("reference", False),
+                            ("triton", False), ("not-a-csr-backend", has_cpu_ext())):
+        with use_backend(backend):
+            assert pick(x, values, (4, 4)) == expect, backend
+
+
 def test_op_argument_errors() -> None:
     m = random_csr((5, 7), 0.5)
     with pytest.raises(ValueError, match="x must be 2-D"):

@@ -2,8 +2,9 @@
 
 The weight's matrix view (C_out, C_in*kh*kw) is the CSR matrix; the C++ backend runs a
 stride-1 conv and its input gradient as direct sparse convolutions, other strides as im2col
-and the CSR product sample by sample (see ops.csr_conv2d, ops.csr_conv2d_dx). State and
-loading as SparseLinear.
+and the CSR product sample by sample (see ops.csr_conv2d, ops.csr_conv2d_dx), and a conv with
+a small output on the batch-last kernels (see ops.csr_conv_batch_last and
+sparsecore.nn.functional). State and loading as SparseLinear.
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class SparseConv2d(_CSRModule):
     def _uses_flip(self) -> bool:
         return flipped_conv_padding(self.kernel_size, self.stride, self.padding,
                                     self.dilation) is not None
+
+    def _uses_chwn(self) -> bool:
+        return True
 
     def forward(self, x: Tensor) -> Tensor:
         return sparse_conv2d(x, self.weight_csr(), self.bias, self.stride, self.padding,

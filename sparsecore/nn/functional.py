@@ -7,17 +7,24 @@ values[f_perm], which its C++ backend runs as a direct conv); the gradient of th
 weights is an SDDMM evaluated only at the kept positions (ops.csr_sddmm /
 ops.csr_conv2d_dw). Below the dispatcher's dense crossover a step runs on
 the weight densified once (ops.csr_runs_dense), shared by the forward and the input
-gradient of that step. Pruned weights have no storage, so they get no gradient and no
-optimizer (momentum, weight decay, Adam) can revive them: the mask is fixed unless a pruner
-builds a new CSRWeight.
+gradient of that step. A conv with a small output (ops.csr_conv_batch_last: at most
+ops.CSR_BATCH_LAST_MAX_PIXELS pixels per sample, on the CPU with the extension) runs instead
+on the batch-last C++ kernels, whatever the crossover says: the forward on the weight in
+their tap-major order (values[perm], CSRWeight.cpu_conv_chwn), the weight gradient as their
+tap-major SDDMM scattered back to CSR order, and the input gradient of a stride-1 conv as
+the forward kernel on the transposed-flipped weight (other strides keep csr_conv2d_dx); their
+outputs are laid out batch-last in memory. Pruned weights have no storage, so they get no
+gradient and no optimizer (momentum, weight decay, Adam) can revive them: the mask is fixed
+unless a pruner builds a new CSRWeight.
 
 Every forward reads the values as they are: nothing computed from them (a densified or
 re-laid-out weight) is kept from one call to the next, because nothing can tell reliably
 that they changed (fused Adam/AdamW and `.data` edits write them without bumping autograd's
 version counter). Only what depends on the sparsity pattern alone is kept, the C++ kernels'
 tilings (CSRWeight.cpu_tilings), which the kernels check against col_idx / row_ptr on every
-call, and the transposed-flipped structure (CSRWeight.cpu_conv_flip), which the layers
-rebuild whenever their pattern changes (on load_state_dict).
+call, and the transposed-flipped structure and tap-major layouts (CSRWeight.cpu_conv_flip,
+cpu_conv_chwn), which the layers rebuild whenever their pattern changes (on
+load_state_dict).
 
 `sparse_linear(x, weight, bias)` and `sparse_conv2d(x, weight, bias, stride, padding,
 dilation)` take a CSRWeight whose `values` may be a Parameter (the layers pass theirs).
@@ -29,9 +36,11 @@ choice, made once in the forward, between the sparse ops and
 one densified weight reused by the input gradient; a custom op's schema carries only
 tensors and scalars, and its registered backward sees only the op's inputs and outputs.
 So each layer kind is a Function over the custom ops, which stay opaque ops with fake
-kernels. linalg's svd / svdvals / eigh are tensor-to-tensor ops whose gradients are
-formulas of their outputs (torch.linalg's), so there the backward is registered on the op,
-which makes the op differentiable wherever it is called. The BSR layers
+kernels (the batch-last conv kernels, chosen by the layer rather than by an op's dispatch,
+are called as the C++ helper ops, whose fakes sparsecore.ops._fakes registers). linalg's
+svd / svdvals / eigh are tensor-to-tensor ops whose gradients are formulas of their outputs
+(torch.linalg's), so there the backward is registered on the op, which makes the op
+differentiable wherever it is called. The BSR layers
 (sparsecore.nn.blocksparse) follow the Function style for the same reason.
 """
 
@@ -47,7 +56,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from sparsecore import ops
-from sparsecore.formats import CSRWeight
+from sparsecore.formats import CHWN_CHANNEL_TILE, CSRWeight, TapMajor
+from sparsecore.ops._common import conv_out_hw
 
 __all__ = ["CSRLinearFunction", "CSRConv2dFunction", "sparse_linear", "sparse_conv2d"]
 
@@ -116,18 +126,25 @@ class CSRConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, weight: CSRWeight,
                 geom: tuple[list[int], list[int], list[int]]) -> Tensor:
-        tiling, _ = weight.cpu_tilings()
-        args = (x, values, weight.col_idx, weight.row_ptr, tiling, weight.shape, *geom)
-        dense = ops.csr_runs_dense("csr_conv2d", *args)
-        if dense is None:
-            y = ops.csr_conv2d(*args)
+        out_hw = conv_out_hw(x.shape[2:], weight.shape[2:], *geom)
+        chwn = weight.cpu_conv_chwn() if ops.csr_conv_batch_last(x, values, out_hw) else None
+        dense = None
+        if chwn is not None:
+            y = _chwn_conv(x, values, chwn, weight.shape, geom, bias)
         else:
-            dense = dense.view(weight.shape)
-            y = F.conv2d(x, dense, None, *geom)
-        if bias is not None:
-            y = y.add_(bias.view(1, -1, 1, 1))
+            tiling, _ = weight.cpu_tilings()
+            args = (x, values, weight.col_idx, weight.row_ptr, tiling, weight.shape, *geom)
+            dense = ops.csr_runs_dense("csr_conv2d", *args)
+            if dense is None:
+                y = ops.csr_conv2d(*args)
+            else:
+                dense = dense.view(weight.shape)
+                y = F.conv2d(x, dense, None, *geom)
+            if bias is not None:
+                y = y.add_(bias.view(1, -1, 1, 1))
         ctx.save_for_backward(x, values, dense)
         ctx.weight, ctx.geom = weight, geom
+        ctx.batch_last = chwn is not None
         ctx.has_bias = bias is not None
         return y
 
@@ -137,19 +154,43 @@ class CSRConv2dFunction(torch.autograd.Function):
         x, values, dense = ctx.saved_tensors
         w: CSRWeight = ctx.weight
         tiling, t_tiling = w.cpu_tilings()
+        # dX of a stride-1 conv = conv2d(dY, W', stride 1, padding d*(k-1)-p) (see
+        # ops.flipped_conv_padding), on the batch-last kernel where the forward ran there.
+        pad = ops.flipped_conv_padding(w.shape[2:], *ctx.geom) if ctx.batch_last else None
         dx = dvalues = dbias = None
         if ctx.needs_input_grad[0] and dense is not None:
             dx = torch.nn.grad.conv2d_input(x.shape, dense, dy, *ctx.geom)
+        elif ctx.needs_input_grad[0] and pad is not None:
+            c_out, c_in, kh, kw = w.shape
+            dx = _chwn_conv(dy, values, w.cpu_conv_chwn(flipped=True), (c_in, c_out, kh, kw),
+                            ([1, 1], pad, ctx.geom[2]))
         elif ctx.needs_input_grad[0]:
             dx = ops.csr_conv2d_dx(dy, w.transposed_values(values), w.t_col_idx, w.t_row_ptr,
                                    t_tiling, w.shape, x.shape[2:], *ctx.geom,
                                    *_flipped_operands(w, values, ctx.geom))
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.batch_last:
+            chwn = w.cpu_conv_chwn()
+            dv = torch.ops.sparsecore._csr_conv2d_chwn_dw_cpu(
+                dy, x, chwn.ci, chwn.tap_ptr, CHWN_CHANNEL_TILE, list(w.shape), *ctx.geom)
+            dvalues = torch.empty_like(dv).index_put_((chwn.perm,), dv)  # back to CSR order
+        elif ctx.needs_input_grad[1]:
             dvalues = ops.csr_conv2d_dw(dy, x, w.row_ptr, w.col_idx, w.row_idx, tiling, w.shape,
                                         *ctx.geom)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy.sum((0, 2, 3))
         return dx, dvalues, dbias, None, None
+
+
+def _chwn_conv(x: Tensor, values: Tensor, layout: TapMajor, weight_shape: Sequence[int],
+               geom: tuple[Sequence[int], Sequence[int], Sequence[int]],
+               bias: Tensor | None = None) -> Tensor:
+    """conv2d(x, W) + bias on the batch-last C++ kernel, W (weight_shape) given by its values
+    in CSR order and its tap-major layout (only the gather values[perm] runs per call); the
+    output (N, C_out, Ho, Wo) is laid out (C_out, Ho, Wo, N) in memory."""
+    return torch.ops.sparsecore._csr_conv2d_chwn_cpu(
+        x, values.index_select(0, layout.perm), layout.ci, layout.tap_ptr, CHWN_CHANNEL_TILE,
+        list(weight_shape), list(geom[0]), list(geom[1]), list(geom[2]), bias, None, False,
+        False)
 
 
 def _flipped_operands(w: CSRWeight, values: Tensor, geom: tuple[list[int], list[int], list[int]]

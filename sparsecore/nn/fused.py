@@ -48,7 +48,7 @@ from torch.nn.modules.utils import _pair
 from sparsecore import ops
 from sparsecore._dispatch import CPP_DTYPES
 from sparsecore._ext import has_cpu_ext
-from sparsecore.formats import BSRWeight, CSRWeight
+from sparsecore.formats import CHWN_CHANNEL_TILE, BSRWeight, CSRWeight
 from sparsecore.ops._common import conv_out_hw
 
 __all__ = ["EPILOGUE_KERNELS", "KERNELS", "FusedConv2d", "FusedLinear", "FusedResidual",
@@ -57,10 +57,6 @@ __all__ = ["EPILOGUE_KERNELS", "KERNELS", "FusedConv2d", "FusedLinear", "FusedRe
 KERNELS = ("dense", "csr", "csr_direct", "csr_chwn", "csr_unfold", "bsr")
 # Kernels that run the whole epilogue themselves (max-pool only when it is a plain 2x2).
 EPILOGUE_KERNELS = ("csr_direct", "csr_chwn")
-# Input channels per tile of the "csr_chwn" kernel: a tile's input rows (3 rows x W pixels x
-# this many channels x 64 samples) stay in L2 while all the output channels of a work item
-# pass over them.
-CHWN_CHANNEL_TILE = 128
 
 
 def _on_cpp(x: Tensor, weight: Tensor) -> bool:

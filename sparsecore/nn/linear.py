@@ -3,9 +3,11 @@
 Also the state shared with SparseConv2d (`_CSRModule`): the kept weights are one Parameter
 `values` (nnz,); `col_idx` / `row_ptr` are saved buffers, and the state dict also carries
 `weight_shape` (int64), which load_state_dict checks against the layer's; the derived index
-arrays (row_idx, row_order, the transpose), the C++ kernels' tilings and, for a stride-1
-conv, the transposed-flipped weight's structure (f_perm, f_col_idx, f_row_ptr) are unsaved
-buffers, rebuilt from (col_idx, row_ptr) on construction and on load_state_dict.
+arrays (row_idx, row_order, the transpose), the C++ kernels' tilings and, for a conv, the
+batch-last kernel's tap-major layout of the weight (chwn_perm, chwn_ci, chwn_tap_ptr) and, at
+stride 1, the transposed-flipped weight's structure (f_perm, f_col_idx, f_row_ptr) and
+tap-major layout (chwn_f_perm, chwn_f_ci, chwn_f_tap_ptr) are unsaved buffers, rebuilt from
+(col_idx, row_ptr) on construction and on load_state_dict.
 """
 
 from __future__ import annotations
@@ -14,13 +16,23 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from sparsecore.formats import CSR_FLIP_FIELDS, CSR_INDEX_FIELDS, CSRWeight, csr_structure
+from sparsecore.formats import (
+    CSR_FLIP_FIELDS,
+    CSR_INDEX_FIELDS,
+    CSRWeight,
+    TapMajor,
+    csr_structure,
+)
 from sparsecore.nn.functional import sparse_linear
 
 __all__ = ["SparseLinear", "magnitude_mask", "module_mask"]
 
 _SAVED = ("col_idx", "row_ptr")
 _DERIVED = tuple(n for n in CSR_INDEX_FIELDS if n not in _SAVED)
+# Buffer name prefixes of the tap-major layouts (TapMajor's fields) of the weight and of the
+# transposed-flipped weight.
+_CHWN_PREFIXES = ("chwn_", "chwn_f_")
+_CONV_LAYOUTS = CSR_FLIP_FIELDS + tuple(p + f for p in _CHWN_PREFIXES for f in TapMajor._fields)
 
 
 def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
@@ -74,31 +86,48 @@ class _CSRModule(nn.Module):
         tiling, t_tiling = csr.cpu_tilings()
         self.register_buffer("tiling", tiling, persistent=False)
         self.register_buffer("t_tiling", t_tiling, persistent=False)
-        flip = csr.cpu_conv_flip() if self._uses_flip() else None
-        for name in CSR_FLIP_FIELDS:
-            self.register_buffer(name, None if flip is None else flip[name], persistent=False)
+        for name, t in self._conv_layouts(csr).items():
+            self.register_buffer(name, t, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def _uses_flip(self) -> bool:
-        """Whether the input gradient can run the direct kernel on the transposed-flipped
-        weight (SparseConv2d at stride 1), so the layer keeps that structure."""
+        """Whether the input gradient can run on the transposed-flipped weight (SparseConv2d
+        at stride 1), so the layer keeps its structure and tap-major layout."""
         return False
+
+    def _uses_chwn(self) -> bool:
+        """Whether the forward can run the batch-last conv kernel (SparseConv2d, for small
+        outputs), so the layer keeps the weight's tap-major layout."""
+        return False
+
+    def _conv_layouts(self, csr: CSRWeight) -> dict[str, Tensor | None]:
+        """The pattern-only conv layouts of `csr` this layer keeps, by buffer name (None where
+        the layer does not use one, off the CPU, or without the extension)."""
+        flip = csr.cpu_conv_flip() if self._uses_flip() else None
+        out = {n: None if flip is None else flip[n] for n in CSR_FLIP_FIELDS}
+        uses = (self._uses_chwn(), self._uses_flip())
+        for prefix, flipped, used in zip(_CHWN_PREFIXES, (False, True), uses):
+            layout = csr.cpu_conv_chwn(flipped) if used else None
+            out.update({prefix + f: None if layout is None else getattr(layout, f)
+                        for f in TapMajor._fields})
+        return out
 
     def weight_csr(self) -> CSRWeight:
         """The weight as a CSRWeight sharing this module's tensors (values is the Parameter).
-        On the CPU the C++ kernels' tilings (and the transposed-flipped structure, where the
-        layer uses it) are buffers, built on construction and on load, or here when missing
-        (a layer moved to the CPU; a traced forward builds them per call)."""
+        On the CPU the C++ kernels' tilings (and the conv layouts the layer uses) are buffers,
+        built on construction and on load, or here when missing (a layer moved to the CPU; a
+        traced forward builds them per call)."""
         flip = None if self.f_perm is None else {n: getattr(self, n) for n in CSR_FLIP_FIELDS}
+        chwn = tuple(None if getattr(self, p + "perm") is None
+                     else TapMajor(*(getattr(self, p + f) for f in TapMajor._fields))
+                     for p in _CHWN_PREFIXES)
         w = CSRWeight(self.values, self.col_idx, self.row_ptr, self.weight_shape, check=False,
                       derived={n: getattr(self, n) for n in CSR_INDEX_FIELDS},
-                      tilings=(self.tiling, self.t_tiling), flip=flip)
+                      tilings=(self.tiling, self.t_tiling), flip=flip, chwn=chwn)
         if not torch.compiler.is_compiling():  # a traced forward must not set module state
             self.tiling, self.t_tiling = w.cpu_tilings()
-            flip = w.cpu_conv_flip() if self._uses_flip() else None
-            if flip is not None:
-                for name in CSR_FLIP_FIELDS:
-                    setattr(self, name, flip[name])
+            for name, t in self._conv_layouts(w).items():
+                setattr(self, name, t)
         return w
 
     @property
@@ -175,9 +204,9 @@ class _CSRModule(nn.Module):
         for name in _DERIVED:
             setattr(self, name, derived[name])
         self.tiling = self.t_tiling = None
-        for name in CSR_FLIP_FIELDS:
+        for name in _CONV_LAYOUTS:
             setattr(self, name, None)
-        self.weight_csr()  # the loaded pattern's tilings and transposed-flipped structure
+        self.weight_csr()  # the loaded pattern's tilings and conv layouts
 
     def _density_repr(self) -> str:
         return f"density={self.density:.3f}, nnz={self.nnz}, bias={self.bias is not None}"

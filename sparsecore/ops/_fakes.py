@@ -4,8 +4,8 @@ ops, so that torch.compile and torch.export can trace a sparse layer's forward a
 The public ops (sparsecore.ops.csr / bsr) carry their own fakes; the C++ kernels they
 dispatch to run inside them and are never traced. The helpers below are called directly
 by CSRWeight (tilings, transposed values), by the layers (tiled values, the dense
-fallback's weight) and by optimize()'s fused conv kernels. Without the extension these ops do
-not exist and nothing registers.
+fallback's weight, the batch-last conv kernel and its weight gradient) and by optimize()'s
+fused conv kernels. Without the extension these ops do not exist and nothing registers.
 """
 
 from __future__ import annotations

@@ -39,7 +39,9 @@ from sparsecore.ops._common import (
 )
 
 __all__ = [
+    "CSR_BATCH_LAST_MAX_PIXELS",
     "CSR_DENSE_BELOW",
+    "csr_conv_batch_last",
     "csr_conv_crossover",
     "csr_runs_dense",
     "csr_tile_values",
@@ -57,6 +59,12 @@ __all__ = [
 # below 8 runs the gather kernel, which beats dense GEMV at a lower sparsity): see
 # bench/RESULTS.md (layers, crossover).
 CSR_DENSE_BELOW = {"linear": 0.6, "linear_small_batch": 0.3, "conv": 0.6}
+# The sparse conv layers (sparsecore.nn) run a conv whose output has at most this many
+# pixels per sample (the 8x8, 4x4 and 2x2 maps of CIFAR nets' deep layers, most of which
+# csr_conv_crossover sends to dense) on the batch-last ("CHWN") C++ kernels on the CPU: the
+# batch is their vector dimension, which a small map cannot fill in the per-sample kernels
+# (see csr_conv_batch_last).
+CSR_BATCH_LAST_MAX_PIXELS = 64
 
 
 def csr_conv_crossover(weight_shape: Sequence[int], out_pixels: int) -> float:
@@ -66,7 +74,10 @@ def csr_conv_crossover(weight_shape: Sequence[int], out_pixels: int) -> float:
     channels) leave the kernel too little reuse per gathered weight. The bands below follow
     the per-shape crossover measured with the kernel forced (batch 64, 3x3, float32, fwd and
     fwd+bwd vs oneDNN): see bench/RESULTS.md (layers, conv crossover by shape). 2x2 outputs
-    never reached parity, so they are never chosen automatically.
+    never reached parity, so they are never chosen automatically. (The sparse conv layers run
+    outputs of up to CSR_BATCH_LAST_MAX_PIXELS pixels on the batch-last kernels instead, on
+    the CPU with the extension: see csr_conv_batch_last; this crossover then decides for the
+    other layers and for direct callers of the ops.)
     """
     reduction = math.prod(weight_shape[1:])
     if out_pixels < 16:
@@ -76,6 +87,23 @@ def csr_conv_crossover(weight_shape: Sequence[int], out_pixels: int) -> float:
     if out_pixels * reduction < 64 * 1152:
         return 0.8
     return CSR_DENSE_BELOW["conv"]
+
+
+def csr_conv_batch_last(x: Tensor, values: Tensor, out_hw: Sequence[int]) -> bool:
+    """Whether the sparse conv layers run a conv of input x and kept weights `values` whose
+    output is out_hw (Ho, Wo) on the batch-last C++ kernels (forward, the weight gradient and,
+    at stride 1, the input gradient) rather than through the ops' dispatch: an output of at
+    most CSR_BATCH_LAST_MAX_PIXELS pixels, a batch that is not empty, the C++ kernels able to
+    take these tensors (CPU, float32/float64, extension loaded), and no backend but "cpp"
+    forced (use_backend("dense") or "reference" keep those ops'). Unlike the dense crossover
+    this does not look at the sparsity: sparsify() leaves layers too dense for the sparse
+    kernels dense already."""
+    forced = forced_backend()
+    if forced != "cpp" and forced in {b.name for b in _csr_conv2d_dispatch.backends}:
+        return False
+    if out_hw[0] * out_hw[1] > CSR_BATCH_LAST_MAX_PIXELS or x.shape[0] == 0:
+        return False
+    return not cpp_reasons([x, values])
 
 
 def _dense_reasons(kind: str, tensor: Tensor, nnz: int, n_rows: int, n_cols: int,
