@@ -156,6 +156,14 @@ def test_chwn_layout_is_kept_between_layers() -> None:
     _close(odd2, _reference(ref1, w2, 1, 1, 1, None, None, True, False), torch.float32)
 
 
+@pytest.mark.parametrize("kernel", ["csr_direct", "csr_chwn"])
+def test_empty_batch(kernel) -> None:
+    w, mask = _weight(4, 3, 3, 3, 0.5, torch.float32)
+    out = _run(kernel, torch.randn(0, 3, 6, 6), w, mask, (1, 1), (1, 1), (1, 1),
+               torch.randn(4), None, True, True)
+    assert out.shape == (0, 4, 3, 3)
+
+
 def test_errors() -> None:
     w, mask = _weight(4, 3, 3, 3, 0.5, torch.float32)
     x = torch.randn(2, 3, 6, 6)

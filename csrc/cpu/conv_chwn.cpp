@@ -414,6 +414,7 @@ at::Tensor _csr_conv2d_chwn_cpu(const at::Tensor& x, const at::Tensor& values,
     o.res = r.data_ptr();
     for (int d = 0; d < 4; ++d) o.rs[d] = r.stride(d);
   }
+  if (g.N == 0) return at::empty(out_sizes, x.options());
   const int nthreads = team_for(values.numel() * g.OH * g.OW * g.Np);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
