@@ -431,3 +431,22 @@ def test_choice_weighs_the_layout_a_kernel_leaves(monkeypatch) -> None:
     assert chosen == ["csr_chwn", "csr_chwn"]  # greedy would take csr_direct twice (16 > 12)
     assert fused_layers(optimized)[1][1].info.times["csr_chwn"] == 3.0
     _assert_same(model, optimized, (16, 8, 6, 6))
+
+
+def test_dense_tie_is_a_share_of_the_layer_not_of_the_model(monkeypatch) -> None:
+    """A layer 10% faster on a sparse kernel takes it, however slow the layers after it."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    prune.prune(model, "magnitude", sparsity=0.8, scope="layerwise")
+    calls: list[int] = []
+
+    def fake_time(self, layer, info, x, residual, density, built):
+        first = len(calls) < 2  # the first layer is timed on both layouts first
+        calls.append(1)
+        times = ({"dense": 10.0, "csr_direct": 9.0} if first
+                 else {"dense": 1000.0, "csr_direct": 999.0})
+        return {k: v for k, v in times.items() if k in info.candidates}, False
+
+    monkeypatch.setattr(opt_mod._Picker, "_time", fake_time)
+    optimized = sparsecore.optimize(model, torch.randn(16, 8, 6, 6), cache=False)
+    assert [layer.info.choice for _, layer in fused_layers(optimized)] == ["csr_direct", "dense"]

@@ -17,10 +17,11 @@ runs each layer on the fastest kernel measured for it.
    kernels are chosen for the whole model: each layer's time on the layout its producer
    returns plus its readers' best times on the layout it returns (exact on the tree of
    producer -> reader links, one pass back from the last layer), dense at each layer unless
-   a sparse kernel beats it by DENSE_TIE. The times are cached per machine (CPU model, ISA, threads) and layer
-   (shape, density bucket, input shape and layout, epilogue) in `kernels.json` under
-   ~/.cache/sparsecore/ (or $SPARSECORE_CACHE_DIR, or the file named by `cache_file`), so
-   a second optimize() of the same shapes, at about the same densities, times nothing.
+   a sparse kernel beats it by DENSE_TIE. The times are cached per machine (CPU model, ISA,
+   threads) and layer (shape, density bucket, input shape and layout, epilogue) in
+   `kernels.json` under ~/.cache/sparsecore/ (or $SPARSECORE_CACHE_DIR, or the file named by
+   `cache_file`), so a second optimize() of the same shapes, at about the same densities,
+   times nothing.
 
 Layers that can take a sparse kernel: nn.Conv2d (groups=1, zero padding) and nn.Linear,
 masked by sparsecore.prune's parametrization or not (the weight's zeros are then the mask),
@@ -589,8 +590,8 @@ class _Picker:
         time on the layout its producer's kernel returns plus the best costs of its readers
         on the layout it returns itself. Each layer reads one producer's output, so the
         layers form a tree and one pass from the last layer back (then forward, choosing)
-        minimises the sum; at each layer dense is kept unless the best beats it by
-        DENSE_TIE."""
+        minimises the sum; at each layer dense is kept unless the best saves DENSE_TIE of the
+        layer's dense time."""
         readers: dict[str, list[str]] = {name: [] for name in self.timed}
         for name, t in self.timed.items():
             if t.producer is not None:
@@ -614,7 +615,10 @@ class _Picker:
                     best[name][layout] = (0.0, "dense")
                     continue
                 k = min(totals, key=totals.get)
-                if "dense" in totals and totals[k] > (1 - DENSE_TIE) * totals["dense"]:
+                # the tie is a share of this layer's own dense time, not of the totals, which
+                # carry the rest of the model
+                if "dense" in totals and totals[k] > totals["dense"] - DENSE_TIE * cost(
+                        name, "dense", layout):
                     k = "dense"
                 best[name][layout] = (totals[k], k)
         fed: dict[str, str] = {}
