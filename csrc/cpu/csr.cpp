@@ -142,27 +142,6 @@ constexpr int64_t kMinBatch = 8;
 // Rows per dynamic-schedule grab (gather kernels) and per block of the value re-layout.
 constexpr int kRowGrain = 16;
 
-// Per-thread scratch buffers, 64-byte aligned (a 256-byte chunk row then spans 4 cache lines,
-// not 5), that persist across calls (fresh multi-MiB buffers are page-faulted in every call).
-template <typename T>
-T* workspace(int slot, int64_t n) {
-  struct Buf {
-    void* p = nullptr;
-    int64_t bytes = 0;
-    ~Buf() { std::free(p); }
-  };
-  thread_local Buf bufs[4];
-  Buf& b = bufs[slot];
-  const int64_t bytes = (std::max<int64_t>(n, 1) * int64_t(sizeof(T)) + 63) / 64 * 64;
-  if (b.bytes < bytes) {
-    std::free(b.p);
-    b.p = std::aligned_alloc(64, bytes);
-    b.bytes = b.p ? bytes : 0;
-    TORCH_CHECK(b.p, "sparsecore: out of memory allocating a ", bytes, "-byte workspace");
-  }
-  return static_cast<T*>(b.p);
-}
-
 // Team size for the call being served: small products run on fewer threads (waking a team
 // costs tens of microseconds on an idle machine and a whole time slice per sleeping thread on
 // a loaded one). kWorkPerThread is the kernel work (lane FMAs) that pays for one more thread
@@ -753,12 +732,12 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
   const int64_t nc = n_chunks<T>(B);
   const T* val = tiled_values.has_value() ? tiled_values->data_ptr<T>() : nullptr;
   if (!val) {
-    T* buf = workspace<T>(0, w.nnz);
+    T* buf = vec::vec_scratch<T>(0, w.nnz);
     retile_values<T, true>(w, values.data_ptr<T>(), buf);
     val = buf;
   }
-  T* xt = workspace<T>(1, nc * K * kChunk<T>);
-  T* yt = workspace<T>(2, nc * n_out * kChunk<T>);
+  T* xt = vec::vec_scratch<T>(1, nc * K * kChunk<T>);
+  T* yt = vec::vec_scratch<T>(2, nc * n_out * kChunk<T>);
   pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
   const SpmmArgs<T> a{&w, val, xt, yt, kChunk<T>, n_out * kChunk<T>};
 #pragma omp parallel num_threads(team())
@@ -785,9 +764,9 @@ void sddmm_linear(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& r
   const Tiling w = get_tiling(op, tiling, col_idx, row_ptr, N, K, holder);
   const RowSplit split(w);
   const int64_t nc = n_chunks<T>(B);
-  T* dvt = workspace<T>(0, w.nnz);
-  T* xt = workspace<T>(1, nc * K * kChunk<T>);
-  T* dyt = workspace<T>(2, nc * N * kChunk<T>);
+  T* dvt = vec::vec_scratch<T>(0, w.nnz);
+  T* xt = vec::vec_scratch<T>(1, nc * K * kChunk<T>);
+  T* dyt = vec::vec_scratch<T>(2, nc * N * kChunk<T>);
   std::fill(dvt, dvt + w.nnz, T(0));
   pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
   pack_transposed(dy.data_ptr<T>(), B, N, dy.stride(0), dy.stride(1), dyt);
@@ -924,8 +903,8 @@ void conv_forward(const ConvGeom& g, const at::Tensor& x, const Tiling& w, const
   const T* xd = x.data_ptr<T>();
   T* od = out.data_ptr<T>();
   auto sample = [&](int64_t n, bool parallel) {
-    T* xp = workspace<T>(1, g.C * g.Hp * g.Wp);
-    T* cols = workspace<T>(2, nc * K * kChunk<T>);
+    T* xp = vec::vec_scratch<T>(1, g.C * g.Hp * g.Wp);
+    T* cols = vec::vec_scratch<T>(2, nc * K * kChunk<T>);
     const SpmmArgs<T> a{&w, val, cols, od + n * g.Cout * L, L, kChunk<T>};
     pad_sample(g, xd + n * g.C * g.H * g.W, xp);
     if (!parallel) {
@@ -956,9 +935,9 @@ void conv_input_grad(const ConvGeom& g, const at::Tensor& dy, const Tiling& wt, 
   const T* dyd = dy.data_ptr<T>();
   T* dxd = dx.data_ptr<T>();
   auto sample = [&](int64_t n, bool parallel) {
-    T* dyc = workspace<T>(1, nc * g.Cout * kChunk<T>);
-    T* dcols = workspace<T>(2, nc * K * kChunk<T>);
-    T* dxp = workspace<T>(3, g.C * g.Hp * g.Wp);
+    T* dyc = vec::vec_scratch<T>(1, nc * g.Cout * kChunk<T>);
+    T* dcols = vec::vec_scratch<T>(2, nc * K * kChunk<T>);
+    T* dxp = vec::vec_scratch<T>(3, g.C * g.Hp * g.Wp);
     pack_rows(dyd + n * g.Cout * L, g.Cout, L, dyc);
     std::fill(dxp, dxp + g.C * g.Hp * g.Wp, T(0));
     const SpmmArgs<T> a{&wt, val, dyc, dcols, kChunk<T>, K * kChunk<T>};
@@ -996,9 +975,9 @@ void conv_weight_grad(const ConvGeom& g, const at::Tensor& dy, const at::Tensor&
   const int nth = by_sample ? team() : 1;
   std::vector<T> acc(size_t(nth) * std::max<int64_t>(nnz, 1), T(0));
   auto sample = [&](int64_t n, bool parallel, T* dvt) {
-    T* xp = workspace<T>(1, g.C * g.Hp * g.Wp);
-    T* cols = workspace<T>(2, nc * K * kChunk<T>);
-    T* dyc = workspace<T>(3, nc * g.Cout * kChunk<T>);
+    T* xp = vec::vec_scratch<T>(1, g.C * g.Hp * g.Wp);
+    T* cols = vec::vec_scratch<T>(2, nc * K * kChunk<T>);
+    T* dyc = vec::vec_scratch<T>(3, nc * g.Cout * kChunk<T>);
     pad_sample(g, xd + n * g.C * g.H * g.W, xp);
     pack_rows(dyd + n * g.Cout * L, g.Cout, L, dyc);
     const SddmmArgs<T> a{&w, dyc, cols, dvt};
@@ -1113,7 +1092,7 @@ at::Tensor _csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
   const at::Tensor xc = x.contiguous();
   auto out = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    scalar_t* val = workspace<scalar_t>(0, w.nnz);
+    scalar_t* val = vec::vec_scratch<scalar_t>(0, w.nnz);
     retile_values<scalar_t, true>(w, values.data_ptr<scalar_t>(), val);
     conv_forward<scalar_t>(g, xc, w, val, out);
   });
@@ -1145,7 +1124,7 @@ at::Tensor _csr_conv2d_dx_cpu(const at::Tensor& dy, const at::Tensor& t_values,
   const at::Tensor dyc = dy.contiguous();
   auto dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), op, [&] {
-    scalar_t* val = workspace<scalar_t>(0, wt.nnz);
+    scalar_t* val = vec::vec_scratch<scalar_t>(0, wt.nnz);
     retile_values<scalar_t, true>(wt, t_values.data_ptr<scalar_t>(), val);
     conv_input_grad<scalar_t>(g, dyc, wt, val, dx);
   });
@@ -1257,7 +1236,7 @@ at::Tensor _csr_dsd_dense_cpu(const at::Tensor& x, const at::Tensor& values,
   const TeamFor team_for(n_out * K);
   at::Tensor w;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    scalar_t* buf = workspace<scalar_t>(3, n_out * K);
+    scalar_t* buf = vec::vec_scratch<scalar_t>(3, n_out * K);
     check_walk(op, scatter_rows(values.data_ptr<scalar_t>(), col_idx.data_ptr<int32_t>(),
                                 row_ptr.data_ptr<int32_t>(), n_out, K, values.numel(), buf), K);
     w = at::from_blob(buf, {n_out, K}, x.options());

@@ -1,5 +1,6 @@
-// SIMD vectors for the convolution kernels: the widest the build has (AVX-512: 16 floats /
-// 8 doubles; AVX2: 8 / 4), plain scalars without AVX2/FMA; and per-thread scratch buffers.
+// SIMD vectors for the C++ kernels: the widest the build has (AVX-512: 16 floats /
+// 8 doubles; AVX2: 8 / 4), plain scalars without AVX2/FMA; and per-thread scratch buffers
+// (every C++ kernel family's).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,7 +38,13 @@ struct VF {
   static VF bcast(float x) { return {_mm512_set1_ps(x)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void fma(VF a, VF b) { v = _mm512_fmadd_ps(a.v, b.v, v); }
-  float sum() const { return _mm512_reduce_add_ps(v); }
+  float sum() const {  // through memory: GCC 12's reduce / extract intrinsics warn
+    alignas(64) float t[16];
+    _mm512_store_ps(t, v);
+    float s = 0;
+    for (int i = 0; i < 16; ++i) s += t[i];
+    return s;
+  }
 };
 struct VD {
   static constexpr int W = 8;
@@ -47,7 +54,13 @@ struct VD {
   static VD bcast(double x) { return {_mm512_set1_pd(x)}; }
   void store(double* p) const { _mm512_storeu_pd(p, v); }
   void fma(VD a, VD b) { v = _mm512_fmadd_pd(a.v, b.v, v); }
-  double sum() const { return _mm512_reduce_add_pd(v); }
+  double sum() const {
+    alignas(64) double t[8];
+    _mm512_store_pd(t, v);
+    double s = 0;
+    for (int i = 0; i < 8; ++i) s += t[i];
+    return s;
+  }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 struct VF {
@@ -92,10 +105,10 @@ struct VecOf<double> {
   using V = VD;
 };
 
-
-// Per-thread scratch, 64-byte aligned, kept across calls (fresh buffers would be
-// page-faulted in on every call).
-// Slots 0-3; each kernel family uses its own slots.
+// Per-thread scratch buffers, 64-byte aligned (a 256-byte row of a CSR chunk then spans 4
+// cache lines, not 5), kept across calls (fresh multi-MiB buffers would be page-faulted in on
+// every call). Four slots per thread, shared by every kernel family: no kernel runs inside
+// another, and within one call each slot holds one buffer.
 template <typename T>
 inline T* vec_scratch(int slot, int64_t n) {
   struct Buf {
