@@ -301,20 +301,28 @@ def _rows(case: Case, threads: list[int | None], engines: dict[str, str],
                 yield row
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_case_arguments(p: argparse.ArgumentParser, full: dict[str, str],
+                       batches: str) -> None:
+    """The options that pick the rows (shared with bench train): --models, --sparsities,
+    --pruning, --batches (`batches`: its default, in words), --threads; `full`: the full
+    bench's defaults."""
     p.add_argument("--models", default=None,
-                   help=f"comma-separated model names (default: {FULL['models']})")
+                   help=f"comma-separated model names (default: {full['models']})")
     p.add_argument("--sparsities", default=None,
-                   help=f"comma-separated sparsities (default: {FULL['sparsities']})")
+                   help=f"comma-separated sparsities (default: {full['sparsities']})")
     p.add_argument("--pruning", default=None,
                    help="global (one threshold over all layers) and/or every-layer (each "
-                        f"layer at the sparsity), comma-separated (default: {FULL['pruning']})")
+                        f"layer at the sparsity), comma-separated (default: {full['pruning']})")
     p.add_argument("--batches", default=None,
-                   help="comma-separated batch sizes (default: each model's own; 1,64, the "
-                        "Transformer 1,8 sequences of 128 tokens)")
+                   help=f"comma-separated batch sizes (default: {batches})")
     p.add_argument("--threads", default=None,
-                   help="comma-separated CPU thread counts, 'all' for torch's default count, "
-                        f"used by every engine (default: {FULL['threads']})")
+                   help="comma-separated CPU thread counts, 'all' for torch's default count "
+                        f"(default: {full['threads']})")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_case_arguments(p, FULL, "each model's own; 1,64, the Transformer 1,8 sequences of "
+                                "128 tokens")
     p.add_argument("--ort", action=argparse.BooleanOptionalAction, default=True,
                    help="time ONNX Runtime (default: on, when its Python exists)")
     p.add_argument("--ort-python", default=None,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.common import format_table, save_results, speedup
-from bench.models import Case, cases, thread_counts
+from bench.models import Case, add_case_arguments, cases, thread_counts
 from sparsecore import prune
 from sparsecore._timing import time_interleaved
 from sparsecore.nn import sparsify
@@ -168,18 +168,7 @@ def _rows(case: Case, threads: list[int], args: argparse.Namespace) -> Iterator[
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default=None,
-                   help=f"comma-separated model names (default: {FULL['models']})")
-    p.add_argument("--sparsities", default=None,
-                   help=f"comma-separated sparsities (default: {FULL['sparsities']})")
-    p.add_argument("--pruning", default=None,
-                   help="global (one threshold over all layers) and/or every-layer (each "
-                        f"layer at the sparsity), comma-separated (default: {FULL['pruning']})")
-    p.add_argument("--batches", default=None,
-                   help=f"comma-separated batch sizes (default: {FULL['batches']})")
-    p.add_argument("--threads", default=None,
-                   help="comma-separated CPU thread counts, 'all' for torch's default count "
-                        f"(default: {FULL['threads']})")
+    add_case_arguments(p, FULL, FULL["batches"])
     p.add_argument("--reps", type=int, default=None,
                    help="timed rounds (one step of each), at least (default: 10)")
     p.add_argument("--warmup", type=int, default=None,

@@ -48,7 +48,12 @@ from torch.nn.modules.utils import _pair
 from sparsecore import ops
 from sparsecore._dispatch import CPP_DTYPES
 from sparsecore._ext import has_cpu_ext
-from sparsecore.formats import CHWN_CHANNEL_TILE, BSRWeight, CSRWeight
+from sparsecore.formats import (
+    CHWN_CHANNEL_TILE,
+    BSRWeight,
+    CSRWeight,
+    conv_tap_major_structure,
+)
 from sparsecore.ops._common import conv_out_hw
 
 __all__ = ["EPILOGUE_KERNELS", "KERNELS", "FusedConv2d", "FusedLinear", "FusedResidual",
@@ -231,24 +236,13 @@ def tap_major_csr(weight: Tensor, mask: Tensor, channel_tile: int
     """The kept weights of a conv (C_out, C_in, kh, kw) in (row, channel tile, tap, channel)
     order, a tile being `channel_tile` input channels: values (nnz,), their input channels ci
     (nnz,) int32, and tap_ptr (C_out * n_tiles * kh*kw + 1,) int32, where the nonzeros of
-    row o, tile c and tap t = i*kw + j start (the "csr_chwn" kernel's layout)."""
-    c_out, c_in, kh, kw = weight.shape
-    n_tiles = -(-c_in // channel_tile)
-    pad = n_tiles * channel_tile - c_in
-    # (C_out, tile, kh, kw, channel in tile): row-major order is the kernel's order
-    def tiled(t: Tensor) -> Tensor:
-        t = F.pad(t, (0, 0, 0, 0, 0, pad))
-        return t.view(c_out, n_tiles, channel_tile, kh, kw).permute(0, 1, 3, 4, 2).reshape(
-            c_out, -1)
-    kept = tiled(mask.to(weight.dtype)) != 0
-    rows, cols = kept.nonzero(as_tuple=True)
-    values = tiled(weight)[rows, cols].contiguous()
-    segs = n_tiles * kh * kw
-    key = rows * segs + torch.div(cols, channel_tile, rounding_mode="floor")
-    tap_ptr = torch.searchsorted(key, torch.arange(c_out * segs + 1, device=key.device))
-    tile = torch.div(cols, kh * kw * channel_tile, rounding_mode="floor")
-    ci = tile * channel_tile + cols % channel_tile
-    return values, ci.to(torch.int32), tap_ptr.to(torch.int32)
+    row o, tile c and tap t = i*kw + j start (the "csr_chwn" kernel's layout; the structure
+    is formats.conv_tap_major_structure's)."""
+    c_out = weight.shape[0]
+    rows, cols = mask.reshape(c_out, -1).nonzero(as_tuple=True)  # CSR order
+    layout = conv_tap_major_structure(rows, cols, weight.shape, channel_tile)
+    values = weight.reshape(c_out, -1)[rows, cols][layout.perm.long()].contiguous()
+    return values, layout.ci, layout.tap_ptr
 
 
 class CSRChwnConv(_ConvGeom, _Kernel):
