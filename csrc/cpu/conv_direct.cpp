@@ -286,18 +286,27 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
   TORCH_CHECK(rp[0] == 0 && rp[g.Cout] == nnz, op, ": row_ptr must start at 0 and end at nnz");
   for (int64_t o = 0; o < g.Cout; ++o)
     TORCH_CHECK(rp[o] <= rp[o + 1], op, ": row_ptr must be non-decreasing (row ", o, ")");
+  // Per column k = (ci*kh + i)*kw + j: its offset in the shifted copies, then per nonzero a
+  // table lookup (divisions by kh*kw and kw per nonzero were most of a small batch's time).
+  std::vector<int32_t> koff(K);
+  for (int64_t ci = 0, k = 0; ci < g.C; ++ci)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j, ++k)
+        koff[k] = int32_t(j * g.CS + ci * g.plane() + i * g.dh * g.Wr);
   std::vector<int32_t> off(std::max<int64_t>(nnz, 1));
-  const int64_t khw = g.kh * g.kw;
   bool ok = true;
-  for (int64_t o = 0; o < g.Cout; ++o)
+  for (int64_t o = 0; o < g.Cout; ++o) {
+    int64_t prev = -1;
     for (int64_t q = rp[o]; q < rp[o + 1]; ++q) {
       const int64_t k = col[q];
-      ok = ok && k >= 0 && k < K && (q == rp[o] || k > col[q - 1]);
-      const int64_t kk = ok ? k : 0, ci = kk / khw, i = (kk % khw) / g.kw, j = kk % g.kw;
-      off[q] = int32_t(j * g.CS + ci * g.plane() + i * g.dh * g.Wr);
+      ok &= k > prev && k < K;
+      prev = k;
+      off[q] = koff[ok ? k : 0];
     }
+  }
   TORCH_CHECK(ok, op, ": col_idx out of range [0, ", K,
               ") or not strictly increasing within a row");
+  const int64_t khw = g.kh * g.kw;
   // Channel tiles: as many channels as keep a chunk's input runs within kTileBytes, but no
   // fewer than make a row's segment about kSegNnz nonzeros long (a segment's accumulators go
   // in and out of memory).
@@ -314,7 +323,8 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
     int64_t q = rp[o];
     for (int64_t t = 0; t < nt; ++t) {
       seg[o * (nt + 1) + t] = int32_t(q);
-      while (q < rp[o + 1] && col[q] / khw < (t + 1) * ct) ++q;
+      const int64_t end = (t + 1) * ct * khw;  // first column of the next tile
+      while (q < rp[o + 1] && col[q] < end) ++q;
     }
     seg[o * (nt + 1) + nt] = rp[o + 1];
   }
