@@ -48,7 +48,7 @@ constexpr int kMaxP = 4;
 // Bytes of one work item's raw outputs (its rows x the output rows it covers): they stay in
 // L2 while the item's channel tiles pass over them.
 constexpr int64_t kItemBytes = int64_t(128) << 10;
-constexpr int64_t kWorkPerThread = int64_t(1) << 21;
+constexpr int64_t kWorkPerThread = int64_t(1) << 18;
 
 struct Geom {
   int64_t N, Np, C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, OHo, OWo, ct, nct;

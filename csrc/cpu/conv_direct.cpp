@@ -50,7 +50,7 @@ constexpr int kMaxU = 8;
 constexpr int64_t kTileBytes = int64_t(48) << 10;
 constexpr double kSegNnz = 8.0;
 // Lane FMAs that pay for one more thread (a team's wake-up costs tens of microseconds).
-constexpr int64_t kWorkPerThread = int64_t(1) << 21;
+constexpr int64_t kWorkPerThread = int64_t(1) << 18;
 
 struct Geom {
   int64_t N, C, H, W, Cout, kh, kw, ph, pw, dh, dw, Hp, Wr, OH, OW;
@@ -75,14 +75,15 @@ Chunks chunks_for(int64_t Lp) {
 
 // The kw shifted copies of sample x (C, H, W): xs[j*CS + (c*Hp + r)*Wr + q] =
 // x[c][r - ph][q + j*dw - pw], zero outside the image and in each copy's slack.
+// Channels [c0, c1) of them; `slack`: the slack too.
 template <typename T>
-void shifted_copies(const Geom& g, const T* x, T* xs) {
+void shifted_copies(const Geom& g, const T* x, T* xs, int64_t c0, int64_t c1, bool slack) {
   for (int64_t j = 0; j < g.kw; ++j) {
     T* copy = xs + j * g.CS;
     const int64_t shift = j * g.dw - g.pw;  // column q of the copy reads image column q+shift
     const int64_t q0 = std::clamp<int64_t>(-shift, 0, g.Wr);
     const int64_t q1 = std::clamp<int64_t>(g.W - shift, q0, g.Wr);
-    for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t c = c0; c < c1; ++c)
       for (int64_t r = 0; r < g.Hp; ++r) {
         T* row = copy + (c * g.Hp + r) * g.Wr;
         const int64_t h = r - g.ph;
@@ -94,7 +95,7 @@ void shifted_copies(const Geom& g, const T* x, T* xs) {
         std::memcpy(row + q0, x + (c * g.H + h) * g.W + q0 + shift, (q1 - q0) * sizeof(T));
         std::fill(row + q1, row + g.Wr, T(0));
       }
-    std::fill(copy + g.C * g.plane(), copy + g.CS, T(0));
+    if (slack) std::fill(copy + g.C * g.plane(), copy + g.CS, T(0));
   }
 }
 
@@ -194,7 +195,7 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
     for (int64_t n = 0; n < g.N; ++n) {
       T* xp = vec_scratch<T>(0, xp_len);
       T* ys = vec_scratch<T>(1, g.Cout * span);
-      shifted_copies(g, x + n * in_len, xp);
+      shifted_copies(g, x + n * in_len, xp, 0, g.C, true);
       fn(xp, off, val, seg, nt, 0, g.Cout, ch.n, ys, span);
       for (int64_t co = 0; co < g.Cout; ++co) finish(n, co, ys);
     }
@@ -206,12 +207,18 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
   constexpr int64_t kRows = 8;
   const int64_t nblk = (g.Cout + kRows - 1) / kRows;
   for (int64_t n = 0; n < g.N; ++n) {
-    shifted_copies(g, x + n * in_len, xp);
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int64_t b = 0; b < nblk; ++b) {
-      const int64_t co0 = b * kRows, co1 = std::min(g.Cout, co0 + kRows);
-      fn(xp, off, val, seg, nt, co0, co1, ch.n, ys, span);
-      for (int64_t co = co0; co < co1; ++co) finish(n, co, ys);
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int t = omp_get_thread_num(), nt_ = omp_get_num_threads();
+      const int64_t c0 = g.C * t / nt_, c1 = g.C * (t + 1) / nt_;
+      shifted_copies(g, x + n * in_len, xp, c0, c1, t == 0);
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t co0 = b * kRows, co1 = std::min(g.Cout, co0 + kRows);
+        fn(xp, off, val, seg, nt, co0, co1, ch.n, ys, span);
+        for (int64_t co = co0; co < co1; ++co) finish(n, co, ys);
+      }
     }
   }
 }
@@ -293,8 +300,12 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j, ++k)
         koff[k] = int32_t(j * g.CS + ci * g.plane() + i * g.dh * g.Wr);
+  const int64_t work = nnz * g.N * g.Lp();
+  const int nthreads = int(std::clamp<int64_t>(work / min_work_per_thread(kWorkPerThread), 1,
+                                               omp_get_max_threads()));
   std::vector<int32_t> off(std::max<int64_t>(nnz, 1));
   bool ok = true;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(&& : ok)
   for (int64_t o = 0; o < g.Cout; ++o) {
     int64_t prev = -1;
     for (int64_t q = rp[o]; q < rp[o + 1]; ++q) {
@@ -319,6 +330,7 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t ct = std::clamp<int64_t>(std::max(kTileBytes / per_channel, ct_min), 1, g.C);
   const int64_t nt = (g.C + ct - 1) / ct;
   std::vector<int32_t> seg(g.Cout * (nt + 1));
+#pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t o = 0; o < g.Cout; ++o) {
     int64_t q = rp[o];
     for (int64_t t = 0; t < nt; ++t) {
@@ -331,9 +343,6 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
 
   const at::Tensor xc = x.contiguous();
   auto out = at::empty(out_sizes, x.options());
-  const int64_t work = nnz * g.N * g.Lp();
-  const int nthreads = int(std::clamp<int64_t>(work / min_work_per_thread(kWorkPerThread), 1,
-                                               omp_get_max_threads()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     conv_direct<scalar_t>(g, e, xc.data_ptr<scalar_t>(), off.data(),
                           values.data_ptr<scalar_t>(), seg.data(), nt,
