@@ -702,11 +702,12 @@ def optimize(model: nn.Module, example_input: Tensor | Sequence[Any], *,
 
     example_input: a batch like those the model will see (a tensor, or a tuple of forward's
     arguments); the choice is made for its shape and batch size. layouts: the weight layouts
-    to consider ("dense", "csr": the direct CSR conv / Linear kernel and the batch-folded
-    im2col kernel "csr_unfold", "bsr": block-sparse, for block-aligned masks). cache: read
-    and write the timing cache; cache_file: its file (default: cache_path()). choose: "time"
-    (measure), a kernel name ("dense", "csr", "csr_unfold", "bsr": used wherever the layer
-    can run it, else "dense"), or a callable LayerInfo -> kernel name (one of
+    to consider ("dense"; "csr": the CSR kernels "csr" (per-sample im2col conv / Linear),
+    "csr_direct" (stride-1 conv from shifted copies), "csr_chwn" (batch-last conv) and
+    "csr_unfold" (batch-folded im2col); "bsr": block-sparse, for block-aligned masks).
+    cache: read and write the timing cache; cache_file: its file (default: cache_path()).
+    choose: "time" (measure), a kernel name (one of KERNELS: used wherever the layer can run
+    it, else "dense"), or a callable LayerInfo -> kernel name (one of
     info.candidates). rounds, min_time: each layer's candidates are timed in at least
     `rounds` rounds of one call each and at least `min_time` seconds (fewer for a quicker,
     noisier choice). Each fused layer keeps its LayerInfo as `.info` (see fused_layers()).
