@@ -343,14 +343,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", default=None, help="suffix of the results file name")
 
 
-def _resolve(args: argparse.Namespace) -> None:
-    """Fill the options left unset from --quick's or the full bench's defaults."""
-    defaults = {**FULL, "batches": None, "reps": 10, "warmup": 3, "tag": None}
-    if args.quick:
-        defaults.update(QUICK)
-    for key, value in defaults.items():
+def fill_defaults(args: argparse.Namespace, defaults: dict[str, Any],
+                  quick: dict[str, Any]) -> None:
+    """Fill the options left unset from `quick` (with --quick) over `defaults` (shared with
+    bench train)."""
+    values = {**defaults, **quick} if args.quick else defaults
+    for key, value in values.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    """Fill the options left unset from --quick's or the full bench's defaults."""
+    fill_defaults(args, {**FULL, "batches": None, "reps": 10, "warmup": 3, "tag": None}, QUICK)
 
 
 def main(args: argparse.Namespace) -> int:

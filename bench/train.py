@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.common import format_table, save_results, speedup
-from bench.models import Case, add_case_arguments, cases, thread_counts
+from bench.models import Case, add_case_arguments, cases, fill_defaults, thread_counts
 from sparsecore import prune
 from sparsecore._timing import time_interleaved
 from sparsecore.nn import sparsify
@@ -181,12 +181,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _resolve(args: argparse.Namespace) -> None:
     """Fill the options left unset from --quick's or the full bench's defaults."""
-    defaults = {**FULL, "reps": 10, "warmup": 3, "tag": None}
-    if args.quick:
-        defaults.update(QUICK)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, {**FULL, "reps": 10, "warmup": 3, "tag": None}, QUICK)
 
 
 def main(args: argparse.Namespace) -> int:

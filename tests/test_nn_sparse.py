@@ -186,21 +186,23 @@ def test_gradcheck_stride1(backend: str, geom: dict) -> None:
                                  (x, conv.values, conv.bias))
 
 
-@pytest.mark.skipif(not has_cpu_ext(), reason="the flipped structure feeds the C++ kernel")
-@pytest.mark.parametrize("how", ["load_state_dict", "from_dense"])
-def test_new_pattern_rebuilds_the_flipped_structure(how: str) -> None:
-    """A layer re-pruned to another pattern with the same nnz (so that stale arrays would
-    still fit) rebuilds its transposed-flipped structure: its input gradient is the new
-    pattern's, which the old structure would get wrong."""
+def _repruned(how: str, names: tuple[str, ...] | list[str], nhw: tuple[int, int, int]
+              ) -> tuple[nn.Conv2d, SparseConv2d, torch.Tensor, dict[str, torch.Tensor],
+                         torch.Tensor]:
+    """A 6 -> 7 3x3 sparse conv that took a step on one pattern, then was re-pruned (by
+    `how`: load_state_dict or from_dense) to another with the same nnz, so that stale arrays
+    would still fit. Returns the retrained dense conv, the layer, the new mask, the layer's
+    arrays `names` as they were on the old pattern, and the input x (N, 6, H, W) of nhw."""
     dense = nn.Conv2d(6, 7, 3, padding=1).double()
     old_mask = torch.rand(7, 6, 3, 3) < 0.3
     new_mask = torch.zeros_like(old_mask).view(-1)
     new_mask[torch.randperm(new_mask.numel())[:int(old_mask.sum())]] = True
     new_mask = new_mask.view(old_mask.shape)
     layer = SparseConv2d.from_dense(dense, old_mask)
-    stale = {n: getattr(layer, n) for n in ("f_perm", "f_col_idx", "f_row_ptr")}
-    x = torch.randn(3, 6, 8, 9, dtype=torch.float64)
-    grads(layer, x, torch.randn(3, 7, 8, 9, dtype=torch.float64))  # a step on the old pattern
+    stale = {n: getattr(layer, n) for n in names}
+    n, h, w = nhw
+    x = torch.randn(n, 6, h, w, dtype=torch.float64)
+    grads(layer, x, torch.randn(n, 7, h, w, dtype=torch.float64))  # a step on the old pattern
     with torch.no_grad():
         dense.weight.mul_(torch.rand_like(dense.weight) + 0.5)  # retrained weights
     repruned = SparseConv2d.from_dense(dense, new_mask)
@@ -209,6 +211,17 @@ def test_new_pattern_rebuilds_the_flipped_structure(how: str) -> None:
     else:
         layer = repruned
     assert torch.equal(layer.mask(), new_mask)
+    return dense, layer, new_mask, stale, x
+
+
+@pytest.mark.skipif(not has_cpu_ext(), reason="the flipped structure feeds the C++ kernel")
+@pytest.mark.parametrize("how", ["load_state_dict", "from_dense"])
+def test_new_pattern_rebuilds_the_flipped_structure(how: str) -> None:
+    """A layer re-pruned to another pattern with the same nnz (so that stale arrays would
+    still fit) rebuilds its transposed-flipped structure: its input gradient is the new
+    pattern's, which the old structure would get wrong."""
+    dense, layer, new_mask, stale, x = _repruned(how, ("f_perm", "f_col_idx", "f_row_ptr"),
+                                                  (3, 8, 9))
     assert not torch.equal(layer.f_col_idx, stale["f_col_idx"])
     masked_twin(dense, layer)
     dy = torch.randn(3, 7, 8, 9, dtype=torch.float64)
@@ -365,26 +378,10 @@ def test_new_pattern_rebuilds_the_tap_major_layouts(how: str, chwn_calls: list) 
     arrays would still fit) rebuilds its tap-major layouts: its output and gradients are the
     new pattern's; the old weight layout, kept, would get the output and the weight gradient
     wrong, the old transposed-flipped one the input gradient."""
-    dense = nn.Conv2d(6, 7, 3, padding=1).double()
-    old_mask = torch.rand(7, 6, 3, 3) < 0.3
-    new_mask = torch.zeros_like(old_mask).view(-1)
-    new_mask[torch.randperm(new_mask.numel())[:int(old_mask.sum())]] = True
-    new_mask = new_mask.view(old_mask.shape)
-    layer = SparseConv2d.from_dense(dense, old_mask)
     of_weight, of_flipped = ([p + f for f in ("perm", "ci", "tap_ptr")]
                              for p in ("chwn_", "chwn_f_"))
     names = of_weight + of_flipped
-    stale = {n: getattr(layer, n) for n in names}
-    x = torch.randn(5, 6, 4, 4, dtype=torch.float64)
-    grads(layer, x, torch.randn(5, 7, 4, 4, dtype=torch.float64))  # a step on the old pattern
-    with torch.no_grad():
-        dense.weight.mul_(torch.rand_like(dense.weight) + 0.5)  # retrained weights
-    repruned = SparseConv2d.from_dense(dense, new_mask)
-    if how == "load_state_dict":
-        layer.load_state_dict(repruned.state_dict())
-    else:
-        layer = repruned
-    assert torch.equal(layer.mask(), new_mask)
+    dense, layer, new_mask, stale, x = _repruned(how, names, (5, 4, 4))
     assert not torch.equal(layer.chwn_ci, stale["chwn_ci"])
     assert not torch.equal(layer.chwn_f_ci, stale["chwn_f_ci"])
     masked_twin(dense, layer)

@@ -1,5 +1,5 @@
 """What several modules of the study share: the compared methods, stage-name and number
-formatting, JSON reads and means over layers."""
+formatting, JSON reads, means over layers, and the reports' machine line and figure files."""
 
 from __future__ import annotations
 
@@ -32,6 +32,30 @@ def _read_json(path: str) -> Any:
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if not math.isnan(x)]
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def save_figure(fig: Any, run: str, name: str, title: str, *, tight: bool = True,
+                **savefig: Any) -> tuple[str, str]:
+    """Write matplotlib figure `fig` as run/name (110 dpi; laid out tight first unless
+    `tight` is False), close it, and return the report's (title, file name) entry."""
+    import matplotlib.pyplot as plt
+
+    if tight:
+        fig.tight_layout()
+    fig.savefig(os.path.join(run, name), dpi=110, **savefig)
+    plt.close(fig)
+    return title, name
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    """The reports' "Machine:" line: CPU, cores, GPU, torch, wall time (and resumed stages),
+    seconds of stages."""
+    m = results["machine"]
+    return (f"Machine: {m['cpu']} ({m['cores']} cores){', ' + m['gpu'] if 'gpu' in m else ''};"
+            f" torch {m['torch']}. Wall time {results['wall_seconds']:.0f} s"
+            + (f" (after resuming {results['stages_resumed']} finished stages)"
+               if results["stages_resumed"] else "")
+            + f"; {results['compute_seconds']:.0f} s of stages in all.\n")
 
 
 def stages_section(stage_seconds: dict[str, float], what: str) -> list[str]:

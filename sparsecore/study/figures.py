@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from sparsecore.study import speed, stats
-from sparsecore.study._common import METHODS, _pct
+from sparsecore.study._common import METHODS, _pct, save_figure
 
 _COLORS = {"magnitude": "tab:red", "rewind": "tab:purple", "reinit": "tab:blue",
            "random": "tab:green", "dense2": "black"}
@@ -48,10 +47,8 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run, "similarity_layers.png"), dpi=110)
-    plt.close(fig)
-    out.append(("Similarity to the dense original, per layer", "similarity_layers.png"))
+    out.append(save_figure(fig, run, "similarity_layers.png",
+                           "Similarity to the dense original, per layer"))
 
     # accuracy vs sparsity
     fig, axes = plt.subplots(1, len(labels), squeeze=False, figsize=(4.2 * len(labels), 3.4))
@@ -73,10 +70,7 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
         ax.set_ylabel("held-out accuracy (%, mean ± std over seeds)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(run, "accuracy_vs_sparsity.png"), dpi=110)
-    plt.close(fig)
-    out.append(("Accuracy vs sparsity", "accuracy_vs_sparsity.png"))
+    out.append(save_figure(fig, run, "accuracy_vs_sparsity.png", "Accuracy vs sparsity"))
 
     # layer x layer heatmaps (first model)
     a = next(iter(models[labels[0]]["seeds"].values()))
@@ -98,9 +92,8 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=hm["metric"])
     fig.suptitle(f"{labels[0]}: layer x layer {hm['metric']} to the dense original "
                  "(spatially pooled)", fontsize=10)
-    fig.savefig(os.path.join(run, "heatmap.png"), dpi=110)
-    plt.close(fig)
-    out.append((f"Layer x layer {hm['metric']}, {labels[0]}", "heatmap.png"))
+    out.append(save_figure(fig, run, "heatmap.png",
+                           f"Layer x layer {hm['metric']}, {labels[0]}", tight=False))
 
     # speedup
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(labels), 3.4))
@@ -120,11 +113,9 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
         ax.text(0.5, 0.5, "sparse kernels unavailable in this build", ha="center",
                 transform=ax.transAxes)
     ax.legend(fontsize=8, title="sparsity")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run, "speedup.png"), dpi=110)
-    plt.close(fig)
-    out.append(("Inference speedup of the magnitude-pruned nets with optimize() (mean over "
-                "seeds)", "speedup.png"))
+    out.append(save_figure(fig, run, "speedup.png",
+                           "Inference speedup of the magnitude-pruned nets with optimize() "
+                           "(mean over seeds)"))
     out.append(speed.write_figure(run, results))
     return out
 

@@ -4,11 +4,17 @@ results.json alone (sparsecore.study.lm runs the stages)."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
-from sparsecore.study._common import _mean, _pct, stages_section, write_report_md
+from sparsecore.study._common import (
+    _mean,
+    _pct,
+    machine_line,
+    save_figure,
+    stages_section,
+    write_report_md,
+)
 from sparsecore.study.lm import (
     METHOD_TEXT,
     METHODS,
@@ -63,12 +69,7 @@ def write_report(run: str, results: dict[str, Any]) -> str:
         f"embeddings and output head stay dense. Seeds {cfg['seeds']}; numbers are means over "
         "seeds. Held-out data: the test windows.\n")
     L.append("Methods: " + "; ".join(f"**{m}**: {METHOD_TEXT[m]}" for m in METHODS) + ".\n")
-    m = results["machine"]
-    L.append(f"Machine: {m['cpu']} ({m['cores']} cores){', ' + m['gpu'] if 'gpu' in m else ''};"
-             f" torch {m['torch']}. Wall time {results['wall_seconds']:.0f} s"
-             + (f" (after resuming {results['stages_resumed']} finished stages)"
-                if results["stages_resumed"] else "")
-             + f"; {results['compute_seconds']:.0f} s of stages in all.\n")
+    L.append(machine_line(results))
 
     def bpc(mm: dict[str, Any], name: str) -> float:
         return _seed_mean(mm, lambda a: a["bits_per_char"][name])
@@ -236,10 +237,7 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
         ax.set_ylabel("held-out bits per character")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(run, "bpc_vs_sparsity.png"), dpi=110)
-    plt.close(fig)
-    out.append(("Bits per character vs sparsity", "bpc_vs_sparsity.png"))
+    out.append(save_figure(fig, run, "bpc_vs_sparsity.png", "Bits per character vs sparsity"))
 
     nrows = len(labels) * len(metrics)
     fig, axes = plt.subplots(nrows, len(sps), squeeze=False, sharey=True,
@@ -260,10 +258,8 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run, "similarity_layers.png"), dpi=110)
-    plt.close(fig)
-    out.append(("Similarity to the dense original, per layer", "similarity_layers.png"))
+    out.append(save_figure(fig, run, "similarity_layers.png",
+                           "Similarity to the dense original, per layer"))
 
     fig, axes = plt.subplots(len(labels), 2, squeeze=False, figsize=(11, 3.6 * len(labels)))
     for r, label in enumerate(labels):
@@ -282,8 +278,6 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
             ax.set_ylabel(f"{what} speedup vs dense")
             ax.set_title(f"{label}: {what} (no bar: not run)", fontsize=9)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(run, "speed.png"), dpi=110)
-    plt.close(fig)
-    out.append(("Speed of the pruned nets on CSR and BSR kernels vs dense", "speed.png"))
+    out.append(save_figure(fig, run, "speed.png",
+                           "Speed of the pruned nets on CSR and BSR kernels vs dense"))
     return out

@@ -29,7 +29,14 @@ from sparsecore import prune
 from sparsecore import train as T
 from sparsecore.hparams import ModelHparams
 from sparsecore.prune import metrics as mask_metrics
-from sparsecore.study._common import _mean, _read_json, stages_section, write_report_md
+from sparsecore.study._common import (
+    _mean,
+    _read_json,
+    machine_line,
+    save_figure,
+    stages_section,
+    write_report_md,
+)
 from sparsecore.study.config import StudyConfig
 from sparsecore.study.stages import SEED_RANDOM, Stage, _splits, _stage_dir
 
@@ -266,12 +273,7 @@ def write_report(run: str, results: dict[str, Any]) -> str:
              "Erdos-Renyi-Kernel densities. SynFlow: 100 iterations of the exponential "
              "schedule. 1x1 shortcut convolutions stay dense. Accuracy on the held-out split; "
              "numbers are means over seeds.\n")
-    m = results["machine"]
-    L.append(f"Machine: {m['cpu']} ({m['cores']} cores){', ' + m['gpu'] if 'gpu' in m else ''};"
-             f" torch {m['torch']}. Wall time {results['wall_seconds']:.0f} s"
-             + (f" (after resuming {results['stages_resumed']} finished stages)"
-                if results["stages_resumed"] else "")
-             + f"; {results['compute_seconds']:.0f} s of stages in all.\n")
+    L.append(machine_line(results))
     cells = {label: _cells(mm["runs"]) for label, mm in models.items()}
 
     L.append("## Accuracy (%, held-out) vs compression\n")
@@ -382,11 +384,8 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
         ax.set_ylabel("held-out accuracy (%)")
         ax.grid(alpha=0.3)
     _collapse_legend(axes[0][-1], "center left", (1.02, 0.5))
-    fig.tight_layout()
-    fig.savefig(os.path.join(run, "accuracy_vs_compression.png"), dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    out.append(("Accuracy vs compression (layer collapse marked)",
-                "accuracy_vs_compression.png"))
+    out.append(save_figure(fig, run, "accuracy_vs_compression.png",
+                           "Accuracy vs compression (layer collapse marked)", bbox_inches="tight"))
 
     keys = (("imdb", "IMDB"), ("narc", "NaRC"))
     fig, axes = plt.subplots(len(labels), 2, squeeze=False,
@@ -408,11 +407,9 @@ def write_figures(run: str, results: dict[str, Any]) -> list[tuple[str, str]]:
             ax.set_ylabel("held-out accuracy (%)")
             ax.grid(alpha=0.3)
     _collapse_legend(axes[0][-1], "upper left", (1.02, 1.0))
-    fig.tight_layout()
-    fig.savefig(os.path.join(run, "ramanujan_vs_accuracy.png"), dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    out.append(("Ramanujan-graph metrics of each mask vs its accuracy",
-                "ramanujan_vs_accuracy.png"))
+    out.append(save_figure(fig, run, "ramanujan_vs_accuracy.png",
+                           "Ramanujan-graph metrics of each mask vs its accuracy",
+                           bbox_inches="tight"))
     return out
 
 

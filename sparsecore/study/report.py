@@ -11,6 +11,7 @@ from sparsecore.study._common import (
     _mean,
     _pct,
     _read_json,
+    machine_line,
     stages_section,
     write_report_md,
 )
@@ -46,12 +47,7 @@ def write_report(run: str) -> str:
              f"seeds {cfg['seeds']}, {cfg['scope']} magnitude pruning. Held-out data: the "
              f"test split. Every number is the mean ± sample standard deviation over the "
              f"{n_seeds} seed{'s' if n_seeds > 1 else ''} (the mean alone with one seed).\n")
-    m = results["machine"]
-    L.append(f"Machine: {m['cpu']} ({m['cores']} cores){', ' + m['gpu'] if 'gpu' in m else ''};"
-             f" torch {m['torch']}. Wall time {results['wall_seconds']:.0f} s"
-             + (f" (after resuming {results['stages_resumed']} finished stages)"
-                if results["stages_resumed"] else "")
-             + f"; {results['compute_seconds']:.0f} s of stages in all.\n")
+    L.append(machine_line(results))
     L.append("Networks: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_TEXT.items())
              + f"; `oneshot-<pattern>-{_pct(cfg['pattern_sparsity'])}`: the dense net pruned "
              f"once to {_pct(cfg['pattern_sparsity'])}% in a sparsity pattern (global, every "

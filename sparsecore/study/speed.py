@@ -4,12 +4,11 @@ points; its table and figure."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from sparsecore.study import stats
-from sparsecore.study._common import METHODS, _pct
+from sparsecore.study._common import METHODS, _pct, save_figure
 
 _COLORS = {"magnitude": "tab:red", "rewind": "tab:purple", "reinit": "tab:blue",
            "random": "tab:green"}
@@ -129,9 +128,8 @@ def write_figure(run: str, results: dict[str, Any]) -> tuple[str, str]:
                  "over seeds; dashed: Pareto front", fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=len(handles) // 2 + 1)
-    fig.savefig(os.path.join(run, "accuracy_vs_speedup.png"), dpi=110)
-    plt.close(fig)
-    return "Accuracy against inference speedup (Pareto)", "accuracy_vs_speedup.png"
+    return save_figure(fig, run, "accuracy_vs_speedup.png",
+                       "Accuracy against inference speedup (Pareto)", tight=False)
 
 
 def std0(xs: list[float | None]) -> float:
