@@ -55,12 +55,12 @@ TORCH_LIBRARY(sparsecore, m) {
   m.def("_csr_conv2d_dw_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, "
         "Tensor? tiling, int[] weight_shape, int[] stride, int[] padding, int[] dilation) "
         "-> Tensor");
-  // Inference: a stride-1 conv read from the padded input in place (no im2col), with the
+  // Inference: a conv read from per-sample shifted copies of the input (no im2col), with the
   // epilogue fused: [2x2 max-pool] -> + bias [+ residual] [-> ReLU] (residual: the output's
   // shape).
   m.def("_csr_conv2d_fused_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, "
         "int[] weight_shape, int[] padding, int[] dilation, Tensor? bias, Tensor? residual, "
-        "bool relu, bool pool) -> Tensor");
+        "bool relu, bool pool, int[] stride=[1, 1]) -> Tensor");
   // The same with the batch as the vector dimension: activations (C, H, W, N) in memory; the
   // weight's nonzeros in (row, channel tile, tap, channel) order, ci their channels, tap_ptr
   // per (row, tile, tap).

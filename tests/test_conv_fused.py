@@ -47,11 +47,10 @@ def _reference(x: Tensor, w: Tensor, stride, padding, dilation, bias, residual, 
 def _run(kernel: str, x: Tensor, w: Tensor, mask: Tensor, stride, padding, dilation, bias,
          residual, relu, pool, channel_tile: int = CHWN_CHANNEL_TILE) -> Tensor:
     if kernel == "csr_direct":
-        assert list(stride) == [1, 1]
         values, col, row_ptr = _csr(w, mask)
         return torch.ops.sparsecore._csr_conv2d_fused_cpu(
             x, values, col, row_ptr, list(w.shape), list(padding), list(dilation), bias,
-            residual, relu, pool)
+            residual, relu, pool, list(stride))
     values, ci, tap_ptr = tap_major_csr(w, mask, channel_tile)
     return torch.ops.sparsecore._csr_conv2d_chwn_cpu(
         x, values, ci, tap_ptr, channel_tile, list(w.shape), list(stride), list(padding),
@@ -80,15 +79,21 @@ GEOMS = [
     (2, 6, 5, 33, 5, 3, 3, (1, 1), (1, 1), (1, 1)),  # rows of several vectors, a tail
     (3, 4, 16, 16, 6, 3, 3, (1, 1), (1, 1), (1, 1)),  # rows of exactly one float32 vector
 ]
-STRIDED = [  # csr_chwn only
+STRIDED = [
     (5, 6, 8, 8, 7, 3, 3, (2, 2), (1, 1), (1, 1)),
     (16, 5, 9, 7, 6, 3, 3, (2, 1), (1, 1), (1, 1)),
     (64, 9, 8, 8, 11, 1, 1, (2, 2), (0, 0), (1, 1)),  # a ResNet shortcut
     (4, 3, 7, 7, 5, 3, 3, (2, 3), (0, 0), (2, 1)),
+    (3, 5, 33, 34, 6, 3, 3, (2, 2), (1, 1), (1, 1)),  # odd rows: a phase one row short
+    (2, 4, 32, 32, 5, 3, 3, (2, 2), (1, 1), (1, 1)),  # a ResNet stage's first conv
+    (3, 7, 9, 11, 4, 1, 1, (2, 2), (0, 0), (1, 1)),  # shortcut on odd sizes: one phase read
+    (2, 3, 10, 9, 4, 3, 3, (1, 2), (1, 1), (1, 1)),  # column stride only
+    (2, 3, 13, 12, 4, 3, 2, (3, 2), (2, 1), (2, 1)),  # stride 3 with dilation 2
+    (1, 4, 11, 10, 5, 5, 5, (2, 2), (2, 2), (1, 1)),  # 5x5: taps two rows apart, same phase
 ]
 
 
-CASES = ([("csr_direct", g) for g in GEOMS] + [("csr_chwn", g) for g in GEOMS + STRIDED])
+CASES = [(kernel, g) for kernel in ("csr_direct", "csr_chwn") for g in GEOMS + STRIDED]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -119,9 +124,11 @@ def test_threaded_paths(kernel, batch) -> None:
     w, mask = _weight(19, 6, 3, 3, 0.4, torch.float64)
     x = torch.randn(batch, 6, 10, 8, dtype=torch.float64)
     bias = torch.randn(19, dtype=torch.float64)
-    with kernel_threads(2):
-        got = _run(kernel, x, w, mask, (1, 1), (1, 1), (1, 1), bias, None, True, True)
-    _close(got, _reference(x, w, (1, 1), (1, 1), (1, 1), bias, None, True, True), torch.float64)
+    for stride in ((1, 1), (2, 2)):
+        with kernel_threads(2):
+            got = _run(kernel, x, w, mask, stride, (1, 1), (1, 1), bias, None, True, True)
+        _close(got, _reference(x, w, stride, (1, 1), (1, 1), bias, None, True, True),
+               torch.float64)
 
 
 @pytest.mark.parametrize("channel_tile", [1, 4, 7, 64])

@@ -62,12 +62,14 @@ with use_backend("cpp"):
     from sparsecore.nn.fused import CSRChwnConv, CSRDirectConv
     w = torch.randn(12, 5, 3, 3) * (torch.rand(12, 5, 3, 3) < 0.4)
     b, xc = torch.randn(12), torch.randn(32, 5, 9, 8)
-    for kern in (CSRDirectConv(w, w != 0, (1, 1), (1, 1)),
-                 CSRChwnConv(w, w != 0, (1, 1), (1, 1), (1, 1))):
-        ref = nn.functional.max_pool2d(nn.functional.conv2d(xc.double(), w.double(), padding=1), 2)
-        res = torch.randn(ref.shape)
-        ref = (ref + b.double().view(1, -1, 1, 1) + res.double()).relu()
-        close(kern(xc, b, res, True, True), ref, f"{kern.name} forward")
+    for stride in (1, 2):
+        for kern in (CSRDirectConv(w, w != 0, (stride, stride), (1, 1), (1, 1)),
+                     CSRChwnConv(w, w != 0, (stride, stride), (1, 1), (1, 1))):
+            ref = nn.functional.conv2d(xc.double(), w.double(), stride=stride, padding=1)
+            ref = nn.functional.max_pool2d(ref, 2)
+            res = torch.randn(ref.shape)
+            ref = (ref + b.double().view(1, -1, 1, 1) + res.double()).relu()
+            close(kern(xc, b, res, True, True), ref, f"{kern.name} forward, stride {stride}")
     for shape in ((40, 16, 16), (6, 37, 23)):  # Jacobi and the bidiagonal kernel
         A = torch.randn(*shape)
         close(linalg.svdvals(A), torch.linalg.svdvals(A.double()), f"svdvals {shape}")

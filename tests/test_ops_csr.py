@@ -232,9 +232,9 @@ def test_conv_cpp_direct(threads: int, sparsity: float, case: tuple) -> None:
 
 @pytest.mark.skipif(not has_cpu_ext(), reason="C++ extension not built")
 def test_conv_cpp_direct_kernel_runs_where_it_applies() -> None:
-    """The forward at stride 1 ignores the tiling (the direct kernel takes none), other strides
-    check it; dX reads the transposed-flipped operands exactly where the geometry allows
-    (the transposed ones are zeroed there) and the transposed ones elsewhere (then the
+    """The forward ignores the tiling at every stride (the direct kernel takes none); dX
+    reads the transposed-flipped operands exactly where the geometry allows (the transposed
+    ones are zeroed there) and the transposed ones elsewhere (then the
     flipped ones are zeroed)."""
     w = random_csr((6, 5, 3, 3), 0.6, torch.float64)
     foreign = random_csr((6, 5, 3, 3), 0.6, torch.float64).cpu_tilings()[0]
@@ -243,12 +243,8 @@ def test_conv_cpp_direct_kernel_runs_where_it_applies() -> None:
         for geom in (((1, 1), (1, 1), (1, 1)), ((1, 1), (3, 0), (1, 1)), ((2, 2), (1, 1), (1, 1))):
             y_args = (x, w.values, w.col_idx, w.row_ptr, foreign, w.shape, *geom)
             direct = ops.flipped_conv_padding(w.shape[2:], *geom) is not None
-            if geom[0] == (1, 1):
-                torch.testing.assert_close(ops.csr_conv2d(*y_args), F.conv2d(x, w.to_dense(),
-                                                                             None, *geom))
-            else:
-                with pytest.raises(RuntimeError, match="does not belong"):
-                    ops.csr_conv2d(*y_args)
+            torch.testing.assert_close(ops.csr_conv2d(*y_args), F.conv2d(x, w.to_dense(),
+                                                                         None, *geom))
             dy = torch.randn(F.conv2d(x, w.to_dense(), None, *geom).shape, dtype=torch.float64)
             t_values, f = w.transposed_values(), list(flipped(w))
             if direct:

@@ -150,7 +150,8 @@ def test_bottleneck_block() -> None:
 
 @pytest.mark.parametrize("name,kernel", [
     ("vgg16", "csr_unfold"), ("vgg16", "csr"), ("vgg16", "dense"), ("vgg16", _random_choice),
-    ("resnet18", _random_choice), ("resnet20", "csr_unfold"), ("resnet20", _random_choice),
+    ("resnet18", _random_choice), ("resnet18", "csr_direct"), ("resnet20", "csr_unfold"),
+    ("resnet20", _random_choice),
 ])
 def test_whole_models(name: str, kernel) -> None:
     model = _pruned(models.create(name, num_classes=10, in_channels=3, input_size=32,
@@ -167,7 +168,7 @@ def test_whole_models(name: str, kernel) -> None:
     _assert_same(model, optimized, (3, 3, 32, 32))
 
 
-@pytest.mark.parametrize("kernel", ["dense", "csr", "csr_unfold"])
+@pytest.mark.parametrize("kernel", ["dense", "csr", "csr_unfold", "csr_direct", "csr_chwn"])
 @pytest.mark.parametrize("geom", [
     dict(kernel_size=3, stride=2, padding=0),
     dict(kernel_size=(3, 1), stride=(1, 2), padding=(1, 0)),

@@ -1,16 +1,19 @@
-// Direct CSR convolution for stride-1 convs, with the layer's epilogue fused (inference).
+// Direct CSR convolution with the layer's epilogue fused (inference).
 //
-// W is (C_out, C_in*kh*kw) in CSR (column k = (ci*kh + i)*kw + j). For a stride-1 conv, output
-// row oh of one sample reads, for tap (i, j), input row oh + i*dh from column j*dw - pw on.
-// Each sample is copied once into kw column-shifted, zero-padded copies
-//   xs[j][c][r][q] = x[c][r - ph][q + j*dw - pw]   (0 outside the image), rows of Wr elements,
-// Wr = OW rounded up to whole vectors (to 4 elements below a vector's width). Output position
-// p = oh*Wr + ow then reads position
-//   p + off(k),   off(k) = j*CS + ci*Hp*Wr + i*dh*Wr
+// W is (C_out, C_in*kh*kw) in CSR (column k = (ci*kh + i)*kw + j). Output (oh, ow) reads, for
+// tap (i, j), input row oh*sh + i*dh - ph and column ow*sw + j*dw - pw. Each sample is copied
+// once into kw column-shifted, column-strided, zero-padded copies whose rows are split by
+// their phase modulo the row stride:
+//   xs[j][c][a][r][q] = x[c][r*sh + a - ph][q*sw + j*dw - pw]   (0 outside the image),
+// a < sh, r < Hq = ceil(Hp / sh), rows of Wr elements, Wr = OW rounded up to whole vectors (to
+// 4 elements below a vector's width). Output position p = oh*Wr + ow then reads position
+//   p + off(k),   off(k) = j*CS + ci*sh*Hq*Wr + ((i*dh) % sh * Hq + (i*dh) / sh) * Wr
 // of the copies (CS: one copy's size): one nonzero of row co multiplies a contiguous, aligned
-// vector of input into a contiguous vector of outputs. No im2col matrix, no packing, no load
-// split across cache lines where OW fills whole vectors (every offset is then a multiple of
-// the vector width), and the copies of a CIFAR-sized sample stay in the thread's L2 cache.
+// vector of input into a contiguous vector of outputs, whatever the stride (a stride-2 conv
+// becomes a stride-1 one over the row phases). No im2col matrix, no packing, no load split
+// across cache lines where OW fills whole vectors (every offset is then a multiple of the
+// vector width), and the copies of a CIFAR-sized sample stay in the thread's L2 cache. Row
+// phases that no tap reads (a 1x1 stride-2 conv's odd rows) are not copied.
 //
 // The output positions are cut into chunks of U vectors (U accumulators, U independent FMA
 // chains; U is balanced so the last chunk is nearly full); chunk by chunk, every row co adds
@@ -53,9 +56,10 @@ constexpr double kSegNnz = 8.0;
 constexpr int64_t kWorkPerThread = int64_t(1) << 18;
 
 struct Geom {
-  int64_t N, C, H, W, Cout, kh, kw, ph, pw, dh, dw, Hp, Wr, OH, OW;
+  int64_t N, C, H, W, Cout, kh, kw, ph, pw, dh, dw, sh, sw, Hp, Hq, Wr, OH, OW;
   int64_t CS;  // elements of one shifted copy, with the slack its last chunk reads
-  int64_t plane() const { return Hp * Wr; }
+  uint32_t phases;  // bit a: some tap reads row phase a
+  int64_t plane() const { return sh * Hq * Wr; }
   int64_t Lp() const { return OH * Wr; }  // computed positions of one output channel
 };
 
@@ -73,27 +77,36 @@ Chunks chunks_for(int64_t Lp) {
   return {int((nvec + n - 1) / n), n};
 }
 
-// The kw shifted copies of sample x (C, H, W): xs[j*CS + (c*Hp + r)*Wr + q] =
-// x[c][r - ph][q + j*dw - pw], zero outside the image and in each copy's slack.
+// The kw shifted copies of sample x (C, H, W): xs[j*CS + ((c*sh + a)*Hq + r)*Wr + q] =
+// x[c][r*sh + a - ph][q*sw + j*dw - pw], zero outside the image and in each copy's slack.
 // Channels [c0, c1) of them; `slack`: the slack too.
 template <typename T>
 void shifted_copies(const Geom& g, const T* x, T* xs, int64_t c0, int64_t c1, bool slack) {
   for (int64_t j = 0; j < g.kw; ++j) {
     T* copy = xs + j * g.CS;
-    const int64_t shift = j * g.dw - g.pw;  // column q of the copy reads image column q+shift
-    const int64_t q0 = std::clamp<int64_t>(-shift, 0, g.Wr);
-    const int64_t q1 = std::clamp<int64_t>(g.W - shift, q0, g.Wr);
+    const int64_t shift = j * g.dw - g.pw;  // column q of the copy reads image column q*sw+shift
+    // columns [q0, q1) of a row fall inside the image
+    const int64_t q0 = std::clamp<int64_t>((-shift + g.sw - 1) / g.sw, 0, g.Wr);
+    const int64_t q1 = std::clamp<int64_t>((g.W - shift + g.sw - 1) / g.sw, q0, g.Wr);
     for (int64_t c = c0; c < c1; ++c)
-      for (int64_t r = 0; r < g.Hp; ++r) {
-        T* row = copy + (c * g.Hp + r) * g.Wr;
-        const int64_t h = r - g.ph;
-        if (h < 0 || h >= g.H) {
-          std::fill(row, row + g.Wr, T(0));
-          continue;
+      for (int64_t a = 0; a < g.sh; ++a) {
+        if (!(g.phases >> a & 1)) continue;
+        for (int64_t r = 0; r < g.Hq; ++r) {
+          T* row = copy + ((c * g.sh + a) * g.Hq + r) * g.Wr;
+          const int64_t h = r * g.sh + a - g.ph;
+          if (h < 0 || h >= g.H) {
+            std::fill(row, row + g.Wr, T(0));
+            continue;
+          }
+          std::fill(row, row + q0, T(0));
+          const T* src = x + (c * g.H + h) * g.W + shift;
+          if (g.sw == 1) {
+            std::memcpy(row + q0, src + q0, (q1 - q0) * sizeof(T));
+          } else {
+            for (int64_t q = q0; q < q1; ++q) row[q] = src[q * g.sw];
+          }
+          std::fill(row + q1, row + g.Wr, T(0));
         }
-        std::fill(row, row + q0, T(0));
-        std::memcpy(row + q0, x + (c * g.H + h) * g.W + q0 + shift, (q1 - q0) * sizeof(T));
-        std::fill(row + q1, row + g.Wr, T(0));
       }
     if (slack) std::fill(copy + g.C * g.plane(), copy + g.CS, T(0));
   }
@@ -103,7 +116,9 @@ void shifted_copies(const Geom& g, const T* x, T* xs, int64_t c0, int64_t c1, bo
 // row, chunk by chunk, and within a chunk channel tile by channel tile: a tile's input runs
 // (kw copies x ct channels x about U*W + (kh-1)*dh*Wr elements) stay in L1 while every row
 // passes over them (read from L2, each load would wait on L2's bandwidth). seg[co*(nt+1) + t]
-// is where row co's nonzeros of tile t start (columns are channel-major).
+// is where row co's nonzeros of tile t start (columns are channel-major). (Pairs of rows
+// sharing the loads of the columns both keep were tried at 17-50 % density: no faster, and
+// slower at 8x8.)
 template <typename T, int U>
 void sample_product(const T* xs, const int32_t* off, const T* val, const int32_t* seg,
                     int64_t nt, int64_t co0, int64_t co1, int64_t n, T* ys, int64_t ld) {
@@ -223,18 +238,18 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
   }
 }
 
-// x (N, C, H, W) -> (N, C_out, OH, OW), or (N, C_out, OH/2, OW/2) with `pool`; stride 1.
+// x (N, C, H, W) -> (N, C_out, OH, OW), or (N, C_out, OH/2, OW/2) with `pool`.
 at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
                                  const at::Tensor& col_idx, const at::Tensor& row_ptr,
                                  at::IntArrayRef weight_shape, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, bool relu,
-                                 bool pool) {
+                                 bool pool, at::IntArrayRef stride) {
   constexpr const char* op = "_csr_conv2d_fused_cpu";
   TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", x.sizes());
   TORCH_CHECK(weight_shape.size() == 4, op, ": weight_shape must be (C_out, C_in, kh, kw)");
-  TORCH_CHECK(padding.size() == 2 && dilation.size() == 2, op,
-              ": padding and dilation must have 2 entries each");
+  TORCH_CHECK(padding.size() == 2 && dilation.size() == 2 && stride.size() == 2, op,
+              ": stride, padding and dilation must have 2 entries each");
   TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu(), op, ": CPU tensors only");
   TORCH_CHECK(x.scalar_type() == values.scalar_type() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
@@ -243,15 +258,22 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
                   col_idx.is_contiguous() && row_ptr.is_contiguous() && values.is_contiguous(),
               op, ": col_idx and row_ptr must be contiguous int32, values contiguous");
   Geom g{x.size(0), x.size(1), x.size(2), x.size(3), weight_shape[0], weight_shape[2],
-         weight_shape[3], padding[0], padding[1], dilation[0], dilation[1], 0, 0, 0, 0};
+         weight_shape[3], padding[0], padding[1], dilation[0], dilation[1], stride[0],
+         stride[1], 0, 0, 0, 0, 0, 0, 0};
   TORCH_CHECK(weight_shape[1] == g.C, op, ": input has ", g.C, " channels, the weight expects ",
               weight_shape[1]);
-  TORCH_CHECK(g.ph >= 0 && g.pw >= 0 && g.dh > 0 && g.dw > 0 && g.kh > 0 && g.kw > 0, op,
-              ": dilation must be positive, padding non-negative");
+  TORCH_CHECK(g.ph >= 0 && g.pw >= 0 && g.dh > 0 && g.dw > 0 && g.kh > 0 && g.kw > 0 &&
+                  g.sh > 0 && g.sw > 0,
+              op, ": stride and dilation must be positive, padding non-negative");
+  TORCH_CHECK(g.sh <= 16, op, ": row strides above 16 are not supported");
   g.Hp = g.H + 2 * g.ph;
-  g.OH = g.Hp - g.dh * (g.kh - 1);
-  g.OW = g.W + 2 * g.pw - g.dw * (g.kw - 1);
-  TORCH_CHECK(g.OH >= 1 && g.OW >= 1, op, ": the (padded) input is smaller than the kernel");
+  const int64_t span_h = g.Hp - g.dh * (g.kh - 1), span_w = g.W + 2 * g.pw - g.dw * (g.kw - 1);
+  TORCH_CHECK(span_h >= 1 && span_w >= 1, op, ": the (padded) input is smaller than the kernel");
+  g.OH = (span_h - 1) / g.sh + 1;
+  g.OW = (span_w - 1) / g.sw + 1;
+  g.Hq = (g.Hp + g.sh - 1) / g.sh;
+  g.phases = 0;
+  for (int64_t i = 0; i < g.kh; ++i) g.phases |= 1u << (i * g.dh % g.sh);
   const int64_t VW = x.scalar_type() == at::kFloat ? VecOf<float>::V::W : VecOf<double>::V::W;
   // Rows of whole vectors keep every load aligned; rows narrower than a vector are packed
   // (to a multiple of 4 elements), so that a vector spans several output rows instead of
@@ -299,7 +321,8 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
   for (int64_t ci = 0, k = 0; ci < g.C; ++ci)
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j, ++k)
-        koff[k] = int32_t(j * g.CS + ci * g.plane() + i * g.dh * g.Wr);
+        koff[k] = int32_t(j * g.CS + ci * g.plane() +
+                          (i * g.dh % g.sh * g.Hq + i * g.dh / g.sh) * g.Wr);
   const int64_t work = nnz * g.N * g.Lp();
   const int nthreads = int(std::clamp<int64_t>(work / min_work_per_thread(kWorkPerThread), 1,
                                                omp_get_max_threads()));
@@ -324,7 +347,9 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t esize = x.element_size();
   const Chunks chk = x.scalar_type() == at::kFloat ? chunks_for<float>(g.Lp())
                                                    : chunks_for<double>(g.Lp());
-  const int64_t per_channel = g.kw * (chk.U * VW + (g.kh - 1) * g.dh * g.Wr) * esize;
+  const int64_t read_phases = __builtin_popcount(g.phases);
+  const int64_t per_channel =
+      g.kw * (read_phases * chk.U * VW + (g.kh - 1) * g.dh / g.sh * g.Wr) * esize;
   const double per_row_channel = double(nnz) / double(g.Cout * g.C);
   const int64_t ct_min = int64_t(std::ceil(kSegNnz / std::max(per_row_channel, 1e-9)));
   const int64_t ct = std::clamp<int64_t>(std::max(kTileBytes / per_channel, ct_min), 1, g.C);

@@ -1,10 +1,10 @@
 """SparseConv2d: nn.Conv2d (groups=1, zero padding) with an unstructured (CSR) sparse weight.
 
-The weight's matrix view (C_out, C_in*kh*kw) is the CSR matrix; the C++ backend runs a
-stride-1 conv and its input gradient as direct sparse convolutions, other strides as im2col
-and the CSR product sample by sample (see ops.csr_conv2d, ops.csr_conv2d_dx), and a conv with
-a small output on the batch-last kernels (see ops.csr_conv_batch_last and
-sparsecore.nn.functional). State and loading as SparseLinear.
+The weight's matrix view (C_out, C_in*kh*kw) is the CSR matrix; the C++ backend runs the
+conv, and its input gradient at stride 1, as direct sparse convolutions, the input gradient
+at other strides as im2col and the CSR product sample by sample (see ops.csr_conv2d,
+ops.csr_conv2d_dx), and a conv with a small output on the batch-last kernels (see
+ops.csr_conv_batch_last and sparsecore.nn.functional). State and loading as SparseLinear.
 """
 
 from __future__ import annotations

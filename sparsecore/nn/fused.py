@@ -12,9 +12,10 @@ nothing here has gradients):
 - "dense": torch's dense conv / linear (oneDNN / MKL) on the masked weight;
 - "csr": the CSR conv kernel that walks one sample's output pixels (ops.csr_conv2d), or the
   CSR Linear kernel (ops.csr_dsd);
-- "csr_direct" (stride-1 conv, CPU): the CSR conv read from each zero-padded sample in place,
-  the output rows over the padded width as the vector dimension (no im2col matrix), with the
-  whole epilogue (2x2 max-pool, bias, residual, ReLU) done on the product's rows;
+- "csr_direct" (conv, CPU): the CSR conv read from per-sample column-shifted copies of the
+  input (rows split by phase for a stride above 1), the output rows as the vector dimension
+  (no im2col matrix), with the whole epilogue (2x2 max-pool, bias, residual, ReLU) done on
+  the product's rows;
 - "csr_chwn" (conv, CPU): the batch as the vector dimension, activations laid out
   (C, H, W, N) in memory (returned so, so that the next such layer reads them in place), taps
   that fall on the zero padding skipped, epilogue fused as in "csr_direct";
@@ -203,14 +204,14 @@ def _conv_epilogue_reference(x: Tensor, weight: Tensor, geom: _ConvGeom, bias: T
 
 
 class CSRDirectConv(_ConvGeom, _Kernel):
-    """Stride-1 CSR conv over each zero-padded sample in place, epilogue fused."""
+    """CSR conv over per-sample shifted copies of the input (no im2col), epilogue fused."""
 
     name, fuses_epilogue = "csr_direct", True
 
-    def __init__(self, weight: Tensor, mask: Tensor, padding: Sequence[int],
-                 dilation: Sequence[int]) -> None:
+    def __init__(self, weight: Tensor, mask: Tensor, stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int]) -> None:
         super().__init__()
-        self._set_geom(weight.shape, (1, 1), padding, dilation)
+        self._set_geom(weight.shape, stride, padding, dilation)
         csr = CSRWeight.from_dense(weight.reshape(weight.shape[0], -1),
                                    mask.reshape(weight.shape[0], -1))
         for name in ("values", "col_idx", "row_ptr"):
@@ -228,7 +229,7 @@ class CSRDirectConv(_ConvGeom, _Kernel):
             return _conv_epilogue_reference(x, weight, self, bias, residual, relu, pool)
         return torch.ops.sparsecore._csr_conv2d_fused_cpu(
             x, self.values, self.col_idx, self.row_ptr, self.weight_shape, self.padding,
-            self.dilation, bias, residual, relu, pool)
+            self.dilation, bias, residual, relu, pool, self.stride)
 
 
 def tap_major_csr(weight: Tensor, mask: Tensor, channel_tile: int
@@ -459,7 +460,7 @@ class FusedConv2d(_Fused):
             return CSRUnfoldConv(w, mask, *geom)
         if name in EPILOGUE_KERNELS and self.epilogue_fusable(name):
             if name == "csr_direct":
-                return CSRDirectConv(w, mask, self.padding, self.dilation)
+                return CSRDirectConv(w, mask, *geom)
             return CSRChwnConv(w, mask, *geom)
         if name == "bsr" and bs is not None:
             return BSRConv(w, mask, bs, *geom)
@@ -467,9 +468,8 @@ class FusedConv2d(_Fused):
 
     def epilogue_fusable(self, kernel: str) -> bool:
         """Whether `kernel` (one of EPILOGUE_KERNELS) can run this layer: no pool or a plain
-        2x2 one, and stride 1 for "csr_direct"."""
-        stride_ok = kernel != "csr_direct" or list(self.stride) == [1, 1]
-        return stride_ok and (self.pool is None or _is_2x2(self.pool))
+        2x2 one."""
+        return self.pool is None or _is_2x2(self.pool)
 
     def out_shape(self, x: Tensor) -> tuple[int, ...]:
         """(N, C_out, Ho, Wo) of the product (before any pool)."""

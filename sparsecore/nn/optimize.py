@@ -703,7 +703,7 @@ def optimize(model: nn.Module, example_input: Tensor | Sequence[Any], *,
     example_input: a batch like those the model will see (a tensor, or a tuple of forward's
     arguments); the choice is made for its shape and batch size. layouts: the weight layouts
     to consider ("dense"; "csr": the CSR kernels "csr" (per-sample im2col conv / Linear),
-    "csr_direct" (stride-1 conv from shifted copies), "csr_chwn" (batch-last conv) and
+    "csr_direct" (conv from per-sample shifted copies), "csr_chwn" (batch-last conv) and
     "csr_unfold" (batch-folded im2col); "bsr": block-sparse, for block-aligned masks).
     cache: read and write the timing cache; cache_file: its file (default: cache_path()).
     choose: "time" (measure), a kernel name (one of KERNELS: used wherever the layer can run

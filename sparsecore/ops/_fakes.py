@@ -10,6 +10,8 @@ fused conv kernels. Without the extension these ops do not exist and nothing reg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -45,8 +47,9 @@ def _register() -> None:
     @torch.library.register_fake("sparsecore::_csr_conv2d_fused_cpu")
     def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, weight_shape: list[int],
           padding: list[int], dilation: list[int], bias: Tensor | None,
-          residual: Tensor | None, relu: bool, pool: bool) -> Tensor:
-        return _conv_out(x, weight_shape, [1, 1], padding, dilation, pool)
+          residual: Tensor | None, relu: bool, pool: bool,
+          stride: Sequence[int] = (1, 1)) -> Tensor:
+        return _conv_out(x, weight_shape, stride, padding, dilation, pool)
 
     @torch.library.register_fake("sparsecore::_csr_conv2d_chwn_cpu")
     def _(x: Tensor, values: Tensor, ci: Tensor, tap_ptr: Tensor, channel_tile: int,

@@ -2,9 +2,10 @@
 
 Backends: "dense" (dense torch on the weight densified in C++, chosen on the CPU below the
 measured crossover sparsity, where MKL's dense product beats the sparse kernel), "cpp"
-(csrc/cpu/csr.cpp: tile-major CSR walk over feature-major packed operands, OpenMP; a
-stride-1 conv as a direct sparse convolution over the zero-padded input, other strides as
-im2col + the same walk, sample by sample; CPU float32/float64), "triton" (kernels/csr.py;
+(csrc/cpu/csr.cpp: tile-major CSR walk over feature-major packed operands, OpenMP; a conv
+as a direct sparse convolution over per-sample shifted copies of the input, its input
+gradient likewise at stride 1 and as im2col + the same walk, sample by sample, otherwise;
+CPU float32/float64), "triton" (kernels/csr.py;
 CUDA float32/float16/bfloat16, or CPU under TRITON_INTERPRET=1 when forced; conv through an
 im2col matrix), "reference" (dense torch on the densified weight: the fallback and the
 oracle of every test).
@@ -349,12 +350,12 @@ def _(dy: Tensor, x: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
 
 
 # ---- csr_conv2d (forward), csr_conv2d_dx, csr_conv2d_dw (its gradients)
-# The C++ backend runs a stride-1 conv directly on the zero-padded input
+# The C++ backend runs a conv directly on per-sample shifted copies of the input
 # (_csr_conv2d_fused_cpu: no im2col), and the input gradient of a stride-1 conv as that same
-# kernel on the transposed-flipped weight (see flipped_conv_padding); other strides, and the
-# weight gradient, run im2col + the CSR walk per sample, with the sample's output pixels as
-# the vector dimension (see csrc/cpu/csr.cpp). The other backends go through an im2col
-# matrix of the whole batch.
+# kernel on the transposed-flipped weight (see flipped_conv_padding); the input gradient at
+# other strides, and the weight gradient, run im2col + the CSR walk per sample, with the
+# sample's output pixels as the vector dimension (see csrc/cpu/csr.cpp). The other backends
+# go through an im2col matrix of the whole batch.
 def flipped_conv_padding(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                          dilation: Sequence[int]) -> list[int] | None:
     """The padding d*(k-1)-p under which the input gradient of a stride-1 conv is the stride-1
@@ -453,13 +454,11 @@ def _conv_dw_reference(a: _ConvDwArgs) -> Tensor:
 
 
 def _conv_cpp(a: _ConvArgs) -> Tensor:
-    if a.stride == [1, 1]:
-        return torch.ops.sparsecore._csr_conv2d_fused_cpu(
-            a.x, a.values.contiguous(), a.col_idx, a.row_ptr, a.weight_shape, a.padding,
-            a.dilation, None, None, False, False)
-    return torch.ops.sparsecore._csr_conv2d_cpu(a.x, a.values.contiguous(), a.col_idx,
-                                                a.row_ptr, a.tiling, a.weight_shape, a.stride,
-                                                a.padding, a.dilation)
+    # the direct kernel at every stride: faster than im2col + the tiled walk (_csr_conv2d_cpu)
+    # on the bench's stride-2 convs too (bench/RESULTS.md)
+    return torch.ops.sparsecore._csr_conv2d_fused_cpu(
+        a.x, a.values.contiguous(), a.col_idx, a.row_ptr, a.weight_shape, a.padding,
+        a.dilation, None, None, False, False, a.stride)
 
 
 def _conv_dx_flipped_padding(a: _ConvDxArgs) -> list[int] | None:
@@ -613,9 +612,8 @@ def csr_conv2d(
     weight_shape (C_out, C, kh, kw) whose matrix view (C_out, C*kh*kw) is in CSR. Returns
     (N, C_out, Ho, Wo), contiguous.
 
-    On the C++ backend a stride-1 conv runs the direct kernel (_csr_conv2d_fused_cpu: reads
-    the zero-padded input in place, no im2col, ignores `tiling`); other strides run im2col +
-    the tiled CSR walk per sample (_csr_conv2d_cpu, with `tiling`)."""
+    On the C++ backend the conv runs the direct kernel (_csr_conv2d_fused_cpu: reads
+    per-sample shifted copies of the input, no im2col, ignores `tiling`)."""
     _check_conv("csr_conv2d", x, values, weight_shape, stride, padding, dilation)
     return _csr_conv2d_dispatch(x, values, col_idx, row_ptr, tiling, list(weight_shape),
                                 list(stride), list(padding), list(dilation))
