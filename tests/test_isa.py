@@ -70,6 +70,21 @@ with use_backend("cpp"):
             res = torch.randn(ref.shape)
             ref = (ref + b.double().view(1, -1, 1, 1) + res.double()).relu()
             close(kern(xc, b, res, True, True), ref, f"{kern.name} forward, stride {stride}")
+    # the Linear epilogues: x -> W2 GELU(W1 x + b1) + b2 + residual, fused (the MLP op)
+    from sparsecore.nn.fused import CSRLinear
+    w1 = torch.randn(70, 33) * (torch.rand(70, 33) < 0.3)
+    w2 = torch.randn(33, 70) * (torch.rand(33, 70) < 0.3)
+    k1, k2 = CSRLinear(w1, w1 != 0), CSRLinear(w2, w2 != 0)
+    b1, b2 = torch.randn(70), torch.randn(33)
+    for batch in (3, 37):
+        xl, res = torch.randn(batch, 33) * 3, torch.randn(batch, 33)
+        h = nn.functional.gelu(xl.double() @ w1.double().T + b1.double())
+        ref = h @ w2.double().T + b2.double() + res.double()
+        close(k2(k1(xl, b1, gelu=True), b2, res), ref, f"CSR Linear epilogues, batch {batch}")
+        got = torch.ops.sparsecore._csr_mlp_cpu(
+            xl, k1.values, k1.col_idx, k1.row_ptr, k1.tiling, k1.tiled_values, b1, 2,
+            k2.values, k2.col_idx, k2.row_ptr, k2.tiling, k2.tiled_values, b2, res, 0)
+        close(got, ref, f"CSR MLP, batch {batch}")
     for shape in ((40, 16, 16), (6, 37, 23)):  # Jacobi and the bidiagonal kernel
         A = torch.randn(*shape)
         close(linalg.svdvals(A), torch.linalg.svdvals(A.double()), f"svdvals {shape}")

@@ -44,6 +44,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -458,16 +459,79 @@ void pack_transposed(const T* src, int64_t B, int64_t F, int64_t sb, int64_t sf,
                       std::min(FB, F - f0), dst + (c * F + f0) * CH, CH);
 }
 
-// dst (B, F) contiguous from src(packed, rows = F): the inverse of pack_transposed.
+// ---- the Linear epilogue: y = act(y + bias + residual) -------------------------------------
+enum LinearAct : int64_t { kActNone = 0, kActRelu = 1, kActGelu = 2 };
+
 template <typename T>
-void unpack_transposed(const T* src, int64_t B, int64_t F, T* dst) {
+struct LinearEpilogue {
+  const T* bias = nullptr;  // (F,)
+  const T* res = nullptr;   // (B, F), contiguous
+  int64_t act = kActNone;
+  bool any() const { return bias || res || act != kActNone; }
+};
+
+// erf(x) in float32 to about 5e-7 (absolute): x * P(x^2) / Q(x^2) on [-4, 4] (outside, erf is
+// +-1 in float32), fitted by reweighted least squares; branch-free, so loops of it vectorize.
+inline float erf_rational(float x) {
+  x = std::min(std::max(x, -4.0f), 4.0f);
+  const float z = x * x;
+  float p = 1.938560438341696e-08f;
+  p = p * z - 1.988269684045416e-06f;
+  p = p * z + 0.00015323049769641527f;
+  p = p * z + 0.004183493068657915f;
+  p = p * z + 0.052070744473258816f;
+  p = p * z + 0.21127668009670533f;
+  p = p * z + 1.1283787070707756f;
+  float q = 0.0010726844469982066f;
+  q = q * z + 0.015322047504349548f;
+  q = q * z + 0.11968895830452986f;
+  q = q * z + 0.5205671035261945f;
+  q = q * z + 1.0f;
+  return x * p / q;
+}
+
+// GELU(x) = x/2 (1 + erf(x / sqrt 2)) (torch's default, approximate="none").
+inline float gelu(float x) { return 0.5f * x * (1.0f + erf_rational(x * 0.70710678118654752f)); }
+inline double gelu(double x) { return 0.5 * x * (1.0 + std::erf(x * 0.70710678118654752)); }
+
+// Rows [0, nb) x columns [f0, f0 + nf) of y (row stride ldy) through the epilogue; e.res has
+// y's layout.
+template <typename T>
+void linear_epilogue(T* y, int64_t ldy, int64_t nb, int64_t f0, int64_t nf,
+                     const LinearEpilogue<T>& e, const T* res) {
+  for (int64_t b = 0; b < nb; ++b) {
+    T* row = y + b * ldy + f0;
+    if (e.bias) {
+      const T* bias = e.bias + f0;
+      for (int64_t f = 0; f < nf; ++f) row[f] += bias[f];
+    }
+    if (res) {
+      const T* r = res + b * ldy + f0;
+      for (int64_t f = 0; f < nf; ++f) row[f] += r[f];
+    }
+    if (e.act == kActRelu) {
+      for (int64_t f = 0; f < nf; ++f) row[f] = std::max(row[f], T(0));
+    } else if (e.act == kActGelu) {
+      for (int64_t f = 0; f < nf; ++f) row[f] = gelu(row[f]);
+    }
+  }
+}
+
+// dst (B, F) contiguous from src(packed, rows = F): the inverse of pack_transposed, each block
+// through the epilogue while it is in cache.
+template <typename T>
+void unpack_transposed(const T* src, int64_t B, int64_t F, T* dst,
+                       const LinearEpilogue<T>& e = {}) {
   constexpr int64_t CH = kChunk<T>, FB = 64;
   const int64_t nc = n_chunks<T>(B);
 #pragma omp parallel for num_threads(team()) collapse(2) schedule(static)
   for (int64_t c = 0; c < nc; ++c)
-    for (int64_t f0 = 0; f0 < F; f0 += FB)
-      transpose_block(src + (c * F + f0) * CH, CH, 1, std::min(FB, F - f0),
-                      std::min(CH, B - c * CH), dst + c * CH * F + f0, F);
+    for (int64_t f0 = 0; f0 < F; f0 += FB) {
+      const int64_t nb = std::min(CH, B - c * CH), nf = std::min(FB, F - f0);
+      transpose_block(src + (c * F + f0) * CH, CH, 1, nf, nb, dst + c * CH * F + f0, F);
+      if (e.any())
+        linear_epilogue(dst + c * CH * F, F, nb, f0, nf, e, e.res ? e.res + c * CH * F : nullptr);
+    }
 }
 
 // dst(packed, rows = R) from src (R, L) contiguous (no transpose: one sample of a conv's dY,
@@ -714,7 +778,8 @@ void sddmm_gather(const T* dy, int64_t lddy, const T* x, int64_t ldx, int64_t B,
 template <typename T>
 void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx,
                 const at::Tensor& row_ptr, const std::optional<at::Tensor>& tiling,
-                const std::optional<at::Tensor>& tiled_values, at::Tensor& y) {
+                const std::optional<at::Tensor>& tiled_values, at::Tensor& y,
+                const LinearEpilogue<T>& e) {
   constexpr const char* op = "_csr_dsd_cpu";
   const int64_t B = x.size(0), K = x.size(1), n_out = y.size(1);
   if (B < kMinBatch) {
@@ -724,6 +789,7 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
     spmm_gather(xc.data_ptr<T>(), xc.stride(0), B, K, values.data_ptr<T>(),
                 col_idx.data_ptr<int32_t>(), row_ptr.data_ptr<int32_t>(), n_out,
                 y.data_ptr<T>(), n_out);
+    if (e.any()) linear_epilogue(y.data_ptr<T>(), n_out, B, 0, n_out, e, e.res);
     return;
   }
   at::Tensor holder;
@@ -742,7 +808,74 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
   const SpmmArgs<T> a{&w, val, xt, yt, kChunk<T>, n_out * kChunk<T>};
 #pragma omp parallel num_threads(team())
   spmm_all(a, B, &split);
-  unpack_transposed(yt, B, n_out, y.data_ptr<T>());
+  unpack_transposed(yt, B, n_out, y.data_ptr<T>(), e);
+}
+
+// Two Linear layers in a row, x -> act2(W2 act1(W1 x + b1) + b2 + residual) (a Transformer's
+// MLP), with the hidden activation left in the packed layout between them: W1's packed output
+// (chunk, hidden feature, lanes) is exactly W2's packed input, so the hidden activation is
+// never transposed back and forth (two passes over the widest activation of the block); its
+// bias and activation run on the packed rows. Small batches run the two products one by one.
+struct CsrOperand {
+  const at::Tensor& values;
+  const at::Tensor& col_idx;
+  const at::Tensor& row_ptr;
+  const std::optional<at::Tensor>& tiling;
+  const std::optional<at::Tensor>& tiled_values;
+};
+
+template <typename T>
+const T* tile_major_values(const Tiling& w, const CsrOperand& l, at::Tensor& holder) {
+  if (l.tiled_values.has_value()) return l.tiled_values->data_ptr<T>();
+  holder = at::empty({std::max<int64_t>(w.nnz, 1)}, l.values.options());
+  retile_values<T, true>(w, l.values.data_ptr<T>(), holder.data_ptr<T>());
+  return holder.data_ptr<T>();
+}
+
+template <typename T>
+void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
+                const LinearEpilogue<T>& e1, const LinearEpilogue<T>& e2, at::Tensor& y) {
+  constexpr const char* op = "_csr_mlp_cpu";
+  const int64_t B = x.size(0), K = x.size(1), H = l1.row_ptr.numel() - 1, n_out = y.size(1);
+  if (B < kMinBatch) {
+    at::Tensor h = at::empty({B, H}, x.options());
+    dsd_linear<T>(x, l1.values, l1.col_idx, l1.row_ptr, l1.tiling, l1.tiled_values, h, e1);
+    dsd_linear<T>(h, l2.values, l2.col_idx, l2.row_ptr, l2.tiling, l2.tiled_values, y, e2);
+    return;
+  }
+  at::Tensor hold1, hold2, vhold1, vhold2;
+  const Tiling w1 = get_tiling(op, l1.tiling, l1.col_idx, l1.row_ptr, H, K, hold1);
+  const Tiling w2 = get_tiling(op, l2.tiling, l2.col_idx, l2.row_ptr, n_out, H, hold2);
+  const RowSplit split1(w1), split2(w2);
+  const T* v1 = tile_major_values<T>(w1, l1, vhold1);
+  const T* v2 = tile_major_values<T>(w2, l2, vhold2);
+  constexpr int64_t CH = kChunk<T>;
+  const int64_t nc = n_chunks<T>(B);
+  T* xt = vec::vec_scratch<T>(1, nc * K * CH);
+  T* ht = vec::vec_scratch<T>(2, nc * H * CH);
+  T* yt = vec::vec_scratch<T>(3, nc * n_out * CH);
+  pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
+  const SpmmArgs<T> a1{&w1, v1, xt, ht, CH, H * CH};
+#pragma omp parallel num_threads(team())
+  spmm_all(a1, B, &split1);
+  if (e1.bias || e1.act != kActNone) {
+#pragma omp parallel for num_threads(team()) schedule(static)
+    for (int64_t r = 0; r < nc * H; ++r) {  // packed row r: hidden feature r % H
+      T* row = ht + r * CH;
+      const T bias = e1.bias ? e1.bias[r % H] : T(0);
+      if (e1.act == kActGelu) {
+        for (int64_t l = 0; l < CH; ++l) row[l] = gelu(row[l] + bias);
+      } else if (e1.act == kActRelu) {
+        for (int64_t l = 0; l < CH; ++l) row[l] = std::max(row[l] + bias, T(0));
+      } else {
+        for (int64_t l = 0; l < CH; ++l) row[l] += bias;
+      }
+    }
+  }
+  const SpmmArgs<T> a2{&w2, v2, ht, yt, CH, n_out * CH};
+#pragma omp parallel num_threads(team())
+  spmm_all(a2, B, &split2);
+  unpack_transposed(yt, B, n_out, y.data_ptr<T>(), e2);
 }
 
 template <typename T>
@@ -1006,13 +1139,47 @@ void conv_weight_grad(const ConvGeom& g, const at::Tensor& dy, const at::Tensor&
 }
 
 // ---- entry points ----------------------------------------------------------------------------
+// The checked epilogue operands of a Linear layer with n_out outputs on a batch of B.
+void linear_epilogue_operands(const char* op, const at::Tensor& x, int64_t n_out,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, int64_t act,
+                              at::Tensor& b, at::Tensor& r) {
+  TORCH_CHECK(act >= kActNone && act <= kActGelu, op, ": act must be 0 (none), 1 (ReLU) or "
+              "2 (GELU), got ", act);
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == x.scalar_type() && b.dim() == 1 &&
+                    b.numel() == n_out,
+                op, ": bias must be a (", n_out, ",) CPU tensor of x's dtype, got ", b.sizes());
+  }
+  if (residual.has_value()) {
+    r = residual->contiguous();
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == x.scalar_type() && r.dim() == 2 &&
+                    r.size(0) == x.size(0) && r.size(1) == n_out,
+                op, ": residual must be a (B, ", n_out, ") CPU tensor of x's dtype, got ",
+                r.sizes());
+  }
+}
+
+template <typename T>
+LinearEpilogue<T> make_epilogue(const at::Tensor& b, const at::Tensor& r, int64_t act) {
+  LinearEpilogue<T> e;
+  e.bias = b.defined() ? b.data_ptr<T>() : nullptr;
+  e.res = r.defined() ? r.data_ptr<T>() : nullptr;
+  e.act = act;
+  return e;
+}
+
 // Y = X W^T. x: (B, K) any strides; W (n_out, K) in CSR. Returns (B, n_out), contiguous.
 // tiled_values: the values already in the tiling's order (_csr_tile_values_cpu), for callers
 // that reuse unchanged values across calls (inference); requires the tiling.
+// Epilogue (inference): + bias (n_out,), + residual (B, n_out), then act (0: none, 1: ReLU,
+// 2: GELU, erf form).
 at::Tensor _csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx,
                        const at::Tensor& row_ptr, const std::optional<at::Tensor>& tiling,
-                       int64_t n_out,
-                       const std::optional<at::Tensor>& tiled_values) {
+                       int64_t n_out, const std::optional<at::Tensor>& tiled_values,
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual, int64_t act) {
   constexpr const char* op = "_csr_dsd_cpu";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (B, K), got shape ", x.sizes());
   check_float(op, x, values);
@@ -1024,10 +1191,61 @@ at::Tensor _csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at:
                     tiled_values->numel() == values.numel(),
                 op, ": tiled_values must be a contiguous (nnz,) tensor from _csr_tile_values_cpu");
   }
+  at::Tensor b, r;
+  linear_epilogue_operands(op, x, n_out, bias, residual, act, b, r);
   auto y = at::empty({x.size(0), n_out}, x.options());
   const TeamFor team_for(values.numel() * x.size(0));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    dsd_linear<scalar_t>(x, values, col_idx, row_ptr, tiling, tiled_values, y);
+    dsd_linear<scalar_t>(x, values, col_idx, row_ptr, tiling, tiled_values, y,
+                         make_epilogue<scalar_t>(b, r, act));
+  });
+  return y;
+}
+
+// y = act2(W2 act1(W1 x + bias1) + bias2 + residual): x (B, K), W1 (H, K) and W2 (n_out, H)
+// in CSR (tiling / tiled_values as for _csr_dsd_cpu). Returns (B, n_out), contiguous.
+at::Tensor _csr_mlp_cpu(const at::Tensor& x, const at::Tensor& values1,
+                        const at::Tensor& col_idx1, const at::Tensor& row_ptr1,
+                        const std::optional<at::Tensor>& tiling1,
+                        const std::optional<at::Tensor>& tiled_values1,
+                        const std::optional<at::Tensor>& bias1, int64_t act1,
+                        const at::Tensor& values2, const at::Tensor& col_idx2,
+                        const at::Tensor& row_ptr2, const std::optional<at::Tensor>& tiling2,
+                        const std::optional<at::Tensor>& tiled_values2,
+                        const std::optional<at::Tensor>& bias2,
+                        const std::optional<at::Tensor>& residual, int64_t act2) {
+  constexpr const char* op = "_csr_mlp_cpu";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (B, K), got shape ", x.sizes());
+  TORCH_CHECK(row_ptr1.dim() == 1 && row_ptr1.numel() >= 1 && row_ptr2.dim() == 1 &&
+                  row_ptr2.numel() >= 1,
+              op, ": row_ptr1 and row_ptr2 must be 1-D and non-empty");
+  const int64_t H = row_ptr1.numel() - 1, n_out = row_ptr2.numel() - 1;
+  check_float(op, x, values1);
+  check_float(op, x, values2);
+  check_csr_tensors(op, &values1, col_idx1, row_ptr1, H);
+  check_csr_tensors(op, &values2, col_idx2, row_ptr2, n_out);
+  for (const auto* tv : {&tiled_values1, &tiled_values2}) {
+    if (!tv->has_value()) continue;
+    check_float(op, x, **tv);
+    TORCH_CHECK((*tv)->dim() == 1 && (*tv)->is_contiguous(), op,
+                ": tiled_values must be contiguous 1-D tensors from _csr_tile_values_cpu");
+  }
+  TORCH_CHECK(!tiled_values1.has_value() ||
+                  (tiling1.has_value() && tiled_values1->numel() == values1.numel()),
+              op, ": tiled_values1 needs tiling1 and nnz1 values");
+  TORCH_CHECK(!tiled_values2.has_value() ||
+                  (tiling2.has_value() && tiled_values2->numel() == values2.numel()),
+              op, ": tiled_values2 needs tiling2 and nnz2 values");
+  at::Tensor b1, b2, r2, none;
+  linear_epilogue_operands(op, x, H, bias1, std::nullopt, act1, b1, none);
+  linear_epilogue_operands(op, x, n_out, bias2, residual, act2, b2, r2);
+  auto y = at::empty({x.size(0), n_out}, x.options());
+  const TeamFor team_for((values1.numel() + values2.numel()) * x.size(0));
+  const CsrOperand l1{values1, col_idx1, row_ptr1, tiling1, tiled_values1};
+  const CsrOperand l2{values2, col_idx2, row_ptr2, tiling2, tiled_values2};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    mlp_linear<scalar_t>(x, l1, l2, make_epilogue<scalar_t>(b1, none, act1),
+                         make_epilogue<scalar_t>(b2, r2, act2), y);
   });
   return y;
 }
@@ -1351,6 +1569,7 @@ TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
   m.impl("_csr_tiling_cpu", &_csr_tiling_cpu);
   m.impl("_csr_tile_values_cpu", &_csr_tile_values_cpu);
   m.impl("_csr_dsd_cpu", &_csr_dsd_cpu);
+  m.impl("_csr_mlp_cpu", &_csr_mlp_cpu);
   m.impl("_csr_sddmm_cpu", &_csr_sddmm_cpu);
   m.impl("_csr_conv2d_cpu", &_csr_conv2d_cpu);
   m.impl("_csr_conv2d_dx_cpu", &_csr_conv2d_dx_cpu);

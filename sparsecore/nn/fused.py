@@ -58,7 +58,7 @@ from sparsecore.formats import (
 from sparsecore.ops._common import conv_out_hw
 
 __all__ = ["EPILOGUE_KERNELS", "KERNELS", "FusedConv2d", "FusedLinear", "FusedResidual",
-           "epilogue", "im2col_nhwc", "max_pool_2x2", "tap_major_csr"]
+           "FusedTransformerBlock", "epilogue", "im2col_nhwc", "max_pool_2x2", "tap_major_csr"]
 
 KERNELS = ("dense", "csr", "csr_direct", "csr_chwn", "csr_unfold", "bsr")
 # Kernels that run the whole epilogue themselves (max-pool only when it is a plain 2x2).
@@ -108,8 +108,8 @@ def max_pool_2x2(y: Tensor) -> Tensor:
 class _Kernel(nn.Module):
     """One weight product. forward(x, bias) -> a fresh output tensor; only kernels with
     `adds_bias` add the bias (for free, inside the product); the others get None. Kernels
-    with `fuses_epilogue` take forward(x, bias, residual, relu, pool) and return the layer's
-    output."""
+    with `fuses_epilogue` take forward(x, bias, residual, relu, pool) (conv) or forward(x,
+    bias, residual, relu, gelu) (Linear) and return the layer's output."""
 
     name = ""
     adds_bias = False
@@ -364,15 +364,25 @@ class DenseLinear(_Kernel):
 
 
 class CSRLinear(_Kernel):
-    name = "csr"
+    """The CSR Linear product; on the C++ kernel with the epilogue (bias, residual, ReLU or
+    GELU) fused into its output pass."""
+
+    name, fuses_epilogue = "csr", True
 
     def __init__(self, weight: Tensor, mask: Tensor) -> None:
         super().__init__()
         self.n_out = weight.shape[0]
         _csr_buffers(self, weight, mask, tiled=True)
 
-    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        return _csr_dsd(self, x, self.n_out)
+    def forward(self, x: Tensor, bias: Tensor | None, residual: Tensor | None = None,
+                relu: bool = False, gelu: bool = False) -> Tensor:
+        if _on_cpp(x, self.values):
+            act = 1 if relu else 2 if gelu else 0
+            return torch.ops.sparsecore._csr_dsd_cpu(x, self.values, self.col_idx,
+                                                     self.row_ptr, self.tiling, self.n_out,
+                                                     self.tiled_values, bias, residual, act)
+        y = epilogue(_csr_dsd(self, x, self.n_out), bias, residual, relu)
+        return F.gelu(y) if gelu else y
 
 
 class BSRLinear(_Kernel):
@@ -501,15 +511,19 @@ class FusedConv2d(_Fused):
 
 
 class FusedLinear(_Fused):
-    """x W^T + bias [-> ReLU]; x (..., in) -> (..., out). With a folded BatchNorm1d
-    (`features_2d`) the input must be 2-D, where BatchNorm1d normalises the features."""
+    """x W^T + bias [+ residual] [-> ReLU or GELU]; x (..., in) -> (..., out), residual
+    (..., out). With a folded BatchNorm1d (`features_2d`) the input must be 2-D, where
+    BatchNorm1d normalises the features. GELU is torch's default (erf) form."""
 
     kind = "linear"
 
     def __init__(self, weight: Tensor, mask: Tensor, bias: Tensor | None, *,
-                 relu: bool = False, block_size: tuple[int, int] | None = None,
-                 features_2d: bool = False) -> None:
+                 relu: bool = False, gelu: bool = False,
+                 block_size: tuple[int, int] | None = None, features_2d: bool = False) -> None:
+        if relu and gelu:
+            raise ValueError("FusedLinear: relu and gelu are exclusive")
         super().__init__(weight, mask, bias, relu, block_size)
+        self.gelu = gelu
         self.features_2d = features_2d
 
     def make_kernel(self, name: str) -> _Kernel:
@@ -537,13 +551,21 @@ class FusedLinear(_Fused):
                              f"features), got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        n_out = self.weight_shape[0]
+        if residual is not None:
+            residual = residual.reshape(x2.shape[0], n_out)
         bias = self.bias
+        if kernel.fuses_epilogue:
+            y = kernel(x2, bias, residual, self.relu, self.gelu)
+            return y.view(*lead, n_out)
         y = kernel(x2, bias if kernel.adds_bias else None)
         if kernel.adds_bias:
             bias = None
-        if residual is not None:
-            residual = residual.reshape(y.shape)
-        return epilogue(y, bias, residual, self.relu).view(*lead, y.shape[-1])
+        y = epilogue(y, bias, residual, self.relu)
+        return (F.gelu(y) if self.gelu else y).view(*lead, n_out)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", gelu=True" if self.gelu else "")
 
 
 class FusedResidual(nn.Module):
@@ -564,3 +586,42 @@ class FusedResidual(nn.Module):
             y = getattr(self, name)(y)
         residual = x if self.shortcut is None else self.shortcut(x)
         return getattr(self, self.names[-1])(y, residual)
+
+
+class FusedTransformerBlock(nn.Module):
+    """A pre-LayerNorm Transformer block (sparsecore.models.transformer.Block, eval mode):
+    x + proj(causal attention(qkv(ln1(x)))), then that + fc2(GELU(fc1(ln2(.)))). `qkv` is the
+    q, k and v projections stacked (output: q | k | v); proj and fc2 add the residual in
+    their epilogue, fc1 applies the GELU in its own; with fc1 and fc2 both on the CSR kernel
+    (C++), the MLP is one op whose hidden activation stays in the kernel's packed layout.
+    x (B, T, d) -> (B, T, d)."""
+
+    def __init__(self, ln1: nn.Module, qkv: FusedLinear, heads: int, proj: FusedLinear,
+                 ln2: nn.Module, fc1: FusedLinear, fc2: FusedLinear) -> None:
+        super().__init__()
+        self.ln1, self.qkv, self.heads, self.proj = ln1, qkv, heads, proj
+        self.ln2, self.fc1, self.fc2 = ln2, fc1, fc2
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+
+        def split(z: Tensor) -> Tensor:  # (B, T, d) -> (B, heads, T, d / heads)
+            return z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+        x = self.proj(y.transpose(1, 2).reshape(b, t, d), x)
+        h = self.ln2(x)
+        k1, k2 = self.fc1.kernel, self.fc2.kernel
+        if (isinstance(k1, CSRLinear) and isinstance(k2, CSRLinear) and _on_cpp(h, k1.values)
+                and _on_cpp(h, k2.values)):
+            # both on the CSR kernel: one op, the hidden activation never unpacked
+            out = torch.ops.sparsecore._csr_mlp_cpu(
+                h.reshape(b * t, d), k1.values, k1.col_idx, k1.row_ptr, k1.tiling,
+                k1.tiled_values, self.fc1.bias, 2, k2.values, k2.col_idx, k2.row_ptr,
+                k2.tiling, k2.tiled_values, self.fc2.bias, x.reshape(b * t, d), 0)
+            return out.view(b, t, -1)
+        return self.fc2(self.fc1(h), x)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}"

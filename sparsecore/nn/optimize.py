@@ -7,7 +7,9 @@ runs each layer on the fastest kernel measured for it.
    is unchanged.
 2. Fuse: the layer, its bias, a following ReLU and max-pool (and, in a residual block, the
    shortcut add and the ReLU after it) become one FusedConv2d / FusedLinear /
-   FusedResidual (sparsecore.nn.fused): the kernel, then one epilogue pass. The modules
+   FusedResidual (sparsecore.nn.fused): the kernel, then one epilogue pass. In the blocks of
+   sparsecore.models.transformer, the q / k / v projections become one layer, the MLP's
+   GELU and both residual adds go into the epilogues (FusedTransformerBlock). The modules
    folded away are left as nn.Identity, so module names stay valid (a ReLU whose max-pool
    was fused in now passes on the pooled activation).
 3. Choose: each fused layer runs the example input's activation at that layer (one forward
@@ -60,6 +62,7 @@ from sparsecore.nn.fused import (
     FusedConv2d,
     FusedLinear,
     FusedResidual,
+    FusedTransformerBlock,
     _Fused,
 )
 from sparsecore.nn.linear import SparseLinear, module_mask
@@ -206,15 +209,15 @@ def _fold_bn(src: _Source, bn: nn.modules.batchnorm._BatchNorm) -> _Source:
 
 
 def _build(src: _Source, layouts: Sequence[str], *, relu: bool = False,
-           pool: nn.MaxPool2d | None = None) -> _Fused:
+           pool: nn.MaxPool2d | None = None, gelu: bool = False) -> _Fused:
     block_size = src.block_size
     if block_size is None and "bsr" in layouts:
         block_size = _aligned_block(src.mask)
     if src.kind == "conv":
         return FusedConv2d(src.weight, src.mask, src.bias, *src.geom, relu=relu, pool=pool,
                            block_size=block_size)
-    return FusedLinear(src.weight, src.mask, src.bias, relu=relu, block_size=block_size,
-                       features_2d=src.features_2d)
+    return FusedLinear(src.weight, src.mask, src.bias, relu=relu, gelu=gelu,
+                       block_size=block_size, features_2d=src.features_2d)
 
 
 def _aligned_block(mask: Tensor) -> tuple[int, int] | None:
@@ -299,10 +302,44 @@ def _fuse_residual(block: nn.Module, layouts: Sequence[str]) -> FusedResidual | 
     return FusedResidual(layers, None if short_src is None else _build(short_src, layouts))
 
 
+def _stacked(sources: Sequence[_Source]) -> _Source:
+    """Linear layers on the same input as one layer: their outputs side by side."""
+    biases = [s.bias if s.bias is not None else s.weight.new_zeros(s.weight.shape[0])
+              for s in sources]
+    any_bias = any(s.bias is not None for s in sources)
+    return _Source("linear", torch.cat([s.weight for s in sources]),
+                   torch.cat([s.mask for s in sources]),
+                   torch.cat(biases) if any_bias else None)
+
+
+def _fuse_transformer_block(block: nn.Module, layouts: Sequence[str]
+                            ) -> FusedTransformerBlock | None:
+    """A block of sparsecore.models.transformer (pre-LayerNorm causal self-attention and a
+    GELU MLP, each added to the block's input) as a FusedTransformerBlock: the q, k and v
+    projections as one layer (one pass over the input), the attention output projection and
+    the second MLP layer adding the residual in their epilogue, the first MLP layer's GELU
+    in its epilogue; or None when it is not one."""
+    from sparsecore.models import transformer
+
+    if type(block) is not transformer.Block or type(block.attn) is not \
+            transformer.CausalSelfAttention:
+        return None
+    attn = block.attn
+    srcs = {name: _source(m) for name, m in (("q", attn.q), ("k", attn.k), ("v", attn.v),
+                                              ("proj", attn.proj), ("fc1", block.fc1),
+                                              ("fc2", block.fc2))}
+    if not all(isinstance(s, _Source) and s.kind == "linear" for s in srcs.values()):
+        return None
+    qkv = _stacked([srcs["q"], srcs["k"], srcs["v"]])
+    return FusedTransformerBlock(
+        block.ln1, _build(qkv, layouts), attn.heads, _build(srcs["proj"], layouts),
+        block.ln2, _build(srcs["fc1"], layouts, gelu=True), _build(srcs["fc2"], layouts))
+
+
 def _rewrite(module: nn.Module, layouts: Sequence[str]) -> nn.Module:
     """module with every fusable part replaced (in place where it is a child; the returned
     module replaces `module` itself)."""
-    block = _fuse_residual(module, layouts)
+    block = _fuse_residual(module, layouts) or _fuse_transformer_block(module, layouts)
     if block is not None:
         return block
     src = _source(module)
@@ -311,7 +348,7 @@ def _rewrite(module: nn.Module, layouts: Sequence[str]) -> nn.Module:
     if isinstance(module, nn.Sequential):
         _fuse_sequential(module, layouts)
     for name, child in list(module.named_children()):
-        if isinstance(child, (_Fused, FusedResidual)):
+        if isinstance(child, (_Fused, FusedResidual, FusedTransformerBlock)):
             continue
         new = _rewrite(child, layouts)
         if new is not child:
@@ -417,6 +454,8 @@ def _layer_key(layer: _Fused, x: Tensor, residual: Tensor | None, density: float
              str(x.dtype).replace("torch.", ""), memory,
              f"bias={layer.bias is not None}", f"relu={layer.relu}",
              f"residual={residual is not None}"]
+    if isinstance(layer, FusedLinear) and layer.gelu:
+        parts.append("gelu")
     if isinstance(layer, FusedConv2d):
         parts.append(f"geom={layer.stride}{layer.padding}{layer.dilation}")
         if layer.pool is not None:

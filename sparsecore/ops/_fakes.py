@@ -44,6 +44,20 @@ def _register() -> None:
             ho, wo = ho // 2, wo // 2
         return x.new_empty(x.shape[0], weight_shape[0], ho, wo)
 
+    @torch.library.register_fake("sparsecore::_csr_dsd_cpu")
+    def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, tiling: Tensor | None,
+          n_out: int, tiled_values: Tensor | None = None, bias: Tensor | None = None,
+          residual: Tensor | None = None, act: int = 0) -> Tensor:
+        return x.new_empty(x.shape[0], n_out)
+
+    @torch.library.register_fake("sparsecore::_csr_mlp_cpu")
+    def _(x: Tensor, values1: Tensor, col_idx1: Tensor, row_ptr1: Tensor,
+          tiling1: Tensor | None, tiled_values1: Tensor | None, bias1: Tensor | None,
+          act1: int, values2: Tensor, col_idx2: Tensor, row_ptr2: Tensor,
+          tiling2: Tensor | None, tiled_values2: Tensor | None, bias2: Tensor | None,
+          residual: Tensor | None, act2: int) -> Tensor:
+        return x.new_empty(x.shape[0], row_ptr2.shape[0] - 1)
+
     @torch.library.register_fake("sparsecore::_csr_conv2d_fused_cpu")
     def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, weight_shape: list[int],
           padding: list[int], dilation: list[int], bias: Tensor | None,
