@@ -235,3 +235,15 @@ def test_chwn_weight_gradient(geom, dtype, layout) -> None:
         got = torch.ops.sparsecore._csr_conv2d_chwn_dw_cpu(
             dy, x, ci, tap_ptr, 5, list(w.shape), list(stride), list(padding), list(dilation))
     _close(got, values, dtype)
+
+
+def test_big_output_direct() -> None:
+    """An output of 4 MiB and more (written with non-temporal stores) and one just below,
+    with bias, residual and ReLU, against the float64 reference."""
+    for n in (64, 63):
+        w, mask = _weight(64, 3, 3, 3, 0.5, torch.float32)
+        x = torch.randn(n, 3, 16, 16)
+        bias, residual = torch.randn(64), torch.randn(n, 64, 16, 16)
+        got = _run("csr_direct", x, w, mask, (1, 1), (1, 1), (1, 1), bias, residual, True, False)
+        _close(got, _reference(x, w, (1, 1), (1, 1), (1, 1), bias, residual, True, False),
+               torch.float32)
