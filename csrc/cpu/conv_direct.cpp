@@ -185,7 +185,25 @@ void sample_product(const T* xs, const int32_t* off, const T* val, const int32_t
         T* y = ys + co * ld + c * CH;
         V acc[U];
         for (int u = 0; u < U; ++u) acc[u] = t == 0 ? V::zero() : V::load(y + u * V::W);
-        for (int64_t q = sg[0]; q < sg[1]; ++q) {
+        int64_t q = sg[0];
+        if constexpr (U <= 2) {
+          // Fewer chains than an FMA's latency in cycles: a second set of accumulators for
+          // every other nonzero keeps the FMA unit busier (4x4 outputs, one vector per row:
+          // 18 % faster; four sets were no faster, two sets at U = 4 no faster either).
+          V acc2[U];
+          for (int u = 0; u < U; ++u) acc2[u] = V::zero();
+          for (; q + 1 < sg[1]; q += 2) {
+            const V w0 = V::bcast(val[q]), w1 = V::bcast(val[q + 1]);
+            const T* s0 = base + off[q];
+            const T* s1 = base + off[q + 1];
+            for (int u = 0; u < U; ++u) {
+              acc[u].fma(w0, V::load(s0 + u * V::W));
+              acc2[u].fma(w1, V::load(s1 + u * V::W));
+            }
+          }
+          for (int u = 0; u < U; ++u) acc[u].add(acc2[u]);
+        }
+        for (; q < sg[1]; ++q) {
           const V w = V::bcast(val[q]);
           const T* s = base + off[q];
           for (int u = 0; u < U; ++u) acc[u].fma(w, V::load(s + u * V::W));

@@ -26,6 +26,7 @@ struct ScalarV {
   static ScalarV bcast(T x) { return {x}; }
   void store(T* p) const { *p = v; }
   void fma(ScalarV a, ScalarV b) { v += a.v * b.v; }
+  void add(ScalarV a) { v += a.v; }
   T sum() const { return v; }
 };
 
@@ -38,6 +39,7 @@ struct VF {
   static VF bcast(float x) { return {_mm512_set1_ps(x)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void fma(VF a, VF b) { v = _mm512_fmadd_ps(a.v, b.v, v); }
+  void add(VF a) { v = _mm512_add_ps(v, a.v); }
   float sum() const {  // through memory: GCC 12's reduce / extract intrinsics warn
     alignas(64) float t[16];
     _mm512_store_ps(t, v);
@@ -54,6 +56,7 @@ struct VD {
   static VD bcast(double x) { return {_mm512_set1_pd(x)}; }
   void store(double* p) const { _mm512_storeu_pd(p, v); }
   void fma(VD a, VD b) { v = _mm512_fmadd_pd(a.v, b.v, v); }
+  void add(VD a) { v = _mm512_add_pd(v, a.v); }
   double sum() const {
     alignas(64) double t[8];
     _mm512_store_pd(t, v);
@@ -71,6 +74,7 @@ struct VF {
   static VF bcast(float x) { return {_mm256_set1_ps(x)}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void fma(VF a, VF b) { v = _mm256_fmadd_ps(a.v, b.v, v); }
+  void add(VF a) { v = _mm256_add_ps(v, a.v); }
   float sum() const {
     alignas(32) float t[8];
     _mm256_store_ps(t, v);
@@ -85,6 +89,7 @@ struct VD {
   static VD bcast(double x) { return {_mm256_set1_pd(x)}; }
   void store(double* p) const { _mm256_storeu_pd(p, v); }
   void fma(VD a, VD b) { v = _mm256_fmadd_pd(a.v, b.v, v); }
+  void add(VD a) { v = _mm256_add_pd(v, a.v); }
   double sum() const {
     alignas(32) double t[4];
     _mm256_store_pd(t, v);
