@@ -282,12 +282,17 @@ def test_timing_choice_and_cache(monkeypatch) -> None:
     near = info.times[fastest] > (1 - opt_mod.DENSE_TIE) * info.times["dense"]
     assert info.choice == ("dense" if near else fastest)
     blob = json.load(open(cache_path()))
-    (machine, layers), = blob["machines"].items()
+    (machine, entries), = blob["machines"].items()
     assert machine == opt_mod.machine_key(x.device) and "threads=1" in machine
+    layers = {k: v for k, v in entries.items() if not k.startswith("model|")}
+    models = {k: v for k, v in entries.items() if k.startswith("model|")}
     # one entry per input layout: the conv has a batch-last candidate, so it was timed on
     # NCHW and on batch-last activations
     assert sorted(key.split("|")[5] for key in layers) == ["batch_last", "contiguous"]
     assert all(set(entry) == set(info.times) for entry in layers.values())
+    # and the whole model against its all-dense twin, where a sparse kernel was chosen
+    assert all(set(entry) == {"chosen", "dense"} for entry in models.values())
+    assert len(models) == (info.choice != "dense" or info.decided_by != "time")
 
     def no_timing(*args, **kwargs):
         raise AssertionError("timed although the cache has every candidate")
@@ -352,6 +357,37 @@ def test_cache_density_buckets_cache_file_and_rounds(tmp_path, monkeypatch) -> N
         sparsecore.optimize(_linear_with_nnz(1126), x, cache_file=path)
     with pytest.raises(ValueError, match="rounds"):
         sparsecore.optimize(_linear_with_nnz(1024), x, cache_file=path, rounds=0)
+
+
+@pytest.mark.parametrize("dense_faster", [True, False])
+def test_whole_model_never_slower(monkeypatch, dense_faster: bool) -> None:
+    """After the per-layer choice, the whole model is timed against its all-dense twin; the
+    twin (same folding and fusion, its layers' infos saying why) replaces it unless the
+    chosen kernels are faster together."""
+    model = _pruned(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)), 0.95)
+    x = torch.randn(16, 32)
+    calls = []
+
+    def fake_times(fns, *args, **kwargs):
+        if set(fns) != {"chosen", "dense"}:  # a layer's candidates: csr the fastest
+            return {k: 0.1 if k == "csr" else 1.0 for k in fns}
+        calls.append(set(fns))
+        return {"chosen": 2.0, "dense": 1.0} if dense_faster else {"chosen": 1.0, "dense": 2.0}
+
+    monkeypatch.setattr(opt_mod, "time_interleaved", fake_times)
+    optimized = sparsecore.optimize(model, x)
+    assert calls == [{"chosen", "dense"}]
+    layers = fused_layers(optimized)
+    if dense_faster:
+        assert all(m.kernel.name == "dense" and m.info.choice == "dense"
+                   and m.info.decided_by == opt_mod.WHOLE_MODEL_DENSE for _, m in layers)
+    else:
+        assert all(m.kernel.name == "csr" and m.info.decided_by == "time" for _, m in layers)
+    assert isinstance(optimized[0], FusedLinear) and optimized[0].relu
+    _assert_same(model, optimized, (5, 32))
+    again = sparsecore.optimize(model, x)  # the whole-model times come from the cache too
+    assert calls == [{"chosen", "dense"}]
+    assert [m.kernel.name for _, m in fused_layers(again)] == [m.kernel.name for _, m in layers]
 
 
 def test_unreached_layer_stays_dense() -> None:

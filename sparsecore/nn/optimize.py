@@ -19,7 +19,9 @@ runs each layer on the fastest kernel measured for it.
    kernels are chosen for the whole model: each layer's time on the layout its producer
    returns plus its readers' best times on the layout it returns (exact on the tree of
    producer -> reader links, one pass back from the last layer), dense at each layer unless
-   a sparse kernel beats it by DENSE_TIE. The times are cached per machine (CPU model, ISA,
+   a sparse kernel beats it by DENSE_TIE. Then the whole model is timed against its
+   all-dense twin (same folding and fusion), which is returned instead unless the chosen
+   kernels are faster together. The times are cached per machine (CPU model, ISA,
    threads) and layer (shape, density bucket, input shape and layout, epilogue) in
    `kernels.json` under ~/.cache/sparsecore/ (or $SPARSECORE_CACHE_DIR, or the file named by
    `cache_file`), so a second optimize() of the same shapes, at about the same densities,
@@ -38,6 +40,7 @@ and its outputs equal the masked model's in eval mode up to float rounding.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -106,7 +109,8 @@ class LayerInfo:
 
     flops: multiply-adds x 2 of the dense product on the example input; times: seconds per
     timed candidate kernel (median; from the cache when `cached`); decided_by: "time",
-    "cache", "fixed", "callable", or why the layer stayed dense.
+    "cache", "fixed", "callable", or why the layer stayed dense (WHOLE_MODEL_DENSE: the
+    chosen kernels together were not faster than dense ones).
     """
 
     name: str
@@ -750,6 +754,8 @@ def optimize(model: nn.Module, example_input: Tensor | Sequence[Any], *,
     info.candidates). rounds, min_time: each layer's candidates are timed in at least
     `rounds` rounds of one call each and at least `min_time` seconds (fewer for a quicker,
     noisier choice). Each fused layer keeps its LayerInfo as `.info` (see fused_layers()).
+    With choose="time", the model is then timed whole against its all-dense twin, which is
+    returned if the chosen kernels are not faster together (never slower than dense).
     """
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown:
@@ -761,10 +767,53 @@ def optimize(model: nn.Module, example_input: Tensor | Sequence[Any], *,
         raise ValueError(f"optimize: rounds must be >= 1 and min_time >= 0, got {rounds}, "
                          f"{min_time}")
     inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
-    model = copy.deepcopy(model).eval()
-    model = _rewrite(model, tuple(layouts))
+    source = model
+    model = _rewrite(copy.deepcopy(source).eval(), tuple(layouts))
     path = cache_path() if cache_file is None else os.fspath(cache_file)
     timing_cache = _TimingCache(cache and choose == "time", path)
     _calibrate(model, inputs, _Picker(tuple(layouts), choose, timing_cache, rounds, min_time))
+    if choose == "time":
+        model = _never_slower(model, source, inputs, tuple(layouts), timing_cache)
     timing_cache.save()
     return model.eval()
+
+
+WHOLE_MODEL_DENSE = "dense: the chosen kernels together were not faster than dense ones"
+
+
+def _model_key(layers: list[tuple[str, _Fused]]) -> str:
+    """The timing cache's key of a whole model's kernel choice (its layers, their inputs and
+    choices)."""
+    text = "\n".join(f"{name}|{m.info.choice}|{m.info.input_shape}|{m.weight_shape}|"
+                     f"{_density_bucket(m.info.density):.4g}" for name, m in layers)
+    return "model|" + hashlib.sha1(text.encode()).hexdigest()
+
+
+@torch.no_grad()
+def _never_slower(chosen: nn.Module, source: nn.Module, inputs: tuple[Any, ...],
+                  layouts: tuple[str, ...], cache: _TimingCache) -> nn.Module:
+    """`chosen`, or its all-dense twin (same folding and fusion) if the whole model does not
+    run faster with the chosen kernels (timed, or read from the cache): each layer was timed
+    alone, and a noisy machine or the layers' effects on each other's caches can make the
+    sum mislead."""
+    layers = fused_layers(chosen)
+    if all(layer.info.choice == "dense" for _, layer in layers):
+        return chosen
+    dense = _rewrite(copy.deepcopy(source).eval(), layouts)
+    _calibrate(dense, inputs, _Picker(layouts, "dense", _TimingCache(False, ""), 1, 0.0))
+    first = next((t for t in inputs if isinstance(t, Tensor)), None)
+    device = first.device if first is not None else torch.device("cpu")
+    machine, key = machine_key(device), _model_key(layers)
+    times = cache.get(machine, key)
+    if set(times) != {"chosen", "dense"}:
+        times = time_interleaved({"chosen": lambda: chosen(*inputs),
+                                  "dense": lambda: dense(*inputs)},
+                                 device.type, warmup=1, rounds=3, min_time=0.3)
+        cache.put(machine, key, times)
+    if times["chosen"] < times["dense"]:
+        return chosen
+    for (_, mine), (_, twin) in zip(layers, fused_layers(dense), strict=True):
+        twin.info = mine.info
+        if twin.info.choice != "dense":
+            twin.info.choice, twin.info.decided_by = "dense", WHOLE_MODEL_DENSE
+    return dense
