@@ -31,16 +31,18 @@ TORCH_LIBRARY(sparsecore, m) {
   // Y = X W^T for W (n_out x K). The input gradient dX = dY W is the same op on the transposed
   // CSR. tiled_values: _csr_tile_values_cpu(values, ...), when the caller keeps it.
   // Inference may fuse its epilogue: + bias (n_out,) + residual (B, n_out), then act (0: none,
-  // 1: ReLU, 2: GELU).
+  // 1: ReLU, 2: GELU), and a LayerNorm of x's rows on the way in (ln: weight / bias (K,)).
   m.def("_csr_dsd_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor? tiling, "
         "int n_out, Tensor? tiled_values=None, Tensor? bias=None, Tensor? residual=None, "
-        "int act=0) -> Tensor");
+        "int act=0, bool ln=False, Tensor? ln_weight=None, Tensor? ln_bias=None, "
+        "float ln_eps=1e-05) -> Tensor");
   // Inference: two CSR Linear layers in a row, y = act2(W2 act1(W1 x + bias1) + bias2 +
   // residual), the hidden activation kept in the kernel's packed layout.
   m.def("_csr_mlp_cpu(Tensor x, Tensor values1, Tensor col_idx1, Tensor row_ptr1, "
         "Tensor? tiling1, Tensor? tiled_values1, Tensor? bias1, int act1, Tensor values2, "
         "Tensor col_idx2, Tensor row_ptr2, Tensor? tiling2, Tensor? tiled_values2, "
-        "Tensor? bias2, Tensor? residual, int act2) -> Tensor");
+        "Tensor? bias2, Tensor? residual, int act2, bool ln=False, Tensor? ln_weight=None, "
+        "Tensor? ln_bias=None, float ln_eps=1e-05) -> Tensor");
   // dvalues[k] = sum_b dy[b, row(k)] * x[b, col_idx[k]] -> (nnz,).
   m.def("_csr_sddmm_cpu(Tensor dy, Tensor x, Tensor row_ptr, Tensor col_idx, Tensor? tiling) "
         "-> Tensor");

@@ -67,6 +67,42 @@ def test_dsd_epilogue(dtype, batch, act, operands) -> None:
         _close(got, ACTS[act](ref))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [3, 64, 130])
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+def test_layer_norm_on_the_way_in(dtype, batch, affine) -> None:
+    """ln=True: the product of F.layer_norm(x) (biased variance, eps), the input's rows
+    strided too, on both Linear ops."""
+    w, csr, tiling, tiled = _csr(40, 48, 0.3, dtype)
+    w2, c2, t2, v2 = _csr(48, 40, 0.3, dtype)
+    x = (torch.randn(batch, 60, dtype=dtype) * 3 + 5)[:, 6:54]  # row stride 60, offset mean
+    gamma = torch.randn(48, dtype=dtype) if affine != "none" else None
+    beta = torch.randn(48, dtype=dtype) if affine == "both" else None
+    xn = F.layer_norm(x.double(), (48,), None if gamma is None else gamma.double(),
+                      None if beta is None else beta.double(), eps=1e-3)
+    got = torch.ops.sparsecore._csr_dsd_cpu(x, csr.values, csr.col_idx, csr.row_ptr, tiling,
+                                            40, tiled, None, None, 0, True, gamma, beta, 1e-3)
+    _close(got, xn @ w.double().T)
+    res = torch.randn(batch, 48, dtype=dtype)
+    got = torch.ops.sparsecore._csr_mlp_cpu(
+        x, csr.values, csr.col_idx, csr.row_ptr, tiling, tiled, None, 2, c2.values, c2.col_idx,
+        c2.row_ptr, t2, v2, None, res, 0, True, gamma, beta, 1e-3)
+    _close(got, F.gelu(xn @ w.double().T) @ w2.double().T + res.double())
+
+
+def test_layer_norm_errors() -> None:
+    w, csr, tiling, tiled = _csr(40, 48, 0.3, torch.float32)
+    x = torch.randn(16, 48)
+    args = (x, csr.values, csr.col_idx, csr.row_ptr, tiling, 40, tiled, None, None, 0)
+    with pytest.raises(RuntimeError, match="ln_weight must be"):
+        torch.ops.sparsecore._csr_dsd_cpu(*args, True, torch.randn(47), None, 1e-5)
+    with pytest.raises(RuntimeError, match="without ln"):
+        torch.ops.sparsecore._csr_dsd_cpu(*args, False, torch.randn(48), None, 1e-5)
+    with pytest.raises(RuntimeError, match="unit feature stride"):
+        torch.ops.sparsecore._csr_dsd_cpu(torch.randn(48, 16).t(), *args[1:], True, None,
+                                          None, 1e-5)
+
+
 def test_gelu_is_torchs_erf_form() -> None:
     """float32 GELU over its whole range (tails where erf saturates, 0, the curve) within a
     few float32 ulps of torch's exact GELU in float64."""
@@ -160,8 +196,9 @@ def test_transformer_blocks_fused(choose, dtype) -> None:
         assert all(isinstance(b.fc1.kernel, CSRLinear) for b in blocks)
         with torch.no_grad(), torch.profiler.profile() as prof:
             opt(fresh)
-        ran = {e.name for e in prof.events()}
+        ran = [e.name for e in prof.events()]
         assert "sparsecore::_csr_mlp_cpu" in ran and "aten::gelu" not in ran
+        assert ran.count("aten::layer_norm") == 1  # the model's last; the blocks' are fused
 
 
 @pytest.mark.parametrize("kernel", ["dense", "csr", "bsr"])

@@ -48,6 +48,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -459,6 +460,59 @@ void pack_transposed(const T* src, int64_t B, int64_t F, int64_t sb, int64_t sf,
                       std::min(FB, F - f0), dst + (c * F + f0) * CH, CH);
 }
 
+// ---- LayerNorm on the way in (inference) ---------------------------------------------------
+// The row-wise LayerNorm of a Linear layer's input, y = (x - mean) / sqrt(var + eps) * gamma +
+// beta over each row's K features (gamma, beta optional; biased variance, as torch), applied
+// while the input is packed, so that the normalised activation is never written out whole.
+template <typename T>
+struct LayerNormIn {
+  bool on = false;
+  const T* gamma = nullptr;
+  const T* beta = nullptr;
+  double eps = 1e-5;
+};
+
+// dst[0, K) = LayerNorm of src[0, K) (two passes over the row, in double).
+template <typename T>
+inline void layer_norm_row(const T* src, int64_t K, const LayerNormIn<T>& ln, T* dst) {
+  double sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += src[k];
+  const double mean = sum / double(std::max<int64_t>(K, 1));
+  double sq = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double d = src[k] - mean;
+    sq += d * d;
+  }
+  const T rstd = T(1.0 / std::sqrt(sq / double(std::max<int64_t>(K, 1)) + ln.eps));
+  const T m = T(mean);
+  for (int64_t k = 0; k < K; ++k) {
+    T v = (src[k] - m) * rstd;
+    if (ln.gamma) v *= ln.gamma[k];
+    if (ln.beta) v += ln.beta[k];
+    dst[k] = v;
+  }
+}
+
+// pack_transposed of LayerNorm(src) (src (B, K) with unit feature stride).
+template <typename T>
+void pack_transposed_ln(const T* src, int64_t B, int64_t K, int64_t sb, const LayerNormIn<T>& ln,
+                        T* dst) {
+  constexpr int64_t CH = kChunk<T>;
+  const int64_t nc = n_chunks<T>(B);
+#pragma omp parallel num_threads(team())
+  {
+    thread_local std::vector<T> rows;
+    rows.resize(CH * K);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t nb = std::min(CH, B - c * CH);
+      for (int64_t b = 0; b < nb; ++b)
+        layer_norm_row(src + (c * CH + b) * sb, K, ln, rows.data() + b * K);
+      transpose_block(rows.data(), K, 1, nb, K, dst + c * K * CH, CH);
+    }
+  }
+}
+
 // ---- the Linear epilogue: y = act(y + bias + residual) -------------------------------------
 enum LinearAct : int64_t { kActNone = 0, kActRelu = 1, kActGelu = 2 };
 
@@ -779,9 +833,17 @@ template <typename T>
 void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_idx,
                 const at::Tensor& row_ptr, const std::optional<at::Tensor>& tiling,
                 const std::optional<at::Tensor>& tiled_values, at::Tensor& y,
-                const LinearEpilogue<T>& e) {
+                const LinearEpilogue<T>& e, const LayerNormIn<T>& ln = {}) {
   constexpr const char* op = "_csr_dsd_cpu";
   const int64_t B = x.size(0), K = x.size(1), n_out = y.size(1);
+  if (ln.on) TORCH_CHECK(x.stride(1) == 1, op, ": x needs unit feature stride for LayerNorm");
+  if (B < kMinBatch && ln.on) {
+    at::Tensor xn = at::empty({B, K}, x.options());
+    for (int64_t b = 0; b < B; ++b)
+      layer_norm_row(x.data_ptr<T>() + b * x.stride(0), K, ln, xn.data_ptr<T>() + b * K);
+    dsd_linear<T>(xn, values, col_idx, row_ptr, tiling, tiled_values, y, e);
+    return;
+  }
   if (B < kMinBatch) {
     TORCH_CHECK(row_ptr.data_ptr<int32_t>()[n_out] == values.numel(), op,
                 ": row_ptr[-1] must equal nnz = ", values.numel());
@@ -804,7 +866,10 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
   }
   T* xt = vec::vec_scratch<T>(1, nc * K * kChunk<T>);
   T* yt = vec::vec_scratch<T>(2, nc * n_out * kChunk<T>);
-  pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
+  if (ln.on)
+    pack_transposed_ln(x.data_ptr<T>(), B, K, x.stride(0), ln, xt);
+  else
+    pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
   const SpmmArgs<T> a{&w, val, xt, yt, kChunk<T>, n_out * kChunk<T>};
 #pragma omp parallel num_threads(team())
   spmm_all(a, B, &split);
@@ -834,12 +899,14 @@ const T* tile_major_values(const Tiling& w, const CsrOperand& l, at::Tensor& hol
 
 template <typename T>
 void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
-                const LinearEpilogue<T>& e1, const LinearEpilogue<T>& e2, at::Tensor& y) {
+                const LinearEpilogue<T>& e1, const LinearEpilogue<T>& e2, at::Tensor& y,
+                const LayerNormIn<T>& ln) {
   constexpr const char* op = "_csr_mlp_cpu";
   const int64_t B = x.size(0), K = x.size(1), H = l1.row_ptr.numel() - 1, n_out = y.size(1);
+  if (ln.on) TORCH_CHECK(x.stride(1) == 1, op, ": x needs unit feature stride for LayerNorm");
   if (B < kMinBatch) {
     at::Tensor h = at::empty({B, H}, x.options());
-    dsd_linear<T>(x, l1.values, l1.col_idx, l1.row_ptr, l1.tiling, l1.tiled_values, h, e1);
+    dsd_linear<T>(x, l1.values, l1.col_idx, l1.row_ptr, l1.tiling, l1.tiled_values, h, e1, ln);
     dsd_linear<T>(h, l2.values, l2.col_idx, l2.row_ptr, l2.tiling, l2.tiled_values, y, e2);
     return;
   }
@@ -854,7 +921,10 @@ void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
   T* xt = vec::vec_scratch<T>(1, nc * K * CH);
   T* ht = vec::vec_scratch<T>(2, nc * H * CH);
   T* yt = vec::vec_scratch<T>(3, nc * n_out * CH);
-  pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
+  if (ln.on)
+    pack_transposed_ln(x.data_ptr<T>(), B, K, x.stride(0), ln, xt);
+  else
+    pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
   const SpmmArgs<T> a1{&w1, v1, xt, ht, CH, H * CH};
 #pragma omp parallel num_threads(team())
   spmm_all(a1, B, &split1);
@@ -1161,6 +1231,30 @@ void linear_epilogue_operands(const char* op, const at::Tensor& x, int64_t n_out
   }
 }
 
+// The checked LayerNorm operands (weight / bias: (K,) or absent).
+void layer_norm_operands(const char* op, const at::Tensor& x,
+                         const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, at::Tensor& w, at::Tensor& b) {
+  for (auto [given, out, what] : {std::tuple{&weight, &w, "ln_weight"},
+                                   std::tuple{&bias, &b, "ln_bias"}}) {
+    if (!given->has_value()) continue;
+    *out = (*given)->contiguous();
+    TORCH_CHECK(out->device().is_cpu() && out->scalar_type() == x.scalar_type() &&
+                    out->dim() == 1 && out->numel() == x.size(1),
+                op, ": ", what, " must be a (K,) CPU tensor of x's dtype, got ", out->sizes());
+  }
+}
+
+template <typename T>
+LayerNormIn<T> make_layer_norm(bool on, const at::Tensor& w, const at::Tensor& b, double eps) {
+  LayerNormIn<T> ln;
+  ln.on = on;
+  ln.gamma = w.defined() ? w.data_ptr<T>() : nullptr;
+  ln.beta = b.defined() ? b.data_ptr<T>() : nullptr;
+  ln.eps = eps;
+  return ln;
+}
+
 template <typename T>
 LinearEpilogue<T> make_epilogue(const at::Tensor& b, const at::Tensor& r, int64_t act) {
   LinearEpilogue<T> e;
@@ -1179,7 +1273,9 @@ at::Tensor _csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at:
                        const at::Tensor& row_ptr, const std::optional<at::Tensor>& tiling,
                        int64_t n_out, const std::optional<at::Tensor>& tiled_values,
                        const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& residual, int64_t act) {
+                       const std::optional<at::Tensor>& residual, int64_t act, bool ln,
+                       const std::optional<at::Tensor>& ln_weight,
+                       const std::optional<at::Tensor>& ln_bias, double ln_eps) {
   constexpr const char* op = "_csr_dsd_cpu";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (B, K), got shape ", x.sizes());
   check_float(op, x, values);
@@ -1191,13 +1287,17 @@ at::Tensor _csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at:
                     tiled_values->numel() == values.numel(),
                 op, ": tiled_values must be a contiguous (nnz,) tensor from _csr_tile_values_cpu");
   }
-  at::Tensor b, r;
+  at::Tensor b, r, lw, lb;
   linear_epilogue_operands(op, x, n_out, bias, residual, act, b, r);
+  layer_norm_operands(op, x, ln_weight, ln_bias, lw, lb);
+  TORCH_CHECK(ln || (!ln_weight.has_value() && !ln_bias.has_value()), op,
+              ": ln_weight / ln_bias given without ln");
   auto y = at::empty({x.size(0), n_out}, x.options());
   const TeamFor team_for(values.numel() * x.size(0));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     dsd_linear<scalar_t>(x, values, col_idx, row_ptr, tiling, tiled_values, y,
-                         make_epilogue<scalar_t>(b, r, act));
+                         make_epilogue<scalar_t>(b, r, act),
+                         make_layer_norm<scalar_t>(ln, lw, lb, ln_eps));
   });
   return y;
 }
@@ -1213,7 +1313,9 @@ at::Tensor _csr_mlp_cpu(const at::Tensor& x, const at::Tensor& values1,
                         const at::Tensor& row_ptr2, const std::optional<at::Tensor>& tiling2,
                         const std::optional<at::Tensor>& tiled_values2,
                         const std::optional<at::Tensor>& bias2,
-                        const std::optional<at::Tensor>& residual, int64_t act2) {
+                        const std::optional<at::Tensor>& residual, int64_t act2, bool ln,
+                        const std::optional<at::Tensor>& ln_weight,
+                        const std::optional<at::Tensor>& ln_bias, double ln_eps) {
   constexpr const char* op = "_csr_mlp_cpu";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (B, K), got shape ", x.sizes());
   TORCH_CHECK(row_ptr1.dim() == 1 && row_ptr1.numel() >= 1 && row_ptr2.dim() == 1 &&
@@ -1236,16 +1338,20 @@ at::Tensor _csr_mlp_cpu(const at::Tensor& x, const at::Tensor& values1,
   TORCH_CHECK(!tiled_values2.has_value() ||
                   (tiling2.has_value() && tiled_values2->numel() == values2.numel()),
               op, ": tiled_values2 needs tiling2 and nnz2 values");
-  at::Tensor b1, b2, r2, none;
+  at::Tensor b1, b2, r2, none, lw, lb;
   linear_epilogue_operands(op, x, H, bias1, std::nullopt, act1, b1, none);
   linear_epilogue_operands(op, x, n_out, bias2, residual, act2, b2, r2);
+  layer_norm_operands(op, x, ln_weight, ln_bias, lw, lb);
+  TORCH_CHECK(ln || (!ln_weight.has_value() && !ln_bias.has_value()), op,
+              ": ln_weight / ln_bias given without ln");
   auto y = at::empty({x.size(0), n_out}, x.options());
   const TeamFor team_for((values1.numel() + values2.numel()) * x.size(0));
   const CsrOperand l1{values1, col_idx1, row_ptr1, tiling1, tiled_values1};
   const CsrOperand l2{values2, col_idx2, row_ptr2, tiling2, tiled_values2};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     mlp_linear<scalar_t>(x, l1, l2, make_epilogue<scalar_t>(b1, none, act1),
-                         make_epilogue<scalar_t>(b2, r2, act2), y);
+                         make_epilogue<scalar_t>(b2, r2, act2), y,
+                         make_layer_norm<scalar_t>(ln, lw, lb, ln_eps));
   });
   return y;
 }

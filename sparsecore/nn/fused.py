@@ -592,9 +592,10 @@ class FusedTransformerBlock(nn.Module):
     """A pre-LayerNorm Transformer block (sparsecore.models.transformer.Block, eval mode):
     x + proj(causal attention(qkv(ln1(x)))), then that + fc2(GELU(fc1(ln2(.)))). `qkv` is the
     q, k and v projections stacked (output: q | k | v); proj and fc2 add the residual in
-    their epilogue, fc1 applies the GELU in its own; with fc1 and fc2 both on the CSR kernel
-    (C++), the MLP is one op whose hidden activation stays in the kernel's packed layout.
-    x (B, T, d) -> (B, T, d)."""
+    their epilogue, fc1 applies the GELU in its own; on the CSR kernel (C++), ln1 / ln2
+    (nn.LayerNorm over d) are applied while the kernel packs its input, and with fc1 and fc2
+    both on it the MLP is one op whose hidden activation stays in the kernel's packed
+    layout. x (B, T, d) -> (B, T, d)."""
 
     def __init__(self, ln1: nn.Module, qkv: FusedLinear, heads: int, proj: FusedLinear,
                  ln2: nn.Module, fc1: FusedLinear, fc2: FusedLinear) -> None:
@@ -602,26 +603,45 @@ class FusedTransformerBlock(nn.Module):
         self.ln1, self.qkv, self.heads, self.proj = ln1, qkv, heads, proj
         self.ln2, self.fc1, self.fc2 = ln2, fc1, fc2
 
+    def _ln_args(self, ln: nn.Module, x: Tensor, kernels: Sequence[_Kernel | None]
+                 ) -> tuple[bool, Tensor | None, Tensor | None, float] | None:
+        """The C++ kernels' LayerNorm arguments for `ln` on x (B, T, d), or None where they
+        cannot take it (another norm, the CSR kernels not chosen or not on this input)."""
+        if not (type(ln) is nn.LayerNorm and tuple(ln.normalized_shape) == (x.shape[-1],)
+                and x.is_contiguous()
+                and all(isinstance(k, CSRLinear) and _on_cpp(x, k.values) for k in kernels)):
+            return None
+        return True, ln.weight, ln.bias, float(ln.eps)
+
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        k0 = self.qkv.kernel
+        ln1 = self._ln_args(self.ln1, x, [k0]) if self.qkv.relu is False else None
+        if ln1 is not None:
+            # LayerNorm applied while the CSR kernel packs its input
+            qkv = torch.ops.sparsecore._csr_dsd_cpu(
+                x.view(b * t, d), k0.values, k0.col_idx, k0.row_ptr, k0.tiling, k0.n_out,
+                k0.tiled_values, self.qkv.bias, None, 0, *ln1).view(b, t, -1)
+        else:
+            qkv = self.qkv(self.ln1(x))
+        q, k, v = qkv.split(d, dim=-1)
 
         def split(z: Tensor) -> Tensor:  # (B, T, d) -> (B, heads, T, d / heads)
             return z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
 
         y = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
         x = self.proj(y.transpose(1, 2).reshape(b, t, d), x)
-        h = self.ln2(x)
         k1, k2 = self.fc1.kernel, self.fc2.kernel
-        if (isinstance(k1, CSRLinear) and isinstance(k2, CSRLinear) and _on_cpp(h, k1.values)
-                and _on_cpp(h, k2.values)):
-            # both on the CSR kernel: one op, the hidden activation never unpacked
+        ln2 = self._ln_args(self.ln2, x, [k1, k2])
+        if ln2 is not None and not self.fc2.relu:
+            # both on the CSR kernel: one op, LayerNorm applied while it packs its input, the
+            # hidden activation never unpacked
             out = torch.ops.sparsecore._csr_mlp_cpu(
-                h.reshape(b * t, d), k1.values, k1.col_idx, k1.row_ptr, k1.tiling,
+                x.view(b * t, d), k1.values, k1.col_idx, k1.row_ptr, k1.tiling,
                 k1.tiled_values, self.fc1.bias, 2, k2.values, k2.col_idx, k2.row_ptr,
-                k2.tiling, k2.tiled_values, self.fc2.bias, x.reshape(b * t, d), 0)
+                k2.tiling, k2.tiled_values, self.fc2.bias, x.view(b * t, d), 0, *ln2)
             return out.view(b, t, -1)
-        return self.fc2(self.fc1(h), x)
+        return self.fc2(self.fc1(self.ln2(x)), x)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}"

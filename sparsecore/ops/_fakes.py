@@ -47,7 +47,9 @@ def _register() -> None:
     @torch.library.register_fake("sparsecore::_csr_dsd_cpu")
     def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, tiling: Tensor | None,
           n_out: int, tiled_values: Tensor | None = None, bias: Tensor | None = None,
-          residual: Tensor | None = None, act: int = 0) -> Tensor:
+          residual: Tensor | None = None, act: int = 0, ln: bool = False,
+          ln_weight: Tensor | None = None, ln_bias: Tensor | None = None,
+          ln_eps: float = 1e-5) -> Tensor:
         return x.new_empty(x.shape[0], n_out)
 
     @torch.library.register_fake("sparsecore::_csr_mlp_cpu")
@@ -55,7 +57,9 @@ def _register() -> None:
           tiling1: Tensor | None, tiled_values1: Tensor | None, bias1: Tensor | None,
           act1: int, values2: Tensor, col_idx2: Tensor, row_ptr2: Tensor,
           tiling2: Tensor | None, tiled_values2: Tensor | None, bias2: Tensor | None,
-          residual: Tensor | None, act2: int) -> Tensor:
+          residual: Tensor | None, act2: int, ln: bool = False,
+          ln_weight: Tensor | None = None, ln_bias: Tensor | None = None,
+          ln_eps: float = 1e-5) -> Tensor:
         return x.new_empty(x.shape[0], row_ptr2.shape[0] - 1)
 
     @torch.library.register_fake("sparsecore::_csr_conv2d_fused_cpu")
