@@ -247,3 +247,17 @@ def test_big_output_direct() -> None:
         got = _run("csr_direct", x, w, mask, (1, 1), (1, 1), (1, 1), bias, residual, True, False)
         _close(got, _reference(x, w, (1, 1), (1, 1), (1, 1), bias, residual, True, False),
                torch.float32)
+
+
+def test_denormals_flushed_inside_and_kept_outside() -> None:
+    """The kernels run with denormals as zero (an input decayed into denormals takes no
+    microcode assists) and give the calling thread its IEEE mode back: torch's own ops
+    after them still produce denormals."""
+    w, mask = _weight(8, 4, 3, 3, 0.5, torch.float32)
+    x = torch.randn(2, 4, 6, 6) * 1e-39  # denormal float32 inputs
+    x[0, 0, 0, 0] = 1.0
+    got = _run("csr_direct", x, w, mask, (1, 1), (1, 1), (1, 1), None, None, False, False)
+    _close(got, _reference(x, w, (1, 1), (1, 1), (1, 1), None, None, False, False),
+           torch.float32)
+    tiny = torch.tensor([1e-38]) * torch.tensor([1e-2])
+    assert tiny.item() != 0.0  # not flushed: the thread's mode was restored

@@ -169,6 +169,7 @@ void conv_chwn(const Geom& g, const T* x, const T* val, const int32_t* ci, const
   T* y = static_cast<T*>(o.y);
 #pragma omp parallel num_threads(nthreads)
   {
+    const vec::DenormalsAsZero daz;
     std::vector<Tap> taps(T_);
     T* S = vec_scratch<T>(0, R * rows * cols * chunk);
 #pragma omp for schedule(dynamic, 1)

@@ -307,6 +307,7 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
   if (g.N >= nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t n = 0; n < g.N; ++n) {
+      const vec::DenormalsAsZero daz;
       T* xp = vec_scratch<T>(0, xp_len);
       T* ys = vec_scratch<T>(1, g.Cout * span);
       shifted_copies(g, x + n * in_len, xp, 0, g.C, true);
@@ -323,6 +324,7 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
   for (int64_t n = 0; n < g.N; ++n) {
 #pragma omp parallel num_threads(nthreads)
     {
+      const vec::DenormalsAsZero daz;
       const int t = omp_get_thread_num(), nt_ = omp_get_num_threads();
       const int64_t c0 = g.C * t / nt_, c1 = g.C * (t + 1) / nt_;
       shifted_copies(g, x + n * in_len, xp, c0, c1, t == 0);

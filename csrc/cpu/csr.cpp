@@ -688,6 +688,7 @@ inline void spmm_segment(const SpmmArgs<T>& a, int64_t c, int64_t w, int64_t t, 
 
 template <typename T>
 void spmm_all(const SpmmArgs<T>& a, int64_t B, const RowSplit* split) {
+  const vec::DenormalsAsZero daz;
   for_each_step<T>(*a.w, B, split, [&](int64_t c, int64_t w, int64_t t, int64_t o) {
     spmm_segment(a, c, w, t, o);
   });
@@ -929,16 +930,20 @@ void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
 #pragma omp parallel num_threads(team())
   spmm_all(a1, B, &split1);
   if (e1.bias || e1.act != kActNone) {
-#pragma omp parallel for num_threads(team()) schedule(static)
-    for (int64_t r = 0; r < nc * H; ++r) {  // packed row r: hidden feature r % H
-      T* row = ht + r * CH;
-      const T bias = e1.bias ? e1.bias[r % H] : T(0);
-      if (e1.act == kActGelu) {
-        for (int64_t l = 0; l < CH; ++l) row[l] = gelu(row[l] + bias);
-      } else if (e1.act == kActRelu) {
-        for (int64_t l = 0; l < CH; ++l) row[l] = std::max(row[l] + bias, T(0));
-      } else {
-        for (int64_t l = 0; l < CH; ++l) row[l] += bias;
+#pragma omp parallel num_threads(team())
+    {
+      const vec::DenormalsAsZero daz;
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < nc * H; ++r) {  // packed row r: hidden feature r % H
+        T* row = ht + r * CH;
+        const T bias = e1.bias ? e1.bias[r % H] : T(0);
+        if (e1.act == kActGelu) {
+          for (int64_t l = 0; l < CH; ++l) row[l] = gelu(row[l] + bias);
+        } else if (e1.act == kActRelu) {
+          for (int64_t l = 0; l < CH; ++l) row[l] = std::max(row[l] + bias, T(0));
+        } else {
+          for (int64_t l = 0; l < CH; ++l) row[l] += bias;
+        }
       }
     }
   }

@@ -12,9 +12,30 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 namespace sparsecore {
 namespace vec {
+
+// Denormal numbers as zero (inputs and results: MXCSR's DAZ and FTZ) while a kernel runs, in
+// the thread that holds the guard: on x86 every operation that meets a denormal takes a
+// microcode assist, which made a deep random-weight net's activations (decayed into
+// denormals) run 2.5x slower in the sparse kernels; the dense engines compared with flush
+// them too. Results move by less than the smallest normal float. The thread's mode is
+// restored on exit, so torch's own ops on the same threads keep IEEE denormals.
+struct DenormalsAsZero {
+#if defined(__SSE__) || defined(__x86_64__)
+  unsigned saved;
+  DenormalsAsZero() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
+  ~DenormalsAsZero() { _mm_setcsr(saved); }
+#else
+  DenormalsAsZero() = default;
+#endif
+  DenormalsAsZero(const DenormalsAsZero&) = delete;
+  DenormalsAsZero& operator=(const DenormalsAsZero&) = delete;
+};
 
 // ---- SIMD vectors: the widest the build has, scalars without AVX2/FMA ---------------------
 template <typename T>
