@@ -346,6 +346,15 @@ def csr_structure(col_idx: Tensor, row_ptr: Tensor, n_cols: int) -> dict[str, Te
     }
 
 
+def _conv_dims(shape: Sequence[int], what: str) -> tuple[int, int, int]:
+    """(C_out, C_in, kh*kw) of a 4-D conv weight shape; `what` names the caller's layout in
+    the error."""
+    if len(shape) != 4:
+        raise ValueError(f"{what} needs a 4-D conv weight shape, got {tuple(shape)}")
+    c_out, c_in, kh, kw = (int(s) for s in shape)
+    return c_out, c_in, kh * kw
+
+
 def conv_flip_structure(row_idx: Tensor, col_idx: Tensor,
                         shape: Sequence[int]) -> dict[str, Tensor]:
     """The CSR structure (int32) of the transposed-flipped weight W' (C_in, C_out, kh, kw),
@@ -354,11 +363,7 @@ def conv_flip_structure(row_idx: Tensor, col_idx: Tensor,
     (C_in, C_out*kh*kw): f_perm (nnz,) such that values[f_perm] are W''s values in CSR order,
     f_col_idx (nnz,) and f_row_ptr (C_in + 1,). Output shapes follow the input's alone (a
     sort and a search, no bincount), so a traced call can build it too."""
-    if len(shape) != 4:
-        raise ValueError(f"the transposed-flipped structure needs a 4-D conv weight shape, "
-                         f"got {tuple(shape)}")
-    c_out, c_in, kh, kw = (int(s) for s in shape)
-    taps = kh * kw
+    c_out, c_in, taps = _conv_dims(shape, "the transposed-flipped structure")
     cols = col_idx.long()
     in_ch = cols // taps
     f_cols = row_idx.long() * taps + (taps - 1 - cols % taps)
@@ -381,11 +386,7 @@ def conv_tap_major_structure(row_idx: Tensor, col_idx: Tensor, shape: Sequence[i
     (C_in, C_out, kh, kw), W'[i, o, u, v] = W[o, i, kh-1-u, kw-1-v], whose values[perm] are
     then W''s. Output shapes follow the input's alone (a sort and a search), so a traced call
     can build it too."""
-    if len(shape) != 4:
-        raise ValueError(f"the tap-major layout needs a 4-D conv weight shape, "
-                         f"got {tuple(shape)}")
-    c_out, c_in, kh, kw = (int(s) for s in shape)
-    taps = kh * kw
+    c_out, c_in, taps = _conv_dims(shape, "the tap-major layout")
     cols = col_idx.long()
     rows, chans, tap = row_idx.long(), cols // taps, cols % taps
     n_rows, n_chans = c_out, c_in

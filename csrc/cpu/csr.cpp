@@ -1236,10 +1236,24 @@ void linear_epilogue_operands(const char* op, const at::Tensor& x, int64_t n_out
   }
 }
 
-// The checked LayerNorm operands (weight / bias: (K,) or absent).
-void layer_norm_operands(const char* op, const at::Tensor& x,
+// tiled_values (when given): W's values in its tiling's order, from _csr_tile_values_cpu.
+void check_tiled_values(const char* op, const at::Tensor& x, const at::Tensor& values,
+                        const std::optional<at::Tensor>& tiling,
+                        const std::optional<at::Tensor>& tiled_values) {
+  if (!tiled_values.has_value()) return;
+  TORCH_CHECK(tiling.has_value(), op, ": tiled_values needs the tiling it was laid out by");
+  check_float(op, x, *tiled_values);
+  TORCH_CHECK(tiled_values->dim() == 1 && tiled_values->is_contiguous() &&
+                  tiled_values->numel() == values.numel(),
+              op, ": tiled_values must be a contiguous (nnz,) tensor from _csr_tile_values_cpu");
+}
+
+// The checked LayerNorm operands (weight / bias: (K,) or absent; only with `ln`).
+void layer_norm_operands(const char* op, const at::Tensor& x, bool ln,
                          const std::optional<at::Tensor>& weight,
                          const std::optional<at::Tensor>& bias, at::Tensor& w, at::Tensor& b) {
+  TORCH_CHECK(ln || (!weight.has_value() && !bias.has_value()), op,
+              ": ln_weight / ln_bias given without ln");
   for (auto [given, out, what] : {std::tuple{&weight, &w, "ln_weight"},
                                    std::tuple{&bias, &b, "ln_bias"}}) {
     if (!given->has_value()) continue;
@@ -1285,18 +1299,10 @@ at::Tensor _csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at:
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (B, K), got shape ", x.sizes());
   check_float(op, x, values);
   check_csr_tensors(op, &values, col_idx, row_ptr, n_out);
-  if (tiled_values.has_value()) {
-    TORCH_CHECK(tiling.has_value(), op, ": tiled_values needs the tiling it was laid out by");
-    check_float(op, x, *tiled_values);
-    TORCH_CHECK(tiled_values->dim() == 1 && tiled_values->is_contiguous() &&
-                    tiled_values->numel() == values.numel(),
-                op, ": tiled_values must be a contiguous (nnz,) tensor from _csr_tile_values_cpu");
-  }
+  check_tiled_values(op, x, values, tiling, tiled_values);
   at::Tensor b, r, lw, lb;
   linear_epilogue_operands(op, x, n_out, bias, residual, act, b, r);
-  layer_norm_operands(op, x, ln_weight, ln_bias, lw, lb);
-  TORCH_CHECK(ln || (!ln_weight.has_value() && !ln_bias.has_value()), op,
-              ": ln_weight / ln_bias given without ln");
+  layer_norm_operands(op, x, ln, ln_weight, ln_bias, lw, lb);
   auto y = at::empty({x.size(0), n_out}, x.options());
   const TeamFor team_for(values.numel() * x.size(0));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -1331,24 +1337,12 @@ at::Tensor _csr_mlp_cpu(const at::Tensor& x, const at::Tensor& values1,
   check_float(op, x, values2);
   check_csr_tensors(op, &values1, col_idx1, row_ptr1, H);
   check_csr_tensors(op, &values2, col_idx2, row_ptr2, n_out);
-  for (const auto* tv : {&tiled_values1, &tiled_values2}) {
-    if (!tv->has_value()) continue;
-    check_float(op, x, **tv);
-    TORCH_CHECK((*tv)->dim() == 1 && (*tv)->is_contiguous(), op,
-                ": tiled_values must be contiguous 1-D tensors from _csr_tile_values_cpu");
-  }
-  TORCH_CHECK(!tiled_values1.has_value() ||
-                  (tiling1.has_value() && tiled_values1->numel() == values1.numel()),
-              op, ": tiled_values1 needs tiling1 and nnz1 values");
-  TORCH_CHECK(!tiled_values2.has_value() ||
-                  (tiling2.has_value() && tiled_values2->numel() == values2.numel()),
-              op, ": tiled_values2 needs tiling2 and nnz2 values");
+  check_tiled_values(op, x, values1, tiling1, tiled_values1);
+  check_tiled_values(op, x, values2, tiling2, tiled_values2);
   at::Tensor b1, b2, r2, none, lw, lb;
   linear_epilogue_operands(op, x, H, bias1, std::nullopt, act1, b1, none);
   linear_epilogue_operands(op, x, n_out, bias2, residual, act2, b2, r2);
-  layer_norm_operands(op, x, ln_weight, ln_bias, lw, lb);
-  TORCH_CHECK(ln || (!ln_weight.has_value() && !ln_bias.has_value()), op,
-              ": ln_weight / ln_bias given without ln");
+  layer_norm_operands(op, x, ln, ln_weight, ln_bias, lw, lb);
   auto y = at::empty({x.size(0), n_out}, x.options());
   const TeamFor team_for((values1.numel() + values2.numel()) * x.size(0));
   const CsrOperand l1{values1, col_idx1, row_ptr1, tiling1, tiled_values1};

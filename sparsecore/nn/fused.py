@@ -616,7 +616,7 @@ class FusedTransformerBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         k0 = self.qkv.kernel
-        ln1 = self._ln_args(self.ln1, x, [k0]) if self.qkv.relu is False else None
+        ln1 = None if self.qkv.relu else self._ln_args(self.ln1, x, [k0])
         if ln1 is not None:
             # LayerNorm applied while the CSR kernel packs its input
             qkv = torch.ops.sparsecore._csr_dsd_cpu(
