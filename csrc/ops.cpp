@@ -103,6 +103,12 @@ TORCH_LIBRARY(sparsecore, m) {
         "int[2] dilation) -> Tensor");
   m.def("_bsr_conv2d_dw_cpu(Tensor dy2, Tensor x, Tensor row_ptr, Tensor col_idx, int bs_r, "
         "int bs_c, int[2] kernel, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // --- attention (csrc/cpu/attention.cpp) ---
+  // Inference: softmax(scale q k^T [causal, top-left]) v per (sample, head); q (B, Tq, H, D),
+  // k and v (B, Tk, H, D), read in place (last dim contiguous); scale defaults to D^-1/2.
+  // -> (B, Tq, H, D) contiguous.
+  m.def("_attention_cpu(Tensor q, Tensor k, Tensor v, bool causal, float? scale=None) "
+        "-> Tensor");
   // --- threads (csrc/cpu/threads.cpp) ---
   // The work per OpenMP thread below which the kernels run fewer threads (each family's own
   // default while this is 0); returns the previous setting. For tests: small shapes then run

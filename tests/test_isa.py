@@ -85,6 +85,14 @@ with use_backend("cpp"):
             xl, k1.values, k1.col_idx, k1.row_ptr, k1.tiling, k1.tiled_values, b1, 2,
             k2.values, k2.col_idx, k2.row_ptr, k2.tiling, k2.tiled_values, b2, res, 0)
         close(got, ref, f"CSR MLP, batch {batch}")
+    # the fused Transformer block's attention: softmax(q k^T / sqrt(D)) v, causal and not
+    for causal in (True, False):
+        q, k, v = (torch.randn(2, 37, 3, 20) * s for s in (2, 2, 1))
+        ref = nn.functional.scaled_dot_product_attention(
+            q.double().transpose(1, 2), k.double().transpose(1, 2), v.double().transpose(1, 2),
+            is_causal=causal).transpose(1, 2)
+        close(torch.ops.sparsecore._attention_cpu(q, k, v, causal), ref,
+              f"attention, causal {causal}")
     for shape in ((40, 16, 16), (6, 37, 23)):  # Jacobi and the bidiagonal kernel
         A = torch.randn(*shape)
         close(linalg.svdvals(A), torch.linalg.svdvals(A.double()), f"svdvals {shape}")

@@ -198,6 +198,8 @@ def test_transformer_blocks_fused(choose, dtype) -> None:
             opt(fresh)
         ran = [e.name for e in prof.events()]
         assert "sparsecore::_csr_mlp_cpu" in ran and "aten::gelu" not in ran
+        assert "sparsecore::_attention_cpu" in ran
+        assert "aten::scaled_dot_product_attention" not in ran
         assert ran.count("aten::layer_norm") == 1  # the model's last; the blocks' are fused
 
 

@@ -588,6 +588,22 @@ class FusedResidual(nn.Module):
         return getattr(self, self.names[-1])(y, residual)
 
 
+def causal_attention(qkv: Tensor, heads: int) -> Tensor:
+    """Causal multi-head attention of stacked projections: qkv (B, T, 3d) = q | k | v, each
+    d = heads x head_dim -> (B, T, d), the heads side by side (what the output projection
+    reads). On the C++ kernel it reads q, k and v in place and writes that layout directly;
+    elsewhere torch's scaled_dot_product_attention."""
+    b, t, d3 = qkv.shape
+    d = d3 // 3
+    q, k, v = (z.view(b, t, heads, d // heads) for z in qkv.split(d, dim=-1))
+    if (qkv.device.type == "cpu" and qkv.dtype in CPP_DTYPES and has_cpu_ext()
+            and not (qkv.requires_grad and torch.is_grad_enabled())):
+        return torch.ops.sparsecore._attention_cpu(q, k, v, True).view(b, t, d)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True)
+    return y.transpose(1, 2).reshape(b, t, d)
+
+
 class FusedTransformerBlock(nn.Module):
     """A pre-LayerNorm Transformer block (sparsecore.models.transformer.Block, eval mode):
     x + proj(causal attention(qkv(ln1(x)))), then that + fc2(GELU(fc1(ln2(.)))). `qkv` is the
@@ -624,13 +640,7 @@ class FusedTransformerBlock(nn.Module):
                 k0.tiled_values, self.qkv.bias, None, 0, *ln1).view(b, t, -1)
         else:
             qkv = self.qkv(self.ln1(x))
-        q, k, v = qkv.split(d, dim=-1)
-
-        def split(z: Tensor) -> Tensor:  # (B, T, d) -> (B, heads, T, d / heads)
-            return z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-
-        y = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
-        x = self.proj(y.transpose(1, 2).reshape(b, t, d), x)
+        x = self.proj(causal_attention(qkv, self.heads), x)
         k1, k2 = self.fc1.kernel, self.fc2.kernel
         ln2 = self._ln_args(self.ln2, x, [k1, k2])
         if ln2 is not None and not self.fc2.relu:

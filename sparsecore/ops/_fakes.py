@@ -62,6 +62,10 @@ def _register() -> None:
           ln_eps: float = 1e-5) -> Tensor:
         return x.new_empty(x.shape[0], row_ptr2.shape[0] - 1)
 
+    @torch.library.register_fake("sparsecore::_attention_cpu")
+    def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None = None) -> Tensor:
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake("sparsecore::_csr_conv2d_fused_cpu")
     def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, weight_shape: list[int],
           padding: list[int], dilation: list[int], bias: Tensor | None,
