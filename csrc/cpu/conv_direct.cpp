@@ -82,52 +82,137 @@ Chunks chunks_for(int64_t Lp) {
   return {int((nvec + n - 1) / n), n};
 }
 
-// row[0, Wr) = src[q] for q in [q0, q1), 0 elsewhere: whole masked vector loads and stores
-// where the build has them and the row is whole vectors (float32: per-row fills and short
-// memcpys cost a fifth of the copies at 16x16 and 8x8), else fills and a memcpy.
+// row[0, Wr) = src[q] for q in [q0, q1), 0 elsewhere.
 template <typename T>
 inline void copy_row(T* row, const T* src, int64_t q0, int64_t q1, int64_t Wr) {
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (Wr % 16 == 0) {
-      for (int64_t q = 0; q < Wr; q += 16) {
-        const int64_t lo = std::clamp<int64_t>(q0 - q, 0, 16);
-        const int64_t hi = std::clamp<int64_t>(q1 - q, lo, 16);
-        const auto m = __mmask16(((1u << hi) - 1) & ~((1u << lo) - 1));
-        _mm512_storeu_ps(row + q, _mm512_maskz_loadu_ps(m, src + q));
-      }
-      return;
-    }
-    if (Wr % 8 == 0) {
-      for (int64_t q = 0; q < Wr; q += 8) {
-        const int64_t lo = std::clamp<int64_t>(q0 - q, 0, 8);
-        const int64_t hi = std::clamp<int64_t>(q1 - q, lo, 8);
-        const auto m = __mmask8(((1u << hi) - 1) & ~((1u << lo) - 1));
-        _mm256_storeu_ps(row + q, _mm256_maskz_loadu_ps(m, src + q));
-      }
-      return;
-    }
-  }
-#elif defined(__AVX2__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (Wr % 8 == 0) {
-      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      for (int64_t q = 0; q < Wr; q += 8) {
-        const auto lo = _mm256_set1_epi32(int(std::clamp<int64_t>(q0 - q, -1, 8)));
-        const auto hi = _mm256_set1_epi32(int(std::clamp<int64_t>(q1 - q, -1, 8)));
-        // lanes lo <= l < hi: l > lo - 1 and hi > l
-        const __m256i m = _mm256_and_si256(
-            _mm256_cmpgt_epi32(lane, _mm256_sub_epi32(lo, _mm256_set1_epi32(1))),
-            _mm256_cmpgt_epi32(hi, lane));
-        _mm256_storeu_ps(row + q, _mm256_maskload_ps(src + q, m));
-      }
-      return;
-    }
-  }
-#endif
   std::fill(row, row + q0, T(0));
   std::memcpy(row + q0, src + q0, (q1 - q0) * sizeof(T));
   std::fill(row + q1, row + Wr, T(0));
+}
+
+// shifted_copies for float32 rows of whole vectors at column stride S = 1 or 2 (every conv
+// of the bench's models): each input row is read once and written into the kw copies, with
+// each copy's per-vector lane masks (the image's columns; the lanes outside load nothing and
+// come out 0) computed once per call; at stride 2 a vector of the copy is the even elements
+// of two loaded vectors. The general path's per-row mask arithmetic, its pass over the input
+// per copy and its scalar column gather at stride 2 took up to 1.6x (stride 1) and 4x
+// (stride 2) as long. L: lanes per vector (AVX-512: 16, or 8 for rows of 8; AVX2: 8).
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+template <int L>
+using LaneMask = std::conditional_t<L == 16, __mmask16, __mmask8>;
+#else
+struct Mask8 {  // (a struct: vectors of a bare __m256i drop its alignment attribute)
+  __m256i m;
+};
+template <int L>
+using LaneMask = Mask8;
+#endif
+
+template <int L>
+inline LaneMask<L> lane_mask(int64_t lo, int64_t hi) {  // lanes [lo, hi) of [0, L)
+  lo = std::clamp<int64_t>(lo, 0, L);
+  hi = std::clamp<int64_t>(hi, lo, L);
+#if defined(__AVX512F__)
+  return LaneMask<L>(((1u << hi) - 1) & ~((1u << lo) - 1));
+#else
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return {_mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(int(lo) - 1)),
+                           _mm256_cmpgt_epi32(_mm256_set1_epi32(int(hi)), lane))};
+#endif
+}
+
+// row[0, L) = the masked lanes of S vectors from src, every S-th element.
+template <int L, int S>
+inline void copy_vec(float* row, const float* src, const LaneMask<L>* m) {
+#if defined(__AVX512F__)
+  if constexpr (L == 16 && S == 1) {
+    _mm512_store_ps(row, _mm512_maskz_loadu_ps(m[0], src));
+  } else if constexpr (L == 16) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    _mm512_store_ps(row, _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(m[0], src), even,
+                                                _mm512_maskz_loadu_ps(m[1], src + 16)));
+  } else if constexpr (S == 1) {
+    _mm256_store_ps(row, _mm256_maskz_loadu_ps(m[0], src));
+  } else {
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    _mm256_store_ps(row, _mm256_permutex2var_ps(_mm256_maskz_loadu_ps(m[0], src), even,
+                                                _mm256_maskz_loadu_ps(m[1], src + 8)));
+  }
+#else
+  if constexpr (S == 1) {
+    _mm256_store_ps(row, _mm256_maskload_ps(src, m[0].m));
+  } else {  // a0 a2 b0 b2 | a4 a6 b4 b6, then its 64-bit pairs reordered
+    const __m256 t = _mm256_shuffle_ps(_mm256_maskload_ps(src, m[0].m),
+                                       _mm256_maskload_ps(src + 8, m[1].m), _MM_SHUFFLE(2, 0, 2, 0));
+    _mm256_store_ps(row, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t),
+                                                                _MM_SHUFFLE(3, 1, 2, 0))));
+  }
+#endif
+}
+
+template <int L, int S>
+void copies_f32(const Geom& g, const float* x, float* xs, int64_t c0, int64_t c1) {
+  const int64_t nv = g.Wr / L;
+  std::vector<LaneMask<L>> masks(g.kw * nv * S);
+  std::vector<int64_t> shift(g.kw);
+  for (int64_t j = 0; j < g.kw; ++j) {
+    shift[j] = j * g.dw - g.pw;
+    // vector v of the copy reads image columns [v*L*S + shift, + L*S): lanes of its loaded
+    // vectors that fall outside [0, W) stay 0 (and so do the copy's lanes that take them)
+    for (int64_t v = 0; v < nv; ++v)
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t first = (v * S + s) * L + shift[j];
+        masks[(j * nv + v) * S + s] = lane_mask<L>(-first, g.W - first);
+      }
+  }
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t a = 0; a < g.sh; ++a) {
+      if (!(g.phases >> a & 1)) continue;
+      for (int64_t r = 0; r < g.Hq; ++r) {
+        const int64_t at = ((c * g.sh + a) * g.Hq + r) * g.Wr;
+        const int64_t h = r * g.sh + a - g.ph;
+        if (h < 0 || h >= g.H) {
+          for (int64_t j = 0; j < g.kw; ++j)
+            std::fill(xs + j * g.CS + at, xs + j * g.CS + at + g.Wr, 0.0f);
+          continue;
+        }
+        const float* src = x + (c * g.H + h) * g.W;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          float* row = xs + j * g.CS + at;
+          // masked-off lanes read no memory: the loads may start before or end past the row
+          const float* sj = src + shift[j];
+          const LaneMask<L>* m = masks.data() + j * nv * S;
+          for (int64_t v = 0; v < nv; ++v) copy_vec<L, S>(row + v * L, sj + v * L * S, m + v * S);
+        }
+      }
+    }
+}
+#endif
+
+// Returns false where copies_f32 does not apply.
+template <typename T>
+bool shifted_copies_fast(const Geom& g, const T* x, T* xs, int64_t c0, int64_t c1) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.sw != 1 && g.sw != 2) return false;
+    const bool s1 = g.sw == 1;
+#if defined(__AVX512F__)
+    if (g.Wr % 16 == 0) {
+      s1 ? copies_f32<16, 1>(g, x, xs, c0, c1) : copies_f32<16, 2>(g, x, xs, c0, c1);
+      return true;
+    }
+#endif
+    if (g.Wr % 8 == 0) {
+      s1 ? copies_f32<8, 1>(g, x, xs, c0, c1) : copies_f32<8, 2>(g, x, xs, c0, c1);
+      return true;
+    }
+    return false;
+  }
+#endif
+  (void)g, (void)x, (void)xs, (void)c0, (void)c1;
+  return false;
 }
 
 // The kw shifted copies of sample x (C, H, W): xs[j*CS + ((c*sh + a)*Hq + r)*Wr + q] =
@@ -135,6 +220,12 @@ inline void copy_row(T* row, const T* src, int64_t q0, int64_t q1, int64_t Wr) {
 // Channels [c0, c1) of them; `slack`: the slack too.
 template <typename T>
 void shifted_copies(const Geom& g, const T* x, T* xs, int64_t c0, int64_t c1, bool slack) {
+  if (shifted_copies_fast(g, x, xs, c0, c1)) {
+    if (slack)
+      for (int64_t j = 0; j < g.kw; ++j)
+        std::fill(xs + j * g.CS + g.C * g.plane(), xs + (j + 1) * g.CS, T(0));
+    return;
+  }
   for (int64_t j = 0; j < g.kw; ++j) {
     T* copy = xs + j * g.CS;
     const int64_t shift = j * g.dw - g.pw;  // column q of the copy reads image column q*sw+shift
