@@ -71,7 +71,14 @@ TORCH_LIBRARY(sparsecore, m) {
   // shape).
   m.def("_csr_conv2d_fused_cpu(Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, "
         "int[] weight_shape, int[] padding, int[] dilation, Tensor? bias, Tensor? residual, "
-        "bool relu, bool pool, int[] stride=[1, 1]) -> Tensor");
+        "bool relu, bool pool, int[] stride=[1, 1], Tensor? plan=None) -> Tensor");
+  // What that op derives from the geometry and the sparsity pattern alone (each nonzero's
+  // offset in the shifted copies, each row's channel tiles), for inputs (N, C_in, input_hw)
+  // of dtype, built once for a caller that keeps it and passes it as `plan` (checked
+  // against the call, the pattern by its fingerprint).
+  m.def("_csr_conv2d_fused_plan_cpu(Tensor col_idx, Tensor row_ptr, int[] weight_shape, "
+        "int[] input_hw, int[] padding, int[] dilation, int[] stride, ScalarType dtype) "
+        "-> Tensor");
   // The same with the batch as the vector dimension: activations (C, H, W, N) in memory; the
   // weight's nonzeros in (row, channel tile, tap, channel) order, ci their channels, tap_ptr
   // per (row, tile, tap).

@@ -46,11 +46,16 @@ def _reference(x: Tensor, w: Tensor, stride, padding, dilation, bias, residual, 
 
 def _run(kernel: str, x: Tensor, w: Tensor, mask: Tensor, stride, padding, dilation, bias,
          residual, relu, pool, channel_tile: int = CHWN_CHANNEL_TILE) -> Tensor:
-    if kernel == "csr_direct":
+    if kernel in ("csr_direct", "csr_direct_plan"):
         values, col, row_ptr = _csr(w, mask)
+        plan = None
+        if kernel == "csr_direct_plan":  # built for the input size, kept by the caller
+            plan = torch.ops.sparsecore._csr_conv2d_fused_plan_cpu(
+                col, row_ptr, list(w.shape), list(x.shape[2:]), list(padding),
+                list(dilation), list(stride), x.dtype)
         return torch.ops.sparsecore._csr_conv2d_fused_cpu(
             x, values, col, row_ptr, list(w.shape), list(padding), list(dilation), bias,
-            residual, relu, pool, list(stride))
+            residual, relu, pool, list(stride), plan)
     values, ci, tap_ptr = tap_major_csr(w, mask, channel_tile)
     return torch.ops.sparsecore._csr_conv2d_chwn_cpu(
         x, values, ci, tap_ptr, channel_tile, list(w.shape), list(stride), list(padding),
@@ -93,7 +98,8 @@ STRIDED = [
 ]
 
 
-CASES = [(kernel, g) for kernel in ("csr_direct", "csr_chwn") for g in GEOMS + STRIDED]
+KERNELS = ("csr_direct", "csr_direct_plan", "csr_chwn")
+CASES = [(kernel, g) for kernel in KERNELS for g in GEOMS + STRIDED]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -116,7 +122,7 @@ def test_matches_dense_reference(kernel, geom, dtype, epi) -> None:
     assert torch.equal(x, x_before)
 
 
-@pytest.mark.parametrize("kernel", ["csr_direct", "csr_chwn"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("batch", [1, 3, 32])
 def test_threaded_paths(kernel, batch) -> None:
     """Two threads on small shapes: sample-parallel (batch >= threads), and the rows of one
@@ -206,6 +212,73 @@ def test_errors() -> None:
     with pytest.raises(RuntimeError, match="smaller than the kernel"):
         direct(torch.randn(2, 3, 1, 1), values, col, row_ptr, [4, 3, 3, 3], [0, 0], [1, 1],
                None, None, False, False)
+
+
+def test_plan_checked_against_the_call() -> None:
+    """A kept plan fits one input size, geometry, dtype and sparsity pattern; any other, or
+    a plan whose offsets or segments were edited, is refused (never read out of bounds)."""
+    w, mask = _weight(6, 5, 3, 3, 0.4, torch.float32)
+    values, col, row_ptr = _csr(w, mask)
+    x = torch.randn(2, 5, 8, 8)
+    make = torch.ops.sparsecore._csr_conv2d_fused_plan_cpu
+    direct = torch.ops.sparsecore._csr_conv2d_fused_cpu
+    shape, one = list(w.shape), [1, 1]
+    plan = make(col, row_ptr, shape, [8, 8], one, one, one, torch.float32)
+
+    def run(x_, plan_, col_=col, stride=one):
+        return direct(x_, values, col_, row_ptr, shape, one, one, None, None, False, False,
+                      stride, plan_)
+
+    _close(run(x, plan), _reference(x, w, one, one, one, None, None, False, False),
+           torch.float32)
+    with pytest.raises(RuntimeError, match="another input size"):
+        run(torch.randn(2, 5, 9, 8), plan)
+    with pytest.raises(RuntimeError, match="another input size"):
+        run(x, plan, stride=[2, 2])
+    with pytest.raises(RuntimeError, match="another input size"):
+        direct(x.double(), values.double(), col, row_ptr, shape, one, one, None, None, False,
+               False, one, plan)
+    moved = col.clone()  # the same number of nonzeros, one moved to another column
+    free = sorted(set(range(45)) - set(col[row_ptr[0]:row_ptr[1]].tolist()))
+    moved[0] = free[0]
+    moved[:row_ptr[1]] = moved[:row_ptr[1]].sort().values
+    with pytest.raises(RuntimeError, match="another sparsity pattern"):
+        run(x, plan, moved)
+    header = 18  # the plan's header fields (conv_direct.cpp)
+    for edit, match in ((lambda p: p.__setitem__(header, -1), "leave the input"),
+                        (lambda p: p.__setitem__(header + 1, 1 << 30), "leave the input"),
+                        (lambda p: p.__setitem__(-2, p[-1] + 1), "segments"),
+                        (lambda p: p.__setitem__(0, 7), "another input size")):
+        bad = plan.clone()
+        edit(bad)
+        with pytest.raises(RuntimeError, match=match):
+            run(x, bad)
+    with pytest.raises(RuntimeError, match="1-D contiguous int32"):
+        run(x, plan.long())
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        make(col, row_ptr, shape, [8, 8], one, one, one, torch.float16)
+
+
+def test_direct_layer_keeps_its_plan() -> None:
+    """CSRDirectConv builds its plan once per input size and rebuilds it when its index
+    buffers are overwritten in place (another pattern of the same size loaded)."""
+    from sparsecore.nn.fused import CSRDirectConv
+
+    w, mask = _weight(8, 4, 3, 3, 0.5, torch.float32)
+    layer = CSRDirectConv(w, mask, (1, 1), (1, 1), (1, 1))
+    x = torch.randn(3, 4, 7, 7)
+    layer(x, None)
+    first = layer.plan(x)
+    layer(torch.randn(1, 4, 7, 7), None)  # another batch: the same plan
+    assert layer.plan(x) is first
+    assert layer.plan(torch.randn(1, 4, 9, 9)) is not first
+    mask2 = mask.flatten()[torch.randperm(mask.numel())].view(mask.shape)  # as many kept
+    w2 = torch.randn(w.shape) * mask2
+    layer.load_state_dict(CSRDirectConv(w2, mask2, (1, 1), (1, 1), (1, 1)).state_dict())
+    assert layer.plan(x) is not first
+    got = layer(x, None)
+    _close(got, _reference(x, w2, (1, 1), (1, 1), (1, 1), None, None, False, False),
+           torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -40,6 +40,7 @@
 #include <immintrin.h>
 #endif
 
+#include "fingerprint.h"
 #include "threads.h"
 #include "vec.h"
 
@@ -430,28 +431,16 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
   }
 }
 
-// x (N, C, H, W) -> (N, C_out, OH, OW), or (N, C_out, OH/2, OW/2) with `pool`.
-at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
-                                 const at::Tensor& col_idx, const at::Tensor& row_ptr,
-                                 at::IntArrayRef weight_shape, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation, const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& residual, bool relu,
-                                 bool pool, at::IntArrayRef stride) {
-  constexpr const char* op = "_csr_conv2d_fused_cpu";
-  TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", x.sizes());
+// The geometry of the conv on an input (N, C, H, W), its copies laid out for vectors of
+// `is_float`'s dtype.
+Geom make_geom(const char* op, int64_t N, int64_t C, int64_t H, int64_t W,
+               at::IntArrayRef weight_shape, at::IntArrayRef padding, at::IntArrayRef dilation,
+               at::IntArrayRef stride, bool is_float) {
   TORCH_CHECK(weight_shape.size() == 4, op, ": weight_shape must be (C_out, C_in, kh, kw)");
   TORCH_CHECK(padding.size() == 2 && dilation.size() == 2 && stride.size() == 2, op,
               ": stride, padding and dilation must have 2 entries each");
-  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu(), op, ": CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == values.scalar_type() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-              op, ": x and values must both be float32 or both float64");
-  TORCH_CHECK(col_idx.scalar_type() == at::kInt && row_ptr.scalar_type() == at::kInt &&
-                  col_idx.is_contiguous() && row_ptr.is_contiguous() && values.is_contiguous(),
-              op, ": col_idx and row_ptr must be contiguous int32, values contiguous");
-  Geom g{x.size(0), x.size(1), x.size(2), x.size(3), weight_shape[0], weight_shape[2],
-         weight_shape[3], padding[0], padding[1], dilation[0], dilation[1], stride[0],
-         stride[1], 0, 0, 0, 0, 0, 0, 0};
+  Geom g{N, C, H, W, weight_shape[0], weight_shape[2], weight_shape[3], padding[0], padding[1],
+         dilation[0], dilation[1], stride[0], stride[1], 0, 0, 0, 0, 0, 0, 0};
   TORCH_CHECK(weight_shape[1] == g.C, op, ": input has ", g.C, " channels, the weight expects ",
               weight_shape[1]);
   TORCH_CHECK(g.ph >= 0 && g.pw >= 0 && g.dh > 0 && g.dw > 0 && g.kh > 0 && g.kw > 0 &&
@@ -466,24 +455,190 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
   g.Hq = (g.Hp + g.sh - 1) / g.sh;
   g.phases = 0;
   for (int64_t i = 0; i < g.kh; ++i) g.phases |= 1u << (i * g.dh % g.sh);
-  const int64_t VW = x.scalar_type() == at::kFloat ? VecOf<float>::V::W : VecOf<double>::V::W;
+  const int64_t VW = is_float ? VecOf<float>::V::W : VecOf<double>::V::W;
   // Rows of whole vectors keep every load aligned; rows narrower than a vector are packed
   // (to a multiple of 4 elements), so that a vector spans several output rows instead of
   // wasting most of its lanes.
   const int64_t align = g.OW >= VW ? VW : std::min<int64_t>(4, VW);
   g.Wr = (g.OW + align - 1) / align * align;
-  {
-    // a copy's slack: what the last chunk reads past the copy (whole vectors, so copies stay
-    // aligned)
-    const Chunks ch = x.scalar_type() == at::kFloat ? chunks_for<float>(g.Lp())
-                                                    : chunks_for<double>(g.Lp());
-    g.CS = (g.C * g.plane() + ch.n * ch.U * VW - g.Lp() + 2 * VW - 1) / VW * VW;
-  }
+  // a copy's slack: what the last chunk reads past the copy (whole vectors, so copies stay
+  // aligned)
+  const Chunks ch = is_float ? chunks_for<float>(g.Lp()) : chunks_for<double>(g.Lp());
+  g.CS = (g.C * g.plane() + ch.n * ch.U * VW - g.Lp() + 2 * VW - 1) / VW * VW;
   TORCH_CHECK(g.kw * g.CS < (int64_t(1) << 31), op,
               ": a sample of more than 2^31 elements (shifted copies) is not supported");
-  const int64_t K = g.C * g.kh * g.kw, nnz = col_idx.numel();
+  return g;
+}
+
+// A plan: what a call derives from the geometry and the sparsity pattern alone, built once
+// by _csr_conv2d_fused_plan_cpu for a caller that keeps it (at batch 1 building it in every
+// call, an O(nnz) pass with a table lookup per nonzero, took as long as the product). One
+// int32 tensor: the header below, then off (nnz: each nonzero's offset in the shifted
+// copies) and seg (C_out * (nt + 1): where row o's nonzeros of channel tile t start).
+enum : int64_t {
+  kPMagic, kPC, kPH, kPW, kPCout, kPKh, kPKw, kPPh, kPPw, kPDh, kPDw, kPSh, kPSw, kPFloat,
+  kPNnz, kPTiles, kPTileC, kPPrint, kPlanHeader
+};
+constexpr int32_t kPlanMagic = 0x43445043;
+
+int64_t plan_size(const Geom& g, int64_t nnz, int64_t nt) {
+  return kPlanHeader + nnz + g.Cout * (nt + 1);
+}
+
+// A nonzero's offset in the shifted copies: column k = (ci*kh + i)*kw + j reads copy j,
+// channel ci, from its row phase and shift of tap row i.
+int64_t tap_offset(const Geom& g, int64_t ci, int64_t i, int64_t j) {
+  return j * g.CS + ci * g.plane() + (i * g.dh % g.sh * g.Hq + i * g.dh / g.sh) * g.Wr;
+}
+
+// The largest offset of any column (a chunk read from there stays within the copies).
+int64_t max_offset(const Geom& g) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < g.kh; ++i) m = std::max(m, tap_offset(g, g.C - 1, i, g.kw - 1));
+  return m;
+}
+
+// Channel tiles: as many channels as keep a chunk's input runs within kTileBytes, but no
+// fewer than make a row's segment about kSegNnz nonzeros long (a segment's accumulators go
+// in and out of memory).
+int64_t channel_tile(const Geom& g, int64_t nnz, bool is_float) {
+  const int64_t VW = is_float ? VecOf<float>::V::W : VecOf<double>::V::W;
+  const int64_t esize = is_float ? 4 : 8;
+  const Chunks chk = is_float ? chunks_for<float>(g.Lp()) : chunks_for<double>(g.Lp());
+  const int64_t read_phases = __builtin_popcount(g.phases);
+  const int64_t per_channel =
+      g.kw * (read_phases * chk.U * VW + (g.kh - 1) * g.dh / g.sh * g.Wr) * esize;
+  const double per_row_channel = double(nnz) / double(g.Cout * g.C);
+  const int64_t ct_min = int64_t(std::ceil(kSegNnz / std::max(per_row_channel, 1e-9)));
+  return std::clamp<int64_t>(std::max(kTileBytes / per_channel, ct_min), 1, g.C);
+}
+
+void check_row_ptr(const char* op, const Geom& g, const at::Tensor& col_idx,
+                   const at::Tensor& row_ptr) {
+  TORCH_CHECK(col_idx.scalar_type() == at::kInt && row_ptr.scalar_type() == at::kInt &&
+                  col_idx.is_contiguous() && row_ptr.is_contiguous() && col_idx.is_cpu() &&
+                  row_ptr.is_cpu(),
+              op, ": col_idx and row_ptr must be contiguous int32 CPU tensors");
   TORCH_CHECK(row_ptr.numel() == g.Cout + 1, op, ": row_ptr must have C_out + 1 = ", g.Cout + 1,
               " entries, got ", row_ptr.numel());
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[g.Cout] == col_idx.numel(), op,
+              ": row_ptr must start at 0 and end at nnz");
+  for (int64_t o = 0; o < g.Cout; ++o)
+    TORCH_CHECK(rp[o] <= rp[o + 1], op, ": row_ptr must be non-decreasing (row ", o, ")");
+}
+
+// The plan of the conv (row_ptr checked); the CSR checks and the offsets in one O(nnz) pass.
+// `print`: the pattern's fingerprint in the header (for a plan that is kept), else 0.
+at::Tensor build_plan(const char* op, const Geom& g, const at::Tensor& col_idx,
+                      const at::Tensor& row_ptr, bool is_float, int nthreads, bool print) {
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int32_t* col = col_idx.data_ptr<int32_t>();
+  const int64_t K = g.C * g.kh * g.kw, nnz = col_idx.numel();
+  const int64_t ct = channel_tile(g, nnz, is_float), nt = (g.C + ct - 1) / ct;
+  auto plan = at::empty({plan_size(g, nnz, nt)}, col_idx.options());
+  int32_t* h = plan.data_ptr<int32_t>();
+  const int64_t fields[kPlanHeader] = {kPlanMagic, g.C,  g.H,  g.W,  g.Cout,   g.kh,
+                                       g.kw,       g.ph, g.pw, g.dh, g.dw,     g.sh,
+                                       g.sw,       is_float, nnz, nt, ct, 0};
+  for (int64_t i = 0; i < kPlanHeader; ++i) h[i] = int32_t(fields[i]);
+  h[kPPrint] = print ? fingerprint<64>(row_ptr, col_idx) : 0;
+  int32_t* off = h + kPlanHeader;
+  int32_t* seg = off + nnz;
+  // Per column k = (ci*kh + i)*kw + j: its offset in the shifted copies, then per nonzero a
+  // table lookup (divisions by kh*kw and kw per nonzero were most of a small batch's time).
+  std::vector<int32_t> koff(K);
+  for (int64_t ci = 0, k = 0; ci < g.C; ++ci)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j, ++k)
+        koff[k] = int32_t(tap_offset(g, ci, i, j));
+  const int64_t khw = g.kh * g.kw;
+  bool ok = true;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(&& : ok)
+  for (int64_t o = 0; o < g.Cout; ++o) {
+    int64_t prev = -1;
+    for (int64_t q = rp[o]; q < rp[o + 1]; ++q) {
+      const int64_t k = col[q];
+      ok &= k > prev && k < K;
+      prev = k;
+      off[q] = koff[ok ? k : 0];
+    }
+    if (!ok) continue;
+    int64_t q = rp[o];
+    for (int64_t t = 0; t < nt; ++t) {
+      seg[o * (nt + 1) + t] = int32_t(q);
+      const int64_t end = (t + 1) * ct * khw;  // first column of the next tile
+      while (q < rp[o + 1] && col[q] < end) ++q;
+    }
+    seg[o * (nt + 1) + nt] = rp[o + 1];
+  }
+  TORCH_CHECK(ok, op, ": col_idx out of range [0, ", K,
+              ") or not strictly increasing within a row");
+  return plan;
+}
+
+// A kept plan, checked against this call: built for this geometry, dtype and sparsity
+// pattern (its fingerprint), and no offset or segment able to leave its array.
+void check_plan(const char* op, const at::Tensor& plan, const Geom& g, bool is_float,
+                const at::Tensor& col_idx, const at::Tensor& row_ptr) {
+  TORCH_CHECK(plan.scalar_type() == at::kInt && plan.is_contiguous() && plan.is_cpu() &&
+                  plan.dim() == 1 && plan.numel() >= kPlanHeader,
+              op, ": plan must be a 1-D contiguous int32 CPU tensor from "
+              "_csr_conv2d_fused_plan_cpu");
+  const int32_t* h = plan.data_ptr<int32_t>();
+  const int64_t nnz = col_idx.numel();
+  const int64_t want[kPTiles] = {kPlanMagic, g.C,  g.H,  g.W,  g.Cout, g.kh,     g.kw,
+                                 g.ph,       g.pw, g.dh, g.dw, g.sh,   g.sw,     is_float,
+                                 nnz};
+  bool same = true;
+  for (int64_t i = 0; i < kPTiles; ++i) same &= h[i] == want[i];
+  TORCH_CHECK(same, op, ": the plan was built for another input size, conv geometry, dtype or "
+              "number of nonzeros");
+  const int64_t nt = h[kPTiles], ct = h[kPTileC];
+  TORCH_CHECK(nt >= 1 && ct >= 1 && nt == (g.C + ct - 1) / ct &&
+                  plan.numel() == plan_size(g, nnz, nt),
+              op, ": the plan's channel tiles do not match its size");
+  TORCH_CHECK(h[kPPrint] == fingerprint<64>(row_ptr, col_idx), op,
+              ": the plan was built for another sparsity pattern (row_ptr / col_idx)");
+  const int32_t* off = h + kPlanHeader;
+  const int32_t* seg = off + nnz;
+  const int32_t hi = int32_t(max_offset(g));
+  int32_t lo_seen = 0, hi_seen = 0;
+  for (int64_t q = 0; q < nnz; ++q) {
+    lo_seen = std::min(lo_seen, off[q]);
+    hi_seen = std::max(hi_seen, off[q]);
+  }
+  TORCH_CHECK(lo_seen >= 0 && hi_seen <= hi, op, ": the plan's offsets leave the input");
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  bool ok = true;
+  for (int64_t o = 0; o < g.Cout; ++o) {
+    const int32_t* s = seg + o * (nt + 1);
+    ok &= s[0] == rp[o] && s[nt] == rp[o + 1];
+    for (int64_t t = 0; t < nt; ++t) ok &= s[t] <= s[t + 1];
+  }
+  TORCH_CHECK(ok, op, ": the plan's segments do not match row_ptr");
+}
+
+// x (N, C, H, W) -> (N, C_out, OH, OW), or (N, C_out, OH/2, OW/2) with `pool`.
+at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
+                                 const at::Tensor& col_idx, const at::Tensor& row_ptr,
+                                 at::IntArrayRef weight_shape, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, bool relu,
+                                 bool pool, at::IntArrayRef stride,
+                                 const std::optional<at::Tensor>& plan) {
+  constexpr const char* op = "_csr_conv2d_fused_cpu";
+  TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == values.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              op, ": x and values must both be float32 or both float64");
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  const bool is_float = x.scalar_type() == at::kFloat;
+  const Geom g = make_geom(op, x.size(0), x.size(1), x.size(2), x.size(3), weight_shape, padding,
+                           dilation, stride, is_float);
+  check_row_ptr(op, g, col_idx, row_ptr);
+  const int64_t nnz = col_idx.numel();
   TORCH_CHECK(values.numel() == nnz, op, ": values and col_idx differ in length");
   Epilogue e{pool, relu, pool ? g.OH / 2 : g.OH, pool ? g.OW / 2 : g.OW};
   e.stream = g.N * g.Cout * e.OHo * e.OWo * int64_t(x.element_size()) >= kStreamBytes;
@@ -502,77 +657,52 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
                 op, ": residual must have the output's shape ", at::IntArrayRef(out_sizes),
                 " and x's dtype, got ", r.sizes());
   }
-  // The CSR checks and the nonzeros' input offsets, in one O(nnz) pass.
-  const int32_t* rp = row_ptr.data_ptr<int32_t>();
-  const int32_t* col = col_idx.data_ptr<int32_t>();
-  TORCH_CHECK(rp[0] == 0 && rp[g.Cout] == nnz, op, ": row_ptr must start at 0 and end at nnz");
-  for (int64_t o = 0; o < g.Cout; ++o)
-    TORCH_CHECK(rp[o] <= rp[o + 1], op, ": row_ptr must be non-decreasing (row ", o, ")");
-  // Per column k = (ci*kh + i)*kw + j: its offset in the shifted copies, then per nonzero a
-  // table lookup (divisions by kh*kw and kw per nonzero were most of a small batch's time).
-  std::vector<int32_t> koff(K);
-  for (int64_t ci = 0, k = 0; ci < g.C; ++ci)
-    for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j, ++k)
-        koff[k] = int32_t(j * g.CS + ci * g.plane() +
-                          (i * g.dh % g.sh * g.Hq + i * g.dh / g.sh) * g.Wr);
   const int64_t work = nnz * g.N * g.Lp();
   const int nthreads = int(std::clamp<int64_t>(work / min_work_per_thread(kWorkPerThread), 1,
                                                omp_get_max_threads()));
-  std::vector<int32_t> off(std::max<int64_t>(nnz, 1));
-  bool ok = true;
-#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(&& : ok)
-  for (int64_t o = 0; o < g.Cout; ++o) {
-    int64_t prev = -1;
-    for (int64_t q = rp[o]; q < rp[o + 1]; ++q) {
-      const int64_t k = col[q];
-      ok &= k > prev && k < K;
-      prev = k;
-      off[q] = koff[ok ? k : 0];
-    }
+  at::Tensor p;
+  if (plan.has_value()) {
+    p = *plan;
+    check_plan(op, p, g, is_float, col_idx, row_ptr);
+  } else {
+    p = build_plan(op, g, col_idx, row_ptr, is_float, nthreads, false);
   }
-  TORCH_CHECK(ok, op, ": col_idx out of range [0, ", K,
-              ") or not strictly increasing within a row");
-  const int64_t khw = g.kh * g.kw;
-  // Channel tiles: as many channels as keep a chunk's input runs within kTileBytes, but no
-  // fewer than make a row's segment about kSegNnz nonzeros long (a segment's accumulators go
-  // in and out of memory).
-  const int64_t esize = x.element_size();
-  const Chunks chk = x.scalar_type() == at::kFloat ? chunks_for<float>(g.Lp())
-                                                   : chunks_for<double>(g.Lp());
-  const int64_t read_phases = __builtin_popcount(g.phases);
-  const int64_t per_channel =
-      g.kw * (read_phases * chk.U * VW + (g.kh - 1) * g.dh / g.sh * g.Wr) * esize;
-  const double per_row_channel = double(nnz) / double(g.Cout * g.C);
-  const int64_t ct_min = int64_t(std::ceil(kSegNnz / std::max(per_row_channel, 1e-9)));
-  const int64_t ct = std::clamp<int64_t>(std::max(kTileBytes / per_channel, ct_min), 1, g.C);
-  const int64_t nt = (g.C + ct - 1) / ct;
-  std::vector<int32_t> seg(g.Cout * (nt + 1));
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t o = 0; o < g.Cout; ++o) {
-    int64_t q = rp[o];
-    for (int64_t t = 0; t < nt; ++t) {
-      seg[o * (nt + 1) + t] = int32_t(q);
-      const int64_t end = (t + 1) * ct * khw;  // first column of the next tile
-      while (q < rp[o + 1] && col[q] < end) ++q;
-    }
-    seg[o * (nt + 1) + nt] = rp[o + 1];
-  }
+  const int32_t* off = p.data_ptr<int32_t>() + kPlanHeader;
+  const int64_t nt = p.data_ptr<int32_t>()[kPTiles];
 
   const at::Tensor xc = x.contiguous();
   auto out = at::empty(out_sizes, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    conv_direct<scalar_t>(g, e, xc.data_ptr<scalar_t>(), off.data(),
-                          values.data_ptr<scalar_t>(), seg.data(), nt,
-                          b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+    conv_direct<scalar_t>(g, e, xc.data_ptr<scalar_t>(), off, values.data_ptr<scalar_t>(),
+                          off + nnz, nt, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                           r.defined() ? r.data_ptr<scalar_t>() : nullptr,
                           out.data_ptr<scalar_t>(), nthreads);
   });
   return out;
 }
 
+// The plan of the conv for inputs (N, C, input_hw) of `dtype` (float32 / float64), for a
+// caller that keeps it across calls (the pattern's fingerprint is in it).
+at::Tensor _csr_conv2d_fused_plan_cpu(const at::Tensor& col_idx, const at::Tensor& row_ptr,
+                                      at::IntArrayRef weight_shape, at::IntArrayRef input_hw,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      at::IntArrayRef stride, at::ScalarType dtype) {
+  constexpr const char* op = "_csr_conv2d_fused_plan_cpu";
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": dtype must be float32 or "
+              "float64, got ", dtype);
+  TORCH_CHECK(input_hw.size() == 2 && weight_shape.size() == 4, op,
+              ": input_hw must be (H, W) and weight_shape (C_out, C_in, kh, kw)");
+  const Geom g = make_geom(op, 1, weight_shape[1], input_hw[0], input_hw[1], weight_shape,
+                           padding, dilation, stride, dtype == at::kFloat);
+  check_row_ptr(op, g, col_idx, row_ptr);
+  return build_plan(op, g, col_idx, row_ptr, dtype == at::kFloat, omp_get_max_threads(), true);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparsecore, CPU, m) { m.impl("_csr_conv2d_fused_cpu", &_csr_conv2d_fused_cpu); }
+TORCH_LIBRARY_IMPL(sparsecore, CPU, m) {
+  m.impl("_csr_conv2d_fused_cpu", &_csr_conv2d_fused_cpu);
+  m.impl("_csr_conv2d_fused_plan_cpu", &_csr_conv2d_fused_plan_cpu);
+}
 
 }  // namespace sparsecore

@@ -56,6 +56,7 @@
 #include <immintrin.h>
 #endif
 
+#include "fingerprint.h"
 #include "threads.h"
 #include "vec.h"
 
@@ -240,28 +241,6 @@ int64_t pick_tile_cols(int64_t n_rows, int64_t n_cols, int64_t nnz) {
   const double density = double(nnz) / (double(n_rows) * double(n_cols));
   const int64_t kt = std::max<int64_t>(kMinTileCols, int64_t(kSegNnz / density));
   return std::min<int64_t>(full, (kt + 7) / 8 * 8);
-}
-
-// FNV-1a over row_ptr and col_idx: ties a tiling to the sparsity pattern it was built for.
-// Eight interleaved lanes (independent multiply chains, which the compiler vectorises, where
-// one chain would wait on every multiply), folded into one hash. Each FNV step is a bijection
-// of the running hash, so an edit of a single index always changes the fingerprint.
-int32_t fingerprint(const at::Tensor& row_ptr, const at::Tensor& col_idx) {
-  constexpr int kLanes = 8;
-  constexpr uint32_t kPrime = 16777619u;
-  uint32_t h[kLanes];
-  for (int j = 0; j < kLanes; ++j) h[j] = 2166136261u + uint32_t(j);
-  for (const at::Tensor* t : {&row_ptr, &col_idx}) {
-    const int32_t* p = t->data_ptr<int32_t>();
-    const int64_t n = t->numel();
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) h[j] = (h[j] ^ uint32_t(p[i + j])) * kPrime;
-    for (; i < n; ++i) h[i % kLanes] = (h[i % kLanes] ^ uint32_t(p[i])) * kPrime;
-  }
-  uint32_t out = 2166136261u;
-  for (int j = 0; j < kLanes; ++j) out = (out ^ h[j]) * kPrime;
-  return int32_t(out);
 }
 
 at::Tensor build_tiling(const char* op, const at::Tensor& col_idx, const at::Tensor& row_ptr,

@@ -216,6 +216,25 @@ class CSRDirectConv(_ConvGeom, _Kernel):
                                    mask.reshape(weight.shape[0], -1))
         for name in ("values", "col_idx", "row_ptr"):
             self.register_buffer(name, getattr(csr, name).contiguous())
+        self._plan: tuple[tuple, Tensor] | None = None
+
+    def plan(self, x: Tensor) -> Tensor | None:
+        """The C++ op's plan for inputs shaped like x (each nonzero's offset in the shifted
+        copies, built once per input size, dtype and sparsity pattern: at batch 1 building
+        it took as long as the product), or None while torch.compile traces (the op then
+        builds it per call). The key follows the index buffers' version counters, so an
+        in-place load of another pattern rebuilds it; the op checks it against the pattern
+        either way."""
+        if torch.compiler.is_compiling():
+            return None
+        key = (tuple(x.shape[1:]), x.dtype, self.col_idx.data_ptr(), self.col_idx._version,
+               self.row_ptr.data_ptr(), self.row_ptr._version)
+        if self._plan is None or self._plan[0] != key:
+            plan = torch.ops.sparsecore._csr_conv2d_fused_plan_cpu(
+                self.col_idx, self.row_ptr, self.weight_shape, list(x.shape[2:]),
+                self.padding, self.dilation, self.stride, x.dtype)
+            self._plan = (key, plan)
+        return self._plan[1]
 
     def forward(self, x: Tensor, bias: Tensor | None, residual: Tensor | None = None,
                 relu: bool = False, pool: bool = False) -> Tensor:
@@ -229,7 +248,7 @@ class CSRDirectConv(_ConvGeom, _Kernel):
             return _conv_epilogue_reference(x, weight, self, bias, residual, relu, pool)
         return torch.ops.sparsecore._csr_conv2d_fused_cpu(
             x, self.values, self.col_idx, self.row_ptr, self.weight_shape, self.padding,
-            self.dilation, bias, residual, relu, pool, self.stride)
+            self.dilation, bias, residual, relu, pool, self.stride, self.plan(x))
 
 
 def tap_major_csr(weight: Tensor, mask: Tensor, channel_tile: int

@@ -70,7 +70,7 @@ def _register() -> None:
     def _(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, weight_shape: list[int],
           padding: list[int], dilation: list[int], bias: Tensor | None,
           residual: Tensor | None, relu: bool, pool: bool,
-          stride: Sequence[int] = (1, 1)) -> Tensor:
+          stride: Sequence[int] = (1, 1), plan: Tensor | None = None) -> Tensor:
         return _conv_out(x, weight_shape, stride, padding, dilation, pool)
 
     @torch.library.register_fake("sparsecore::_csr_conv2d_chwn_cpu")
