@@ -412,7 +412,23 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
   T* xp = vec_scratch<T>(0, xp_len);
   T* ys = vec_scratch<T>(1, g.Cout * span);
   constexpr int64_t kRows = 8;
-  const int64_t nblk = (g.Cout + kRows - 1) / kRows;
+  // Each thread takes the same contiguous rows in every call, balanced by nonzero count: its
+  // share of the weight then stays in its own L2 from one call to the next where it fits (a
+  // dynamic schedule of 8-row blocks moved rows between threads: batch 1, 512 channels at
+  // 2x2, two threads, 271 -> 173 us). first_row(q): the first row starting at or after
+  // nonzero q.
+  const int64_t total = g.Cout ? seg[(g.Cout - 1) * (nt + 1) + nt] : 0;
+  auto first_row = [&](int64_t q) {
+    int64_t lo = 0, hi = g.Cout;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (seg[mid * (nt + 1)] < q)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    return lo;
+  };
   for (int64_t n = 0; n < g.N; ++n) {
 #pragma omp parallel num_threads(nthreads)
     {
@@ -421,9 +437,10 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
       const int64_t c0 = g.C * t / nt_, c1 = g.C * (t + 1) / nt_;
       shifted_copies(g, x + n * in_len, xp, c0, c1, t == 0);
 #pragma omp barrier
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < nblk; ++b) {
-        const int64_t co0 = b * kRows, co1 = std::min(g.Cout, co0 + kRows);
+      const int64_t r0 = t == 0 ? 0 : first_row(total * t / nt_);
+      const int64_t r1 = t == nt_ - 1 ? g.Cout : first_row(total * (t + 1) / nt_);
+      for (int64_t co0 = r0; co0 < r1; co0 += kRows) {
+        const int64_t co1 = std::min(r1, co0 + kRows);
         fn(xp, off, val, seg, nt, co0, co1, ch.n, ys, span);
         for (int64_t co = co0; co < co1; ++co) finish(n, co, ys);
       }
