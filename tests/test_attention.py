@@ -84,7 +84,14 @@ def test_extreme_scores() -> None:
     for qq in (q, torch.zeros_like(q), torch.full_like(q, 1e-20)):
         got = attention(qq, k, v, True)
         assert torch.isfinite(got).all()
-        _close(got, _ref(qq, k, v, True))
+        ref = _ref(qq, k, v, True)
+        # scores in the thousands carry float32 rounding of ~1e-4 into the softmax: held to
+        # torch's own float32 attention on the same input
+        torch32 = F.scaled_dot_product_attention(
+            qq.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        ).transpose(1, 2)
+        err, err_torch = ((z.double() - ref).abs().max().item() for z in (got, torch32))
+        assert err <= max(4 * err_torch, 1e-5 * ref.abs().max().item()), (err, err_torch)
 
 
 def test_gradient_mode_falls_back_to_torch() -> None:

@@ -173,46 +173,30 @@ inline double softmax_row(double* s, int64_t len, int64_t padded) {
 }
 
 // ---- the two products of a block of kRows query rows -----------------------------------
-// s[r][j0 .. j0 + NV W) = sum_d qs[r][d] kt[d][j] (qs: the block's queries, scaled).
+// c[r][0, NV W) = sum_{i < n} a[r lda + i] b[i ldb + (0, NV W)] for r < kRows: one broadcast
+// of a per row and step, NV vectors of b shared by the kRows rows. Scores: a = the block's
+// scaled queries, b = K^T from the block's first key; outputs: a = the probabilities, b = V
+// from a vector of head_dim.
 template <typename T, int NV>
-inline void scores(const T* qs, const T* kt, int64_t tkp, int64_t D, int64_t j0, T* s) {
+inline void block_product(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t n, T* c,
+                          int64_t ldc) {
   using V = typename VecOf<T>::V;
   V acc[kRows][NV];
   for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = V::zero();
-  for (int64_t d = 0; d < D; ++d) {
-    V kv[NV];
-    for (int c = 0; c < NV; ++c) kv[c] = V::load(kt + d * tkp + j0 + c * V::W);
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  for (int64_t i = 0; i < n; ++i) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + i * ldb + v * V::W);
     for (int r = 0; r < kRows; ++r) {
-      const V qb = V::bcast(qs[r * D + d]);
-      for (int c = 0; c < NV; ++c) acc[r][c].fma(qb, kv[c]);
+      const V ab = V::bcast(a[r * lda + i]);
+      for (int v = 0; v < NV; ++v) acc[r][v].fma(ab, bv[v]);
     }
   }
   for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c].store(s + r * tkp + j0 + c * V::W);
+    for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * V::W);
 }
 
-// o[r][d0 .. d0 + NV W) = sum_{j < nk} p[r][j] vp[j][d] (p: the block's probabilities).
-template <typename T, int NV>
-inline void values(const T* p, int64_t tkp, const T* vp, int64_t dp, int64_t nk, int64_t d0,
-                   T* o) {
-  using V = typename VecOf<T>::V;
-  V acc[kRows][NV];
-  for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = V::zero();
-  for (int64_t j = 0; j < nk; ++j) {
-    V vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = V::load(vp + j * dp + d0 + c * V::W);
-    for (int r = 0; r < kRows; ++r) {
-      const V pb = V::bcast(p[r * tkp + j]);
-      for (int c = 0; c < NV; ++c) acc[r][c].fma(pb, vv[c]);
-    }
-  }
-  for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c].store(o + r * dp + d0 + c * V::W);
-}
-
-template <typename T, typename F>
+template <typename F>
 inline void by_vectors(int64_t nv, F&& f) {  // f(first vector, count) in runs of <= kVecs
   static_assert(kVecs == 4);
   int64_t c = 0;
@@ -269,8 +253,8 @@ void head(const Geom& g, const T* q, const T* k, const T* v, T* o) {
     }
     const int64_t nk = g.causal ? std::min(g.Tk, i0 + rows) : g.Tk;  // keys the block sees
     const int64_t nkv = (nk + W - 1) / W;
-    by_vectors<T>(nkv, [&](int64_t c, auto n) {
-      scores<T, decltype(n)::value>(qs, kt, tkp, D, c * W, s);
+    by_vectors(nkv, [&](int64_t c, auto n) {  // S = Q K^T
+      block_product<T, decltype(n)::value>(qs, D, kt + c * W, tkp, D, s + c * W, tkp);
     });
     T inv[kRows];
     for (int64_t r = 0; r < kRows; ++r) {
@@ -283,8 +267,8 @@ void head(const Geom& g, const T* q, const T* k, const T* v, T* o) {
         inv[r] = T(1) / softmax_row(sr, len, nkv * W);
       }
     }
-    by_vectors<T>(dp / W, [&](int64_t c, auto n) {
-      values<T, decltype(n)::value>(s, tkp, vp, dp, nk, c * W, ob);
+    by_vectors(dp / W, [&](int64_t c, auto n) {  // O = P V
+      block_product<T, decltype(n)::value>(s, tkp, vp + c * W, dp, nk, ob + c * W, dp);
     });
     for (int64_t r = 0; r < rows; ++r) {
       T* dst = o + (i0 + r) * g.H * D;
