@@ -331,7 +331,11 @@ def test_cache_density_buckets_cache_file_and_rounds(tmp_path, monkeypatch) -> N
 
     def recording(fns, device, **kwargs):
         seen.append(kwargs)
-        return real(fns, device, **kwargs)
+        times = real(fns, device, **kwargs)
+        # dense made the fastest: a sparse choice would add the whole-model comparison
+        # (a timing call of its own), which the per-layer measurement decides by chance here
+        times["dense"] = min(times.values()) / 2
+        return times
 
     monkeypatch.setattr(opt_mod, "time_interleaved", recording)
     path = tmp_path / "run" / "kernels.json"
