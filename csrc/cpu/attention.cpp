@@ -30,9 +30,7 @@ namespace sparsecore {
 namespace {
 
 using vec::VecOf;
-#if defined(__AVX512F__)
 using vec::VF;
-#endif
 using vec::vec_scratch;
 
 constexpr int kRows = 4;  // query rows per block
@@ -42,13 +40,42 @@ constexpr int64_t kWorkPerThread = int64_t(1) << 19;
 
 // ---- softmax of one row: s[j] <- exp(s[j] - max) for j < len, 0 for len <= j < padded;
 // returns the sum -------------------------------------------------------------------------
+// Scalar form (float64; float32 without AVX2).
+template <typename T>
+inline T softmax_row_scalar(T* s, int64_t len, int64_t padded) {
+  T mx = s[0];
+  for (int64_t j = 1; j < len; ++j) mx = std::max(mx, s[j]);
+  T sum = 0;
+  for (int64_t j = 0; j < len; ++j) sum += (s[j] = std::exp(s[j] - mx));
+  for (int64_t j = len; j < padded; ++j) s[j] = 0;
+  return sum;
+}
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// e^r for |r| <= ln2 / 2 by the Cephes polynomial (about 1 ulp), in the build's vectors.
+inline VF exp_poly(VF r) {
+  constexpr float c[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  VF p = VF::bcast(c[0]);
+  for (int i = 1; i < 6; ++i) {  // p = p r + c[i]
+    VF t = VF::bcast(c[i]);
+    t.fma(p, r);
+    p = t;
+  }
+  VF r2 = VF::zero(), out = VF::bcast(1.0f);
+  r2.fma(r, r);
+  out.add(r);
+  out.fma(p, r2);  // p r^2 + r + 1
+  return out;
+}
+#endif
+
 #if defined(__AVX512F__)
 // The all-lanes masked forms: GCC 12 warns of the unmasked ones' undefined pass-through.
 inline __m512 max16(__m512 a, __m512 b) { return _mm512_mask_max_ps(a, 0xFFFF, a, b); }
 
-// exp(x) for x <= 0 (x - max): 2^n e^r with |r| <= ln2 / 2, e^r by the Cephes polynomial
-// (about 1 ulp); below -87.3 the result is the smallest normal, which only the zeroed tail
-// ever reaches.
+// exp(x) for x <= 0 (x - max): 2^n e^r with |r| <= ln2 / 2; below -87.3 the result is the
+// smallest normal, which only the zeroed tail ever reaches.
 inline __m512 exp_neg(__m512 x) {
   x = max16(x, _mm512_set1_ps(-87.3f));
   const __m512 xl = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
@@ -56,13 +83,7 @@ inline __m512 exp_neg(__m512 x) {
                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 p = exp_poly(VF{r}).v;
   return _mm512_mask_scalef_ps(p, 0xFFFF, p, n);
 }
 
@@ -105,22 +126,10 @@ inline __m256 exp_neg(__m256 x) {  // as the AVX-512 one; 2^n built in the expon
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256 p = exp_poly(VF{r}).v;
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-inline float hsum8(__m256 v) {
-  alignas(32) float t[8];
-  _mm256_store_ps(t, v);
-  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
 
 inline float softmax_row(float* s, int64_t len, int64_t padded) {
@@ -139,7 +148,7 @@ inline float softmax_row(float* s, int64_t len, int64_t padded) {
     _mm256_storeu_ps(s + j, e);
     sum = _mm256_add_ps(sum, e);
   }
-  float total = hsum8(sum);
+  float total = VF{sum}.sum();
   if (j < padded) {
     alignas(32) float buf[8] = {};
     for (int64_t i = j; i < len; ++i) buf[i - j] = s[i];
@@ -154,22 +163,12 @@ inline float softmax_row(float* s, int64_t len, int64_t padded) {
 }
 #else
 inline float softmax_row(float* s, int64_t len, int64_t padded) {
-  float mx = s[0];
-  for (int64_t j = 1; j < len; ++j) mx = std::max(mx, s[j]);
-  float sum = 0;
-  for (int64_t j = 0; j < len; ++j) sum += (s[j] = std::exp(s[j] - mx));
-  for (int64_t j = len; j < padded; ++j) s[j] = 0;
-  return sum;
+  return softmax_row_scalar(s, len, padded);
 }
 #endif
 
 inline double softmax_row(double* s, int64_t len, int64_t padded) {
-  double mx = s[0];
-  for (int64_t j = 1; j < len; ++j) mx = std::max(mx, s[j]);
-  double sum = 0;
-  for (int64_t j = 0; j < len; ++j) sum += (s[j] = std::exp(s[j] - mx));
-  for (int64_t j = len; j < padded; ++j) s[j] = 0;
-  return sum;
+  return softmax_row_scalar(s, len, padded);
 }
 
 // ---- the two products of a block of kRows query rows -----------------------------------

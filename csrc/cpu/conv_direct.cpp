@@ -83,14 +83,6 @@ Chunks chunks_for(int64_t Lp) {
   return {int((nvec + n - 1) / n), n};
 }
 
-// row[0, Wr) = src[q] for q in [q0, q1), 0 elsewhere.
-template <typename T>
-inline void copy_row(T* row, const T* src, int64_t q0, int64_t q1, int64_t Wr) {
-  std::fill(row, row + q0, T(0));
-  std::memcpy(row + q0, src + q0, (q1 - q0) * sizeof(T));
-  std::fill(row + q1, row + Wr, T(0));
-}
-
 // shifted_copies for float32 rows of whole vectors at column stride S = 1 or 2 (every conv
 // of the bench's models): each input row is read once and written into the kw copies, with
 // each copy's per-vector lane masks (the image's columns; the lanes outside load nothing and
@@ -244,12 +236,11 @@ void shifted_copies(const Geom& g, const T* x, T* xs, int64_t c0, int64_t c1, bo
             continue;
           }
           const T* src = x + (c * g.H + h) * g.W + shift;
-          if (g.sw == 1) {
-            copy_row(row, src, q0, q1, g.Wr);
-            continue;
-          }
           std::fill(row, row + q0, T(0));
-          for (int64_t q = q0; q < q1; ++q) row[q] = src[q * g.sw];
+          if (g.sw == 1)
+            std::memcpy(row + q0, src + q0, (q1 - q0) * sizeof(T));
+          else
+            for (int64_t q = q0; q < q1; ++q) row[q] = src[q * g.sw];
           std::fill(row + q1, row + g.Wr, T(0));
         }
       }

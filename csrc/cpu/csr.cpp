@@ -451,7 +451,6 @@ struct LayerNormIn {
   double eps = 1e-5;
 };
 
-// dst[0, K) = LayerNorm of src[0, K) (two passes over the row, in double).
 // sum_k f(src[k]) in double over kLanes interleaved partial sums: independent add chains,
 // which the compiler vectorises (one chain waits on every add: at K = 512 the two sums of a
 // row took longer than the rest of packing it).
@@ -468,6 +467,7 @@ inline double lane_sum(const T* src, int64_t K, F&& f) {
   return sum;
 }
 
+// dst[0, K) = LayerNorm of src[0, K) (the statistics in double).
 template <typename T>
 inline void layer_norm_row(const T* src, int64_t K, const LayerNormIn<T>& ln, T* dst) {
   const double n = double(std::max<int64_t>(K, 1));
