@@ -87,9 +87,9 @@ Chunks chunks_for(int64_t Lp) {
 // of the bench's models): each input row is read once and written into the kw copies, with
 // each copy's per-vector lane masks (the image's columns; the lanes outside load nothing and
 // come out 0) computed once per call; at stride 2 a vector of the copy is the even elements
-// of two loaded vectors. The general path's per-row mask arithmetic, its pass over the input
-// per copy and its scalar column gather at stride 2 took up to 1.6x (stride 1) and 4x
-// (stride 2) as long. L: lanes per vector (AVX-512: 16, or 8 for rows of 8; AVX2: 8).
+// of two loaded vectors. The general path's per-row work, its pass over the input per copy
+// and its scalar column gather at stride 2 were several times slower (bench/results,
+// models notes). L: lanes per vector (AVX-512: 16, or 8 for rows of 8; AVX2: 8).
 #if defined(__AVX512F__) || defined(__AVX2__)
 #if defined(__AVX512F__)
 template <int L>
@@ -138,7 +138,8 @@ inline void copy_vec(float* row, const float* src, const LaneMask<L>* m) {
     _mm256_store_ps(row, _mm256_maskload_ps(src, m[0].m));
   } else {  // a0 a2 b0 b2 | a4 a6 b4 b6, then its 64-bit pairs reordered
     const __m256 t = _mm256_shuffle_ps(_mm256_maskload_ps(src, m[0].m),
-                                       _mm256_maskload_ps(src + 8, m[1].m), _MM_SHUFFLE(2, 0, 2, 0));
+                                       _mm256_maskload_ps(src + 8, m[1].m),
+                                       _MM_SHUFFLE(2, 0, 2, 0));
     _mm256_store_ps(row, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t),
                                                                 _MM_SHUFFLE(3, 1, 2, 0))));
   }
@@ -271,8 +272,8 @@ void sample_product(const T* xs, const int32_t* off, const T* val, const int32_t
         int64_t q = sg[0];
         if constexpr (U <= 2) {
           // Fewer chains than an FMA's latency in cycles: a second set of accumulators for
-          // every other nonzero keeps the FMA unit busier (4x4 outputs, one vector per row:
-          // 18 % faster; four sets were no faster, two sets at U = 4 no faster either).
+          // every other nonzero keeps the FMA unit busier (faster at 4x4 outputs, one vector
+          // per row; four sets were no faster, nor two sets at U = 4: models notes).
           V acc2[U];
           for (int u = 0; u < U; ++u) acc2[u] = V::zero();
           for (; q + 1 < sg[1]; q += 2) {
@@ -405,9 +406,9 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
   constexpr int64_t kRows = 8;
   // Each thread takes the same contiguous rows in every call, balanced by nonzero count: its
   // share of the weight then stays in its own L2 from one call to the next where it fits (a
-  // dynamic schedule of 8-row blocks moved rows between threads: batch 1, 512 channels at
-  // 2x2, two threads, 271 -> 173 us). first_row(q): the first row starting at or after
-  // nonzero q.
+  // dynamic schedule of 8-row blocks moved rows between threads, and two threads at batch 1
+  // were no faster than one: models notes). first_row(q): the first row starting at or
+  // after nonzero q.
   const int64_t total = g.Cout ? seg[(g.Cout - 1) * (nt + 1) + nt] : 0;
   auto first_row = [&](int64_t q) {
     int64_t lo = 0, hi = g.Cout;

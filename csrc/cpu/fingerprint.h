@@ -14,7 +14,7 @@ namespace sparsecore {
 // one chain would wait on every multiply), folded into one hash. Each FNV step is a bijection
 // of the running hash, so an edit of a single index always changes the fingerprint. The CSR
 // tilings keep 8 lanes (their fingerprints are in saved models); a direct conv's plan, checked
-// on every call, takes 64 (four vectors' chains: 4x faster).
+// on every call, takes 64 (four vectors' independent chains).
 template <int kLanes = 8>
 inline int32_t fingerprint(const at::Tensor& row_ptr, const at::Tensor& col_idx) {
   constexpr uint32_t kPrime = 16777619u;

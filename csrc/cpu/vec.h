@@ -22,7 +22,7 @@ namespace vec {
 // Denormal numbers as zero (inputs and results: MXCSR's DAZ and FTZ) while a kernel runs, in
 // the thread that holds the guard: on x86 every operation that meets a denormal takes a
 // microcode assist, which made a deep random-weight net's activations (decayed into
-// denormals) run 2.5x slower in the sparse kernels; the dense engines compared with flush
+// denormals) run several times slower in the sparse kernels; the dense engines compared with flush
 // them too. Results move by less than the smallest normal float. The thread's mode is
 // restored on exit, so torch's own ops on the same threads keep IEEE denormals.
 struct DenormalsAsZero {
