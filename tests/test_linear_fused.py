@@ -67,6 +67,45 @@ def test_dsd_epilogue(dtype, batch, act, operands) -> None:
         _close(got, ACTS[act](ref))
 
 
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("residual", [False, True])
+def test_epilogue_after_the_last_tile(act, residual) -> None:
+    """Wide K cut into several column tiles, half of the rows with nothing in the last tile
+    and some rows empty: the bias and activation still reach every row, once, in the dsd op
+    and in both layers of the MLP op."""
+    n_out, n_in = 75, 700
+    mask = torch.rand(n_out, n_in) < 0.1
+    mask[::2, 520:] = False
+    mask[5] = False
+    w = torch.randn(n_out, n_in, dtype=torch.float64) * mask
+    csr = CSRWeight.from_dense(w, mask)
+    tiling = torch.ops.sparsecore._csr_tiling_cpu(csr.col_idx, csr.row_ptr, n_in)
+    assert int(tiling[5]) >= 3  # the header's tile count
+    x = torch.randn(130, n_in, dtype=torch.float64)
+    bias = torch.randn(n_out, dtype=torch.float64)
+    res = torch.randn(130, n_out, dtype=torch.float64) if residual else None
+    ref = x @ w.T + bias + (res if residual else 0)
+    got = torch.ops.sparsecore._csr_dsd_cpu(x, csr.values, csr.col_idx, csr.row_ptr, tiling,
+                                            n_out, None, bias, res, act)
+    _close(got, ACTS[act](ref))
+    # the same matrix as the MLP's second layer (hidden width n_in), then as its first
+    w1 = torch.randn(n_in, 40, dtype=torch.float64) * (torch.rand(n_in, 40) < 0.3)
+    c1 = CSRWeight.from_dense(w1, w1 != 0)
+    b1 = torch.randn(n_in, dtype=torch.float64)
+    x40 = torch.randn(130, 40, dtype=torch.float64)
+    h = ACTS[act](x40 @ w1.T + b1)
+    got = torch.ops.sparsecore._csr_mlp_cpu(
+        x40, c1.values, c1.col_idx, c1.row_ptr, None, None, b1, act,
+        csr.values, csr.col_idx, csr.row_ptr, tiling, None, bias, res, act)
+    _close(got, ACTS[act](h @ w.T + bias + (res if residual else 0)))
+    w2 = torch.randn(30, n_out, dtype=torch.float64) * (torch.rand(30, n_out) < 0.3)
+    c2 = CSRWeight.from_dense(w2, w2 != 0)
+    got = torch.ops.sparsecore._csr_mlp_cpu(
+        x, csr.values, csr.col_idx, csr.row_ptr, tiling, None, bias, act,
+        c2.values, c2.col_idx, c2.row_ptr, None, None, None, None, 0)
+    _close(got, ACTS[act](x @ w.T + bias) @ w2.T)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [3, 64, 130])
 @pytest.mark.parametrize("affine", ["both", "weight", "none"])

@@ -631,6 +631,9 @@ struct SpmmArgs {
   const T* xt;   // packed (rows = n_cols of W)
   T* yt;         // output chunk c, row o at yt + c * y_chunk_stride + o * ldy
   int64_t ldy, y_chunk_stride;
+  // Applied to each output row after its last tile, while the row is in L1: y = act(y + bias).
+  const T* bias = nullptr;  // (n_rows of W,)
+  int64_t act = 0;          // a LinearAct
 };
 
 // NV vectors from lane 0 of x / y: tile 0 starts from zero, later tiles add.
@@ -648,19 +651,28 @@ inline void spmm_vecs(const T* val, const int32_t* col, int64_t lo, int64_t hi, 
   for (int j = 0; j < NV; ++j) acc[j].store(y + j * V::W);
 }
 
-// Segment (t, o) over chunk c of width w: a full chunk takes the whole-chunk path; a narrow last
-// chunk is cut into 4/2/1 vectors and then 4/2/1 scalar lanes.
+// y[0, w) = act(y + bias): one packed output row, the lanes of one feature.
 template <typename T>
-inline void spmm_segment(const SpmmArgs<T>& a, int64_t c, int64_t w, int64_t t, int64_t o) {
+inline void row_epilogue(T* y, int64_t w, T bias, int64_t act) {
+  if (act == kActGelu) {
+    for (int64_t l = 0; l < w; ++l) y[l] = gelu(y[l] + bias);
+  } else if (act == kActRelu) {
+    for (int64_t l = 0; l < w; ++l) y[l] = std::max(y[l] + bias, T(0));
+  } else {
+    for (int64_t l = 0; l < w; ++l) y[l] += bias;
+  }
+}
+
+// Segment [lo, hi) over chunk c of width w into y: a full chunk takes the whole-chunk path; a
+// narrow last chunk is cut into 4/2/1 vectors and then 4/2/1 scalar lanes.
+template <typename T>
+inline void spmm_product(const SpmmArgs<T>& a, int64_t c, int64_t w, int64_t lo, int64_t hi, T* y,
+                         bool first) {
   using V = typename Simd<T>::V;
   using S = ScalarVec<T>;
   constexpr int W = V::W;
   const Tiling& m = *a.w;
-  const int64_t s = t * m.n_rows + o, lo = m.ptr[s], hi = m.ptr[s + 1];
-  const bool first = t == 0;
-  if (!first && lo == hi) return;
   const T* x = a.xt + c * m.n_cols * kChunk<T>;
-  T* y = a.yt + c * a.y_chunk_stride + o * a.ldy;
   if (w == kChunk<T>) {
     // A full chunk in the widest vectors the build has (AVX-512: 4 of 16 floats, where the
     // chunk's 8 AVX2 vectors would take twice the loads and FMAs).
@@ -674,6 +686,19 @@ inline void spmm_segment(const SpmmArgs<T>& a, int64_t c, int64_t w, int64_t t, 
   if (w - b >= 4) spmm_vecs<S, 4>(a.val, m.col, lo, hi, x + b, y + b, first), b += 4;
   if (w - b >= 2) spmm_vecs<S, 2>(a.val, m.col, lo, hi, x + b, y + b, first), b += 2;
   if (w - b >= 1) spmm_vecs<S, 1>(a.val, m.col, lo, hi, x + b, y + b, first);
+}
+
+// Segment (t, o) over chunk c of width w (tile 0 starts from zero, later tiles add; empty ones
+// are skipped), then the row epilogue after the last tile.
+template <typename T>
+inline void spmm_segment(const SpmmArgs<T>& a, int64_t c, int64_t w, int64_t t, int64_t o) {
+  const Tiling& m = *a.w;
+  const int64_t s = t * m.n_rows + o, lo = m.ptr[s], hi = m.ptr[s + 1];
+  const bool first = t == 0;
+  T* y = a.yt + c * a.y_chunk_stride + o * a.ldy;
+  if (first || lo < hi) spmm_product(a, c, w, lo, hi, y, first);
+  if (t == m.ntiles - 1 && (a.bias || a.act != kActNone))
+    row_epilogue(y, w, a.bias ? a.bias[o] : T(0), a.act);
 }
 
 template <typename T>
@@ -861,17 +886,22 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
     pack_transposed_ln(x.data_ptr<T>(), B, K, x.stride(0), ln, xt);
   else
     pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
-  const SpmmArgs<T> a{&w, val, xt, yt, kChunk<T>, n_out * kChunk<T>};
+  // Bias and activation on the packed rows inside the product; a residual comes before the
+  // activation and has the unpacked layout, so with one everything waits for the unpack.
+  const bool in_product = e.res == nullptr;
+  SpmmArgs<T> a{&w, val, xt, yt, kChunk<T>, n_out * kChunk<T>};
+  if (in_product) a.bias = e.bias, a.act = e.act;
 #pragma omp parallel num_threads(team())
   spmm_all(a, B, &split);
-  unpack_transposed(yt, B, n_out, y.data_ptr<T>(), e);
+  unpack_transposed(yt, B, n_out, y.data_ptr<T>(), in_product ? LinearEpilogue<T>{} : e);
 }
 
 // Two Linear layers in a row, x -> act2(W2 act1(W1 x + b1) + b2 + residual) (a Transformer's
 // MLP), with the hidden activation left in the packed layout between them: W1's packed output
 // (chunk, hidden feature, lanes) is exactly W2's packed input, so the hidden activation is
 // never transposed back and forth (two passes over the widest activation of the block); its
-// bias and activation run on the packed rows. Small batches run the two products one by one.
+// bias and activation run in the product, on each row after its last tile. Small batches run
+// the two products one by one.
 struct CsrOperand {
   const at::Tensor& values;
   const at::Tensor& col_idx;
@@ -916,31 +946,16 @@ void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
     pack_transposed_ln(x.data_ptr<T>(), B, K, x.stride(0), ln, xt);
   else
     pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
-  const SpmmArgs<T> a1{&w1, v1, xt, ht, CH, H * CH};
+  SpmmArgs<T> a1{&w1, v1, xt, ht, CH, H * CH};
+  a1.bias = e1.bias, a1.act = e1.act;
 #pragma omp parallel num_threads(team())
   spmm_all(a1, B, &split1);
-  if (e1.bias || e1.act != kActNone) {
-#pragma omp parallel num_threads(team())
-    {
-      const vec::DenormalsAsZero daz;
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < nc * H; ++r) {  // packed row r: hidden feature r % H
-        T* row = ht + r * CH;
-        const T bias = e1.bias ? e1.bias[r % H] : T(0);
-        if (e1.act == kActGelu) {
-          for (int64_t l = 0; l < CH; ++l) row[l] = gelu(row[l] + bias);
-        } else if (e1.act == kActRelu) {
-          for (int64_t l = 0; l < CH; ++l) row[l] = std::max(row[l] + bias, T(0));
-        } else {
-          for (int64_t l = 0; l < CH; ++l) row[l] += bias;
-        }
-      }
-    }
-  }
-  const SpmmArgs<T> a2{&w2, v2, ht, yt, CH, n_out * CH};
+  const bool in_product = e2.res == nullptr;
+  SpmmArgs<T> a2{&w2, v2, ht, yt, CH, n_out * CH};
+  if (in_product) a2.bias = e2.bias, a2.act = e2.act;
 #pragma omp parallel num_threads(team())
   spmm_all(a2, B, &split2);
-  unpack_transposed(yt, B, n_out, y.data_ptr<T>(), e2);
+  unpack_transposed(yt, B, n_out, y.data_ptr<T>(), in_product ? LinearEpilogue<T>{} : e2);
 }
 
 template <typename T>
