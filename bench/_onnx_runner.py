@@ -10,12 +10,19 @@ Inputs are .npy files, one per graph input in order (their shapes fix the batch)
 (at most 200 runs), saves the first output of the last run to `--output`, and prints one
 JSON line last: engine, version, threads, reps, median_ms, p10_ms, p90_ms, mean_ms, plus
 what the engine reports about itself (DeepSparse: ISA, fraction of ops it runs).
+
+With `--rounds N` (N > 1) the caller interleaves this engine with others: the runner builds
+the engine, prints {"ready": true}, and then times one round (warm-up included) for every
+line it reads on standard input, printing {"round": i, "times_ms": [...]} after each; after
+the N-th it prints the summary line over all rounds' runs, with each round's median in
+round_median_ms. End of input before the N-th round is an error (exit status 3).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -78,13 +85,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--min-time", type=float, default=0.2, help="seconds")
     p.add_argument("--output", default=None, help="save the first output here (.npy)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds, each started by a line on standard input when > 1")
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     inputs = [np.load(path, allow_pickle=False) for path in args.input]
     build = _ort if args.engine == "ort" else _deepsparse
     fn, info = build(args.model, inputs, args.threads)
-    times, out = time_runs(fn, args.warmup, args.reps, args.min_time)
+    times: list[float] = []
+    medians: list[float] = []
+    out = None
+    if args.rounds > 1:
+        print(json.dumps({"ready": True}), flush=True)
+    for i in range(args.rounds):
+        if args.rounds > 1 and not sys.stdin.readline():
+            print(f"standard input ended before round {i + 1} of {args.rounds}",
+                  file=sys.stderr)
+            return 3
+        got, out = time_runs(fn, args.warmup, args.reps, args.min_time)
+        times += got
+        medians.append(1e3 * float(np.median(got)))
+        if args.rounds > 1:
+            print(json.dumps({"round": i, "times_ms": [1e3 * t for t in got]}), flush=True)
     if args.output:
         np.save(args.output, np.asarray(out[0]))
     ms = 1e3 * np.asarray(times)
@@ -92,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": args.engine, **info, "threads": args.threads, "reps": len(times),
         "median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
         "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean()),
+        "round_median_ms": medians,
     }), flush=True)
     return 0
 

@@ -18,9 +18,10 @@ import torch
 
 import sparsecore._ext
 from sparsecore._io import atomic_write_text
-from sparsecore._timing import time_fn
+from sparsecore._timing import time_fn, time_samples
 
-__all__ = ["RESULTS_DIR", "time_fn", "machine_info", "format_table", "save_results", "speedup"]
+__all__ = ["RESULTS_DIR", "time_fn", "time_samples", "machine_info", "format_table",
+           "save_results", "speedup"]
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -11,7 +11,11 @@ own virtual environment through bench/_onnx_runner.py (`make bench-baselines` cr
 sparsecore); sparsecore is `sparsecore_model` (sparsecore.optimize, per thread count), and
 "sparsify" the same weights after sparsecore.nn.sparsify alone. Every engine's output is
 compared to torch's (max abs diff). Models are freshly initialised: timing does not depend
-on training.
+on training. All engines of a row are built first and then timed in `--rounds` rounds, each
+engine in turn (the ONNX engines stay loaded in their runners between rounds); an engine's
+time is the median over all its rounds' runs, and each round's median is kept
+(ENGINE_rounds_ms), so a burst of load from elsewhere on a shared machine lands on every
+engine instead of on whichever ran then.
 
 Rows of record: VGG-16 and ResNet-18 (CIFAR, 32x32, batch 1 and 64), ResNet-50 (ImageNet,
 224x224, batch 1 and 64), and the project's Transformer at 4 layers x 512 (8 heads, 128
@@ -28,6 +32,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -39,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 import sparsecore
-from bench.common import format_table, save_results, speedup, time_fn
+from bench.common import format_table, save_results, speedup, time_samples
 from sparsecore import models, prune
 from sparsecore import train as T
 from sparsecore.nn import sparsify
@@ -81,7 +86,7 @@ SPECS: dict[str, ModelSpec] = {
 FULL = {"models": "vgg16,resnet18,resnet50,transformer", "sparsities": "0.8,0.9,0.95",
         "pruning": "global,every-layer", "threads": "1,all"}
 QUICK = {"models": "resnet8", "sparsities": "0.9", "pruning": "global", "threads": "1",
-         "batches": "1", "reps": 3, "warmup": 1, "tag": "quick"}
+         "batches": "1", "reps": 3, "warmup": 1, "rounds": 1, "tag": "quick"}
 
 
 def spec(name: str) -> ModelSpec:
@@ -115,28 +120,81 @@ def export_onnx(model: nn.Module, x: Tensor, path: str) -> None:
         torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
 
 
+class OnnxWorker:
+    """`onnx_path` on `engine` ("ort" or "deepsparse") under another Python: `runner` in a
+    subprocess, inputs as .npy files, the first output saved to `output`. Built once; with
+    rounds > 1 each round() times one round there (its runs' seconds), so that the engine's
+    rounds interleave with the other engines'; finish() returns the runner's summary JSON.
+    A runner that fails raises RuntimeError with the tail of its stderr."""
+
+    def __init__(self, python: str, engine: str, onnx_path: str, inputs: list[str],
+                 threads: int, *, output: str, warmup: int = 3, reps: int = 10,
+                 min_time: float = 0.2, rounds: int = 1, runner: str = RUNNER) -> None:
+        cmd = [python, runner, "--engine", engine, "--model", onnx_path, "--threads",
+               str(threads), "--warmup", str(warmup), "--reps", str(reps), "--min-time",
+               str(min_time), "--output", output, "--rounds", str(rounds)]
+        for path in inputs:
+            cmd += ["--input", path]
+        # NM_DISABLE_ANALYTICS: DeepSparse would otherwise send usage events (and look up the
+        # country first) from the timed process.
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), NM_DISABLE_ANALYTICS="1")
+        self.engine, self.rounds = engine, rounds
+        self._err = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe would block it
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._err, text=True, env=env)
+        if rounds > 1:
+            self._read("ready")
+
+    def _read(self, key: str) -> dict[str, Any]:
+        """The next JSON line of the runner's that has `key`."""
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith("{"):
+                msg = json.loads(line)
+                if key in msg:
+                    return msg
+        code = self._proc.wait()
+        self._err.seek(0)
+        tail = " | ".join(self._err.read().strip().splitlines()[-3:])
+        if code == 0:
+            raise RuntimeError(f"{self.engine} runner printed no JSON")
+        raise RuntimeError(f"{self.engine} runner exited with {code}: {tail}")
+
+    def round(self) -> list[float]:
+        """One round timed in the runner: seconds of each run."""
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write("go\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the runner is gone: _read says why
+        return [t / 1e3 for t in self._read("round")["times_ms"]]
+
+    def finish(self) -> dict[str, Any]:
+        """The summary over all rounds (after the last round())."""
+        res = self._read("median_ms")
+        self._proc.wait()
+        return res
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        for f in (self._proc.stdin, self._proc.stdout, self._err):
+            if f is not None:
+                f.close()
+
+
 def run_onnx(python: str, engine: str, onnx_path: str, inputs: list[str], threads: int, *,
              output: str, warmup: int = 3, reps: int = 10, min_time: float = 0.2,
              runner: str = RUNNER) -> dict[str, Any]:
-    """Time `onnx_path` on `engine` ("ort" or "deepsparse") under another Python: `runner`
-    in a subprocess, inputs as .npy files, the first output saved to `output`. Returns the
-    runner's JSON; raises RuntimeError with the tail of its stderr when it fails."""
-    cmd = [python, runner, "--engine", engine, "--model", onnx_path, "--threads", str(threads),
-           "--warmup", str(warmup), "--reps", str(reps), "--min-time", str(min_time),
-           "--output", output]
-    for path in inputs:
-        cmd += ["--input", path]
-    # NM_DISABLE_ANALYTICS: DeepSparse would otherwise send usage events (and look up the
-    # country first) from the timed process.
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), NM_DISABLE_ANALYTICS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-        raise RuntimeError(f"{engine} runner exited with {proc.returncode}: {tail}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"{engine} runner printed no JSON")
-    return json.loads(lines[-1])
+    """One round of OnnxWorker: the runner's summary JSON."""
+    worker = OnnxWorker(python, engine, onnx_path, inputs, threads, output=output,
+                        warmup=warmup, reps=reps, min_time=min_time, runner=runner)
+    try:
+        return worker.finish()
+    finally:
+        worker.close()
 
 
 def max_abs_diff(ref: Tensor, out: Tensor | np.ndarray) -> float | None:
@@ -220,19 +278,26 @@ COLUMNS = ["model", "pruning", "sparsity", "batch", "threads", "torch_ms", "ort_
            "deepsparse_x", "vs_deepsparse", "max_diff", "note"]
 
 
-def _ms(module: nn.Module, x: Tensor, args: argparse.Namespace) -> float:
-    """Median forward time of module(x) in milliseconds."""
-    return 1e3 * time_fn(lambda: module(x), args.device, warmup=args.warmup, reps=args.reps)
+# Seconds between two engines' rounds: idle worker threads (OpenMP's, ONNX Runtime's) spin
+# for a while after their last task, and would take cores from the next engine's runs.
+PAUSE = 0.2
 
 
-def _baseline(engine: str, python: str, onnx_path: str, x_path: str, threads: int,
-              ref: Tensor, args: argparse.Namespace) -> dict[str, Any]:
-    """Row cells of one ONNX engine: times, output difference, what the engine reported."""
-    out_path = os.path.join(os.path.dirname(onnx_path), f"{engine}-out.npy")
-    res = run_onnx(python, engine, onnx_path, [x_path], threads, output=out_path,
-                   warmup=args.warmup, reps=args.reps)
+def _summary(engine: str, times_s: list[float], rounds: list[float]) -> dict[str, Any]:
+    """Row cells of one engine timed in this process: median over every round's runs."""
+    ms = 1e3 * np.asarray(times_s)
+    return {f"{engine}_ms": float(np.median(ms)),
+            f"{engine}_p10_ms": float(np.percentile(ms, 10)),
+            f"{engine}_p90_ms": float(np.percentile(ms, 90)),
+            f"{engine}_rounds_ms": [round(1e3 * r, 3) for r in rounds]}
+
+
+def _baseline(engine: str, res: dict[str, Any], out_path: str, ref: Tensor) -> dict[str, Any]:
+    """Row cells of one ONNX engine from its runner's summary: times, output difference,
+    what the engine reported."""
     cells = {f"{engine}_ms": res["median_ms"], f"{engine}_p10_ms": res["p10_ms"],
              f"{engine}_p90_ms": res["p90_ms"],
+             f"{engine}_rounds_ms": [round(r, 3) for r in res.get("round_median_ms", [])],
              f"{engine}_diff": max_abs_diff(ref.cpu(), np.load(out_path)),
              f"{engine}_version": res.get("version")}
     if "fraction_of_supported_ops" in res:
@@ -242,10 +307,35 @@ def _baseline(engine: str, python: str, onnx_path: str, x_path: str, threads: in
     return cells
 
 
+def _time_rounds(fns: dict[str, Callable[[], Any]], workers: dict[str, OnnxWorker],
+                 args: argparse.Namespace, notes: list[str]) -> dict[str, list[list[float]]]:
+    """args.rounds rounds; in each, every engine in turn runs its warm-up and timed runs
+    (time_samples; a worker in its own process), so that a change of load on a shared
+    machine hits every engine alike. engine -> each round's samples (seconds). A worker that
+    fails is noted and dropped."""
+    samples: dict[str, list[list[float]]] = {name: [] for name in (*fns, *workers)}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            samples[name].append(time_samples(fn, args.device, warmup=args.warmup,
+                                              reps=args.reps))
+            time.sleep(PAUSE if args.rounds > 1 or workers else 0)
+        for engine, worker in list(workers.items()):
+            try:
+                samples[engine].append(worker.round())
+            except Exception as exc:  # a baseline's failure is reported, not fatal
+                notes.append(f"{engine}: {type(exc).__name__}: {exc}")
+                worker.close()
+                del workers[engine]
+                samples.pop(engine)
+            time.sleep(PAUSE)
+    return samples
+
+
 @torch.no_grad()
 def _rows(case: Case, threads: list[int | None], engines: dict[str, str],
           args: argparse.Namespace) -> Iterator[dict[str, Any]]:
-    """Rows of one pruned model: for each batch and thread count, every engine timed."""
+    """Rows of one pruned model: for each batch and thread count, every engine timed, in
+    args.rounds interleaved rounds."""
     dense = copy.deepcopy(case.net)
     prune.remove(dense)
     dense = dense.to(args.device).eval()
@@ -271,25 +361,43 @@ def _rows(case: Case, threads: list[int | None], engines: dict[str, str],
                 row: dict[str, Any] = {
                     "model": case.model, "pruning": case.pruning, "sparsity": case.sparsity,
                     "achieved_sparsity": round(achieved, 6), "batch": batch, "threads": t,
-                    "device": args.device, "output_max_abs": float(ref.abs().max()),
-                    "torch_ms": _ms(dense, x, args)}
+                    "device": args.device, "output_max_abs": float(ref.abs().max())}
                 row_notes = list(notes)
+                fns: dict[str, Callable[[], Any]] = {"torch": lambda x=x: dense(x)}
                 net = case.net.to(args.device)
                 for engine in ("sparsecore", "sparsify"):
                     try:  # built per thread count: optimize() times at the current one
                         sc, sc_note = (sparsecore_model(net, x) if engine == "sparsecore"
                                        else sparsify_model(net))
-                        row.update({f"{engine}_ms": _ms(sc, x, args),
-                                    f"{engine}_diff": max_abs_diff(ref, sc(x)),
+                        row.update({f"{engine}_diff": max_abs_diff(ref, sc(x)),
                                     f"{engine}_note": sc_note})
+                        fns[engine] = lambda sc=sc, x=x: sc(x)
                     except Exception as exc:  # reported in the row; the others still run
                         row_notes.append(f"{engine} failed: {type(exc).__name__}: {exc}")
-                for engine, python in runnable.items():
-                    try:
-                        row.update(_baseline(engine, python, onnx_path, x_path, t or 1, ref,
-                                             args))
-                    except Exception as exc:  # a baseline's failure is reported, not fatal
-                        row_notes.append(f"{engine}: {type(exc).__name__}: {exc}")
+                workers: dict[str, OnnxWorker] = {}
+                try:
+                    for engine, python in runnable.items():
+                        try:
+                            workers[engine] = OnnxWorker(
+                                python, engine, onnx_path, [x_path], t or 1,
+                                output=os.path.join(tmp, f"{engine}-out.npy"),
+                                warmup=args.warmup, reps=args.reps, rounds=args.rounds)
+                        except Exception as exc:
+                            row_notes.append(f"{engine}: {type(exc).__name__}: {exc}")
+                    samples = _time_rounds(fns, workers, args, row_notes)
+                    for engine, worker in workers.items():
+                        try:
+                            row.update(_baseline(engine, worker.finish(),
+                                                 os.path.join(tmp, f"{engine}-out.npy"), ref))
+                        except Exception as exc:
+                            row_notes.append(f"{engine}: {type(exc).__name__}: {exc}")
+                finally:
+                    for worker in workers.values():
+                        worker.close()
+                for name in fns:
+                    per_round = samples[name]
+                    row.update(_summary(name, [s for r in per_round for s in r],
+                                        [float(np.median(r)) for r in per_round]))
                 for engine in ("sparsecore", "sparsify", *ENGINES):
                     row[f"{engine}_x"] = speedup(row["torch_ms"], row.get(f"{engine}_ms"))
                 # sparsecore's speed as a fraction of DeepSparse's (1: as fast)
@@ -333,6 +441,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Python with deepsparse + numpy (default: .venv-deepsparse/bin/python)")
     p.add_argument("--reps", type=int, default=None, help="timed runs, at least (default: 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 3)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of every engine in turn, each with its warm-up and timed runs; "
+                        "an engine's time is the median over all rounds' runs (default: 3)")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda; on cuda only torch and sparsecore run (default: cpu)")
     p.add_argument("--run", default=None,
@@ -355,7 +466,10 @@ def fill_defaults(args: argparse.Namespace, defaults: dict[str, Any],
 
 def _resolve(args: argparse.Namespace) -> None:
     """Fill the options left unset from --quick's or the full bench's defaults."""
-    fill_defaults(args, {**FULL, "batches": None, "reps": 10, "warmup": 3, "tag": None}, QUICK)
+    fill_defaults(args, {**FULL, "batches": None, "reps": 10, "warmup": 3, "rounds": 3,
+                         "tag": None}, QUICK)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -376,6 +490,7 @@ def main(args: argparse.Namespace) -> int:
     extra = {"isa": torch.backends.cpu.get_cpu_capability(), "all_threads": all_threads,
              "engines": engines, "settings": {k: getattr(args, k) for k in (
                  "models", "sparsities", "pruning", "batches", "threads", "reps", "warmup",
+                 "rounds",
                  "device", "run")}}
     print(f"wrote {save_results('models', rows, extra=extra, tag=args.tag)}")
     return 0

@@ -29,14 +29,29 @@ def time_fn(
     triton.testing.do_bench (ms -> s), which flushes L2 between runs; without triton (an
     optional dependency), the CPU loop with torch.cuda.synchronize after every call.
     """
-    cuda = device.startswith("cuda")
-    if cuda:
+    if device.startswith("cuda"):
         try:
             from triton.testing import do_bench
         except ImportError:
             pass
         else:
             return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    return statistics.median(time_samples(fn, device, warmup=warmup, reps=reps,
+                                          min_time=min_time, clock=clock))
+
+
+def time_samples(
+    fn: Callable[[], Any],
+    device: str = "cpu",
+    *,
+    warmup: int = 3,
+    reps: int = 10,
+    min_time: float = 0.2,
+    clock: str = "wall",
+) -> list[float]:
+    """Seconds of each timed call of `fn()`: time_fn's loop (CUDA: synchronised after every
+    call), every sample returned, for callers that pool samples over several rounds."""
+    cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else _no_sync
     now = {"wall": time.perf_counter, "thread": time.thread_time}[clock]
     for _ in range(warmup):
@@ -51,7 +66,7 @@ def time_fn(
         times.append(now() - t0)
         if len(times) >= 200:
             break
-    return statistics.median(times)
+    return times
 
 
 def time_interleaved(

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import itertools
 import json
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -123,6 +125,73 @@ def test_runner_protocol(engine: str, fake_engines: str, tmp_path, monkeypatch) 
     np.testing.assert_array_equal(np.load(out), 2 * x)
 
 
+@pytest.mark.parametrize("engine", bm.ENGINES)
+def test_runner_rounds(engine: str, fake_engines: str, tmp_path, monkeypatch) -> None:
+    """--rounds: built once, one round per request, the summary over every round's runs."""
+    monkeypatch.setenv("FAKE_ENGINE_TWICE", "1")
+    x = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out.npy"
+    worker = bm.OnnxWorker(sys.executable, engine, "m.onnx", [str(tmp_path / "x.npy")], 1,
+                           output=str(out), warmup=0, reps=2, min_time=0.0, rounds=3)
+    try:
+        got = [worker.round() for _ in range(3)]
+        res = worker.finish()
+    finally:
+        worker.close()
+    assert [len(r) for r in got] == [2, 2, 2] and all(t > 0 for r in got for t in r)
+    assert res["reps"] == 6 and len(res["round_median_ms"]) == 3
+    ms = sorted(1e3 * t for r in got for t in r)
+    assert res["median_ms"] == pytest.approx((ms[2] + ms[3]) / 2)
+    np.testing.assert_array_equal(np.load(out), 2 * x)
+
+
+def test_runner_stops_when_its_input_ends(fake_engines: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FAKE_ENGINE_TWICE", "1")
+    np.save(tmp_path / "x.npy", np.zeros((2, 2), np.float32))
+    proc = subprocess.run(
+        [sys.executable, bm.RUNNER, "--engine", "ort", "--model", "m.onnx", "--input",
+         str(tmp_path / "x.npy"), "--threads", "1", "--reps", "1", "--min-time", "0",
+         "--rounds", "3"], input="go\n", capture_output=True, text=True, check=False)
+    assert proc.returncode == 3
+    assert "standard input ended before round 2 of 3" in proc.stderr
+    assert '"round": 0' in proc.stdout and "median_ms" not in proc.stdout
+
+
+class _Worker:
+    def __init__(self, name: str, log: list[str], fail_at: int | None = None) -> None:
+        self.name, self.log, self.fail_at, self.closed = name, log, fail_at, False
+
+    def round(self) -> list[float]:
+        if self.fail_at is not None and self.log.count(self.name) == self.fail_at:
+            raise RuntimeError("runner exited with 1: gone")
+        self.log.append(self.name)
+        return [0.001]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_rounds_interleave_the_engines(monkeypatch) -> None:
+    """Every round runs each engine once, in turn; a worker that fails mid-way is noted,
+    closed and dropped, and the others go on."""
+    monkeypatch.setattr(bm, "PAUSE", 0.0)
+    log: list[str] = []
+    fns = {"torch": lambda: log.append("torch"), "sparsecore": lambda: log.append("sparsecore")}
+    workers = {"ort": _Worker("ort", log), "deepsparse": _Worker("deepsparse", log, fail_at=1)}
+    failing = workers["deepsparse"]
+    notes: list[str] = []
+    args = argparse.Namespace(rounds=3, device="cpu", warmup=0, reps=1)
+    samples = bm._time_rounds(fns, workers, args, notes)
+    runs = [name for name, _ in itertools.groupby(log)]  # a round's timed runs: one entry
+    assert runs == ["torch", "sparsecore", "ort", "deepsparse",
+                   "torch", "sparsecore", "ort",
+                   "torch", "sparsecore", "ort"]
+    assert set(samples) == {"torch", "sparsecore", "ort"} and set(workers) == {"ort"}
+    assert all(len(v) == 3 for v in samples.values())
+    assert failing.closed and notes == ["deepsparse: RuntimeError: runner exited with 1: gone"]
+
+
 def test_runner_failure_is_reported(tmp_path) -> None:
     np.save(tmp_path / "x.npy", np.zeros(2, np.float32))
     stub = tmp_path / "stub.py"
@@ -182,7 +251,8 @@ def test_bench_writes_rows_with_every_engine(fake_engines: str, tmp_path, monkey
     monkeypatch.setitem(bm.SPECS, "resnet8", bm.ModelSpec(
         {"num_classes": 10, "in_channels": 3, "input_size": 8, "width": 0.25}, bm._images(8)))
     args = _args("--quick", "--pruning", "global,every-layer", "--ort-python", sys.executable,
-                 "--deepsparse-python", sys.executable, "--reps", "1", "--warmup", "0")
+                 "--deepsparse-python", sys.executable, "--reps", "1", "--warmup", "0",
+                 "--rounds", "2")
     assert bm.main(args) == 0
     payload = json.loads((tmp_path / "models-quick-cpu.json").read_text())
     assert payload["isa"] == torch.backends.cpu.get_cpu_capability()
@@ -193,7 +263,7 @@ def test_bench_writes_rows_with_every_engine(fake_engines: str, tmp_path, monkey
         assert r["note"] is None, r["note"]
         assert abs(r["achieved_sparsity"] - 0.9) < 1e-3
         for engine in ("torch", "ort", "deepsparse", "sparsecore"):
-            assert r[f"{engine}_ms"] > 0
+            assert r[f"{engine}_ms"] > 0 and len(r[f"{engine}_rounds_ms"]) == 2
         for engine in ("ort", "deepsparse", "sparsecore"):
             assert r[f"{engine}_diff"] < 1e-4
         assert r["deepsparse_version"] == "fake-deepsparse"
