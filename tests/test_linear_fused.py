@@ -69,10 +69,11 @@ def test_dsd_epilogue(dtype, batch, act, operands) -> None:
 
 @pytest.mark.parametrize("act", [0, 1, 2])
 @pytest.mark.parametrize("residual", [False, True])
-def test_epilogue_after_the_last_tile(act, residual) -> None:
+@pytest.mark.parametrize("batch", [130, 300, 800])  # rows split; chunks per thread (1, 3)
+def test_epilogue_after_the_last_tile(act, residual, batch) -> None:
     """Wide K cut into several column tiles, half of the rows with nothing in the last tile
     and some rows empty: the bias and activation still reach every row, once, in the dsd op
-    and in both layers of the MLP op."""
+    and in both layers of the MLP op, on one thread and on three."""
     n_out, n_in = 75, 700
     mask = torch.rand(n_out, n_in) < 0.1
     mask[::2, 520:] = False
@@ -81,18 +82,20 @@ def test_epilogue_after_the_last_tile(act, residual) -> None:
     csr = CSRWeight.from_dense(w, mask)
     tiling = torch.ops.sparsecore._csr_tiling_cpu(csr.col_idx, csr.row_ptr, n_in)
     assert int(tiling[5]) >= 3  # the header's tile count
-    x = torch.randn(130, n_in, dtype=torch.float64)
+    x = torch.randn(batch, n_in, dtype=torch.float64)
     bias = torch.randn(n_out, dtype=torch.float64)
-    res = torch.randn(130, n_out, dtype=torch.float64) if residual else None
+    res = torch.randn(batch, n_out, dtype=torch.float64) if residual else None
     ref = x @ w.T + bias + (res if residual else 0)
-    got = torch.ops.sparsecore._csr_dsd_cpu(x, csr.values, csr.col_idx, csr.row_ptr, tiling,
-                                            n_out, None, bias, res, act)
-    _close(got, ACTS[act](ref))
+    for threads in (1, 3):
+        with kernel_threads(threads):
+            got = torch.ops.sparsecore._csr_dsd_cpu(x, csr.values, csr.col_idx, csr.row_ptr,
+                                                    tiling, n_out, None, bias, res, act)
+        _close(got, ACTS[act](ref))
     # the same matrix as the MLP's second layer (hidden width n_in), then as its first
     w1 = torch.randn(n_in, 40, dtype=torch.float64) * (torch.rand(n_in, 40) < 0.3)
     c1 = CSRWeight.from_dense(w1, w1 != 0)
     b1 = torch.randn(n_in, dtype=torch.float64)
-    x40 = torch.randn(130, 40, dtype=torch.float64)
+    x40 = torch.randn(batch, 40, dtype=torch.float64)
     h = ACTS[act](x40 @ w1.T + b1)
     got = torch.ops.sparsecore._csr_mlp_cpu(
         x40, c1.values, c1.col_idx, c1.row_ptr, None, None, b1, act,

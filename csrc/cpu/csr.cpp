@@ -709,6 +709,31 @@ void spmm_all(const SpmmArgs<T>& a, int64_t B, const RowSplit* split) {
   });
 }
 
+// The Linear product over a team: with at least four chunks of the batch per thread, whole
+// chunks handed out one at a time (a thread that the machine slows down takes fewer; the
+// row split of the nonzeros is fixed per thread, so the others wait for it at the end);
+// fewer chunks than that, every chunk by all threads, rows split by nonzeros.
+template <typename T>
+void spmm_team(const SpmmArgs<T>& a, int64_t B, const RowSplit* split) {
+  const int64_t nc = n_chunks<T>(B);
+  if (nc < 4 * team()) {
+#pragma omp parallel num_threads(team())
+    spmm_all(a, B, split);
+    return;
+  }
+  const Tiling& m = *a.w;
+#pragma omp parallel num_threads(team())
+  {
+    const vec::DenormalsAsZero daz;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t w = std::min(kChunk<T>, B - c * kChunk<T>);
+      for (int64_t t = 0; t < m.ntiles; ++t)
+        for (int64_t o = 0; o < m.n_rows; ++o) spmm_segment(a, c, w, t, o);
+    }
+  }
+}
+
 // ---- sddmm: dv[q] += sum_{b in chunk} DYT[o, b] * XT[col[q], b] over one tile segment --------
 template <typename T>
 struct SddmmArgs {
@@ -891,8 +916,7 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
   const bool in_product = e.res == nullptr;
   SpmmArgs<T> a{&w, val, xt, yt, kChunk<T>, n_out * kChunk<T>};
   if (in_product) a.bias = e.bias, a.act = e.act;
-#pragma omp parallel num_threads(team())
-  spmm_all(a, B, &split);
+  spmm_team(a, B, &split);
   unpack_transposed(yt, B, n_out, y.data_ptr<T>(), in_product ? LinearEpilogue<T>{} : e);
 }
 
@@ -948,13 +972,11 @@ void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
     pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
   SpmmArgs<T> a1{&w1, v1, xt, ht, CH, H * CH};
   a1.bias = e1.bias, a1.act = e1.act;
-#pragma omp parallel num_threads(team())
-  spmm_all(a1, B, &split1);
+  spmm_team(a1, B, &split1);
   const bool in_product = e2.res == nullptr;
   SpmmArgs<T> a2{&w2, v2, ht, yt, CH, n_out * CH};
   if (in_product) a2.bias = e2.bias, a2.act = e2.act;
-#pragma omp parallel num_threads(team())
-  spmm_all(a2, B, &split2);
+  spmm_team(a2, B, &split2);
   unpack_transposed(yt, B, n_out, y.data_ptr<T>(), in_product ? LinearEpilogue<T>{} : e2);
 }
 
