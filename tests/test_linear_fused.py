@@ -110,7 +110,7 @@ def test_epilogue_after_the_last_tile(act, residual, batch) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [3, 64, 130])
+@pytest.mark.parametrize("batch", [3, 64, 130, 300])  # 300: by chunks
 @pytest.mark.parametrize("affine", ["both", "weight", "none"])
 def test_layer_norm_on_the_way_in(dtype, batch, affine) -> None:
     """ln=True: the product of F.layer_norm(x) (biased variance, eps), the input's rows
@@ -130,6 +130,34 @@ def test_layer_norm_on_the_way_in(dtype, batch, affine) -> None:
         x, csr.values, csr.col_idx, csr.row_ptr, tiling, tiled, None, 2, c2.values, c2.col_idx,
         c2.row_ptr, t2, v2, None, res, 0, True, gamma, beta, 1e-3)
     _close(got, F.gelu(xn @ w.double().T) @ w2.double().T + res.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_by_chunks_on_three_threads(dtype) -> None:
+    """Enough chunks of the batch for three threads to take whole chunks (LayerNorm on the
+    way in, a tail chunk, a residual): both ops equal their float64 references, and the
+    result does not depend on the thread count."""
+    w1, c1, t1, v1 = _csr(150, 48, 0.2, dtype)
+    w2, c2, t2, v2 = _csr(48, 150, 0.2, dtype)
+    x = torch.randn(800, 48, dtype=dtype) * 2 + 1
+    gamma, beta = torch.randn(48, dtype=dtype), torch.randn(48, dtype=dtype)
+    b1, b2 = torch.randn(150, dtype=dtype), torch.randn(48, dtype=dtype)
+    res = torch.randn(800, 48, dtype=dtype)
+    xn = F.layer_norm(x.double(), (48,), gamma.double(), beta.double())
+    outs = []
+    for threads in (1, 3):
+        with kernel_threads(threads):
+            h = torch.ops.sparsecore._csr_dsd_cpu(x, c1.values, c1.col_idx, c1.row_ptr, t1,
+                                                  150, v1, b1, None, 2, True, gamma, beta,
+                                                  1e-5)
+            y = torch.ops.sparsecore._csr_mlp_cpu(
+                x, c1.values, c1.col_idx, c1.row_ptr, t1, v1, b1, 2, c2.values, c2.col_idx,
+                c2.row_ptr, t2, v2, b2, res, 1, True, gamma, beta, 1e-5)
+        ref_h = F.gelu(xn @ w1.double().T + b1.double())
+        _close(h, ref_h)
+        _close(y, torch.relu(ref_h @ w2.double().T + b2.double() + res.double()))
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 
 def test_layer_norm_errors() -> None:
@@ -160,7 +188,7 @@ def test_gelu_is_torchs_erf_form() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [2, 64, 77])
+@pytest.mark.parametrize("batch", [2, 64, 77, 300])  # 300: by chunks
 @pytest.mark.parametrize("acts", [(2, 0), (1, 1), (0, 2)])
 @pytest.mark.parametrize("tiled", [True, False])
 def test_mlp_op(dtype, batch, acts, tiled) -> None:

@@ -427,16 +427,25 @@ inline void transpose_block(const T* s, int64_t sb, int64_t sf, int64_t nb, int6
     for (int64_t f = 0; f < nf; ++f) d[f * ldd + b] = s[b * sb + f * sf];
 }
 
+// Features [f0, f0 + kPackFeatures) of chunk c of src (B, F) with strides (sb, sf), into the
+// chunk's packed rows dc (F rows of kChunk).
+constexpr int64_t kPackFeatures = 64;
+template <typename T>
+inline void pack_block(const T* src, int64_t B, int64_t F, int64_t sb, int64_t sf, int64_t c,
+                       int64_t f0, T* dc) {
+  constexpr int64_t CH = kChunk<T>;
+  transpose_block(src + c * CH * sb + f0 * sf, sb, sf, std::min(CH, B - c * CH),
+                  std::min(kPackFeatures, F - f0), dc + f0 * CH, CH);
+}
+
 // dst(packed, rows = F) from src (B, F) with strides (sb, sf): the transpose of src.
 template <typename T>
 void pack_transposed(const T* src, int64_t B, int64_t F, int64_t sb, int64_t sf, T* dst) {
-  constexpr int64_t CH = kChunk<T>, FB = 64;
   const int64_t nc = n_chunks<T>(B);
 #pragma omp parallel for num_threads(team()) collapse(2) schedule(static)
   for (int64_t c = 0; c < nc; ++c)
-    for (int64_t f0 = 0; f0 < F; f0 += FB)
-      transpose_block(src + c * CH * sb + f0 * sf, sb, sf, std::min(CH, B - c * CH),
-                      std::min(FB, F - f0), dst + (c * F + f0) * CH, CH);
+    for (int64_t f0 = 0; f0 < F; f0 += kPackFeatures)
+      pack_block(src, B, F, sb, sf, c, f0, dst + c * F * kChunk<T>);
 }
 
 // ---- LayerNorm on the way in (inference) ---------------------------------------------------
@@ -483,24 +492,27 @@ inline void layer_norm_row(const T* src, int64_t K, const LayerNormIn<T>& ln, T*
   }
 }
 
+// Chunk c of LayerNorm(src) (src (B, K) with unit feature stride) into its packed rows dc
+// (K rows of kChunk), through a per-thread buffer of normalised rows.
+template <typename T>
+inline void pack_chunk_ln(const T* src, int64_t B, int64_t K, int64_t sb, const LayerNormIn<T>& ln,
+                          int64_t c, T* dc) {
+  constexpr int64_t CH = kChunk<T>;
+  thread_local std::vector<T> rows;
+  rows.resize(CH * K);
+  const int64_t nb = std::min(CH, B - c * CH);
+  for (int64_t b = 0; b < nb; ++b)
+    layer_norm_row(src + (c * CH + b) * sb, K, ln, rows.data() + b * K);
+  transpose_block(rows.data(), K, 1, nb, K, dc, CH);
+}
+
 // pack_transposed of LayerNorm(src) (src (B, K) with unit feature stride).
 template <typename T>
 void pack_transposed_ln(const T* src, int64_t B, int64_t K, int64_t sb, const LayerNormIn<T>& ln,
                         T* dst) {
-  constexpr int64_t CH = kChunk<T>;
   const int64_t nc = n_chunks<T>(B);
-#pragma omp parallel num_threads(team())
-  {
-    thread_local std::vector<T> rows;
-    rows.resize(CH * K);
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t nb = std::min(CH, B - c * CH);
-      for (int64_t b = 0; b < nb; ++b)
-        layer_norm_row(src + (c * CH + b) * sb, K, ln, rows.data() + b * K);
-      transpose_block(rows.data(), K, 1, nb, K, dst + c * K * CH, CH);
-    }
-  }
+#pragma omp parallel for num_threads(team()) schedule(static)
+  for (int64_t c = 0; c < nc; ++c) pack_chunk_ln(src, B, K, sb, ln, c, dst + c * K * kChunk<T>);
 }
 
 // ---- the Linear epilogue: y = act(y + bias + residual) -------------------------------------
@@ -562,20 +574,26 @@ void linear_epilogue(T* y, int64_t ldy, int64_t nb, int64_t f0, int64_t nf,
 }
 
 // dst (B, F) contiguous from src(packed, rows = F): the inverse of pack_transposed, each block
-// through the epilogue while it is in cache.
+// through the epilogue while it is in cache (unpack_block: features [f0, f0 + kPackFeatures)
+// of chunk c, from the chunk's packed rows sc).
+template <typename T>
+inline void unpack_block(const T* sc, int64_t B, int64_t F, int64_t c, int64_t f0, T* dst,
+                         const LinearEpilogue<T>& e) {
+  constexpr int64_t CH = kChunk<T>;
+  const int64_t nb = std::min(CH, B - c * CH), nf = std::min(kPackFeatures, F - f0);
+  transpose_block(sc + f0 * CH, CH, 1, nf, nb, dst + c * CH * F + f0, F);
+  if (e.any())
+    linear_epilogue(dst + c * CH * F, F, nb, f0, nf, e, e.res ? e.res + c * CH * F : nullptr);
+}
+
 template <typename T>
 void unpack_transposed(const T* src, int64_t B, int64_t F, T* dst,
                        const LinearEpilogue<T>& e = {}) {
-  constexpr int64_t CH = kChunk<T>, FB = 64;
   const int64_t nc = n_chunks<T>(B);
 #pragma omp parallel for num_threads(team()) collapse(2) schedule(static)
   for (int64_t c = 0; c < nc; ++c)
-    for (int64_t f0 = 0; f0 < F; f0 += FB) {
-      const int64_t nb = std::min(CH, B - c * CH), nf = std::min(FB, F - f0);
-      transpose_block(src + (c * F + f0) * CH, CH, 1, nf, nb, dst + c * CH * F + f0, F);
-      if (e.any())
-        linear_epilogue(dst + c * CH * F, F, nb, f0, nf, e, e.res ? e.res + c * CH * F : nullptr);
-    }
+    for (int64_t f0 = 0; f0 < F; f0 += kPackFeatures)
+      unpack_block(src + c * F * kChunk<T>, B, F, c, f0, dst, e);
 }
 
 // dst(packed, rows = R) from src (R, L) contiguous (no transpose: one sample of a conv's dY,
@@ -709,29 +727,31 @@ void spmm_all(const SpmmArgs<T>& a, int64_t B, const RowSplit* split) {
   });
 }
 
-// The Linear product over a team: with at least four chunks of the batch per thread, whole
-// chunks handed out one at a time (a thread that the machine slows down takes fewer; the
-// row split of the nonzeros is fixed per thread, so the others wait for it at the end);
-// fewer chunks than that, every chunk by all threads, rows split by nonzeros.
+// Chunk 0 of a's operands (width w): every tile and row.
 template <typename T>
-void spmm_team(const SpmmArgs<T>& a, int64_t B, const RowSplit* split) {
-  const int64_t nc = n_chunks<T>(B);
-  if (nc < 4 * team()) {
-#pragma omp parallel num_threads(team())
-    spmm_all(a, B, split);
-    return;
-  }
-  const Tiling& m = *a.w;
-#pragma omp parallel num_threads(team())
-  {
-    const vec::DenormalsAsZero daz;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t w = std::min(kChunk<T>, B - c * kChunk<T>);
-      for (int64_t t = 0; t < m.ntiles; ++t)
-        for (int64_t o = 0; o < m.n_rows; ++o) spmm_segment(a, c, w, t, o);
-    }
-  }
+inline void spmm_chunk(const SpmmArgs<T>& a, int64_t w) {
+  for (int64_t t = 0; t < a.w->ntiles; ++t)
+    for (int64_t o = 0; o < a.w->n_rows; ++o) spmm_segment(a, 0, w, t, o);
+}
+
+// With at least four chunks of the batch per thread, a Linear layer runs by chunks: each
+// thread takes whole chunks, one at a time, and does all of a chunk (packs its input, the
+// products, unpacks its output) in buffers of its own that stay in its L2, with no barrier
+// between the steps; a thread that the machine slows down takes fewer chunks. (The weights
+// are streamed once per chunk either way.) Below that, each step runs over all chunks with
+// the rows split by nonzeros.
+template <typename T>
+bool by_chunks(int64_t B) {
+  return n_chunks<T>(B) >= 4 * team();
+}
+
+// Chunk c of x (B, K) packed into dc, through the LayerNorm when ln.on.
+template <typename T>
+inline void pack_input(const at::Tensor& x, const LayerNormIn<T>& ln, int64_t c, T* dc) {
+  const int64_t B = x.size(0), K = x.size(1);
+  if (ln.on) return pack_chunk_ln(x.data_ptr<T>(), B, K, x.stride(0), ln, c, dc);
+  for (int64_t f0 = 0; f0 < K; f0 += kPackFeatures)
+    pack_block(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), c, f0, dc);
 }
 
 // ---- sddmm: dv[q] += sum_{b in chunk} DYT[o, b] * XT[col[q], b] over one tile segment --------
@@ -905,19 +925,41 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
     retile_values<T, true>(w, values.data_ptr<T>(), buf);
     val = buf;
   }
-  T* xt = vec::vec_scratch<T>(1, nc * K * kChunk<T>);
-  T* yt = vec::vec_scratch<T>(2, nc * n_out * kChunk<T>);
+  // Bias and activation on the packed rows inside the product; a residual comes before the
+  // activation and has the unpacked layout, so with one everything waits for the unpack.
+  const bool in_product = e.res == nullptr;
+  const LinearEpilogue<T> e_out = in_product ? LinearEpilogue<T>{} : e;
+  constexpr int64_t CH = kChunk<T>;
+  T* yp = y.data_ptr<T>();
+  if (by_chunks<T>(B)) {
+#pragma omp parallel num_threads(team())
+    {
+      const vec::DenormalsAsZero daz;
+      T* xc = vec::vec_scratch<T>(1, K * CH);
+      T* yc = vec::vec_scratch<T>(2, n_out * CH);
+      SpmmArgs<T> a{&w, val, xc, yc, CH, n_out * CH};
+      if (in_product) a.bias = e.bias, a.act = e.act;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < nc; ++c) {
+        pack_input(x, ln, c, xc);
+        spmm_chunk(a, std::min(CH, B - c * CH));
+        for (int64_t f0 = 0; f0 < n_out; f0 += kPackFeatures)
+          unpack_block(yc, B, n_out, c, f0, yp, e_out);
+      }
+    }
+    return;
+  }
+  T* xt = vec::vec_scratch<T>(1, nc * K * CH);
+  T* yt = vec::vec_scratch<T>(2, nc * n_out * CH);
   if (ln.on)
     pack_transposed_ln(x.data_ptr<T>(), B, K, x.stride(0), ln, xt);
   else
     pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
-  // Bias and activation on the packed rows inside the product; a residual comes before the
-  // activation and has the unpacked layout, so with one everything waits for the unpack.
-  const bool in_product = e.res == nullptr;
-  SpmmArgs<T> a{&w, val, xt, yt, kChunk<T>, n_out * kChunk<T>};
+  SpmmArgs<T> a{&w, val, xt, yt, CH, n_out * CH};
   if (in_product) a.bias = e.bias, a.act = e.act;
-  spmm_team(a, B, &split);
-  unpack_transposed(yt, B, n_out, y.data_ptr<T>(), in_product ? LinearEpilogue<T>{} : e);
+#pragma omp parallel num_threads(team())
+  spmm_all(a, B, &split);
+  unpack_transposed(yt, B, n_out, yp, e_out);
 }
 
 // Two Linear layers in a row, x -> act2(W2 act1(W1 x + b1) + b2 + residual) (a Transformer's
@@ -963,6 +1005,32 @@ void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
   const T* v2 = tile_major_values<T>(w2, l2, vhold2);
   constexpr int64_t CH = kChunk<T>;
   const int64_t nc = n_chunks<T>(B);
+  const bool in_product = e2.res == nullptr;
+  const LinearEpilogue<T> e_out = in_product ? LinearEpilogue<T>{} : e2;
+  T* yp = y.data_ptr<T>();
+  if (by_chunks<T>(B)) {
+#pragma omp parallel num_threads(team())
+    {
+      const vec::DenormalsAsZero daz;
+      T* xc = vec::vec_scratch<T>(1, K * CH);
+      T* hc = vec::vec_scratch<T>(2, H * CH);
+      T* yc = vec::vec_scratch<T>(3, n_out * CH);
+      SpmmArgs<T> a1{&w1, v1, xc, hc, CH, H * CH};
+      a1.bias = e1.bias, a1.act = e1.act;
+      SpmmArgs<T> a2{&w2, v2, hc, yc, CH, n_out * CH};
+      if (in_product) a2.bias = e2.bias, a2.act = e2.act;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t w = std::min(CH, B - c * CH);
+        pack_input(x, ln, c, xc);
+        spmm_chunk(a1, w);
+        spmm_chunk(a2, w);
+        for (int64_t f0 = 0; f0 < n_out; f0 += kPackFeatures)
+          unpack_block(yc, B, n_out, c, f0, yp, e_out);
+      }
+    }
+    return;
+  }
   T* xt = vec::vec_scratch<T>(1, nc * K * CH);
   T* ht = vec::vec_scratch<T>(2, nc * H * CH);
   T* yt = vec::vec_scratch<T>(3, nc * n_out * CH);
@@ -972,12 +1040,13 @@ void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
     pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
   SpmmArgs<T> a1{&w1, v1, xt, ht, CH, H * CH};
   a1.bias = e1.bias, a1.act = e1.act;
-  spmm_team(a1, B, &split1);
-  const bool in_product = e2.res == nullptr;
+#pragma omp parallel num_threads(team())
+  spmm_all(a1, B, &split1);
   SpmmArgs<T> a2{&w2, v2, ht, yt, CH, n_out * CH};
   if (in_product) a2.bias = e2.bias, a2.act = e2.act;
-  spmm_team(a2, B, &split2);
-  unpack_transposed(yt, B, n_out, y.data_ptr<T>(), in_product ? LinearEpilogue<T>{} : e2);
+#pragma omp parallel num_threads(team())
+  spmm_all(a2, B, &split2);
+  unpack_transposed(yt, B, n_out, yp, e_out);
 }
 
 template <typename T>
