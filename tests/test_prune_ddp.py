@@ -50,6 +50,9 @@ WORKER = textwrap.dedent(
             effective = {n: model.get_submodule(n[:-7]).weight.detach().clone() for n in masks}
             torch.save({"unsynced": unsynced, "masks": masks, "after": prune.masks(model),
                         "weights": weights, "effective": effective}, f"{out}/rank{rank}.pt")
+            # both ranks done before either tears gloo down: a rank whose peer had already
+            # closed the connection died in teardown (std::terminate) on a loaded machine
+            dist.barrier()
         finally:
             dist.destroy_process_group()
 
