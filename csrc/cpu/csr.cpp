@@ -754,6 +754,48 @@ inline void pack_input(const at::Tensor& x, const LayerNormIn<T>& ln, int64_t c,
     pack_block(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), c, f0, dc);
 }
 
+// One Linear layer of a by-chunks pass: its tiling and tile-major values, the bias and
+// activation applied in its product, its output width.
+template <typename T>
+struct ChunkLayer {
+  const Tiling* w;
+  const T* val;
+  const T* bias;
+  int64_t act;
+  int64_t n_out;
+};
+
+// By chunks: each thread takes whole chunks, one at a time, packs chunk c of x (through the
+// LayerNorm when ln.on), runs the n layers in order (each one's packed output the next one's
+// input, in the thread's own buffers) and unpacks the last one's output into y (B, n_out)
+// through e_out.
+template <typename T>
+void linear_by_chunks(const at::Tensor& x, const LayerNormIn<T>& ln, const ChunkLayer<T>* layers,
+                      int n, T* y, const LinearEpilogue<T>& e_out) {
+  constexpr int64_t CH = kChunk<T>;
+  const int64_t B = x.size(0), K = x.size(1), nc = n_chunks<T>(B), n_out = layers[n - 1].n_out;
+#pragma omp parallel num_threads(team())
+  {
+    const vec::DenormalsAsZero daz;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t width = std::min(CH, B - c * CH);
+      T* in = vec::vec_scratch<T>(1, K * CH);
+      pack_input(x, ln, c, in);
+      for (int i = 0; i < n; ++i) {
+        const ChunkLayer<T>& l = layers[i];
+        T* out = vec::vec_scratch<T>(2 + i, l.n_out * CH);
+        SpmmArgs<T> a{l.w, l.val, in, out, CH, l.n_out * CH};
+        a.bias = l.bias, a.act = l.act;
+        spmm_chunk(a, width);
+        in = out;
+      }
+      for (int64_t f0 = 0; f0 < n_out; f0 += kPackFeatures)
+        unpack_block(in, B, n_out, c, f0, y, e_out);
+    }
+  }
+}
+
 // ---- sddmm: dv[q] += sum_{b in chunk} DYT[o, b] * XT[col[q], b] over one tile segment --------
 template <typename T>
 struct SddmmArgs {
@@ -932,22 +974,9 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
   constexpr int64_t CH = kChunk<T>;
   T* yp = y.data_ptr<T>();
   if (by_chunks<T>(B)) {
-#pragma omp parallel num_threads(team())
-    {
-      const vec::DenormalsAsZero daz;
-      T* xc = vec::vec_scratch<T>(1, K * CH);
-      T* yc = vec::vec_scratch<T>(2, n_out * CH);
-      SpmmArgs<T> a{&w, val, xc, yc, CH, n_out * CH};
-      if (in_product) a.bias = e.bias, a.act = e.act;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t c = 0; c < nc; ++c) {
-        pack_input(x, ln, c, xc);
-        spmm_chunk(a, std::min(CH, B - c * CH));
-        for (int64_t f0 = 0; f0 < n_out; f0 += kPackFeatures)
-          unpack_block(yc, B, n_out, c, f0, yp, e_out);
-      }
-    }
-    return;
+    const ChunkLayer<T> layer{&w, val, in_product ? e.bias : nullptr,
+                              in_product ? e.act : kActNone, n_out};
+    return linear_by_chunks<T>(x, ln, &layer, 1, yp, e_out);
   }
   T* xt = vec::vec_scratch<T>(1, nc * K * CH);
   T* yt = vec::vec_scratch<T>(2, nc * n_out * CH);
@@ -1009,27 +1038,10 @@ void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
   const LinearEpilogue<T> e_out = in_product ? LinearEpilogue<T>{} : e2;
   T* yp = y.data_ptr<T>();
   if (by_chunks<T>(B)) {
-#pragma omp parallel num_threads(team())
-    {
-      const vec::DenormalsAsZero daz;
-      T* xc = vec::vec_scratch<T>(1, K * CH);
-      T* hc = vec::vec_scratch<T>(2, H * CH);
-      T* yc = vec::vec_scratch<T>(3, n_out * CH);
-      SpmmArgs<T> a1{&w1, v1, xc, hc, CH, H * CH};
-      a1.bias = e1.bias, a1.act = e1.act;
-      SpmmArgs<T> a2{&w2, v2, hc, yc, CH, n_out * CH};
-      if (in_product) a2.bias = e2.bias, a2.act = e2.act;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t c = 0; c < nc; ++c) {
-        const int64_t w = std::min(CH, B - c * CH);
-        pack_input(x, ln, c, xc);
-        spmm_chunk(a1, w);
-        spmm_chunk(a2, w);
-        for (int64_t f0 = 0; f0 < n_out; f0 += kPackFeatures)
-          unpack_block(yc, B, n_out, c, f0, yp, e_out);
-      }
-    }
-    return;
+    const ChunkLayer<T> layers[2] = {
+        {&w1, v1, e1.bias, e1.act, H},
+        {&w2, v2, in_product ? e2.bias : nullptr, in_product ? e2.act : kActNone, n_out}};
+    return linear_by_chunks<T>(x, ln, layers, 2, yp, e_out);
   }
   T* xt = vec::vec_scratch<T>(1, nc * K * CH);
   T* ht = vec::vec_scratch<T>(2, nc * H * CH);
