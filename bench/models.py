@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 import sparsecore
-from bench.common import format_table, save_results, speedup, time_samples
+from bench.common import format_table, save_results, speedup, time_fn, time_samples
 from sparsecore import models, prune
 from sparsecore import train as T
 from sparsecore.nn import sparsify
@@ -314,10 +314,12 @@ def _time_rounds(fns: dict[str, Callable[[], Any]], workers: dict[str, OnnxWorke
     machine hits every engine alike. engine -> each round's samples (seconds). A worker that
     fails is noted and dropped."""
     samples: dict[str, list[list[float]]] = {name: [] for name in (*fns, *workers)}
+    cuda = args.device.startswith("cuda")
     for _ in range(args.rounds):
         for name, fn in fns.items():
-            samples[name].append(time_samples(fn, args.device, warmup=args.warmup,
-                                              reps=args.reps))
+            # CUDA: time_fn's do_bench median (it flushes L2 between runs), one per round
+            samples[name].append([time_fn(fn, args.device)] if cuda else time_samples(
+                fn, args.device, warmup=args.warmup, reps=args.reps))
             time.sleep(PAUSE if args.rounds > 1 or workers else 0)
         for engine, worker in list(workers.items()):
             try:

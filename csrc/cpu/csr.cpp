@@ -754,6 +754,24 @@ inline void pack_input(const at::Tensor& x, const LayerNormIn<T>& ln, int64_t c,
     pack_block(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), c, f0, dc);
 }
 
+// Where a Linear epilogue runs: bias and activation in the product, on the packed rows, unless
+// a residual comes first (added before the activation, in the unpacked layout): then all of
+// it in the unpack.
+template <typename T>
+struct EpilogueSplit {
+  const T* bias = nullptr;  // in the product
+  int64_t act = kActNone;   // in the product
+  LinearEpilogue<T> unpack;
+  explicit EpilogueSplit(const LinearEpilogue<T>& e) {
+    if (e.res) {
+      unpack = e;
+    } else {
+      bias = e.bias;
+      act = e.act;
+    }
+  }
+};
+
 // One Linear layer of a by-chunks pass: its tiling and tile-major values, the bias and
 // activation applied in its product, its output width.
 template <typename T>
@@ -959,7 +977,6 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
   }
   at::Tensor holder;
   const Tiling w = get_tiling(op, tiling, col_idx, row_ptr, n_out, K, holder);
-  const RowSplit split(w);
   const int64_t nc = n_chunks<T>(B);
   const T* val = tiled_values.has_value() ? tiled_values->data_ptr<T>() : nullptr;
   if (!val) {
@@ -967,17 +984,14 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
     retile_values<T, true>(w, values.data_ptr<T>(), buf);
     val = buf;
   }
-  // Bias and activation on the packed rows inside the product; a residual comes before the
-  // activation and has the unpacked layout, so with one everything waits for the unpack.
-  const bool in_product = e.res == nullptr;
-  const LinearEpilogue<T> e_out = in_product ? LinearEpilogue<T>{} : e;
+  const EpilogueSplit<T> es(e);
   constexpr int64_t CH = kChunk<T>;
   T* yp = y.data_ptr<T>();
   if (by_chunks<T>(B)) {
-    const ChunkLayer<T> layer{&w, val, in_product ? e.bias : nullptr,
-                              in_product ? e.act : kActNone, n_out};
-    return linear_by_chunks<T>(x, ln, &layer, 1, yp, e_out);
+    const ChunkLayer<T> layer{&w, val, es.bias, es.act, n_out};
+    return linear_by_chunks<T>(x, ln, &layer, 1, yp, es.unpack);
   }
+  const RowSplit split(w);
   T* xt = vec::vec_scratch<T>(1, nc * K * CH);
   T* yt = vec::vec_scratch<T>(2, nc * n_out * CH);
   if (ln.on)
@@ -985,10 +999,10 @@ void dsd_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor&
   else
     pack_transposed(x.data_ptr<T>(), B, K, x.stride(0), x.stride(1), xt);
   SpmmArgs<T> a{&w, val, xt, yt, CH, n_out * CH};
-  if (in_product) a.bias = e.bias, a.act = e.act;
+  a.bias = es.bias, a.act = es.act;
 #pragma omp parallel num_threads(team())
   spmm_all(a, B, &split);
-  unpack_transposed(yt, B, n_out, yp, e_out);
+  unpack_transposed(yt, B, n_out, yp, es.unpack);
 }
 
 // Two Linear layers in a row, x -> act2(W2 act1(W1 x + b1) + b2 + residual) (a Transformer's
@@ -1029,20 +1043,18 @@ void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
   at::Tensor hold1, hold2, vhold1, vhold2;
   const Tiling w1 = get_tiling(op, l1.tiling, l1.col_idx, l1.row_ptr, H, K, hold1);
   const Tiling w2 = get_tiling(op, l2.tiling, l2.col_idx, l2.row_ptr, n_out, H, hold2);
-  const RowSplit split1(w1), split2(w2);
   const T* v1 = tile_major_values<T>(w1, l1, vhold1);
   const T* v2 = tile_major_values<T>(w2, l2, vhold2);
   constexpr int64_t CH = kChunk<T>;
   const int64_t nc = n_chunks<T>(B);
-  const bool in_product = e2.res == nullptr;
-  const LinearEpilogue<T> e_out = in_product ? LinearEpilogue<T>{} : e2;
+  const EpilogueSplit<T> es2(e2);
   T* yp = y.data_ptr<T>();
   if (by_chunks<T>(B)) {
-    const ChunkLayer<T> layers[2] = {
-        {&w1, v1, e1.bias, e1.act, H},
-        {&w2, v2, in_product ? e2.bias : nullptr, in_product ? e2.act : kActNone, n_out}};
-    return linear_by_chunks<T>(x, ln, layers, 2, yp, e_out);
+    const ChunkLayer<T> layers[2] = {{&w1, v1, e1.bias, e1.act, H},
+                                     {&w2, v2, es2.bias, es2.act, n_out}};
+    return linear_by_chunks<T>(x, ln, layers, 2, yp, es2.unpack);
   }
+  const RowSplit split1(w1), split2(w2);
   T* xt = vec::vec_scratch<T>(1, nc * K * CH);
   T* ht = vec::vec_scratch<T>(2, nc * H * CH);
   T* yt = vec::vec_scratch<T>(3, nc * n_out * CH);
@@ -1055,10 +1067,10 @@ void mlp_linear(const at::Tensor& x, const CsrOperand& l1, const CsrOperand& l2,
 #pragma omp parallel num_threads(team())
   spmm_all(a1, B, &split1);
   SpmmArgs<T> a2{&w2, v2, ht, yt, CH, n_out * CH};
-  if (in_product) a2.bias = e2.bias, a2.act = e2.act;
+  a2.bias = es2.bias, a2.act = es2.act;
 #pragma omp parallel num_threads(team())
   spmm_all(a2, B, &split2);
-  unpack_transposed(yt, B, n_out, yp, e_out);
+  unpack_transposed(yt, B, n_out, yp, es2.unpack);
 }
 
 template <typename T>
