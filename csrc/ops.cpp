@@ -121,6 +121,11 @@ TORCH_LIBRARY(sparsecore, m) {
   // default while this is 0); returns the previous setting. For tests: small shapes then run
   // the threaded paths.
   m.def("_set_min_work_per_thread(int work) -> int");
+  // --- arena (csrc/cpu/arena.cpp) ---
+  // The cache of the inference kernels' output memory: free its blocks (returns the bytes
+  // freed); the bytes it holds.
+  m.def("_arena_release_cpu() -> int");
+  m.def("_arena_cached_cpu() -> int");
   // --- linalg (batched SVD / eigh) ---
   // Many small matrices (batch, m, n), float32/float64 (csrc/cpu/linalg.cpp): one-sided
   // Jacobi, and Householder bidiagonalisation + implicit-shift QR. U, Vh are empty when

@@ -11,8 +11,24 @@ from sparsecore._ext import has_cpu_ext
 
 __version__ = "0.1.0"
 
-__all__ = ["NotSupportedError", "use_backend", "has_cpu_ext", "optimize", "explain", "_ext",
-           "__version__"]
+__all__ = ["NotSupportedError", "use_backend", "has_cpu_ext", "optimize", "explain",
+           "empty_cache", "_ext", "__version__"]
+
+
+def empty_cache() -> int:
+    """Frees the memory the C++ kernels keep for their outputs between calls, and returns
+    how many bytes that was (0 without the extension).
+
+    The outputs of the inference kernels (the layers of an optimized model) come from an
+    arena: a freed output's block is kept for the next output of its size, so a model run
+    again and again does not page-fault its activations in on every call. The arena keeps at
+    most `SPARSECORE_CPU_ARENA_MB` MiB (default 1024; 0 keeps nothing) of freed blocks.
+    """
+    if not has_cpu_ext():
+        return 0
+    import torch
+
+    return int(torch.ops.sparsecore._arena_release_cpu())
 
 
 def __getattr__(name: str) -> object:

@@ -23,6 +23,7 @@
 #include <limits>
 #include <optional>
 
+#include "arena.h"
 #include "threads.h"
 #include "vec.h"
 
@@ -315,7 +316,7 @@ at::Tensor _attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
     g.ks[i] = kc.stride(i);
     g.vs[i] = vc.stride(i);
   }
-  auto out = at::empty({g.B, g.Tq, g.H, g.D}, q.options());
+  auto out = arena_empty({g.B, g.Tq, g.H, g.D}, q.options());
   if (out.numel() == 0) return out;
   const int64_t tasks = g.B * g.H;
   const int64_t work = g.B * g.H * g.Tq * g.Tk * g.D * (causal ? 1 : 2);

@@ -43,6 +43,7 @@
 #include <immintrin.h>
 #endif
 
+#include "arena.h"
 #include "threads.h"
 
 namespace sparsecore {
@@ -608,7 +609,7 @@ at::Tensor _bsr_dsd_cpu(const at::Tensor& x, const at::Tensor& blocks, const at:
   check_structure(rp.const_data_ptr<int32_t>(), n_brows, ci.const_data_ptr<int32_t>(), nnzb,
                   K / bs_c);
 
-  at::Tensor y = at::empty({B, n_out}, x.options());
+  at::Tensor y = arena_empty({B, n_out}, x.options());
   if (B == 0 || n_out == 0) return y;
   const at::Tensor bi = block_idx ? block_idx->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_bsr_dsd_cpu", [&] {
@@ -720,7 +721,7 @@ at::Tensor _bsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& blocks, const 
   check_structure(rp.const_data_ptr<int32_t>(), n_brows, ci.const_data_ptr<int32_t>(), nnzb,
                   K / bs_c);
   const int64_t n_out = n_brows * bs_r;
-  at::Tensor y = at::empty({g.B * g.Ho * g.Wo, n_out}, x.options());
+  at::Tensor y = arena_empty({g.B * g.Ho * g.Wo, n_out}, x.options());
   if (y.numel() == 0) return y;
   const at::Tensor xpad = pad_input(x, padding);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_bsr_conv2d_cpu", [&] {

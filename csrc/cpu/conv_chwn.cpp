@@ -25,6 +25,7 @@
 #include <cstring>
 #include <vector>
 
+#include "arena.h"
 #include "threads.h"
 #include "vec.h"
 
@@ -424,7 +425,7 @@ at::Tensor _csr_conv2d_chwn_cpu(const at::Tensor& x, const at::Tensor& values,
     // The output is batch-last whatever N is (the layout torch.compile's fake kernel states);
     // a batch that does not fill whole vectors is computed in scratch and narrowed.
     const int64_t ocs = plane_stride<scalar_t>(OHW, g.N);
-    out = at::empty({g.Cout * ocs}, x.options())
+    out = arena_empty({g.Cout * ocs}, x.options())
               .as_strided(out_sizes, {1, ocs, g.OWo * g.N, g.N});
     if (g.Np == g.N) {
       g.ocs = ocs;

@@ -41,6 +41,7 @@
 #endif
 
 #include "fingerprint.h"
+#include "arena.h"
 #include "threads.h"
 #include "vec.h"
 
@@ -693,7 +694,7 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t nt = p.data_ptr<int32_t>()[kPTiles];
 
   const at::Tensor xc = x.contiguous();
-  auto out = at::empty(out_sizes, x.options());
+  auto out = arena_empty(out_sizes, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     conv_direct<scalar_t>(g, e, xc.data_ptr<scalar_t>(), off, values.data_ptr<scalar_t>(),
                           off + nnz, nt, b.defined() ? b.data_ptr<scalar_t>() : nullptr,

@@ -57,6 +57,7 @@
 #endif
 
 #include "fingerprint.h"
+#include "arena.h"
 #include "threads.h"
 #include "vec.h"
 
@@ -1423,7 +1424,7 @@ at::Tensor _csr_dsd_cpu(const at::Tensor& x, const at::Tensor& values, const at:
   at::Tensor b, r, lw, lb;
   linear_epilogue_operands(op, x, n_out, bias, residual, act, b, r);
   layer_norm_operands(op, x, ln, ln_weight, ln_bias, lw, lb);
-  auto y = at::empty({x.size(0), n_out}, x.options());
+  auto y = arena_empty({x.size(0), n_out}, x.options());
   const TeamFor team_for(values.numel() * x.size(0));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     dsd_linear<scalar_t>(x, values, col_idx, row_ptr, tiling, tiled_values, y,
@@ -1463,7 +1464,7 @@ at::Tensor _csr_mlp_cpu(const at::Tensor& x, const at::Tensor& values1,
   linear_epilogue_operands(op, x, H, bias1, std::nullopt, act1, b1, none);
   linear_epilogue_operands(op, x, n_out, bias2, residual, act2, b2, r2);
   layer_norm_operands(op, x, ln, ln_weight, ln_bias, lw, lb);
-  auto y = at::empty({x.size(0), n_out}, x.options());
+  auto y = arena_empty({x.size(0), n_out}, x.options());
   const TeamFor team_for((values1.numel() + values2.numel()) * x.size(0));
   const CsrOperand l1{values1, col_idx1, row_ptr1, tiling1, tiled_values1};
   const CsrOperand l2{values2, col_idx2, row_ptr2, tiling2, tiled_values2};
@@ -1533,7 +1534,7 @@ at::Tensor _csr_conv2d_cpu(const at::Tensor& x, const at::Tensor& values,
   at::Tensor holder;
   const Tiling w = get_tiling(op, tiling, col_idx, row_ptr, g.Cout, g.K(), holder);
   const at::Tensor xc = x.contiguous();
-  auto out = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
+  auto out = arena_empty({g.N, g.Cout, g.OH, g.OW}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     scalar_t* val = vec::vec_scratch<scalar_t>(0, w.nnz);
     retile_values<scalar_t, true>(w, values.data_ptr<scalar_t>(), val);
