@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <mutex>
-#include <string>
 #include <unordered_map>
 #include <vector>
 
