@@ -40,8 +40,8 @@
 #include <immintrin.h>
 #endif
 
-#include "fingerprint.h"
 #include "arena.h"
+#include "fingerprint.h"
 #include "threads.h"
 #include "vec.h"
 
