@@ -49,13 +49,12 @@ class Arena final : public c10::Allocator {
     }
     if (!b) {
       void* p = std::aligned_alloc(64, bytes);
+      if (!p && release() > 0) p = std::aligned_alloc(64, bytes);  // blocks of other sizes
       TORCH_CHECK(p, "sparsecore: out of memory allocating ", bytes, " bytes");
       b = new Block{p, bytes};
     }
     return {b->p, b, &Arena::give_back, c10::Device(c10::DeviceType::CPU)};
   }
-
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
