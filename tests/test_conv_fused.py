@@ -83,6 +83,11 @@ GEOMS = [
     (1, 11, 12, 10, 7, 3, 3, (1, 1), (1, 1), (1, 1)),  # batch 1
     (2, 6, 5, 33, 5, 3, 3, (1, 1), (1, 1), (1, 1)),  # rows of several vectors, a tail
     (3, 4, 16, 16, 6, 3, 3, (1, 1), (1, 1), (1, 1)),  # rows of exactly one float32 vector
+    # float32 on AVX-512 takes output shifts here: across vectors (rows of two), by two
+    # columns (dilation), by up to two (5x5)
+    (2, 5, 6, 32, 7, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (2, 4, 8, 8, 5, 3, 3, (1, 1), (2, 2), (2, 2)),
+    (2, 3, 9, 16, 4, 5, 5, (1, 1), (2, 2), (1, 1)),
 ]
 STRIDED = [
     (5, 6, 8, 8, 7, 3, 3, (2, 2), (1, 1), (1, 1)),
@@ -244,11 +249,17 @@ def test_plan_checked_against_the_call() -> None:
     moved[:row_ptr[1]] = moved[:row_ptr[1]].sort().values
     with pytest.raises(RuntimeError, match="another sparsity pattern"):
         run(x, plan, moved)
-    header = 18  # the plan's header fields (conv_direct.cpp)
-    for edit, match in ((lambda p: p.__setitem__(header, -1), "leave the input"),
-                        (lambda p: p.__setitem__(header + 1, 1 << 30), "leave the input"),
-                        (lambda p: p.__setitem__(-2, p[-1] + 1), "segments"),
-                        (lambda p: p.__setitem__(0, 7), "another input size")):
+    header, groups = 19, 15  # the plan's header fields, and where G is (conv_direct.cpp)
+    edits = [(lambda p: p.__setitem__(header, -1), "leave the input"),
+             (lambda p: p.__setitem__(header + 1, 1 << 30), "leave the input"),
+             (lambda p: p.__setitem__(-2, p[-1] + 1), "segments"),
+             (lambda p: p.__setitem__(0, 7), "another input size"),
+             (lambda p: p.__setitem__(groups, 1), "another input size")]
+    if plan[groups] > 1:  # output shifts (AVX-512): the values' order follows the plan
+        nnz = col.numel()
+        edits += [(lambda p: p.__setitem__(header + nnz, nnz), "leaves the values"),
+                  (lambda p: p.__setitem__(header + nnz, -1), "leaves the values")]
+    for edit, match in edits:
         bad = plan.clone()
         edit(bad)
         with pytest.raises(RuntimeError, match=match):

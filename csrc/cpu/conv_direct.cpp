@@ -15,6 +15,10 @@
 // vector width), and the copies of a CIFAR-sized sample stay in the thread's L2 cache. Row
 // phases that no tap reads (a 1x1 stride-2 conv's odd rows) are not copied.
 //
+// Output shifts (float32 on AVX-512, column stride 1 or 2; see sample_product_oshift) make
+// one copy per column phase instead of kw shifted ones and move each tap column's partial
+// sums in registers instead: a third of the copies at stride 1.
+//
 // The output positions are cut into chunks of U vectors (U accumulators, U independent FMA
 // chains; U is balanced so the last chunk is nearly full); chunk by chunk, every row co adds
 // value * the input run at off(k) + chunk start. Each row then goes through the epilogue
@@ -66,6 +70,9 @@ struct Geom {
   int64_t N, C, H, W, Cout, kh, kw, ph, pw, dh, dw, sh, sw, Hp, Hq, Wr, OH, OW;
   int64_t CS;  // elements of one shifted copy, with the slack its last chunk reads
   uint32_t phases;  // bit a: some tap reads row phase a
+  // Output shifts (see sample_product_oshift): G = kw groups of taps, one per tap column,
+  // over a single unshifted copy (ncopy = 1); otherwise G = 1 and ncopy = kw.
+  int64_t G = 1, ncopy = 1;
   int64_t plane() const { return sh * Hq * Wr; }
   int64_t Lp() const { return OH * Wr; }  // computed positions of one output channel
 };
@@ -299,6 +306,83 @@ void sample_product(const T* xs, const int32_t* off, const T* val, const int32_t
   }
 }
 
+// Output shifts (float32, AVX-512, column stride sw = 1 or 2). Tap column j reads image
+// column ow*sw + c_j, c_j = j*dw - pw, which is column ow + d_j of copy b_j, the copy of image
+// columns q*sw + b_j (b_j = c_j mod sw, d_j = (c_j - b_j) / sw: at stride 1 one copy, the
+// image itself, zero-padded). The taps of column j multiply their copy *unshifted* into
+// their own accumulators a_j, and the chunk takes a_j moved d_j lanes in registers:
+// y[p] += a_j[p + d_j], on the lanes whose image column lies in the image (the others read
+// padding: 0). A chunk is whole rows (its size a multiple of Wr), so p + d_j stays in the
+// chunk wherever the lane counts. sw copies instead of kw (a third of the copies' stores and
+// of the input a channel tile holds, at stride 1), for one lane permutation and masked add
+// per vector, group and segment. The plan groups a row's nonzeros of a tile by tap column
+// (seg: G = kw entries per tile); perm[q] is nonzero q's index in val (the CSR order).
+// mask[j*U + u]: the lanes of vector u that take group j; idx[j*16, +16): its permutation.
+#if defined(__AVX512F__)
+template <int U>
+void sample_product_oshift(const float* xs, const int32_t* off, const float* val,
+                           const int32_t* perm, const int32_t* seg, int64_t nt, int64_t G,
+                           const int32_t* d, const int32_t* idx, const __mmask16* mask,
+                           int64_t co0, int64_t co1, int64_t n, float* ys, int64_t ld) {
+  constexpr int64_t CH = int64_t(U) * 16;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; ++c) {
+    const float* base = xs + c * CH;
+    for (int64_t t = 0; t < nt; ++t) {
+      for (int64_t co = co0; co < co1; ++co) {
+        const int32_t* sg = seg + co * (nt * G + 1) + t * G;
+        float* y = ys + co * ld + c * CH;
+        __m512 acc[U];
+        for (int u = 0; u < U; ++u) acc[u] = t == 0 ? zero : _mm512_loadu_ps(y + u * 16);
+        for (int64_t j = 0; j < G; ++j) {
+          if (sg[j] == sg[j + 1]) continue;
+          __m512 a[U];
+          for (int u = 0; u < U; ++u) a[u] = zero;
+          int64_t q = sg[j];
+          if constexpr (U <= 2) {  // two sets of chains, as in sample_product
+            __m512 b[U];
+            for (int u = 0; u < U; ++u) b[u] = zero;
+            for (; q + 1 < sg[j + 1]; q += 2) {
+              const __m512 w0 = _mm512_set1_ps(val[perm[q]]);
+              const __m512 w1 = _mm512_set1_ps(val[perm[q + 1]]);
+              const float* s0 = base + off[q];
+              const float* s1 = base + off[q + 1];
+              for (int u = 0; u < U; ++u) {
+                a[u] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(s0 + u * 16), a[u]);
+                b[u] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(s1 + u * 16), b[u]);
+              }
+            }
+            for (int u = 0; u < U; ++u) a[u] = _mm512_add_ps(a[u], b[u]);
+          }
+          for (; q < sg[j + 1]; ++q) {
+            const __m512 w = _mm512_set1_ps(val[perm[q]]);
+            const float* s = base + off[q];
+            for (int u = 0; u < U; ++u)
+              a[u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(s + u * 16), a[u]);
+          }
+          const __mmask16* m = mask + j * U;
+          const __m512i perm = _mm512_loadu_si512(idx + j * 16);
+          if (d[j] == 0) {
+            for (int u = 0; u < U; ++u) acc[u] = _mm512_add_ps(acc[u], a[u]);
+          } else if (d[j] > 0) {  // lane l of vector u takes element l + d of (a[u], a[u+1])
+            for (int u = 0; u < U; ++u) {
+              const __m512 s = _mm512_permutex2var_ps(a[u], perm, u + 1 < U ? a[u + 1] : zero);
+              acc[u] = _mm512_mask_add_ps(acc[u], m[u], acc[u], s);
+            }
+          } else {  // element 16 + l + d of (a[u-1], a[u])
+            for (int u = 0; u < U; ++u) {
+              const __m512 s = _mm512_permutex2var_ps(u > 0 ? a[u - 1] : zero, perm, a[u]);
+              acc[u] = _mm512_mask_add_ps(acc[u], m[u], acc[u], s);
+            }
+          }
+        }
+        for (int u = 0; u < U; ++u) _mm512_storeu_ps(y + u * 16, acc[u]);
+      }
+    }
+  }
+}
+#endif
+
 template <typename T>
 using SampleFn = void (*)(const T*, const int32_t*, const T*, const int32_t*, int64_t, int64_t,
                           int64_t, int64_t, T*, int64_t);
@@ -385,14 +469,92 @@ void row_epilogue(const Geom& g, const Epilogue& e, const T* srow, T b, const T*
   }
 }
 
+// With output shifts, tap column j (image column ow*sw + c, c = j*dw - pw) reads column
+// ow + d of copy b, the copy of image columns q*sw + b: b = c mod sw, d = (c - b) / sw.
+int64_t tap_phase(const Geom& g, int64_t j) {
+  const int64_t c = j * g.dw - g.pw;
+  return (c % g.sw + g.sw) % g.sw;
+}
+#if defined(__AVX512F__)
+int64_t tap_shift(const Geom& g, int64_t j) {
+  return (j * g.dw - g.pw - tap_phase(g, j)) / g.sw;
+}
+#endif
+
+// The geometry of the copies: with output shifts, one copy per column phase b (shift b).
+Geom copy_geom(const Geom& g) {
+  Geom c = g;
+  if (g.G > 1) c.kw = g.ncopy, c.dw = 1, c.pw = 0;
+  return c;
+}
+
+#if defined(__AVX512F__)
+// sample_product_oshift's lane permutations and masks for chunks of U vectors.
+struct Shifts {
+  std::vector<int32_t> d;
+  std::vector<int32_t> idx;  // 16 lanes per group
+  std::vector<__mmask16> mask;
+  Shifts(const Geom& g, int U) : d(g.G), idx(g.G * 16), mask(g.G * U) {
+    for (int64_t j = 0; j < g.G; ++j) {
+      d[j] = int32_t(tap_shift(g, j));
+      for (int l = 0; l < 16; ++l) idx[j * 16 + l] = l + (d[j] >= 0 ? d[j] : 16 + d[j]);
+      for (int u = 0; u < U; ++u) {
+        unsigned m = 0;
+        for (int l = 0; l < 16; ++l) {
+          const int64_t ow = (u * 16 + l) % g.Wr;  // (chunks start at a row)
+          const int64_t col = ow * g.sw + j * g.dw - g.pw, q = ow + d[j];
+          if (col >= 0 && col < g.W && q >= 0 && q < g.Wr) m |= 1u << l;
+        }
+        mask[j * U + u] = __mmask16(m);
+      }
+    }
+  }
+};
+
+using OshiftFn = void (*)(const float*, const int32_t*, const float*, const int32_t*,
+                          const int32_t*, int64_t, int64_t, const int32_t*, const int32_t*,
+                          const __mmask16*, int64_t, int64_t, int64_t, float*, int64_t);
+
+OshiftFn oshift_fn(int U) {
+  switch (U) {
+    case 1: return &sample_product_oshift<1>;
+    case 2: return &sample_product_oshift<2>;
+    case 3: return &sample_product_oshift<3>;
+    case 4: return &sample_product_oshift<4>;
+    case 5: return &sample_product_oshift<5>;
+    case 6: return &sample_product_oshift<6>;
+    case 7: return &sample_product_oshift<7>;
+    default: return &sample_product_oshift<8>;
+  }
+}
+#endif
+
 template <typename T>
 void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* off, const T* val,
-                 const int32_t* seg, int64_t nt, const T* bias, const T* res, T* out,
-                 int nthreads) {
+                 const int32_t* perm, const int32_t* seg, int64_t nt, const T* bias,
+                 const T* res, T* out, int nthreads) {
   const Chunks ch = chunks_for<T>(g.Lp());
   const int64_t span = ch.n * ch.U * VecOf<T>::V::W;  // positions computed per row
-  const int64_t xp_len = g.kw * g.CS;
+  const int64_t xp_len = g.ncopy * g.CS;
+  const Geom gc = copy_geom(g);
   const SampleFn<T> fn = sample_fn<T>(ch.U);
+#if defined(__AVX512F__)
+  const Shifts shifts(g, ch.U);
+  const OshiftFn ofn = oshift_fn(ch.U);
+#endif
+  // rows [co0, co1) of the product of the copies xp into ys
+  auto product = [&](const T* xp, int64_t co0, int64_t co1, T* ys) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (g.G > 1) {
+        ofn(xp, off, val, perm, seg, nt, g.G, shifts.d.data(), shifts.idx.data(),
+            shifts.mask.data(), co0, co1, ch.n, ys, span);
+        return;
+      }
+    }
+#endif
+    fn(xp, off, val, seg, nt, co0, co1, ch.n, ys, span);
+  };
   const int64_t in_len = g.C * g.H * g.W, out_len = g.Cout * e.OHo * e.OWo;
   const int64_t oplane = e.OHo * e.OWo;
   auto finish = [&](int64_t n, int64_t co, const T* ys) {
@@ -406,8 +568,8 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
       const vec::DenormalsAsZero daz;
       T* xp = vec_scratch<T>(0, xp_len);
       T* ys = vec_scratch<T>(1, g.Cout * span);
-      shifted_copies(g, x + n * in_len, xp, 0, g.C, true);
-      fn(xp, off, val, seg, nt, 0, g.Cout, ch.n, ys, span);
+      shifted_copies(gc, x + n * in_len, xp, 0, g.C, true);
+      product(xp, 0, g.Cout, ys);
       for (int64_t co = 0; co < g.Cout; ++co) finish(n, co, ys);
       stream_fence(e);
     }
@@ -422,12 +584,13 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
   // dynamic schedule of 8-row blocks moved rows between threads, and two threads at batch 1
   // were no faster than one: models notes). first_row(q): the first row starting at or
   // after nonzero q.
-  const int64_t total = g.Cout ? seg[(g.Cout - 1) * (nt + 1) + nt] : 0;
+  const int64_t sl = nt * g.G + 1;  // seg entries per row
+  const int64_t total = g.Cout ? seg[g.Cout * sl - 1] : 0;
   auto first_row = [&](int64_t q) {
     int64_t lo = 0, hi = g.Cout;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (seg[mid * (nt + 1)] < q)
+      if (seg[mid * sl] < q)
         lo = mid + 1;
       else
         hi = mid;
@@ -440,13 +603,13 @@ void conv_direct(const Geom& g, const Epilogue& e, const T* x, const int32_t* of
       const vec::DenormalsAsZero daz;
       const int t = omp_get_thread_num(), nt_ = omp_get_num_threads();
       const int64_t c0 = g.C * t / nt_, c1 = g.C * (t + 1) / nt_;
-      shifted_copies(g, x + n * in_len, xp, c0, c1, t == 0);
+      shifted_copies(gc, x + n * in_len, xp, c0, c1, t == 0);
 #pragma omp barrier
       const int64_t r0 = t == 0 ? 0 : first_row(total * t / nt_);
       const int64_t r1 = t == nt_ - 1 ? g.Cout : first_row(total * (t + 1) / nt_);
       for (int64_t co0 = r0; co0 < r1; co0 += kRows) {
         const int64_t co1 = std::min(r1, co0 + kRows);
-        fn(xp, off, val, seg, nt, co0, co1, ch.n, ys, span);
+        product(xp, co0, co1, ys);
         for (int64_t co = co0; co < co1; ++co) finish(n, co, ys);
       }
       stream_fence(e);
@@ -488,7 +651,23 @@ Geom make_geom(const char* op, int64_t N, int64_t C, int64_t H, int64_t W,
   // aligned)
   const Chunks ch = is_float ? chunks_for<float>(g.Lp()) : chunks_for<double>(g.Lp());
   g.CS = (g.C * g.plane() + ch.n * ch.U * VW - g.Lp() + 2 * VW - 1) / VW * VW;
-  TORCH_CHECK(g.kw * g.CS < (int64_t(1) << 31), op,
+  // Output shifts (sample_product_oshift) for float32 on AVX-512 at column strides 1 and 2,
+  // where chunks are whole rows, every shift stays within a vector and the copies' rows hold
+  // every column a tap reads.
+  bool oshift = false;
+  int64_t phases = 1;
+#if defined(__AVX512F__)
+  oshift = is_float && (g.sw == 1 || g.sw == 2) && g.kw > 1 && (ch.U * VW) % g.Wr == 0;
+  for (int64_t j = 0; j < g.kw && oshift; ++j) {
+    const int64_t b = tap_phase(g, j), d = tap_shift(g, j);
+    const int64_t q_hi = std::min(g.OW - 1 + d, (g.W - 1 - b) / g.sw);  // (W > b: W >= sw)
+    oshift = std::abs(d) < 16 && q_hi < g.Wr;
+    phases = std::max(phases, b + 1);
+  }
+#endif
+  g.G = oshift ? g.kw : 1;
+  g.ncopy = oshift ? phases : g.kw;
+  TORCH_CHECK(g.ncopy * g.CS < (int64_t(1) << 31), op,
               ": a sample of more than 2^31 elements (shifted copies) is not supported");
   return g;
 }
@@ -497,27 +676,32 @@ Geom make_geom(const char* op, int64_t N, int64_t C, int64_t H, int64_t W,
 // by _csr_conv2d_fused_plan_cpu for a caller that keeps it (at batch 1 building it in every
 // call, an O(nnz) pass with a table lookup per nonzero, took as long as the product). One
 // int32 tensor: the header below, then off (nnz: each nonzero's offset in the shifted
-// copies) and seg (C_out * (nt + 1): where row o's nonzeros of channel tile t start).
+// copies, in the kernel's order), with output shifts perm (nnz: the CSR index of each, the
+// nonzeros of a row and tile being grouped by tap column), and seg (C_out * (nt*G + 1):
+// where row o's nonzeros of channel tile t and group j start, at o*(nt*G + 1) + t*G + j).
 enum : int64_t {
   kPMagic, kPC, kPH, kPW, kPCout, kPKh, kPKw, kPPh, kPPw, kPDh, kPDw, kPSh, kPSw, kPFloat,
-  kPNnz, kPTiles, kPTileC, kPPrint, kPlanHeader
+  kPNnz, kPGroups, kPTiles, kPTileC, kPPrint, kPlanHeader
 };
 constexpr int32_t kPlanMagic = 0x43445043;
 
 int64_t plan_size(const Geom& g, int64_t nnz, int64_t nt) {
-  return kPlanHeader + nnz + g.Cout * (nt + 1);
+  return kPlanHeader + nnz * (g.G > 1 ? 2 : 1) + g.Cout * (nt * g.G + 1);
 }
 
-// A nonzero's offset in the shifted copies: column k = (ci*kh + i)*kw + j reads copy j,
-// channel ci, from its row phase and shift of tap row i.
+// A nonzero's offset in the shifted copies: column k = (ci*kh + i)*kw + j reads copy j (with
+// output shifts, the copy of its column phase), channel ci, from its row phase and shift of
+// tap row i.
 int64_t tap_offset(const Geom& g, int64_t ci, int64_t i, int64_t j) {
-  return j * g.CS + ci * g.plane() + (i * g.dh % g.sh * g.Hq + i * g.dh / g.sh) * g.Wr;
+  return (g.G > 1 ? tap_phase(g, j) : j) * g.CS + ci * g.plane() +
+         (i * g.dh % g.sh * g.Hq + i * g.dh / g.sh) * g.Wr;
 }
 
 // The largest offset of any column (a chunk read from there stays within the copies).
 int64_t max_offset(const Geom& g) {
   int64_t m = 0;
-  for (int64_t i = 0; i < g.kh; ++i) m = std::max(m, tap_offset(g, g.C - 1, i, g.kw - 1));
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) m = std::max(m, tap_offset(g, g.C - 1, i, j));
   return m;
 }
 
@@ -530,7 +714,7 @@ int64_t channel_tile(const Geom& g, int64_t nnz, bool is_float) {
   const Chunks chk = is_float ? chunks_for<float>(g.Lp()) : chunks_for<double>(g.Lp());
   const int64_t read_phases = __builtin_popcount(g.phases);
   const int64_t per_channel =
-      g.kw * (read_phases * chk.U * VW + (g.kh - 1) * g.dh / g.sh * g.Wr) * esize;
+      g.ncopy * (read_phases * chk.U * VW + (g.kh - 1) * g.dh / g.sh * g.Wr) * esize;
   const double per_row_channel = double(nnz) / double(g.Cout * g.C);
   const int64_t ct_min = int64_t(std::ceil(kSegNnz / std::max(per_row_channel, 1e-9)));
   return std::clamp<int64_t>(std::max(kTileBytes / per_channel, ct_min), 1, g.C);
@@ -561,21 +745,25 @@ at::Tensor build_plan(const char* op, const Geom& g, const at::Tensor& col_idx,
   const int64_t ct = channel_tile(g, nnz, is_float), nt = (g.C + ct - 1) / ct;
   auto plan = at::empty({plan_size(g, nnz, nt)}, col_idx.options());
   int32_t* h = plan.data_ptr<int32_t>();
-  const int64_t fields[kPlanHeader] = {kPlanMagic, g.C,  g.H,  g.W,  g.Cout,   g.kh,
-                                       g.kw,       g.ph, g.pw, g.dh, g.dw,     g.sh,
-                                       g.sw,       is_float, nnz, nt, ct, 0};
+  const int64_t fields[kPlanHeader] = {kPlanMagic, g.C,      g.H,  g.W,  g.Cout, g.kh, g.kw,
+                                       g.ph,       g.pw,     g.dh, g.dw, g.sh,   g.sw, is_float,
+                                       nnz,        g.G,      nt,   ct,   0};
   for (int64_t i = 0; i < kPlanHeader; ++i) h[i] = int32_t(fields[i]);
   h[kPPrint] = print ? fingerprint<64>(row_ptr, col_idx) : 0;
   int32_t* off = h + kPlanHeader;
-  int32_t* seg = off + nnz;
-  // Per column k = (ci*kh + i)*kw + j: its offset in the shifted copies, then per nonzero a
-  // table lookup (divisions by kh*kw and kw per nonzero were most of a small batch's time).
-  std::vector<int32_t> koff(K);
+  int32_t* perm = g.G > 1 ? off + nnz : nullptr;
+  int32_t* seg = off + (g.G > 1 ? 2 : 1) * nnz;
+  // Per column k = (ci*kh + i)*kw + j: its offset in the shifted copies and its group, then
+  // per nonzero a table lookup (divisions by kh*kw and kw per nonzero were most of a small
+  // batch's time).
+  std::vector<int32_t> koff(K), kgroup(K);
   for (int64_t ci = 0, k = 0; ci < g.C; ++ci)
     for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j, ++k)
+      for (int64_t j = 0; j < g.kw; ++j, ++k) {
         koff[k] = int32_t(tap_offset(g, ci, i, j));
-  const int64_t khw = g.kh * g.kw;
+        kgroup[k] = int32_t(g.G > 1 ? j : 0);
+      }
+  const int64_t khw = g.kh * g.kw, sl = nt * g.G + 1;
   bool ok = true;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(&& : ok)
   for (int64_t o = 0; o < g.Cout; ++o) {
@@ -584,16 +772,25 @@ at::Tensor build_plan(const char* op, const Geom& g, const at::Tensor& col_idx,
       const int64_t k = col[q];
       ok &= k > prev && k < K;
       prev = k;
-      off[q] = koff[ok ? k : 0];
     }
     if (!ok) continue;
-    int64_t q = rp[o];
+    int64_t q = rp[o], pos = rp[o];
     for (int64_t t = 0; t < nt; ++t) {
-      seg[o * (nt + 1) + t] = int32_t(q);
       const int64_t end = (t + 1) * ct * khw;  // first column of the next tile
-      while (q < rp[o + 1] && col[q] < end) ++q;
+      int64_t q1 = q;
+      while (q1 < rp[o + 1] && col[q1] < end) ++q1;
+      for (int64_t j = 0; j < g.G; ++j) {
+        seg[o * sl + t * g.G + j] = int32_t(pos);
+        for (int64_t r = q; r < q1; ++r) {
+          if (kgroup[col[r]] != j) continue;
+          off[pos] = koff[col[r]];
+          if (perm) perm[pos] = int32_t(r);
+          ++pos;
+        }
+      }
+      q = q1;
     }
-    seg[o * (nt + 1) + nt] = rp[o + 1];
+    seg[o * sl + nt * g.G] = rp[o + 1];
   }
   TORCH_CHECK(ok, op, ": col_idx out of range [0, ", K,
               ") or not strictly increasing within a row");
@@ -612,7 +809,7 @@ void check_plan(const char* op, const at::Tensor& plan, const Geom& g, bool is_f
   const int64_t nnz = col_idx.numel();
   const int64_t want[kPTiles] = {kPlanMagic, g.C,  g.H,  g.W,  g.Cout, g.kh,     g.kw,
                                  g.ph,       g.pw, g.dh, g.dw, g.sh,   g.sw,     is_float,
-                                 nnz};
+                                 nnz,        g.G};
   bool same = true;
   for (int64_t i = 0; i < kPTiles; ++i) same &= h[i] == want[i];
   TORCH_CHECK(same, op, ": the plan was built for another input size, conv geometry, dtype or "
@@ -624,7 +821,8 @@ void check_plan(const char* op, const at::Tensor& plan, const Geom& g, bool is_f
   TORCH_CHECK(h[kPPrint] == fingerprint<64>(row_ptr, col_idx), op,
               ": the plan was built for another sparsity pattern (row_ptr / col_idx)");
   const int32_t* off = h + kPlanHeader;
-  const int32_t* seg = off + nnz;
+  const int32_t* perm = g.G > 1 ? off + nnz : nullptr;
+  const int32_t* seg = off + (g.G > 1 ? 2 : 1) * nnz;
   const int32_t hi = int32_t(max_offset(g));
   int32_t lo_seen = 0, hi_seen = 0;
   for (int64_t q = 0; q < nnz; ++q) {
@@ -632,12 +830,22 @@ void check_plan(const char* op, const at::Tensor& plan, const Geom& g, bool is_f
     hi_seen = std::max(hi_seen, off[q]);
   }
   TORCH_CHECK(lo_seen >= 0 && hi_seen <= hi, op, ": the plan's offsets leave the input");
+  if (perm) {  // (a range check per row cost as much as a batch-1 call's product)
+    lo_seen = 0, hi_seen = 0;
+    for (int64_t q = 0; q < nnz; ++q) {
+      lo_seen = std::min(lo_seen, perm[q]);
+      hi_seen = std::max(hi_seen, perm[q]);
+    }
+    TORCH_CHECK(lo_seen >= 0 && hi_seen < nnz, op, ": the plan's order of nonzeros leaves "
+                "the values");
+  }
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int64_t sl = nt * g.G + 1;
   bool ok = true;
   for (int64_t o = 0; o < g.Cout; ++o) {
-    const int32_t* s = seg + o * (nt + 1);
-    ok &= s[0] == rp[o] && s[nt] == rp[o + 1];
-    for (int64_t t = 0; t < nt; ++t) ok &= s[t] <= s[t + 1];
+    const int32_t* s = seg + o * sl;
+    ok &= s[0] == rp[o] && s[sl - 1] == rp[o + 1];
+    for (int64_t t = 0; t + 1 < sl; ++t) ok &= s[t] <= s[t + 1];
   }
   TORCH_CHECK(ok, op, ": the plan's segments do not match row_ptr");
 }
@@ -693,11 +901,14 @@ at::Tensor _csr_conv2d_fused_cpu(const at::Tensor& x, const at::Tensor& values,
   const int32_t* off = p.data_ptr<int32_t>() + kPlanHeader;
   const int64_t nt = p.data_ptr<int32_t>()[kPTiles];
 
+  const int32_t* seg = off + (g.G > 1 ? 2 : 1) * nnz;
+
   const at::Tensor xc = x.contiguous();
   auto out = arena_empty(out_sizes, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     conv_direct<scalar_t>(g, e, xc.data_ptr<scalar_t>(), off, values.data_ptr<scalar_t>(),
-                          off + nnz, nt, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                          g.G > 1 ? off + nnz : nullptr, seg, nt,
+                          b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                           r.defined() ? r.data_ptr<scalar_t>() : nullptr,
                           out.data_ptr<scalar_t>(), nthreads);
   });
