@@ -361,17 +361,17 @@ void sample_product_oshift(const float* xs, const int32_t* off, const float* val
               a[u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(s + u * 16), a[u]);
           }
           const __mmask16* m = mask + j * U;
-          const __m512i perm = _mm512_loadu_si512(idx + j * 16);
+          const __m512i lanes = _mm512_loadu_si512(idx + j * 16);
           if (d[j] == 0) {
             for (int u = 0; u < U; ++u) acc[u] = _mm512_add_ps(acc[u], a[u]);
           } else if (d[j] > 0) {  // lane l of vector u takes element l + d of (a[u], a[u+1])
             for (int u = 0; u < U; ++u) {
-              const __m512 s = _mm512_permutex2var_ps(a[u], perm, u + 1 < U ? a[u + 1] : zero);
+              const __m512 s = _mm512_permutex2var_ps(a[u], lanes, u + 1 < U ? a[u + 1] : zero);
               acc[u] = _mm512_mask_add_ps(acc[u], m[u], acc[u], s);
             }
           } else {  // element 16 + l + d of (a[u-1], a[u])
             for (int u = 0; u < U; ++u) {
-              const __m512 s = _mm512_permutex2var_ps(u > 0 ? a[u - 1] : zero, perm, a[u]);
+              const __m512 s = _mm512_permutex2var_ps(u > 0 ? a[u - 1] : zero, lanes, a[u]);
               acc[u] = _mm512_mask_add_ps(acc[u], m[u], acc[u], s);
             }
           }
