@@ -494,7 +494,9 @@ struct Shifts {
   std::vector<int32_t> d;
   std::vector<int32_t> idx;  // 16 lanes per group
   std::vector<__mmask16> mask;
-  Shifts(const Geom& g, int U) : d(g.G), idx(g.G * 16), mask(g.G * U) {
+  Shifts(const Geom& g, int U) {
+    if (g.G == 1) return;  // (the shifted copies' path needs none)
+    d.resize(g.G), idx.resize(g.G * 16), mask.resize(g.G * U);
     for (int64_t j = 0; j < g.G; ++j) {
       d[j] = int32_t(tap_shift(g, j));
       for (int l = 0; l < 16; ++l) idx[j * 16 + l] = l + (d[j] >= 0 ? d[j] : 16 + d[j]);
