@@ -270,6 +270,29 @@ def test_plan_checked_against_the_call() -> None:
         make(col, row_ptr, shape, [8, 8], one, one, one, torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_in", [100, 97])
+def test_direct_channel_tiles(dtype, c_in) -> None:
+    """Inputs too wide for one channel tile in L1: the plan cuts the channels into tiles of
+    equal size (within one channel; no short last tile), and the rows' partial sums carried
+    from tile to tile give the float64 reference, with bias, residual and ReLU."""
+    w, mask = _weight(9, c_in, 3, 3, 0.5, dtype)
+    values, col, row_ptr = _csr(w, mask)
+    x = torch.randn(2, c_in, 32, 32, dtype=dtype)
+    one = [1, 1]
+    plan = torch.ops.sparsecore._csr_conv2d_fused_plan_cpu(
+        col, row_ptr, list(w.shape), [32, 32], one, one, one, dtype)
+    tiles, tile_c = int(plan[16]), int(plan[17])  # the header's kPTiles, kPTileC
+    assert tiles >= 2
+    assert tiles * tile_c >= c_in > (tiles - 1) * tile_c
+    assert c_in - (tiles - 1) * tile_c >= tile_c - tiles  # the last tile is no short one
+    bias, residual = torch.randn(9, dtype=dtype), torch.randn(2, 9, 32, 32, dtype=dtype)
+    got = torch.ops.sparsecore._csr_conv2d_fused_cpu(
+        x, values, col, row_ptr, list(w.shape), one, one, bias, residual, True, False, one,
+        plan)
+    _close(got, _reference(x, w, one, one, one, bias, residual, True, False), dtype)
+
+
 def test_direct_layer_keeps_its_plan() -> None:
     """CSRDirectConv builds its plan once per input size and rebuilds it when its index
     buffers are overwritten in place (another pattern of the same size loaded)."""

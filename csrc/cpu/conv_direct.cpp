@@ -30,6 +30,7 @@
 // thread copies its own sample); a smaller batch copies each sample once and shares its rows.
 #include <ATen/ATen.h>
 #include <omp.h>
+#include <unistd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -58,11 +59,11 @@ using vec::vec_scratch;
 // At most this many accumulators per chunk (the register file holds them, the broadcast
 // weight and the loads, with AVX2's 16 registers too).
 constexpr int kMaxU = 8;
-// Channel tiles (see the op): a chunk's input runs within about this many bytes (L1 and the
-// nearest part of L2; the fastest of the sizes tried from 16 KiB to whole samples, see
-// bench/RESULTS.md), segments of at least about this many nonzeros.
-constexpr int64_t kTileBytes = int64_t(48) << 10;
-constexpr double kSegNnz = 8.0;
+// Channel tiles (see channel_tile): a chunk's input runs within this share of L1 (read from L2,
+// a dense-ish row's loads waited on its bandwidth), segments of at least about this many
+// vector FMAs (bench/RESULTS.md).
+constexpr double kTileL1 = 0.75;
+constexpr double kSegWork = 320.0;
 // Lane FMAs that pay for one more thread (a team's wake-up costs tens of microseconds).
 constexpr int64_t kWorkPerThread = int64_t(1) << 18;
 
@@ -707,9 +708,22 @@ int64_t max_offset(const Geom& g) {
   return m;
 }
 
-// Channel tiles: as many channels as keep a chunk's input runs within kTileBytes, but no
-// fewer than make a row's segment about kSegNnz nonzeros long (a segment's accumulators go
-// in and out of memory).
+// The L1 data cache of a core in bytes (32 KiB where the system does not say).
+int64_t l1_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)  // glibc
+    const long s = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    if (s >= (16 << 10) && s <= (1 << 20)) return int64_t(s);
+#endif
+    return int64_t(32) << 10;
+  }();
+  return bytes;
+}
+
+// Channel tiles: as many channels as keep a chunk's input runs within kTileL1 of L1, but no
+// fewer than give a row's segment about kSegWork vector FMAs (nonzeros x U: a segment's
+// accumulators go in and out of memory, and each tap column's sum is moved and added), in
+// tiles of equal size (a last tile of a few channels made short segments).
 int64_t channel_tile(const Geom& g, int64_t nnz, bool is_float) {
   const int64_t VW = is_float ? VecOf<float>::V::W : VecOf<double>::V::W;
   const int64_t esize = is_float ? 4 : 8;
@@ -718,8 +732,11 @@ int64_t channel_tile(const Geom& g, int64_t nnz, bool is_float) {
   const int64_t per_channel =
       g.ncopy * (read_phases * chk.U * VW + (g.kh - 1) * g.dh / g.sh * g.Wr) * esize;
   const double per_row_channel = double(nnz) / double(g.Cout * g.C);
-  const int64_t ct_min = int64_t(std::ceil(kSegNnz / std::max(per_row_channel, 1e-9)));
-  return std::clamp<int64_t>(std::max(kTileBytes / per_channel, ct_min), 1, g.C);
+  const int64_t ct_min = int64_t(std::ceil(kSegWork / std::max(per_row_channel * chk.U, 1e-9)));
+  const int64_t ct = std::clamp<int64_t>(
+      std::max(int64_t(kTileL1 * double(l1_bytes())) / per_channel, ct_min), 1, g.C);
+  const int64_t nt = (g.C + ct - 1) / ct;
+  return (g.C + nt - 1) / nt;
 }
 
 void check_row_ptr(const char* op, const Geom& g, const at::Tensor& col_idx,
