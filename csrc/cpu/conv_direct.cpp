@@ -60,9 +60,13 @@ using vec::vec_scratch;
 // weight and the loads, with AVX2's 16 registers too).
 constexpr int kMaxU = 8;
 // Channel tiles (see channel_tile): a chunk's input runs within this share of L1 (read from L2,
-// a dense-ish row's loads waited on its bandwidth), segments of at least about this many
-// vector FMAs (bench/RESULTS.md).
+// a dense-ish row's loads waited on its bandwidth) for chunks of at least kL1MinU vectors;
+// chunks of fewer vectors load one to three per nonzero, wait on the nonzero's own work
+// rather than on L2, and ran faster with tiles of kSmallChunkTileBytes; segments of at least
+// about kSegWork vector FMAs (bench/RESULTS.md).
 constexpr double kTileL1 = 0.75;
+constexpr int kL1MinU = 4;
+constexpr int64_t kSmallChunkTileBytes = int64_t(48) << 10;
 constexpr double kSegWork = 320.0;
 // Lane FMAs that pay for one more thread (a team's wake-up costs tens of microseconds).
 constexpr int64_t kWorkPerThread = int64_t(1) << 18;
@@ -720,10 +724,11 @@ int64_t l1_bytes() {
   return bytes;
 }
 
-// Channel tiles: as many channels as keep a chunk's input runs within kTileL1 of L1, but no
-// fewer than give a row's segment about kSegWork vector FMAs (nonzeros x U: a segment's
-// accumulators go in and out of memory, and each tap column's sum is moved and added), in
-// tiles of equal size (a last tile of a few channels made short segments).
+// Channel tiles: as many channels as keep a chunk's input runs within kTileL1 of L1 (chunks of
+// fewer than kL1MinU vectors: within kSmallChunkTileBytes), but no fewer than give a row's
+// segment about kSegWork vector FMAs (nonzeros x U: a segment's accumulators go in and out
+// of memory, and each tap column's sum is moved and added), in tiles of equal size (a last
+// tile of a few channels made short segments).
 int64_t channel_tile(const Geom& g, int64_t nnz, bool is_float) {
   const int64_t VW = is_float ? VecOf<float>::V::W : VecOf<double>::V::W;
   const int64_t esize = is_float ? 4 : 8;
@@ -733,8 +738,9 @@ int64_t channel_tile(const Geom& g, int64_t nnz, bool is_float) {
       g.ncopy * (read_phases * chk.U * VW + (g.kh - 1) * g.dh / g.sh * g.Wr) * esize;
   const double per_row_channel = double(nnz) / double(g.Cout * g.C);
   const int64_t ct_min = int64_t(std::ceil(kSegWork / std::max(per_row_channel * chk.U, 1e-9)));
-  const int64_t ct = std::clamp<int64_t>(
-      std::max(int64_t(kTileL1 * double(l1_bytes())) / per_channel, ct_min), 1, g.C);
+  const int64_t budget =
+      chk.U >= kL1MinU ? int64_t(kTileL1 * double(l1_bytes())) : kSmallChunkTileBytes;
+  const int64_t ct = std::clamp<int64_t>(std::max(budget / per_channel, ct_min), 1, g.C);
   const int64_t nt = (g.C + ct - 1) / ct;
   return (g.C + nt - 1) / nt;
 }
