@@ -30,7 +30,6 @@
 // thread copies its own sample); a smaller batch copies each sample once and shares its rows.
 #include <ATen/ATen.h>
 #include <omp.h>
-#include <unistd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -39,6 +38,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <unistd.h>  // sysconf: the L1's size
 #include <vector>
 
 #if defined(__AVX2__)
